@@ -1,0 +1,385 @@
+"""Preprocessing CT scans into fixed-size volumes (paper section 3.1), cached, in parallel.
+
+``preprocess_scan`` turns a folder of n slices into a float32 volume ``(1, D, H, W)`` in [0, 1]:
+
+1. **In-plane.** Each slice is read as 8-bit gray (``cov3d.scans.read_slice``) and resized to
+   H×W with PIL's bicubic filter on the 8-bit image as soon as it is decoded, so only the n
+   resized uint8 slices are held (a 1,201-slice scan at large: 123 MB; slices of mixed sizes
+   are each resized to H×W).
+2. **Depth.** The stack is interpolated along the slice axis to exactly D with a cubic spline
+   (scipy ``CubicSpline``, default not-a-knot ends) through slice k at position k/(n-1),
+   evaluated at j/(D-1). The spline is linear in the data, so it is the (D, n) matrix
+   ``depth_interpolation_matrix`` (the spline of the identity matrix) applied as one matrix
+   product to the stack seen as (n, H*W); the product is evaluated in blocks of columns of at
+   most ``MATMUL_BLOCK_BYTES`` of float32 so that memory stays bounded. With 2 slices the
+   spline is a straight line, with 3 a parabola (what ``CubicSpline`` does); a 1-slice scan
+   is repeated; D = 1 takes the first slice.
+3. **Range.** Values are divided by 255 (folded into the matrix) and clipped to [0, 1]: the
+   spline can overshoot the data.
+
+``fast_decode=True`` lets libjpeg downscale in the DCT domain (``Image.draft``) to the smallest
+power-of-two reduction (1/2, 1/4, 1/8) still at least H×W before the bicubic resize. For
+512×512 slices it changes nothing at large (320 > 512/2) and skips most of the decoding work
+at small and medium. Its difference from the normal path is measured by
+``scripts/benchmark_preprocess.py`` and bounded in ``tests/test_preprocess.py``.
+
+``VolumeCache`` stores one float16 file per scan and size (format: ``cov3d.cache``);
+``preprocess_many`` fills it for many scans with worker processes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from scipy.interpolate import CubicSpline
+
+from cov3d.cache import (
+    STORAGE_DTYPE,
+    default_cache_dir,
+    entry_path,
+    load_valid_volume,
+    make_entry,
+    save_atomic,
+    source_fingerprint,
+)
+from cov3d.errors import Cov3dError
+from cov3d.scans import MAX_8BIT, list_slices, read_slice
+
+__all__ = [
+    "SIZES",
+    "PreprocessSummary",
+    "VolumeCache",
+    "default_cache_dir",
+    "depth_interpolation_matrix",
+    "interpolate_depth",
+    "preprocess_many",
+    "preprocess_scan",
+    "resize_slice",
+    "select_shard",
+]
+
+SIZES: dict[str, tuple[int, int, int]] = {
+    "small": (64, 128, 128),
+    "medium": (128, 256, 256),
+    "large": (160, 320, 320),
+}
+"""Named volume sizes (depth, height, width) of the paper, section 3.1 (D = W / 2)."""
+
+MATMUL_BLOCK_BYTES = 4 * 2**20
+"""Float32 bytes of stack columns per block of the depth product (about a core's L2 cache)."""
+
+COLUMN_ALIGN = 64
+"""Column blocks of the depth product are a multiple of this many pixels."""
+
+WEIGHT_TOLERANCE = 1e-9
+"""Depth-interpolation weights smaller than this are dropped (see ``_weight_bands``)."""
+
+ROW_GROUP = 16
+"""Output slices per band of the depth product (see ``_weight_bands``)."""
+
+PROCESSED, SKIPPED, FAILED = "processed", "skipped", "failed"
+"""Outcomes of one scan in ``preprocess_many``."""
+
+
+def _check_size(depth: int, height: int, width: int) -> None:
+    """Raise ``Cov3dError`` unless all sizes are positive integers."""
+    if min(depth, height, width) < 1:
+        raise Cov3dError(f"Volume sizes must be positive, got depth {depth}, height {height}, width {width}.")
+
+
+def depth_interpolation_matrix(n_slices: int, depth: int) -> np.ndarray:
+    """The (depth, n_slices) float64 matrix that maps n evenly spaced slices to ``depth`` by
+    cubic-spline interpolation (``CubicSpline`` semantics; see the module docstring)."""
+    if n_slices < 1 or depth < 1:
+        raise ValueError(f"need n_slices >= 1 and depth >= 1, got {n_slices} and {depth}")
+    if n_slices == 1:
+        return np.ones((depth, 1))
+    spline = CubicSpline(np.linspace(0.0, 1.0, n_slices), np.eye(n_slices), axis=0)
+    return spline(np.linspace(0.0, 1.0, depth))
+
+
+def resize_slice(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """An 8-bit gray slice resized bicubically (PIL) to an (height, width) uint8 array."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _weight_bands(n_slices: int, depth: int) -> list[tuple[slice, slice, torch.Tensor]]:
+    """The depth matrix / 255 in float32, split into groups of ``ROW_GROUP`` output rows, each
+    with the range of input slices its weights cover: ``(rows, slices, weights[rows, slices])``.
+
+    The spline weights decay geometrically (by about 2 - sqrt(3) per slice) away from the output
+    position; weights below ``WEIGHT_TOLERANCE`` are dropped, which changes no output by more
+    than about 3e-9 (a millionth of an 8-bit grey level) and leaves each row group a band of
+    about 36 + ROW_GROUP * n / depth slices instead of all n. Dropping them also avoids
+    float32 subnormal numbers, which would make the product several times slower.
+    """
+    matrix = depth_interpolation_matrix(n_slices, depth)
+    matrix[np.abs(matrix) < WEIGHT_TOLERANCE] = 0.0
+    weights = (matrix / MAX_8BIT).astype(np.float32)
+    bands = []
+    for start in range(0, depth, ROW_GROUP):
+        rows = slice(start, min(start + ROW_GROUP, depth))
+        used = np.flatnonzero(np.any(weights[rows] != 0.0, axis=0))
+        first, last = (used[0], used[-1]) if used.size else (0, 0)
+        band = slice(int(first), int(last) + 1)
+        bands.append((rows, band, torch.from_numpy(np.ascontiguousarray(weights[rows, band]))))
+    return bands
+
+
+def interpolate_depth(stack: np.ndarray, depth: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Cubic-spline interpolation of an (n, H, W) uint8 stack to a (1, depth, H, W) volume
+    of ``dtype`` in [0, 1].
+
+    One matrix product (depth, n) @ (n, H*W), evaluated in blocks of columns (pixels) whose
+    float32 copy fits in ``MATMUL_BLOCK_BYTES``, skipping the zero blocks of the matrix
+    (``_weight_bands``), clipped block by block and written once into the output.
+    """
+    n_slices, height, width = stack.shape
+    pixels = height * width
+    bands = _weight_bands(n_slices, depth)
+    columns = torch.from_numpy(stack.reshape(n_slices, pixels))
+    block = max(COLUMN_ALIGN, MATMUL_BLOCK_BYTES // (4 * n_slices) // COLUMN_ALIGN * COLUMN_ALIGN)
+    data = torch.empty(n_slices * min(block, pixels), dtype=torch.float32)
+    result = torch.empty(depth * min(block, pixels), dtype=torch.float32)
+    volume = torch.empty((depth, pixels), dtype=dtype)
+    for start in range(0, pixels, block):
+        stop = min(start + block, pixels)
+        data_block = data[: n_slices * (stop - start)].view(n_slices, stop - start)
+        result_block = result[: depth * (stop - start)].view(depth, stop - start)
+        data_block.copy_(columns[:, start:stop])
+        for rows, band, weights in bands:
+            torch.mm(weights, data_block[band], out=result_block[rows])
+        volume[:, start:stop] = result_block.clamp_(0.0, 1.0)
+    return volume.reshape(1, depth, height, width)
+
+
+def _preprocess_slices(
+    slices: Sequence[Path], depth: int, height: int, width: int, fast_decode: bool, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``preprocess_scan`` for an ordered sequence of slice files; output of ``dtype``."""
+    stack = np.empty((len(slices), height, width), dtype=np.uint8)
+    draft_size = (width, height) if fast_decode else None
+    for index, path in enumerate(slices):
+        stack[index] = resize_slice(read_slice(path, draft_size=draft_size), height, width)
+    return interpolate_depth(stack, depth, dtype)
+
+
+def preprocess_scan(
+    scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False
+) -> torch.Tensor:
+    """A scan folder as a float32 volume (1, depth, height, width) in [0, 1].
+
+    Raises ``Cov3dError`` naming the folder or file if the scan cannot be read.
+    """
+    _check_size(depth, height, width)
+    return _preprocess_slices(list_slices(Path(scan_dir)), depth, height, width, fast_decode)
+
+
+class VolumeCache:
+    """Preprocessed volumes of one size, stored in ``cache_dir`` (format: ``cov3d.cache``)."""
+
+    def __init__(self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False):
+        _check_size(depth, height, width)
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.depth, self.height, self.width = depth, height, width
+        self.fast_decode = fast_decode
+
+    def __repr__(self) -> str:
+        return (
+            f"VolumeCache({str(self.cache_dir)!r}, {self.depth}, {self.height}, {self.width}, "
+            f"fast_decode={self.fast_decode})"
+        )
+
+    @property
+    def params(self) -> dict[str, int]:
+        """The preprocessing parameters that key an entry."""
+        return {"depth": self.depth, "height": self.height, "width": self.width, "fast_decode": int(self.fast_decode)}
+
+    def path_for(self, scan_dir: Path) -> Path:
+        """The cache file of ``scan_dir`` (which need not exist)."""
+        return entry_path(self.cache_dir, self.params, Path(scan_dir))
+
+    def _stored(self, scan_dir: Path, slices: Sequence[Path]) -> tuple[torch.Tensor | None, str]:
+        """The stored float16 volume if current (else ``None``) and the source fingerprint."""
+        fingerprint = source_fingerprint(slices)
+        return load_valid_volume(self.path_for(scan_dir), self.params, scan_dir, fingerprint), fingerprint
+
+    def _fetch(self, scan_dir: Path) -> tuple[torch.Tensor, bool]:
+        """The float16 volume (1, D, H, W), loaded or built and stored, and whether it was built."""
+        slices = list_slices(scan_dir)
+        stored, fingerprint = self._stored(scan_dir, slices)
+        if stored is not None:
+            return stored, False
+        volume = _preprocess_slices(slices, self.depth, self.height, self.width, self.fast_decode, STORAGE_DTYPE)
+        entry = make_entry(volume, self.params, scan_dir, fingerprint)
+        save_atomic(self.path_for(scan_dir), entry)
+        return entry["volume"], True
+
+    def load(self, scan_dir: Path) -> torch.Tensor | None:
+        """The cached volume (1, D, H, W) float32, or ``None`` if missing, stale or damaged.
+
+        Raises ``Cov3dError`` if the scan folder itself cannot be listed (its fingerprint is
+        needed to tell whether the entry is current).
+        """
+        scan_dir = Path(scan_dir)
+        stored, _ = self._stored(scan_dir, list_slices(scan_dir))
+        return None if stored is None else stored.to(torch.float32)
+
+    def update(self, scan_dir: Path) -> bool:
+        """Make sure a current entry exists; ``True`` if it had to be (re)built."""
+        return self._fetch(Path(scan_dir))[1]
+
+    def get(self, scan_dir: Path) -> torch.Tensor:
+        """The volume (1, D, H, W) float32, from the cache or preprocessed and stored.
+
+        Always the float16-rounded values, so a fresh and a cached result are identical.
+        """
+        return self._fetch(Path(scan_dir))[0].to(torch.float32)
+
+
+@dataclass
+class PreprocessSummary:
+    """What ``preprocess_many`` did: scans built, scans already up to date, and failures."""
+
+    processed: int = 0
+    skipped: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Number of scans handled."""
+        return self.processed + self.skipped + len(self.failed)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (respects affinity masks set by cluster schedulers)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def select_shard(scan_dirs: Sequence[Path], shard: tuple[int, int] | None) -> list[Path]:
+    """The scans of shard ``(i, n)``: every n-th scan from the i-th, after de-duplicating and
+    sorting by absolute path, so that shards never overlap and together hold every scan."""
+    unique = {Path(scan).resolve(): Path(scan) for scan in scan_dirs}
+    ordered = [unique[key] for key in sorted(unique, key=str)]
+    if shard is None:
+        return ordered
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise Cov3dError(f"A shard (i, n) needs 0 <= i < n, got ({index}, {count}).")
+    return ordered[index::count]
+
+
+def _one_line(text: object) -> str:
+    """``str(text)`` with whitespace runs collapsed to single spaces."""
+    return " ".join(str(text).split())
+
+
+def _update_one(cache: VolumeCache, scan_dir: Path) -> tuple[str, str | None]:
+    """Outcome (``PROCESSED``/``SKIPPED``/``FAILED``) and failure reason for one scan."""
+    try:
+        return (PROCESSED if cache.update(scan_dir) else SKIPPED), None
+    except Cov3dError as error:
+        return FAILED, _one_line(error)
+    except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
+        return FAILED, f"Unexpected {type(error).__name__} while preprocessing {scan_dir}: {_one_line(error)}."
+
+
+def _init_worker() -> None:
+    """Worker processes use one thread each: the parallelism is across scans."""
+    torch.set_num_threads(1)
+
+
+def _outcome(future: Future) -> tuple[str, str | None]:
+    """A finished worker's outcome; a dead worker process counts as a failure."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return FAILED, "A worker process died (killed or out of memory): run again with fewer workers."
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int, description: str) -> Iterator[Callable[[], None]]:
+    """A rich progress bar; yields the function that advances it by one scan."""
+    if not enabled:
+        yield lambda: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def preprocess_many(
+    scan_dirs: Sequence[Path],
+    cache: VolumeCache,
+    *,
+    workers: int | None = None,
+    strict: bool = False,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> PreprocessSummary:
+    """Bring the cache up to date for many scans, in parallel, and summarise.
+
+    ``workers``: processes (default: all available cores; 1 runs in this process). Workers are
+    started with ``spawn`` and use one torch thread each. A failing scan is recorded and the
+    others go on, unless ``strict``, which raises ``Cov3dError`` at the first failure.
+    ``shard=(i, n)`` handles only shard i of n (see ``select_shard``).
+    """
+    scans = select_shard(scan_dirs, shard)
+    summary = PreprocessSummary()
+    order = {scan: position for position, scan in enumerate(scans)}
+    if workers is not None and workers < 1:
+        raise Cov3dError(f"The number of workers must be at least 1, got {workers}.")
+    n_workers = min(workers or available_cpus(), len(scans))
+
+    def record(scan: Path, outcome: tuple[str, str | None]) -> None:
+        status, reason = outcome
+        if status == FAILED:
+            summary.failed.append((scan, reason or "unknown error"))
+            if strict:
+                raise Cov3dError(reason)
+        elif status == PROCESSED:
+            summary.processed += 1
+        else:
+            summary.skipped += 1
+
+    size = f"{cache.depth}×{cache.height}×{cache.width}"
+    with _progress_bar(progress and bool(scans), len(scans), f"Preprocessing {size}") as advance:
+        if n_workers <= 1:
+            for scan in scans:
+                record(scan, _update_one(cache, scan))
+                advance()
+        else:
+            context = multiprocessing.get_context("spawn")
+            executor = ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker)
+            try:
+                futures = {executor.submit(_update_one, cache, scan): scan for scan in scans}
+                for future in as_completed(futures):
+                    record(futures[future], _outcome(future))
+                    advance()
+            finally:
+                executor.shutdown(wait=True, cancel_futures=True)
+    summary.failed.sort(key=lambda failure: order[failure[0]])
+    return summary
