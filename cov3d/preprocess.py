@@ -306,6 +306,17 @@ def _update_one(cache: VolumeCache, scan_dir: Path) -> tuple[str, str | None]:
         return FAILED, f"Unexpected {type(error).__name__} while preprocessing {scan_dir}: {_one_line(error)}."
 
 
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` where available: one server process imports this module once and forks
+    each worker from it (cheap on many-core nodes, and safe: the server has no threads);
+    otherwise ``spawn``. Never plain ``fork`` of a process whose torch may hold threads."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["__main__", __name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _init_worker() -> None:
     """Worker processes use one thread each: the parallelism is across scans."""
     torch.set_num_threads(1)
@@ -343,7 +354,7 @@ def preprocess_many(
     """Bring the cache up to date for many scans, in parallel, and summarise.
 
     ``workers``: processes (default: all available cores; 1 runs in this process). Workers are
-    started with ``spawn`` and use one torch thread each. A failing scan is recorded and the
+    started with ``forkserver`` (``spawn`` where unavailable) and use one torch thread each. A failing scan is recorded and the
     others go on, unless ``strict``, which raises ``Cov3dError`` at the first failure.
     ``shard=(i, n)`` handles only shard i of n (see ``select_shard``).
     """
@@ -372,8 +383,7 @@ def preprocess_many(
                 record(scan, _update_one(cache, scan))
                 advance()
         else:
-            context = multiprocessing.get_context("spawn")
-            executor = ProcessPoolExecutor(n_workers, mp_context=context, initializer=_init_worker)
+            executor = ProcessPoolExecutor(n_workers, mp_context=_pool_context(), initializer=_init_worker)
             try:
                 futures = {executor.submit(_update_one, cache, scan): scan for scan in scans}
                 for future in as_completed(futures):
