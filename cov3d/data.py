@@ -1,0 +1,188 @@
+"""The COV19-CT-DB layout: labelled scans, severity CSVs, class weights and the fastai DataBlock."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from fastai.data.block import DataBlock, TransformBlock
+from fastai.data.core import DataLoaders
+from fastai.torch_core import TensorBase
+from fastai.vision.augment import RandTransform
+
+from .errors import Cov3dError
+from .preprocess import VolumeCache
+from .scans import is_scan_dir, scan_number
+
+logger = logging.getLogger(__name__)
+
+PARTITIONS = ("train", "validation")
+PRESENCE_FOLDERS = {"non-covid": 0, "covid": 1}
+SEVERITY_CSVS = {
+    "train": "train_partition_covid_categories.csv",
+    "validation": "val_partition_covid_categories.csv",
+}
+SEVERITY_CATEGORIES = {1: "mild", 2: "moderate", 3: "severe", 4: "critical"}
+SEVERITY_CSV_DELIMITER = ";"
+REFLECTION_PROBABILITY = 0.5  # DESIGN.md: random sagittal reflection with p = 0.5
+DEFAULT_BATCH_SIZE = 2  # paper §3.4: "The batch size was limited to two"
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    """One labelled scan: its folder, partition and target (has_covid, severity 0..4)."""
+
+    path: Path
+    partition: str
+    has_covid: int
+    severity: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_severity_csv(csv_path: Path) -> dict[str, int]:
+    """Read a `Name;Category` CSV into {scan name: category 1..4}; one-line errors for malformed files."""
+    if not csv_path.is_file():
+        raise Cov3dError(
+            f"Severity CSV not found: {csv_path}. Put the competition's CSV there, or train with --severity-factor 0."
+        )
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        rows = list(csv.reader(handle, delimiter=SEVERITY_CSV_DELIMITER))
+    if not rows or [cell.strip() for cell in rows[0][:2]] != ["Name", "Category"]:
+        raise Cov3dError(f"{csv_path}: the first line must be the header 'Name;Category' (';'-delimited).")
+    categories: dict[str, int] = {}
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < 2:
+            raise Cov3dError(f"{csv_path}, line {line_number}: expected 'Name;Category', got {';'.join(row)!r}.")
+        name, category = row[0].strip(), row[1].strip()
+        if not category.isdigit() or int(category) not in SEVERITY_CATEGORIES:
+            raise Cov3dError(f"{csv_path}, line {line_number}: category {category!r} for {name} is not 1, 2, 3 or 4.")
+        categories[name] = int(category)
+    return categories
+
+
+def partition_items(data_dir: Path, partition: str, severities: dict[str, int]) -> list[ScanItem]:
+    """The labelled scans of one partition folder, with severities attached to covid scans."""
+    items = []
+    for folder, has_covid in PRESENCE_FOLDERS.items():
+        class_dir = data_dir / partition / folder
+        if not class_dir.is_dir():
+            raise Cov3dError(f"Missing folder {class_dir}: expected {partition}/covid and {partition}/non-covid.")
+        scan_dirs = sorted((p for p in class_dir.iterdir() if is_scan_dir(p)), key=lambda p: (scan_number(p.name), p.name))
+        items += [
+            ScanItem(path, partition, has_covid, severities.get(path.name, 0) if has_covid else 0) for path in scan_dirs
+        ]
+    covid_names = {item.name for item in items if item.has_covid}
+    unknown = sorted(set(severities) - covid_names)
+    if unknown:
+        logger.warning(
+            "%d names in the %s severity CSV have no folder in %s/covid (e.g. %s); they are ignored.",
+            len(unknown), partition, partition, unknown[0],
+        )
+    return items
+
+
+def collect_items(data_dir: Path, *, with_severity: bool = True) -> list[ScanItem]:
+    """All labelled scans of `data_dir` (train and validation), in a stable order.
+
+    With `with_severity`, the two severity CSVs must be present in `data_dir`.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise Cov3dError(f"Data folder not found: {data_dir}. Give the folder that holds train/ and validation/.")
+    items = []
+    for partition in PARTITIONS:
+        severities = read_severity_csv(data_dir / SEVERITY_CSVS[partition]) if with_severity else {}
+        items += partition_items(data_dir, partition, severities)
+    for partition in PARTITIONS:
+        if not any(item.partition == partition for item in items):
+            raise Cov3dError(f"No scans found in {data_dir / partition}: each scan is a folder of <number>.jpg slices.")
+    return items
+
+
+def severity_group_counts(items: Sequence[ScanItem]) -> list[int]:
+    """Counts of the six loss groups (negative, positive-unannotated, mild, moderate, severe, critical)."""
+    counts = [0] * 6
+    for item in items:
+        group = 0 if not item.has_covid else (1 if item.severity == 0 else item.severity + 1)
+        counts[group] += 1
+    return counts
+
+
+def presence_counts(items: Sequence[ScanItem]) -> list[int]:
+    """Counts of (negative, positive) scans."""
+    positives = sum(item.has_covid for item in items)
+    return [len(items) - positives, positives]
+
+
+class TensorCT(TensorBase):
+    """A CT volume (1, D, H, W) or batch (B, 1, D, H, W); the type lets transforms skip the targets."""
+
+
+class SagittalReflection(RandTransform):
+    """Flip the left-right (W) axis with probability p, in training only (split_idx 0)."""
+
+    split_idx = 0
+
+    def __init__(self, p: float = REFLECTION_PROBABILITY):
+        super().__init__(p=p)
+
+    def encodes(self, volume: TensorCT) -> TensorCT:
+        return volume.flip(-1)
+
+
+class VolumeLoader:
+    """Picklable getter: ScanItem -> cached volume (1, D, H, W) as a TensorCT."""
+
+    def __init__(self, cache: VolumeCache):
+        self.cache = cache
+
+    def __call__(self, item: ScanItem) -> TensorCT:
+        return TensorCT(self.cache.get(item.path))
+
+
+def scan_target(item: ScanItem) -> torch.Tensor:
+    """The target tensor [has_covid, severity] (long, shape (2,))."""
+    return torch.tensor([item.has_covid, item.severity], dtype=torch.long)
+
+
+def split_by_partition(items: Sequence[ScanItem]) -> tuple[list[int], list[int]]:
+    """Indices of the training and the validation items."""
+    return (
+        [i for i, item in enumerate(items) if item.partition == "train"],
+        [i for i, item in enumerate(items) if item.partition == "validation"],
+    )
+
+
+def build_datablock(cache: VolumeCache, *, reflect: bool = True) -> DataBlock:
+    """A DataBlock over ScanItems: x = cached volume (1, D, H, W), y = tensor([has_covid, severity])."""
+    return DataBlock(
+        blocks=(TransformBlock(), TransformBlock()),
+        get_x=VolumeLoader(cache),
+        get_y=scan_target,
+        splitter=split_by_partition,
+        item_tfms=[SagittalReflection()] if reflect else [],
+    )
+
+
+def build_dataloaders(
+    items: Sequence[ScanItem],
+    cache: VolumeCache,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    reflect: bool = True,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+) -> DataLoaders:
+    """fastai DataLoaders: training batches shuffled (and reflected), validation in order."""
+    return build_datablock(cache, reflect=reflect).dataloaders(
+        list(items), bs=batch_size, num_workers=num_workers, device=device
+    )
