@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny synthetic datasets in the COV19-CT-DB layout and one tiny trained run."""
+
+from pathlib import Path
+
+import pytest
+
+from cov3d.synthetic import generate_dataset
+
+TINY_SIZE = (8, 32, 32)  # (D, H, W): small enough for r3d_18 on a CPU in well under a second per step
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's ~/.cache/cov3d from a test."""
+    monkeypatch.setenv("COV3D_CACHE_DIR", str(tmp_path_factory.mktemp("default-cache")))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """12 scans of 32x32 slices with severity CSVs and an unlabelled test split; read-only for tests."""
+    out = tmp_path_factory.mktemp("tiny-dataset")
+    generate_dataset(out, scans=16, seed=0, slice_size=32, depth_scale=0.05)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
+    """A one-epoch training run on the tiny dataset (from scratch, fp32, CPU)."""
+    from cov3d.train import TrainSettings, train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    depth, height, width = TINY_SIZE
+    settings = TrainSettings(depth=depth, height=height, width=width, epochs=1, penultimate=16, severity_factor=0.5)
+    train(
+        tiny_dataset, root / "run", settings, cache_dir=root / "cache", pretrained=False,
+        device="cpu", precision="fp32", workers=1,
+    )
+    return root / "run"

@@ -1,0 +1,82 @@
+"""The command line as a user meets it: help texts, one-line errors, and the commands end to end."""
+
+import csv
+
+import pytest
+from typer.testing import CliRunner
+
+from cov3d.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("preprocess", "train", "infer"):
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", ["preprocess", "train", "infer"])
+def test_every_option_has_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "--cache-dir" in result.output
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+
+
+def test_train_on_a_missing_folder(tmp_path):
+    assert_one_line_error(invoke("train", "--directory", tmp_path / "nope", "--no-pretrained"), "nope")
+
+
+def test_train_without_severity_csv(tmp_path):
+    (tmp_path / "train" / "covid").mkdir(parents=True)
+    assert_one_line_error(invoke("train", "--directory", tmp_path, "--no-pretrained"), "train_partition_covid_categories.csv")
+
+
+def test_preprocess_without_scans(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(invoke("preprocess", tmp_path / "empty"), "empty")
+
+
+def test_infer_on_missing_folder(tmp_path, tiny_run):
+    assert_one_line_error(invoke("infer", tmp_path / "missing", "--model", tiny_run), "missing")
+
+
+def test_preprocess_then_infer(tmp_path, tiny_dataset, tiny_run):
+    cache = tmp_path / "cache"
+    result = invoke("preprocess", tiny_dataset / "test", "--depth", 8, "--width", 32, "--cache-dir", cache, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert "0 failed" in result.output
+    again = invoke("preprocess", tiny_dataset / "test", "--depth", 8, "--width", 32, "--cache-dir", cache, "--workers", 1)
+    assert "0 processed" in again.output
+
+    output = tmp_path / "preds.csv"
+    result = invoke("infer", tiny_dataset / "test", "--model", tiny_run, "--output", output, "--cache-dir", cache, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    with output.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == sum(1 for p in (tiny_dataset / "test").iterdir() if p.is_dir())
+
+
+def test_train_command_end_to_end(tmp_path, tiny_dataset):
+    run_dir = tmp_path / "run"
+    result = invoke(
+        "train", "--directory", tiny_dataset, "--output-dir", run_dir, "--depth", 8, "--width", 32,
+        "--epochs", 1, "--penultimate", 8, "--no-pretrained", "--cache-dir", tmp_path / "cache",
+        "--workers", 1, "--device", "cpu", "--precision", "bf16",
+    )
+    assert result.exit_code == 0, result.output
+    assert (run_dir / "config.json").is_file() and (run_dir / "metrics.csv").is_file()

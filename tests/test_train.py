@@ -1,0 +1,59 @@
+"""Training writes both checkpoints, the config and the per-epoch metrics CSV; settings follow the paper."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cov3d.errors import Cov3dError
+from cov3d.model import build_model
+from cov3d.train import CHECKPOINTS, TrainSettings, train
+
+
+def test_paper_defaults():
+    settings = TrainSettings()
+    assert (settings.batch_size, settings.learning_rate, settings.weight_decay) == (2, 1e-4, 1e-5)
+    assert settings.epochs == 40 and settings.reflect
+    assert TrainSettings(severity_factor=0).outputs == 1
+    assert TrainSettings(severity_factor=0.1).outputs == 6
+
+
+def test_one_epoch_writes_checkpoints_config_and_metrics(tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert (config["depth"], config["height"], config["width"]) == (8, 32, 32)
+    assert config["severity_classes"] == ["negative", "mild", "moderate", "severe", "critical"]
+    assert len(config["presence_weights"]) == 2 and len(config["severity_weights"]) == 6
+
+    for file_name in CHECKPOINTS.values():
+        state = load_file(str(tiny_run / file_name))
+        model = build_model(outputs=6, penultimate=16)
+        model.load_state_dict(state)  # strict: every key and shape matches the architecture
+        assert model(torch.rand(1, 1, 8, 32, 32)).shape == (1, 6)
+
+    with (tiny_run / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1
+    for column in ("train_loss", "valid_loss", "presence_f1", "severity_f1"):
+        assert column in rows[0]
+    assert 0.0 <= float(rows[0]["presence_f1"]) <= 1.0
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["best_scores"]["presence_f1"] == pytest.approx(float(rows[0]["presence_f1"]))
+
+
+def test_presence_only_run_keeps_one_checkpoint(tmp_path, tiny_dataset):
+    settings = TrainSettings(depth=8, height=32, width=32, epochs=1, penultimate=8, severity_factor=0.0)
+    result = train(
+        tiny_dataset, tmp_path / "run", settings, cache_dir=tmp_path / "cache", pretrained=False,
+        device="cpu", precision="fp32", workers=1,
+    )
+    assert (result.run_dir / CHECKPOINTS["presence_f1"]).is_file()
+    assert not (result.run_dir / CHECKPOINTS["severity_f1"]).exists()
+    assert json.loads((result.run_dir / "config.json").read_text())["outputs"] == 1
+
+
+def test_missing_kinetics_weights_is_a_clear_error(tmp_path, tiny_dataset, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(Cov3dError, match="--no-pretrained"):
+        train(tiny_dataset, tmp_path / "run", TrainSettings(epochs=1), cache_dir=tmp_path / "cache", device="cpu")
