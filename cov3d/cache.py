@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from cov3d.errors import Cov3dError
+from cov3d.scans import one_line
 
 CACHE_FORMAT_VERSION = 1
 """Bump when the preprocessing or the entry layout changes: older entries are then rebuilt."""
@@ -69,10 +70,6 @@ def default_cache_dir() -> Path:
     return Path(configured).expanduser() if configured else DEFAULT_CACHE_DIR.expanduser()
 
 
-def _one_line(text: object) -> str:
-    """``str(text)`` with whitespace runs collapsed to single spaces."""
-    return " ".join(str(text).split())
-
 
 def source_fingerprint(slices: Sequence[Path]) -> str:
     """SHA-256 (hex) of the name, size and modification time (ns) of every slice file."""
@@ -82,7 +79,7 @@ def source_fingerprint(slices: Sequence[Path]) -> str:
             stat = os.stat(path)
         except OSError as error:
             raise Cov3dError(
-                f"Cannot read CT slice {path}: {_one_line(error.strerror or error)}. "
+                f"Cannot read CT slice {path}: {one_line(error.strerror or error)}. "
                 "Fix the file or leave the scan out."
             ) from None
         digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
@@ -143,7 +140,7 @@ def save_atomic(path: Path, entry: dict) -> None:
         )
     except OSError as error:
         raise Cov3dError(
-            f"Cannot write to cache directory {path.parent}: {_one_line(error.strerror or error)}. "
+            f"Cannot write to cache directory {path.parent}: {one_line(error.strerror or error)}. "
             f"Choose another directory (e.g. with {CACHE_DIR_ENV})."
         ) from None
     temp = Path(handle.name)
@@ -155,7 +152,7 @@ def save_atomic(path: Path, entry: dict) -> None:
         temp.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise Cov3dError(
-                f"Cannot write cache file {path}: {_one_line(error.strerror or error)}. "
+                f"Cannot write cache file {path}: {one_line(error.strerror or error)}. "
                 "Free some space or choose another cache directory."
             ) from None
         raise

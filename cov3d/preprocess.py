@@ -19,9 +19,11 @@
 
 ``fast_decode=True`` lets libjpeg downscale in the DCT domain (``Image.draft``) to the smallest
 power-of-two reduction (1/2, 1/4, 1/8) still at least H×W before the bicubic resize. For
-512×512 slices it changes nothing at large (320 > 512/2) and skips most of the decoding work
-at small and medium. Its difference from the normal path is measured by
-``scripts/benchmark_preprocess.py`` and bounded in ``tests/test_preprocess.py``.
+512×512 slices it changes nothing at large (320 > 512/2, identical output) and at small and
+medium almost halves the time per scan. Measured with ``scripts/benchmark_preprocess.py`` on
+synthetic 512×512 CT-like stacks, its volumes differ from the normal path by at most 0.051
+(mean 0.0030) at small and at most 0.063 (mean 0.0037) at medium, on the [0, 1] scale, i.e.
+about 1 grey level on average and 16 at worst (near sharp edges); bounded in the tests.
 
 ``VolumeCache`` stores one float16 file per scan and size (format: ``cov3d.cache``);
 ``preprocess_many`` fills it for many scans with worker processes.
@@ -61,7 +63,7 @@ from cov3d.cache import (
     source_fingerprint,
 )
 from cov3d.errors import Cov3dError
-from cov3d.scans import MAX_8BIT, list_slices, read_slice
+from cov3d.scans import MAX_8BIT, list_slices, one_line, read_slice
 
 __all__ = [
     "SIZES",
@@ -291,19 +293,15 @@ def select_shard(scan_dirs: Sequence[Path], shard: tuple[int, int] | None) -> li
     return ordered[index::count]
 
 
-def _one_line(text: object) -> str:
-    """``str(text)`` with whitespace runs collapsed to single spaces."""
-    return " ".join(str(text).split())
-
 
 def _update_one(cache: VolumeCache, scan_dir: Path) -> tuple[str, str | None]:
     """Outcome (``PROCESSED``/``SKIPPED``/``FAILED``) and failure reason for one scan."""
     try:
         return (PROCESSED if cache.update(scan_dir) else SKIPPED), None
     except Cov3dError as error:
-        return FAILED, _one_line(error)
+        return FAILED, one_line(error)
     except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
-        return FAILED, f"Unexpected {type(error).__name__} while preprocessing {scan_dir}: {_one_line(error)}."
+        return FAILED, f"Unexpected {type(error).__name__} while preprocessing {scan_dir}: {one_line(error)}."
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:

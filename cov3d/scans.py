@@ -50,7 +50,7 @@ READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBo
 """What PIL raises for unreadable, truncated or corrupt image files."""
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
     """``str(text)`` with all whitespace runs (newlines included) collapsed to single spaces."""
     return " ".join(str(text).split())
 
@@ -79,7 +79,7 @@ def _entries(folder: Path) -> list[os.DirEntry]:
         raise Cov3dError(f"{folder} is not a folder: give a folder of <integer>.jpg slices.") from None
     except OSError as error:
         raise Cov3dError(
-            f"Cannot read folder {folder}: {_one_line(error.strerror or error)}. "
+            f"Cannot read folder {folder}: {one_line(error.strerror or error)}. "
             "Fix its permissions or leave it out."
         ) from None
 
@@ -150,7 +150,7 @@ def _read_failure(path: Path, error: BaseException) -> str:
             return "the file is empty (0 bytes)"
     except OSError:
         pass
-    return _one_line(getattr(error, "strerror", None) or error) or type(error).__name__
+    return one_line(getattr(error, "strerror", None) or error) or type(error).__name__
 
 
 def is_scan_dir(path: Path) -> bool:

@@ -209,10 +209,11 @@ def test_cache_paths_keyed_by_parameters_and_source(tmp_path: Path, cache_dir: P
 def test_cache_round_trip_within_float16_tolerance(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 5)
     cache = VolumeCache(cache_dir, 7, 12, 10)
+    before = sorted(tmp_path.rglob("*"))
     assert cache.load(scan) is None
     built = cache.get(scan)
     assert cache.path_for(scan).is_file()
-    assert not any(path.name != "ct_scan_1" for path in (tmp_path).iterdir() if path != cache_dir)
+    assert [path for path in sorted(tmp_path.rglob("*")) if not path.is_relative_to(cache_dir)] == before
     assert float((built[0].numpy() - reference_volume(scan, 7, 12, 10)).__abs__().max()) <= FLOAT16_TOLERANCE
     entry = torch.load(cache.path_for(scan), weights_only=True)
     assert entry["volume"].dtype == torch.float16
