@@ -170,12 +170,15 @@ def time_throughput(stack: Path, work: Path, args: argparse.Namespace) -> None:
     for workers in (1, 2):
         cache_dir = work / f"throughput-cache-{workers}"
         shutil.rmtree(cache_dir, ignore_errors=True)
+        machine_before = machine_busy_seconds()
         start = time.perf_counter()
         summary = preprocess_many(scans, VolumeCache(cache_dir, *size), workers=workers, progress=False)
         results[workers] = time.perf_counter() - start
+        busy = (machine_busy_seconds() - machine_before) / results[workers]
         print(
             f"  {workers} worker(s): {results[workers]:6.2f} s, {args.scans / results[workers]:5.2f} scans/s "
-            f"(processed {summary.processed}, failed {len(summary.failed)})"
+            f"(processed {summary.processed}, failed {len(summary.failed)}); "
+            f"whole machine busy {busy:.2f} of {os.cpu_count()} cores (all processes, ours and others)"
         )
     start = time.perf_counter()
     preprocess_many(scans, VolumeCache(work / "throughput-cache-2", *size), workers=2, progress=False)
@@ -183,6 +186,16 @@ def time_throughput(stack: Path, work: Path, args: argparse.Namespace) -> None:
     print(f"  2 workers vs 1: {results[1] / results[2]:.2f}x (worker start-up included); load after: {os.getloadavg()[0]:.1f}")
     print(f"  resume (all {args.scans} up to date, 2 workers): {resume:.2f} s, i.e. about the cost of starting 2 workers")
     print(f"  2 workers vs 1 without that start-up: {results[1] / max(results[2] - resume, 1e-9):.2f}x")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 PEAK_RSS_CHILD = textwrap.dedent(
