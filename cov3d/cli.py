@@ -189,3 +189,36 @@ def infer(
     typer.echo(f"{len(rows)} scans predicted ({covid} with COVID-19) -> {output}")
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def synthetic(
+    output: Path = typer.Argument(..., help="Folder to write the dataset to (must not hold a dataset already)."),
+    scans: int = typer.Option(120, "--scans", min=4, help="Number of scans, all splits together."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same files."),
+    slice_size: int = typer.Option(128, "--slice-size", help="Slice width and height in pixels (real data: 512)."),
+    depth_scale: float = typer.Option(0.1, "--depth-scale", min=0.0, help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
+):
+    """Write a synthetic chest-CT dataset in the COV19-CT-DB layout (train, validation, unlabelled test + answer key)."""
+    from .synthetic import generate_dataset
+
+    summary = generate_dataset(output, scans=scans, seed=seed, slice_size=slice_size, depth_scale=depth_scale)
+    typer.echo(f"{summary.total_scans} synthetic scans written to {output}.")
+
+
+@app.command()
+@user_errors
+def demo(
+    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
+    scans: int = typer.Option(200, "--scans", min=20, help="Synthetic scans to generate."),
+    epochs: int = typer.Option(12, "--epochs", min=1, help="Training epochs."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for the data and the training."),
+    workers: Optional[int] = WorkersOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+):
+    """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
+    from .demo import DemoSettings, run_demo
+
+    run_demo(output, DemoSettings(scans=scans, epochs=epochs, seed=seed), workers=workers, device=device, precision=precision)

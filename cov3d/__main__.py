@@ -1,0 +1,5 @@
+"""`python -m cov3d` runs the command line."""
+
+from cov3d.cli import app
+
+app()
