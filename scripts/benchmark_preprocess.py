@@ -11,7 +11,9 @@ the scan, spine, smooth texture and noise), then reports, per size:
   also the depth interpolation alone: per-pixel splines vs cov3d's matrix product
   (``interpolate_depth`` on the same resized uint8 stack); f16 max|d| is the largest difference
   between the cached (float16) cov3d volume and the naive result;
-- throughput of ``preprocess_many`` with 1 and 2 worker processes;
+- throughput of ``preprocess_many`` with 1 and 2 worker processes, with the machine's load
+  (other users' processes take cores away), and the CPU seconds per scan in a worker when one
+  or two run at once (the speed-up 2 free cores would give, independent of that load);
 - peak RSS (VmHWM of a child process) for a 1,201-slice scan at large.
 
 Times are wall-clock seconds per scan, the minimum over ``--repeats`` runs, in one process
@@ -21,6 +23,7 @@ with ``--threads`` torch threads (default 1, as in a worker process). Not a test
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -29,6 +32,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +189,24 @@ def time_throughput(stack: Path, work: Path, args: argparse.Namespace) -> None:
     print(f"  2 workers vs 1: {results[1] / results[2]:.2f}x (worker start-up included); load after: {os.getloadavg()[0]:.1f}")
     print(f"  resume (all {args.scans} up to date, 2 workers): {resume:.2f} s, i.e. about the cost of starting 2 workers")
     print(f"  2 workers vs 1 without that start-up: {results[1] / max(results[2] - resume, 1e-9):.2f}x")
+    cpu = {}
+    for workers in (1, 2):
+        cache = VolumeCache(work / f"cpu-cache-{workers}", *size)
+        shutil.rmtree(cache.cache_dir, ignore_errors=True)
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            cpu[workers] = float(np.mean(list(pool.map(cpu_seconds_of_update, [cache] * len(scans), scans))))
+    print(
+        f"  CPU seconds per scan inside a worker: {cpu[1]:.3f} alone, {cpu[2]:.3f} with 2 running at once; "
+        f"so 2 free cores would give about {2 * cpu[1] / cpu[2]:.2f}x"
+    )
+
+
+def cpu_seconds_of_update(cache: VolumeCache, scan: Path) -> float:
+    """CPU seconds this process spends on ``cache.update(scan)`` (run in a worker)."""
+    start = time.process_time()
+    cache.update(scan)
+    return time.process_time() - start
 
 
 def machine_busy_seconds() -> float:
