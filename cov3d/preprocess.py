@@ -11,7 +11,8 @@
    evaluated at j/(D-1). The spline is linear in the data, so it is the (D, n) matrix
    ``depth_interpolation_matrix`` (the spline of the identity matrix) applied as one matrix
    product to the stack seen as (n, H*W); the product is evaluated in blocks of columns of at
-   most ``MATMUL_BLOCK_BYTES`` of float32 so that memory stays bounded. With 2 slices the
+   most ``MATMUL_BLOCK_BYTES`` of float32 so that memory stays bounded, skipping the weights
+   below ``WEIGHT_TOLERANCE`` (results change by < 3e-9; see ``_weight_bands``). With 2 slices the
    spline is a straight line, with 3 a parabola (what ``CubicSpline`` does); a 1-slice scan
    is repeated; D = 1 takes the first slice.
 3. **Range.** Values are divided by 255 (folded into the matrix) and clipped to [0, 1]: the
