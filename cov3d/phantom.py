@@ -98,9 +98,10 @@ def _ellipse(p: np.ndarray, q: np.ndarray, centre: tuple[float, float], axes: tu
     return ((p - centre[0]) / axes[0]) ** 2 + ((q - centre[1]) / axes[1]) ** 2
 
 
-def _draw_lesions(rng, score, lung_sides, fraction, severity, hu, lung_hu):
-    """Threshold ``score`` in each lung at the quantile that involves ``fraction`` of it; paint GGO and
-    consolidation into ``hu`` in place. Returns the lesion mask (D, S, S) bool."""
+def _draw_lesions(rng: np.random.Generator, score: np.ndarray, lung_sides: list[np.ndarray], fraction: float,
+                  severity: int, hu: np.ndarray, lung_hu: np.ndarray) -> np.ndarray:
+    """Threshold ``score`` (D, S, S) in each lung mask at the quantile that involves ``fraction`` of it;
+    paint GGO and consolidation into ``hu`` (D, S, S) in place. Returns the lesion mask (D, S, S) bool."""
     lesion = np.zeros_like(lung_sides[0])
     consolidation_share = CONSOLIDATION_SHARE[severity] * rng.uniform(0.7, 1.3)
     ggo_hu = rng.uniform(*HU_GGO) + 40.0 * score
@@ -144,9 +145,9 @@ def render_phantom(rng: np.random.Generator, *, depth: int, slice_size: int, has
     angle = float(np.deg2rad(rng.uniform(-6, 6)))
     shift = rng.uniform([-0.05, -0.01], [0.05, 0.08]).astype(np.float32)
     xx, yy = xy[None, :] - shift[0], xy[:, None] - shift[1]
-    p_mm = np.cos(angle) * xx + np.sin(angle) * yy  # (S, S) lateral, towards patient left
-    q_mm = -np.sin(angle) * xx + np.cos(angle) * yy  # (S, S) anterior (<0) to posterior (>0)
-    p2, q2 = p_mm / half_width, q_mm / half_depth
+    p_u = np.cos(angle) * xx + np.sin(angle) * yy  # (S, S) units, lateral towards patient left
+    q_u = -np.sin(angle) * xx + np.cos(angle) * yy  # (S, S) units, anterior (<0) to posterior (>0)
+    p2, q2 = p_u / half_width, q_u / half_depth
     grow = (0.92 + 0.1 * t3).astype(np.float32)
     p, q = p2[None] / grow, q2[None] / grow  # (D, S, S) normalised patient frame
 
@@ -169,27 +170,27 @@ def render_phantom(rng: np.random.Generator, *, depth: int, slice_size: int, has
     # Spine: vertebral body with cortex and discs, canal, arch; descending aorta beside it.
     vertebra = half_width * 0.12
     spine_q = 0.36 * half_depth
-    d_body = np.hypot(p_mm, q_mm - spine_q)  # (S, S)
+    d_body = np.hypot(p_u, q_u - spine_q)  # (S, S)
     in_disc = ((t3 * N_VERTEBRAE + rng.uniform()) % 1.0) < 0.15
     hu[:, d_body < vertebra] = HU_CANCELLOUS_BONE
     hu[:, (d_body < vertebra) & (d_body > 0.8 * vertebra)] = HU_BONE
     hu[(d_body < vertebra)[None] & in_disc] = HU_DISC
     canal_q = spine_q + 1.55 * vertebra
-    d_canal = np.hypot(p_mm, q_mm - canal_q)
+    d_canal = np.hypot(p_u, q_u - canal_q)
     arch = ((d_canal > 0.45 * vertebra) & (d_canal < 0.8 * vertebra)) | (
-        (np.abs(p_mm) < 0.15 * vertebra) & (q_mm > canal_q) & (q_mm < canal_q + 1.1 * vertebra))
+        (np.abs(p_u) < 0.15 * vertebra) & (q_u > canal_q) & (q_u < canal_q + 1.1 * vertebra))
     hu[:, arch] = HU_BONE
     hu[:, d_canal < 0.45 * vertebra] = HU_SOFT_TISSUE
-    aorta = (np.hypot(p_mm - 1.3 * vertebra, q_mm - spine_q + 1.1 * vertebra) < 0.6 * vertebra)[None] & (t3 > 0.2)
+    aorta = (np.hypot(p_u - 1.3 * vertebra, q_u - spine_q + 1.1 * vertebra) < 0.6 * vertebra)[None] & (t3 > 0.2)
     hu[aorta] = HU_BLOOD
 
     # Lungs: ellipses tapering to the apex, hollowed by the diaphragm domes at the base, carved by the heart.
     apex, base = rng.uniform(0.02, 0.1), rng.uniform(0.84, 0.96)
     t_rel = (t3 - apex) / (base - apex)
     taper = np.sqrt(np.clip(t_rel / 0.3, 0, 1)) * (t_rel <= 1)
-    heart_size = np.sqrt(np.clip(np.sin(np.pi * (t_rel - 0.4) / 0.62), 0, 1))
+    heart_size = np.sqrt(np.clip(np.sin(np.pi * (t_rel - 0.35) / 0.6), 0, 1))  # rests on the diaphragm
     heart = _ellipse(p, q, (0.1, -0.18), (0.36 * heart_size + 1e-6, 0.34 * heart_size + 1e-6))
-    trachea = (np.hypot(p_mm, q_mm - spine_q + 1.6 * vertebra) < 0.5 * vertebra)[None] & (t3 < 0.45)
+    trachea = (np.hypot(p_u, q_u - spine_q + 1.6 * vertebra) < 0.5 * vertebra)[None] & (t3 < 0.45)
     lung_hu = np.float32(rng.uniform(-880, -820)) + 60.0 * q
     lung_hu += 12.0 * smooth_field(rng, zu, xy, xy, TEXTURE_LENGTH)
     sides, radii = [], []
