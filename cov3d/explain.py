@@ -7,7 +7,10 @@ For activations A (C, d, h, w) of the last convolutional block (the output of th
     cam     = ReLU(sum_c alpha_c A_c)                    (d, h, w)
 
 upsampled trilinearly to the input size (D, H, W) and divided by its maximum (an all-zero map
-stays zero). The score is the presence logit x (eq. 1); for runs trained with lambda = 1, which
+stays zero). The upsampling places cell j of an axis downsampled by s at input voxel s * j, where
+the strided convolutions of r3d_18 (odd kernels, padding (k - 1) / 2) centre it, not at
+s * j + (s - 1) / 2 as ``F.interpolate(align_corners=False)`` would: for layer4 (s = 16 in-plane)
+that would shift every map by 7.5 voxels. Beyond the last cell the map is held constant. The score is the presence logit x (eq. 1); for runs trained with lambda = 1, which
 have no presence head, it is the log-odds of P(covid) = sum_{c=1..4} s_c (eq. 3):
 ``logsumexp(z_1..z_4) - z_0``. layer4 downsamples by 8 along the slices and 16 in-plane, so
 the map is coarse (8 x 8 x 8 cells at 64 x 128 x 128).
@@ -45,6 +48,30 @@ def presence_score(logits: torch.Tensor, severity_only: bool) -> torch.Tensor:
     return torch.logsumexp(logits[:, 2:6], dim=1) - logits[:, 1]
 
 
+def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
+    """(size_out, size_in) weights of linear interpolation that put input cell j at output
+    position j * size_out / size_in (cell centres of a strided convolution), clamped at the ends."""
+    position = (torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)).clamp(max=size_in - 1)
+    low = position.floor().long()
+    high = (low + 1).clamp(max=size_in - 1)
+    fraction = position - low
+    weights = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    weights.index_put_((rows, low), 1 - fraction, accumulate=True)
+    weights.index_put_((rows, high), fraction, accumulate=True)
+    return weights
+
+
+def upsample_aligned(cam: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Trilinear upsampling of a (d, h, w) map to ``size`` (D, H, W), cells aligned as in the
+    module docstring; separable, so memory stays at a few copies of the output."""
+    result = cam.double()
+    for axis, size_out in enumerate(size):
+        matrix = interpolation_matrix(size_out, result.shape[axis]).to(result.device)
+        result = torch.tensordot(matrix, result.movedim(axis, 0), dims=1).movedim(0, axis)
+    return result.float()
+
+
 def grad_cam(model: nn.Module, volume: torch.Tensor, *, severity_only: bool = False,
              layer: nn.Module | None = None) -> tuple[torch.Tensor, float]:
     """Grad-CAM of one volume (1, D, H, W) -> (map (D, H, W) float32 in [0, 1], presence score).
@@ -66,7 +93,7 @@ def grad_cam(model: nn.Module, volume: torch.Tensor, *, severity_only: bool = Fa
     activations = captured[0].detach()[0].float()  # (C, d, h, w)
     weights = gradients[0].float().mean(dim=(1, 2, 3))  # (C,)
     cam = torch.relu(torch.einsum("c,cdhw->dhw", weights, activations))
-    cam = F.interpolate(cam[None, None], size=tuple(volume.shape[-3:]), mode="trilinear", align_corners=False)[0, 0]
+    cam = upsample_aligned(cam, tuple(volume.shape[-3:]))
     peak = cam.max()
     return (cam / peak if peak > 0 else cam).cpu(), float(score.detach())
 
