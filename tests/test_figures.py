@@ -117,3 +117,11 @@ def test_training_writes_curves_and_confusion_matrices(tiny_run, tiny_dataset):
     else:
         assert not annotated and not (tiny_run / "confusion-severity.csv").exists()
 
+
+
+def test_help_lists_the_figure_commands():
+    result = invoke("--help")
+    for command in ("show", "stats", "explain"):
+        assert command in result.output
+    for command in ("show", "stats", "explain"):
+        assert invoke(command, "--help").exit_code == 0
