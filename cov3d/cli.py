@@ -222,3 +222,49 @@ def demo(
     from .demo import DemoSettings, run_demo
 
     run_demo(output, DemoSettings(scans=scans, epochs=epochs, seed=seed), workers=workers, device=device, precision=precision)
+
+
+def show(
+    scans: list[Path] = typer.Argument(..., help="Scan folders (or folders of them) and cached tensor files (.pt)."),
+    output: Path = typer.Option(Path("scans.png"), "--output", "-o", help="PNG file for the figure."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder: add its prediction to each row."),
+    cache_dir: Optional[Path] = CacheDirOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+):
+    """Draw the axial, sagittal and coronal mid-planes of scans, one row per scan, with label or prediction."""
+    from .views import show_scans
+
+    titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision)
+    typer.echo(f"{len(titles)} scans -> {output}")
+
+
+@app.command()
+@user_errors
+def stats(
+    data: Path = typer.Argument(..., help="Dataset folder (train/, validation/, test/ and the severity CSVs) or a folder of scans."),
+    output: Path = typer.Option(Path("stats"), "--output", "-o", help="Folder for the tables (CSV) and the depth histogram."),
+):
+    """Count scans, slices, sizes and labels (paper Fig. 1, Tables 1-2) from file names and image headers."""
+    from .stats import dataset_stats, print_stats, write_stats
+
+    result = dataset_stats(data)
+    print_stats(result)
+    write_stats(result, output)
+    typer.echo(f"{len(result.scans)} scans, {len(result.warnings)} warnings -> {output}")
+
+
+@app.command()
+@user_errors
+def explain(
+    scan: Path = typer.Argument(..., help="A scan folder or a cached tensor file (.pt)."),
+    model: Path = typer.Option(..., "--model", "-m", help="A run folder written by 'cov3d train'."),
+    output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-gradcam.pt and .png."),
+    cache_dir: Optional[Path] = CacheDirOption,
+    device: str = DeviceOption,
+):
+    """3D Grad-CAM of the COVID-19 presence prediction (last residual block), shown through its peak."""
+    from .explain import explain as run_explain
+
+    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device)
+    typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

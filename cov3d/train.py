@@ -25,6 +25,7 @@ from .loss import PRESENCE_CLASSES, SEVERITY_GROUPS, Cov3dLoss, class_weights
 from .metrics import task_metrics
 from .model import build_model, load_kinetics_state_dict
 from .preprocess import VolumeCache, preprocess_many
+from .run_figures import TrainingCurves, write_confusion_matrices
 from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
 
 CONFIG_FILE = "config.json"
@@ -213,6 +214,7 @@ def train(
     metrics = task_metrics(settings.severity_factor)
     checkpoints = BestCheckpoints(run_dir, [m.name for m in metrics if m.name in CHECKPOINTS])
     callbacks = [checkpoints, CSVLogger(fname=METRICS_FILE), *precision_callbacks(torch_device, dtype)]
+    callbacks.append(TrainingCurves(run_dir))
     if use_wandb:
         callbacks.append(wandb_callback(run_dir, settings))
 
@@ -221,6 +223,7 @@ def train(
         path=run_dir, model_dir=".", wd=settings.weight_decay, cbs=callbacks,
     )
     learner.fit_one_cycle(settings.epochs, lr_max=settings.learning_rate, wd=settings.weight_decay)
+    write_confusion_matrices(run_dir, dls.valid, torch_device)
     if use_wandb:
         import wandb
 
