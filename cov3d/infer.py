@@ -273,7 +273,8 @@ def infer(
             if len(batch) == batch_size:
                 predict(batch)
                 batch = []
-            bar.advance(task)
+            if progress:  # rich keeps samples of every advance
+                bar.advance(task)
         if batch:
             predict(batch)
     if submission_dir is not None:
