@@ -70,8 +70,10 @@ def enable_mc_dropout(model: torch.nn.Module) -> torch.nn.Module:
 class RunPredictor:
     """The models of one run or model file: presence from the best-presence weights, severity from the best-severity ones."""
 
-    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0):
-        self.source, self.device, self.dtype = source, device, dtype
+    def __init__(
+        self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True
+    ):
+        self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
         self.size, self.fast_decode = source.size, source.fast_decode
         self.samples_per_scan = max(1, mc_samples)
         self.presence_model = self._load("presence", mc_samples > 0)
@@ -88,9 +90,9 @@ class RunPredictor:
         return (enable_mc_dropout(model) if mc_dropout else model).to(self.device)
 
     def _probabilities(self, model: torch.nn.Module, volumes: torch.Tensor) -> torch.Tensor:
-        """Mean over the scan and its sagittal reflection of [sigmoid(x), softmax(z)] -> (B, 1 or 6)."""
+        """Mean over the scan and its sagittal reflection (unless ``reflect`` is off) of [sigmoid(x), softmax(z)] -> (B, 1 or 6)."""
         outputs = []
-        for view in (volumes, volumes.flip(-1)):
+        for view in (volumes, volumes.flip(-1)) if self.reflect else (volumes,):
             with torch.no_grad(), autocast(self.device, self.dtype):
                 logits = model(view).float()
             parts = [torch.sigmoid(logits[:, :1])]
@@ -152,10 +154,13 @@ class Ensemble:
     """Several models (runs or model files), possibly of different input sizes; probabilities are
     averaged over the models (paper §4: the submission's ensemble) and their Monte-Carlo samples."""
 
-    def __init__(self, sources: Sequence[ModelSource], device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0):
+    def __init__(
+        self, sources: Sequence[ModelSource], device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0,
+        reflect: bool = True,
+    ):
         if not sources:
             raise Cov3dError("No model given: pass --model with a run folder or a file made by 'cov3d export'.")
-        self.members = [RunPredictor(source, device, dtype, mc_samples) for source in sources]
+        self.members = [RunPredictor(source, device, dtype, mc_samples, reflect) for source in sources]
 
     @property
     def size_keys(self) -> list[SizeKey]:
@@ -227,6 +232,7 @@ def infer(
     workers: int = 0,
     resume: bool = False,
     seed: int = 0,
+    reflect: bool = True,
     on_row: Callable[[dict[str, str]], None] | None = None,
 ) -> InferenceSummary:
     """Predict every scan with the ensemble of ``models`` (run folders, exported model files or
@@ -235,6 +241,7 @@ def infer(
     ``mc_samples`` > 0: Monte-Carlo dropout with that many samples per model (seeded by ``seed``),
     adding UNCERTAINTY_COLUMNS. ``workers``: background preprocessing processes (0: none).
     ``resume``: keep the rows already in ``output`` and predict only the other scans.
+    ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
     Submission files, if asked for, cover every row of ``output``.
     """
     if mc_samples < 0 or workers < 0 or batch_size < 1:
@@ -242,7 +249,7 @@ def infer(
     torch_device = resolve_device(device)
     model_paths = [models] if isinstance(models, (str, Path)) else list(models)
     sources = [load_source(path) for path in expand_models(model_paths)]
-    ensemble = Ensemble(sources, torch_device, resolve_precision(precision, torch_device), mc_samples)
+    ensemble = Ensemble(sources, torch_device, resolve_precision(precision, torch_device), mc_samples, reflect)
     torch.manual_seed(seed)
     columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
     done = completed_paths(output, columns) if resume else set()
