@@ -165,30 +165,50 @@ def train(
 @app.command()
 @user_errors
 def infer(
-    scans: list[Path] = typer.Argument(..., help="Scan folders, or folders that contain scan folders."),
-    model: Path = typer.Option(..., "--model", "-m", help="A run folder written by 'cov3d train'."),
-    output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV file for the predictions."),
+    scans: list[Path] = typer.Argument(..., help="Scans (JPEG slice folders, DICOM series folders, NIfTI files) or folders that contain them."),
+    model: list[Path] = typer.Option(..., "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them. Repeat for an ensemble (probabilities are averaged)."),
+    output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV file for the predictions, written row by row."),
     submission_dir: Optional[Path] = typer.Option(None, "--submission-dir", help="Also write the competition files (covid.csv, non-covid.csv, mild.csv, ...)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Scans per forward pass."),
+    mc_samples: int = typer.Option(0, "--mc-samples", min=0, help="Monte-Carlo dropout samples per model; adds covid_probability_std and severity_agreement columns. 0: off."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --output and predict only the other scans."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
+    tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each scan with its sagittal reflection (paper) or not (twice as fast)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Background preprocessing processes (0: in the main process). Default: half the CPU cores, at least 1."),
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
 ):
-    """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection)."""
+    """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
     from .infer import infer as run_inference
+    from .preprocess import available_cpus
     from .scans import find_scans
 
     scan_dirs = find_scans(scans)
-    rows, failed = run_inference(
+    summary = run_inference(
         scan_dirs, model, output, cache_dir=cache_directory(cache_dir), device=device,
-        precision=precision, batch_size=batch_size, submission_dir=submission_dir,
+        precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
+        workers=workers if workers is not None else max(1, available_cpus() // 2), resume=resume, seed=seed, reflect=tta,
     )
-    for path, reason in failed:
+    for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
-    covid = sum(row["covid"] == "1" for row in rows)
-    typer.echo(f"{len(rows)} scans predicted ({covid} with COVID-19) -> {output}")
-    if failed:
+    kept = f", {summary.resumed} already in the CSV" if summary.resumed else ""
+    typer.echo(f"{summary.predicted} scans predicted ({summary.covid} with COVID-19){kept} -> {output}")
+    if summary.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder written by 'cov3d train' (or a model file to re-export)."),
+    out: Path = typer.Argument(..., help="The model file to write (.safetensors), or an existing folder to write it in."),
+):
+    """Pack a run's config and weights into one safe, shareable model file (safetensors, no pickle)."""
+    from .modelfile import export_model
+
+    written = export_model(run_dir, out)
+    typer.echo(f"Model written to {written} ({written.stat().st_size / 2**20:.1f} MiB).")
 
 
 @app.command()
@@ -224,6 +244,8 @@ def demo(
     run_demo(output, DemoSettings(scans=scans, epochs=epochs, seed=seed), workers=workers, device=device, precision=precision)
 
 
+@app.command()
+@user_errors
 def show(
     scans: list[Path] = typer.Argument(..., help="Scan folders (or folders of them) and cached tensor files (.pt)."),
     output: Path = typer.Option(Path("scans.png"), "--output", "-o", help="PNG file for the figure."),

@@ -26,6 +26,9 @@ synthetic 512×512 CT-like stacks, its volumes differ from the normal path by at
 (mean 0.0030) at small and at most 0.063 (mean 0.0037) at medium, on the [0, 1] scale, i.e.
 about 1 grey level on average and 16 at worst (near sharp edges); bounded in the tests.
 
+DICOM series folders and NIfTI files are read by ``cov3d.volumes`` as 8-bit slices (HU through
+the lung window) and then follow steps 1-3 like JPEG slices.
+
 ``VolumeCache`` stores one float16 file per scan and size (format: ``cov3d.cache``);
 ``preprocess_many`` fills it for many scans with worker processes.
 """
@@ -65,7 +68,8 @@ from cov3d.cache import (
     source_fingerprint,
 )
 from cov3d.errors import Cov3dError
-from cov3d.scans import MAX_8BIT, list_slices, one_line, read_slice
+from cov3d.scans import MAX_8BIT, one_line, read_slice
+from cov3d.volumes import ScanSources, gray_slices, scan_sources
 
 __all__ = [
     "SIZES",
@@ -77,6 +81,7 @@ __all__ = [
     "preprocess_many",
     "preprocess_scan",
     "resize_slice",
+    "scan_sources",
     "select_shard",
 ]
 
@@ -183,25 +188,31 @@ def interpolate_depth(stack: np.ndarray, depth: int, dtype: torch.dtype = torch.
 
 
 def _preprocess_slices(
-    slices: Sequence[Path], depth: int, height: int, width: int, fast_decode: bool, dtype: torch.dtype = torch.float32
+    sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``preprocess_scan`` for an ordered sequence of slice files; output of ``dtype``."""
-    stack = np.empty((len(slices), height, width), dtype=np.uint8)
-    draft_size = (width, height) if fast_decode else None
-    for index, path in enumerate(slices):
-        stack[index] = resize_slice(read_slice(path, draft_size=draft_size), height, width)
+    """``preprocess_scan`` for a scan's sources; output of ``dtype``."""
+    if sources.kind == "jpeg":
+        draft_size = (width, height) if fast_decode else None
+        count = len(sources.files)
+        images = (read_slice(path, draft_size=draft_size) for path in sources.files)
+    else:
+        count, grays = gray_slices(sources.kind, sources.files)
+        images = (Image.fromarray(gray) for gray in grays)
+    stack = np.empty((count, height, width), dtype=np.uint8)
+    for index, image in enumerate(images):
+        stack[index] = resize_slice(image, height, width)
     return interpolate_depth(stack, depth, dtype)
 
 
 def preprocess_scan(
     scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False
 ) -> torch.Tensor:
-    """A scan folder as a float32 volume (1, depth, height, width) in [0, 1].
+    """A scan (JPEG or DICOM folder, NIfTI file) as a float32 volume (1, depth, height, width) in [0, 1].
 
     Raises ``Cov3dError`` naming the folder or file if the scan cannot be read.
     """
     _check_size(depth, height, width)
-    return _preprocess_slices(list_slices(Path(scan_dir)), depth, height, width, fast_decode)
+    return _preprocess_slices(scan_sources(Path(scan_dir)), depth, height, width, fast_decode)
 
 
 class VolumeCache:
@@ -228,18 +239,18 @@ class VolumeCache:
         """The cache file of ``scan_dir`` (which need not exist)."""
         return entry_path(self.cache_dir, self.params, Path(scan_dir))
 
-    def _stored(self, scan_dir: Path, slices: Sequence[Path]) -> tuple[torch.Tensor | None, str]:
+    def _stored(self, scan_dir: Path, sources: ScanSources) -> tuple[torch.Tensor | None, str]:
         """The stored float16 volume if current (else ``None``) and the source fingerprint."""
-        fingerprint = source_fingerprint(slices)
+        fingerprint = source_fingerprint(sources.files)
         return load_valid_volume(self.path_for(scan_dir), self.params, scan_dir, fingerprint), fingerprint
 
     def _fetch(self, scan_dir: Path) -> tuple[torch.Tensor, bool]:
         """The float16 volume (1, D, H, W), loaded or built and stored, and whether it was built."""
-        slices = list_slices(scan_dir)
-        stored, fingerprint = self._stored(scan_dir, slices)
+        sources = scan_sources(scan_dir)
+        stored, fingerprint = self._stored(scan_dir, sources)
         if stored is not None:
             return stored, False
-        volume = _preprocess_slices(slices, self.depth, self.height, self.width, self.fast_decode, STORAGE_DTYPE)
+        volume = _preprocess_slices(sources, self.depth, self.height, self.width, self.fast_decode, STORAGE_DTYPE)
         entry = make_entry(volume, self.params, scan_dir, fingerprint)
         save_atomic(self.path_for(scan_dir), entry)
         return entry["volume"], True
@@ -251,7 +262,7 @@ class VolumeCache:
         needed to tell whether the entry is current).
         """
         scan_dir = Path(scan_dir)
-        stored, _ = self._stored(scan_dir, list_slices(scan_dir))
+        stored, _ = self._stored(scan_dir, scan_sources(scan_dir))
         return None if stored is None else stored.to(torch.float32)
 
     def update(self, scan_dir: Path) -> bool:

@@ -13,6 +13,9 @@ whatever the file holds:
 - 16-bit (``"I;16*"``) and 32-bit integer (``"I"``, which Pillow uses for 16-bit PNG/TIFF data):
   clipped to 0..65535 and scaled by 255 / 65535, the maximum of the 16-bit type, then rounded.
   (A file named ``.jpg`` may hold PNG/TIFF data; Pillow opens files by content.)
+
+``find_scans`` also finds DICOM series folders and NIfTI files (``.nii``, ``.nii.gz``); they are
+read by ``cov3d.volumes``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 READ_HINT = "Replace or delete the file (or leave the scan out) and run again."
 """What to do about an unreadable slice."""
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+"""File names of NIfTI-1/2 volumes, compressed or not."""
+
+DICOM_SUFFIX = ".dcm"
+DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b"DICM"
+"""DICOM Part 10 files: a 128-byte preamble followed by ``DICM``."""
+
+DICOM_PROBE_FILES = 4
+"""Files of a folder looked at when deciding whether it is a DICOM series."""
 
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 """What PIL raises for unreadable, truncated or corrupt image files."""
@@ -162,17 +175,65 @@ def is_scan_dir(path: Path) -> bool:
         return False
 
 
+def is_nifti_file(path: Path) -> bool:
+    """Whether ``path`` is a file named like a NIfTI volume (``.nii`` or ``.nii.gz``)."""
+    path = Path(path)
+    return path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith(".") and path.is_file()
+
+
+def scan_name(path: Path) -> str:
+    """The scan's name for CSVs and submissions: a folder's name, or a NIfTI file's without suffix."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def looks_dicom(path: Path) -> bool:
+    """``.dcm`` name, or the ``DICM`` marker of a DICOM Part 10 file."""
+    if path.suffix.lower() == DICOM_SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(DICOM_MAGIC_OFFSET)
+            return handle.read(len(DICOM_MAGIC)) == DICOM_MAGIC
+    except OSError:
+        return False
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """Visible regular files of ``folder``, sorted by name; empty if it cannot be read."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted(Path(e.path) for e in entries if e.is_file() and not e.name.startswith("."))
+    except OSError:
+        return []
+
+
+def is_dicom_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder whose first files (by name) include a DICOM file."""
+    return any(looks_dicom(file) for file in visible_files(Path(path))[:DICOM_PROBE_FILES])
+
+
+def is_scan(path: Path) -> bool:
+    """Whether ``path`` is a JPEG scan folder, a DICOM series folder or a NIfTI file."""
+    if is_nifti_file(path):
+        return True
+    return Path(path).is_dir() and (is_scan_dir(path) or is_dicom_dir(path))
+
+
 def _scan_sort_key(path: Path) -> tuple[str, int, str]:
     """Order scans by (parent folder, number in the name, name)."""
     return (str(path.parent), scan_number(path.name), path.name)
 
 
 def _search(root: Path, visited: set[Path]) -> list[Path]:
-    """Scan folders at or below ``root``; scan folders are not searched further.
+    """Scans (see ``is_scan``) at or below ``root``; scan folders are not searched further.
 
     Links to folders are followed; ``visited`` (resolved paths) stops link loops.
     """
-    if is_scan_dir(root):
+    if is_scan(root):
         return [root]
     visited.add(root.resolve())
     found = []
@@ -180,11 +241,14 @@ def _search(root: Path, visited: set[Path]) -> list[Path]:
         child = Path(entry.path)
         if entry.is_dir() and not entry.name.startswith(".") and child.resolve() not in visited:
             found.extend(_search(child, visited))
+        elif is_nifti_file(child):
+            found.append(child)
     return found
 
 
 def find_scans(paths: Sequence[Path]) -> list[Path]:
-    """Scan folders given directly or found recursively below the given folders.
+    """Scans (JPEG folders, DICOM series folders, NIfTI files) given directly or found
+    recursively below the given folders.
 
     Hidden folders are not searched. Returns the scans sorted by (parent, ``scan_number``, name),
     each once. Raises ``Cov3dError`` if a path is missing, a folder cannot be read, or no scan
@@ -194,13 +258,14 @@ def find_scans(paths: Sequence[Path]) -> list[Path]:
     for path in map(Path, paths):
         if not path.exists():
             raise Cov3dError(f"{path} does not exist: give a scan folder or a folder of scan folders.")
-        if not path.is_dir():
-            raise Cov3dError(f"{path} is not a folder: give a scan folder or a folder of scan folders.")
+        if not path.is_dir() and not is_nifti_file(path):
+            raise Cov3dError(f"{path} is not a folder or a NIfTI file: give a scan folder or a folder of scan folders.")
         for scan in _search(path, set()):
             scans.setdefault(scan.resolve(), scan)
     if not scans:
         given = ", ".join(str(path) for path in paths) or "(no paths given)"
         raise Cov3dError(
-            f"No scan folders (folders of <integer>.jpg slices) found in {given}: check the paths."
+            f"No scan folders (of <integer>.jpg slices or a DICOM series) or NIfTI files found in {given}: "
+            "check the paths."
         )
     return sorted(scans.values(), key=_scan_sort_key)

@@ -1,28 +1,35 @@
-"""Inference writes one valid row per scan, averages each scan with its reflection, and writes submissions."""
+"""Inference writes one valid row per scan, averages each scan with its reflection and the models of an
+ensemble, samples Monte-Carlo dropout, and writes submissions."""
 
 import csv
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cov3d.errors import Cov3dError
-from cov3d.infer import CSV_COLUMNS, infer
+from cov3d.infer import CSV_COLUMNS, RunPredictor, combine, infer
 from cov3d.model import build_model
+from cov3d.modelfile import CHECKPOINTS, load_source
 from cov3d.preprocess import VolumeCache
 from cov3d.scans import find_scans, scan_number
+
+
+def read_csv(path):
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
 def predictions(tiny_run, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("predictions")
     scans = find_scans([tiny_dataset / "test"])
-    rows, failed = infer(
+    summary = infer(
         scans, tiny_run, out / "preds.csv", cache_dir=out / "cache", device="cpu", precision="fp32",
         submission_dir=out / "submission", progress=False,
     )
-    return out, scans, rows, failed
+    return out, scans, read_csv(out / "preds.csv"), summary.failed
 
 
 def test_one_valid_row_per_scan(predictions):
@@ -66,3 +73,78 @@ def test_submission_files_sorted_by_scan_number(predictions):
 def test_not_a_run_is_a_clear_error(tmp_path, tiny_dataset):
     with pytest.raises(Cov3dError, match="config.json"):
         infer(find_scans([tiny_dataset / "test"]), tmp_path, tmp_path / "p.csv", cache_dir=tmp_path)
+
+
+def make_run(folder, size, *, seed, outputs=6, tasks=("presence", "severity")):
+    """An untrained run folder: config.json and random weights for `tasks`, input `size` (D, H, W)."""
+    folder.mkdir(parents=True)
+    depth, height, width = size
+    config = {"depth": depth, "height": height, "width": width, "outputs": outputs, "penultimate": 8, "dropout": 0.5, "pool": "avg"}
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    for task in tasks:
+        state = build_model(outputs=outputs, penultimate=8).state_dict()
+        save_file({key: value.contiguous() for key, value in state.items()}, str(folder / CHECKPOINTS[task]))
+    return folder
+
+
+def run_infer(scans, models, out, name, **options):
+    infer(scans, models, out / name, cache_dir=out / "cache", device="cpu", precision="fp32", progress=False, **options)
+    return read_csv(out / name)
+
+
+PROBABILITIES = ("covid_probability", "mild_probability", "moderate_probability", "severe_probability", "critical_probability")
+
+
+def test_ensemble_of_two_sizes_is_the_mean_of_its_members(tiny_dataset, tmp_path, monkeypatch):
+    scans = find_scans([tiny_dataset / "test"])
+    runs = [make_run(tmp_path / "a", (4, 16, 16), seed=1), make_run(tmp_path / "b", (2, 24, 24), seed=2, tasks=("severity",))]
+    built = []
+    monkeypatch.setattr(VolumeCache, "_fetch", lambda self, scan, original=VolumeCache._fetch: built.append((self.depth, scan)) or original(self, scan))
+    both = run_infer(scans, runs, tmp_path, "both.csv", batch_size=2)  # batches of 2 and 1
+    assert sorted(built) == sorted((depth, scan) for depth in (4, 2) for scan in scans)  # each scan once per size
+    alone = [run_infer(scans, model, tmp_path, f"{i}.csv", batch_size=3) for i, model in enumerate(runs)]
+    assert [row["path"] for row in both] == [str(scan) for scan in scans]
+    for i, row in enumerate(both):
+        for column in PROBABILITIES:
+            mean = (float(alone[0][i][column]) + float(alone[1][i][column])) / 2
+            assert float(row[column]) == pytest.approx(mean, abs=2e-6)
+        assert float(alone[0][i]["covid_probability"]) != pytest.approx(float(alone[1][i]["covid_probability"]), abs=1e-4)
+
+
+def test_combine_by_hand():
+    nan = float("nan")
+    samples = torch.tensor([
+        [[0.2, 0.7, 0.1, 0.1, 0.1]],
+        [[0.4, 0.1, 0.6, 0.2, 0.1]],
+        [[0.9, 0.6, 0.2, 0.1, 0.1]],
+        [[0.5, nan, nan, nan, nan]],  # a member without severity weights
+    ])
+    (prediction,) = combine(samples)
+    assert prediction.covid_probability == pytest.approx(0.5)
+    assert prediction.covid_probability_std == pytest.approx((0.26 / 4) ** 0.5)  # deviations .3 .1 .4 0
+    assert prediction.severity_probabilities == pytest.approx([1.4 / 3, 0.9 / 3, 0.4 / 3, 0.3 / 3])
+    assert prediction.severity == "mild" and prediction.severity_agreement == pytest.approx(2 / 3)
+
+
+def test_mc_dropout_samples_differ_with_a_sensible_spread(tiny_dataset, tmp_path):
+    scans = find_scans([tiny_dataset / "test"])[:2]
+    run = make_run(tmp_path / "run", (4, 16, 16), seed=0, tasks=("severity",))
+    predictor = RunPredictor(load_source(run), torch.device("cpu"), None, mc_samples=4)
+    for model in (predictor.severity_model,):
+        assert all(m.training == isinstance(m, torch.nn.Dropout) for m in model.modules() if m is not model)
+    volumes = torch.stack([VolumeCache(tmp_path / "cache", 4, 16, 16).get(scan) for scan in scans])
+    samples = predictor.samples(volumes)
+    assert samples.shape == (4, 2, 5)
+    covid = samples[:, :, 0]
+    assert all(len(set(covid[:, i].tolist())) == 4 for i in range(2))  # four different predictions
+    assert torch.all(covid.std(dim=0) > 1e-4) and torch.all(covid.std(dim=0) < 0.5)
+
+    rows = run_infer(scans, run, tmp_path, "mc.csv", mc_samples=4, seed=3)
+    again = run_infer(scans, run, tmp_path, "mc-again.csv", mc_samples=4, seed=3)
+    plain = run_infer(scans, run, tmp_path, "plain.csv")
+    assert rows == again and "covid_probability_std" not in plain[0]
+    for row, base in zip(rows, plain):
+        assert 1e-4 < float(row["covid_probability_std"]) < 0.5
+        assert 0 < float(row["severity_agreement"]) <= 1
+        assert float(row["covid_probability"]) != float(base["covid_probability"])
