@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
@@ -44,12 +45,14 @@ class DemoSettings:
     learning_rate: float = 1e-3
     severity_factor: float = 0.5
     penultimate: int = 128
+    dropout: float = 0.2
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(
             depth=self.depth, height=self.width, width=self.width, epochs=self.epochs,
             batch_size=self.batch_size, learning_rate=self.learning_rate,
-            severity_factor=self.severity_factor, penultimate=self.penultimate, seed=self.seed,
+            severity_factor=self.severity_factor, penultimate=self.penultimate, dropout=self.dropout,
+            seed=self.seed,
         )
 
 
@@ -137,7 +140,13 @@ def run_demo(
         clock = time.perf_counter()
 
     console.rule("1/4 Generating synthetic chest CT scans")
-    generate_dataset(data_dir, scans=settings.scans, seed=settings.seed, slice_size=settings.slice_size, depth_scale=settings.depth_scale)
+    with Progress(console=console) as bar:
+        task = bar.add_task("Generating", total=settings.scans)
+        generate_dataset(
+            data_dir, scans=settings.scans, seed=settings.seed, slice_size=settings.slice_size,
+            depth_scale=settings.depth_scale, overwrite=True,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     step_done("generate")
 
     console.rule(f"2/4 Preprocessing to {settings.depth}x{settings.width}x{settings.width}")
@@ -158,9 +167,8 @@ def run_demo(
     outputs = {"test": report.predictions, "validation": output_dir / "validation-preds.csv"}
     by_path = {}
     for name, split_scans in splits.items():
-        rows, _ = infer([s.path for s in split_scans], report.run_dir, outputs[name], cache_dir=cache_dir,
-                        device=device, precision=precision)
-        by_path.update({row["path"]: row for row in rows})
+        infer([s.path for s in split_scans], report.run_dir, outputs[name], cache_dir=cache_dir,
+              device=device, precision=precision, on_row=lambda row: by_path.update({row["path"]: row}))
     baseline = baseline_scores(labelled(items, "train"), splits, cache)
     for name, split_scans in splits.items():
         report.scores[f"cov3d {name}"] = score_rows(split_scans, by_path)

@@ -26,7 +26,6 @@ from torch import nn
 from torchvision.models.video.resnet import BasicBlock
 
 from .errors import Cov3dError
-from .train import CHECKPOINTS
 
 CAM_SUFFIX = "-gradcam"
 """Output names: ``<scan name>-gradcam.pt`` (tensor (D, H, W) in [0, 1]) and ``.png``."""
@@ -112,21 +111,19 @@ def explain(
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x).
     """
     from .figures import gradcam_overlay, peak_voxel, save_figure
-    from .infer import read_config, load_weights
-    from .model import build_model
+    from .modelfile import load_source
     from .preprocess import VolumeCache, default_cache_dir
     from .runtime import resolve_device
     from .views import load_tensor_file
 
-    config = read_config(run_dir)
+    source = load_source(run_dir)
+    config = source.config
     severity_only = config.get("severity_factor", 0.5) >= 1
-    weights = Path(run_dir) / CHECKPOINTS["severity_f1" if severity_only else "presence_f1"]
-    if not weights.is_file():
-        raise Cov3dError(f"{weights} is missing: explain needs the run's best weights; train the run first.")
+    model = source.build("severity" if severity_only else "presence")
+    if model is None:
+        raise Cov3dError(f"{run_dir} holds no {'severity' if severity_only else 'presence'} weights: train the run first.")
     torch_device = resolve_device(device)
-    model = build_model(outputs=config["outputs"], penultimate=config["penultimate"],
-                        dropout=config["dropout"], pool=config["pool"])
-    model = load_weights(model, weights).to(torch_device)
+    model = model.to(torch_device)
     size = (config["depth"], config["height"], config["width"])
 
     scan = Path(scan)

@@ -95,25 +95,21 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
     if rank_distrib() != 0:
         return {}
     from .figures import confusion_figure, save_figure
-    from .infer import load_weights, read_config
-    from .model import build_model
-    from .train import CHECKPOINTS
+    from .modelfile import load_source
 
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
+    source = load_source(run_dir)
     matrices = {}
     for monitored, stem in CONFUSION_STEM.items():
-        weights = run_dir / CHECKPOINTS[monitored]
-        if not weights.is_file():
+        model = source.build(monitored.removesuffix("_f1"))
+        if model is None:
             continue
-        model = build_model(outputs=config["outputs"], penultimate=config["penultimate"],
-                            dropout=config["dropout"], pool=config["pool"])
-        logits, targets = validation_logits(load_weights(model, weights).to(device), loader, device)
+        logits, targets = validation_logits(model.to(device), loader, device)
         matrix = task_matrix(monitored, logits, targets)
         labels = PRESENCE_LABELS if monitored == "presence_f1" else SEVERITY_LABELS
         write_matrix_csv(run_dir / f"{stem}.csv", matrix, labels)
         task = stem.removeprefix("confusion-")
-        title = f"{task} ({weights.name})\nmacro F1 {macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"
+        title = f"{task} (best {task} weights)\nmacro F1 {macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"
         save_figure(confusion_figure(matrix, labels, title), run_dir / f"{stem}.png")
         matrices[monitored] = matrix
     return matrices

@@ -132,10 +132,11 @@ def show_scans(
     predictor = None
     if run_dir is not None:
         from .infer import RunPredictor
+        from .modelfile import load_source
         from .runtime import resolve_device, resolve_precision
 
         torch_device = resolve_device(device)
-        predictor = RunPredictor(run_dir, torch_device, resolve_precision(precision, torch_device))
+        predictor = RunPredictor(load_source(run_dir), torch_device, resolve_precision(precision, torch_device))
     for path, view in zip(scan_paths, views):
         parts = [view.name]
         label = layout_label(view.source)
