@@ -74,3 +74,25 @@ class MetricsLog(Callback):
         row = [self.first_epoch + self.epoch, *self.recorder.log[1:]]
         with self.path.open("a") as handle:
             handle.write(",".join(str(value) for value in row) + "\n")
+
+
+class WandbLog(Callback):
+    """Log each epoch's losses and metrics, and the lr and momentum it ended with, to the current W&B run.
+
+    The W&B step is the absolute epoch, so a resumed run continues its history. (fastai's
+    WandbCallback is not used: collecting its config fails on callbacks that take lists of names.)
+    """
+
+    order = 66  # after the Recorder (50) has completed the epoch's row
+
+    def __init__(self, first_epoch: int = 0):
+        self.first_epoch = first_epoch
+
+    def after_epoch(self) -> None:
+        import wandb
+
+        epoch = self.first_epoch + self.epoch
+        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+        values = {name: float(value) for name, value in zip(names, self.recorder.log[1:])}
+        hypers = {name: float(self.opt.hypers[-1][name]) for name in ("lr", "mom")}
+        wandb.log({"epoch": epoch, **values, **hypers}, step=epoch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import secrets
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,7 +28,7 @@ from .distributed import (
 )
 from .errors import Cov3dError
 from .loaders import training_loaders
-from .loop import MetricsLog, OneCycleSchedule
+from .loop import MetricsLog, OneCycleSchedule, WandbLog
 from .loss import PRESENCE_CLASSES, SEVERITY_GROUPS, Cov3dLoss, class_weights
 from .metrics import task_metrics
 from .model import build_model, load_kinetics_state_dict
@@ -41,6 +42,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINTS = {"presence_f1": "best-presence.safetensors", "severity_f1": "best-severity.safetensors"}
 SEVERITY_NAMES = ("negative", "mild", "moderate", "severe", "critical")
 WANDB_PROJECT = "cov3d"
+WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
 
 
 @dataclass
@@ -280,7 +282,8 @@ def _train(data_dir, run_dir, settings, cache_dir, pretrained_weights, pretraine
     if dist.enabled:
         callbacks.append(DDPTrainer(torch_device))
     if use_wandb and dist.is_main:
-        callbacks.append(wandb_callback(run_dir, settings, resume=resume_state is not None))
+        start_wandb(run_dir, resume=resume_state is not None)
+        callbacks.append(WandbLog(first_epoch))
 
     learner = Learner(
         dls, model, loss_func=loss.to(torch_device), opt_func=Adam, metrics=metrics,
@@ -324,22 +327,19 @@ def resume_training(run_dir: Path, **options) -> TrainResult:
     return train(Path(config["data_dir"]), Path(run_dir), settings, resume=True, **options)
 
 
-def wandb_callback(run_dir: Path, settings: TrainSettings, *, resume: bool = False) -> Callback:
-    """Start (or, resuming, continue) a Weights & Biases run with the run's config and return fastai's callback.
+def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
+    """Start (or, resuming, continue) a Weights & Biases run whose config is the run's config.json.
 
-    fastai's WandbCallback logs the training loss and lr/momentum per batch and the validation
-    metrics per epoch; `finish_wandb` adds the best scores. Honours WANDB_MODE=offline.
+    `WandbLog` then logs every epoch and `finish_wandb` the best scores. Honours WANDB_MODE=offline.
     """
     import wandb
-    from fastai.callback.wandb import WandbCallback
 
     config = json.loads((run_dir / CONFIG_FILE).read_text())
-    run_id = config.get("wandb_id") or wandb.util.generate_id()
+    run_id = config.get("wandb_id") or secrets.token_hex(WANDB_ID_BYTES)
     if "wandb_id" not in config:
         (run_dir / CONFIG_FILE).write_text(json.dumps({**config, "wandb_id": run_id}, indent=2))
     wandb.init(project=WANDB_PROJECT, dir=str(run_dir), id=run_id, name=run_dir.name, config=config,
                resume="allow" if resume else None, reinit=True)
-    return WandbCallback(log_preds=False, log_model=False)
 
 
 def finish_wandb(checkpoints: BestCheckpoints) -> None:

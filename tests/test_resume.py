@@ -34,7 +34,8 @@ def small_dataset(tmp_path_factory) -> Path:
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    """Import this checkout's cov3d; one thread per run so that two runs share the CPUs evenly."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 
 def train_command(data: Path, run: Path, cache: Path) -> list[str]:
@@ -52,26 +53,33 @@ def metric_rows(run: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, small_dataset) -> Path:
-    root = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(train_command(small_dataset, root / "run", root / "cache"), env=cli_env(), check=True,
-                   capture_output=True, timeout=KILL_TIMEOUT_S)
-    return root / "run"
+def runs(tmp_path_factory, small_dataset) -> tuple[Path, Path]:
+    """The same seeded run twice, side by side (one thread each): one uninterrupted, one SIGKILLed as
+    soon as epoch 0's checkpoint is on disk. Returns (uninterrupted, killed) run folders."""
+    root = tmp_path_factory.mktemp("runs")
+    full = subprocess.Popen(train_command(small_dataset, root / "full", root / "cache-full"), env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = root / "killed"
+    victim = subprocess.Popen(train_command(small_dataset, killed, root / "cache-killed"), env=cli_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    while not (killed / RESUME_FILE).exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    _, errors = full.communicate(timeout=KILL_TIMEOUT_S)
+    assert full.returncode == 0, errors[-2000:]
+    return root / "full", killed
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory, small_dataset) -> Path:
-    """The same run, SIGKILLed as soon as epoch 0's checkpoint is on disk."""
-    root = tmp_path_factory.mktemp("killed")
-    run = root / "run"
-    process = subprocess.Popen(train_command(small_dataset, run, root / "cache"), env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + KILL_TIMEOUT_S
-    while not (run / RESUME_FILE).exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    return run
+def uninterrupted(runs) -> Path:
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def killed(runs) -> Path:
+    return runs[1]
 
 
 def test_killed_run_left_one_epoch(killed):
