@@ -52,20 +52,25 @@ def distributed_from_env() -> Distributed:
     )
 
 
-def start_distributed(dist: Distributed, device: torch.device) -> torch.device:
-    """Join the process group (nccl on GPUs, gloo on CPUs); returns this process's device (cuda:LOCAL_RANK)."""
+def start_distributed(dist: Distributed, device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group (nccl on GPUs, gloo on CPUs) unless the caller already did.
+
+    Returns this process's device (cuda:LOCAL_RANK on GPUs) and whether the group was started here.
+    """
     if not dist.enabled:
-        return device
+        return device, False
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=CUDA_BACKEND if device.type == "cuda" else CPU_BACKEND, init_method="env://")
-    return device
-
-
-def stop_distributed() -> None:
     if torch_dist.is_initialized():
+        return device, False
+    torch_dist.init_process_group(backend=CUDA_BACKEND if device.type == "cuda" else CPU_BACKEND, init_method="env://")
+    return device, True
+
+
+def stop_distributed(started: bool) -> None:
+    """Leave the process group if `start_distributed` started it."""
+    if started and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
 

@@ -202,15 +202,15 @@ def train(
         "wandb": use_wandb, "command": sys.argv,
     }
     dist = distributed_from_env()
-    torch_device = start_distributed(dist, resolve_device(device))
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch_device, started = start_distributed(dist, resolve_device(device))
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
         return _train(Path(data_dir), Path(run_dir), settings, cache_dir, pretrained_weights, pretrained,
                       torch_device, resolve_precision(precision, torch_device), workers, loader_workers,
                       use_wandb, resume, dist, arguments)
     finally:
-        torch.use_deterministic_algorithms(deterministic)
-        stop_distributed()
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        stop_distributed(started)
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
