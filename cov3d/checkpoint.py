@@ -42,14 +42,14 @@ def unpack_python_state(state: dict[str, Any]) -> tuple:
 
 
 def rng_states() -> dict[str, Any]:
-    """Python, NumPy and torch (CPU and every CUDA device) generator states, as plain tensors and numbers."""
+    """Python, NumPy, torch CPU and (if in use) current CUDA device generator states, as tensors and numbers."""
     name, keys, position, has_gauss, gauss = np.random.get_state()
     return {
         "python": pack_python_state(random.getstate()),
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
     }
 
 
@@ -61,7 +61,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
                          numpy["has_gauss"], numpy["gauss"]))
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"][0])
 
 
 def optimizer_state(opt) -> dict[str, Any]:
@@ -111,9 +111,9 @@ def load_resume_state(run_dir: Path) -> dict[str, Any]:
 class TrainingState(Callback):
     """Write checkpoint.pth after every epoch (main process only); when resuming, restore the loop's state.
 
-    Restored at `before_fit`, after fastai's Recorder has reset itself: the smoothed training loss,
-    the RNG states and the training loader's shuffling generator, so the next epoch draws exactly
-    what it would have drawn in an uninterrupted run.
+    Restored at `before_fit`, after fastai's Recorder and MixedPrecision have set themselves up: the
+    smoothed training loss, the fp16 loss scale, the RNG states and the training loader's shuffling
+    generator, so the next epoch draws exactly what it would have drawn in an uninterrupted run.
     """
 
     order = 90  # after BestCheckpoints (70) and MetricsLog (65): the checkpoint records their results
@@ -130,6 +130,9 @@ class TrainingState(Callback):
         self.recorder.smooth_loss.val = smooth["value"].to(self.recorder.smooth_loss.val.device)
         self.dls.train.rng.setstate(unpack_python_state(self.resume_state["train_loader_rng"]))
         set_rng_states(self.resume_state["rng"])
+        scaler = getattr(self.learn, "scaler", None)  # fastai MixedPrecision's GradScaler (fp16 on CUDA)
+        if scaler is not None and self.resume_state["grad_scaler"]:
+            scaler.load_state_dict(self.resume_state["grad_scaler"])
 
     def after_epoch(self) -> None:
         if self.write:
@@ -149,4 +152,5 @@ class TrainingState(Callback):
             "smooth_loss": {"count": int(smooth.count), "value": torch.as_tensor(smooth.val).detach().cpu()},
             "rng": rng_states(),
             "train_loader_rng": pack_python_state(self.dls.train.rng.getstate()),
+            "grad_scaler": scaler.state_dict() if (scaler := getattr(self.learn, "scaler", None)) is not None else {},
         }

@@ -7,7 +7,8 @@ trains r3d_18 (Cov3d head, combined loss, batch size 2 by default) on it four wa
 - bare: a plain PyTorch loop over the same model, loss, batches and fastai's Adam;
 
 each in fp32 and in bf16/channels-last. Samples/s counts training batches after `--warmup` batches
-(validation is not timed). With `--device cuda` it also reports the peak GPU memory of a bf16 step
+(validation is not timed); with `--repeats N` every measurement is repeated N times, the loops in
+alternating order, and the best is kept (on a shared machine the minimum time is the least disturbed). With `--device cuda` it also reports the peak GPU memory of a bf16 step
 at the large size (160x320x320) for batch sizes 2, 4 and 8. Not a test: no asserts.
 
     python scripts/benchmark_train.py                       # small size, CPU
@@ -161,6 +162,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6, help="timed training batches per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    parser.add_argument("--repeats", type=int, default=1, help="repeat each measurement, keep the best")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
@@ -172,11 +174,14 @@ def main() -> None:
           f"{args.steps} timed steps after {args.warmup}, torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as work:
         items, cache = make_dataset(Path(work), size, args.warmup + args.steps, args.batch_size)
-        results = {}
-        for precision, dtype in (("fp32", None), ("bf16+channels-last", torch.bfloat16)):
-            for loop_name, loop in (("bare", bare_loop), ("fastai", fastai_loop)):
-                results[precision, loop_name] = loop(items, cache, settings, device, dtype, args.warmup)
-                print(f"{precision:<20} {loop_name:<7} {results[precision, loop_name]:8.3f} samples/s", flush=True)
+        results: dict[tuple[str, str], float] = {}
+        loops = (("bare", bare_loop), ("fastai", fastai_loop))
+        for repeat in range(args.repeats):
+            for precision, dtype in (("fp32", None), ("bf16+channels-last", torch.bfloat16)):
+                for loop_name, loop in loops if repeat % 2 == 0 else loops[::-1]:
+                    speed = loop(items, cache, settings, device, dtype, args.warmup)
+                    results[precision, loop_name] = max(speed, results.get((precision, loop_name), 0.0))
+                    print(f"{precision:<20} {loop_name:<7} {speed:8.3f} samples/s", flush=True)
     for loop_name in ("bare", "fastai"):
         speedup = results["bf16+channels-last", loop_name] / results["fp32", loop_name]
         print(f"bf16+channels-last / fp32 ({loop_name}): {speedup:.2f}x")
