@@ -114,7 +114,7 @@ def preprocess(
 @app.command()
 @user_errors
 def train(
-    directory: Path = typer.Option(..., "--directory", "-d", help="Dataset folder with train/, validation/ and the two severity CSVs."),
+    directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Dataset folder with train/, validation/ and the two severity CSVs."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder for weights, config and metrics. Default: outputs/run-<time>."),
     depth: int = typer.Option(64, "--depth", min=1, help="Slices per scan after interpolation (paper: 64, 128 or 160)."),
     width: int = typer.Option(128, "--width", min=1, help="Slice width (paper: 128, 256 or 320)."),
@@ -132,16 +132,27 @@ def train(
     reflect: bool = typer.Option(True, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from Kinetics-400 weights (paper) or from scratch."),
     pretrained_weights: Optional[Path] = typer.Option(None, "--pretrained-weights", help="A torchvision r3d_18 Kinetics-400 state-dict file."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: runs with the same seed on a CPU give identical metrics."),
     cache_dir: Optional[Path] = CacheDirOption,
     workers: Optional[int] = WorkersOption,
+    loader_workers: Optional[int] = typer.Option(None, "--loader-workers", min=0, help="Batch-loading processes per training process. Default: 0 on CPU, up to 4 per GPU."),
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch (its data and settings are reused)."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
-    from .train import TrainSettings, train as run_training
+    from .train import TrainSettings, resume_training, train as run_training
 
+    if resume is not None:
+        result = resume_training(
+            resume, cache_dir=cache_directory(cache_dir), device=device, precision=precision, workers=workers,
+            loader_workers=loader_workers, use_wandb=wandb,
+        )
+        typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
+        return
+    if directory is None:
+        raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
     if pool not in ("avg", "max"):
         raise Cov3dError(f"--pool must be avg or max, got '{pool}'.")
     if pretrained_weights is not None and not pretrained_weights.is_file():
@@ -156,10 +167,13 @@ def train(
     result = run_training(
         directory, run_dir, settings, cache_dir=cache_directory(cache_dir),
         pretrained_weights=pretrained_weights, pretrained=pretrained, device=device,
-        precision=precision, workers=workers, use_wandb=wandb,
+        precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb,
     )
-    scores = ", ".join(f"{name} {value:.4f}" for name, value in result.best_scores.items())
-    typer.echo(f"Run written to {result.run_dir} (best: {scores}).")
+    typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
 
 
 @app.command()

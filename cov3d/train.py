@@ -5,26 +5,35 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import asdict, dataclass, field
+import secrets
+import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.callback.progress import CSVLogger
-from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (adds Learner.fit_one_cycle)
+from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
+from fastcore.basics import noop
 from safetensors.torch import save_file
 
 from . import __version__
-from .data import build_dataloaders, collect_items, presence_counts, severity_group_counts, ScanItem
+from .checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, unwrap
+from .data import collect_items, presence_counts, severity_group_counts, ScanItem
+from .distributed import (
+    DDPTrainer, distributed_from_env, gather_strings, main_first, parameter_digest, start_distributed, stop_distributed,
+)
 from .errors import Cov3dError
+from .loaders import training_loaders
+from .loop import MetricsLog, OneCycleSchedule, WandbLog
 from .loss import PRESENCE_CLASSES, SEVERITY_GROUPS, Cov3dLoss, class_weights
 from .metrics import task_metrics
 from .model import build_model, load_kinetics_state_dict
 from .preprocess import VolumeCache, preprocess_many
+from .provenance import dataset_fingerprint, versions
 from .run_figures import TrainingCurves, write_confusion_matrices
 from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
 
@@ -33,6 +42,8 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = {"presence_f1": "best-presence.safetensors", "severity_f1": "best-severity.safetensors"}
 SEVERITY_NAMES = ("negative", "mild", "moderate", "severe", "critical")
+WANDB_PROJECT = "cov3d"
+WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
 
 
 @dataclass
@@ -75,8 +86,8 @@ class BestCheckpoints(Callback):
 
     order = 70  # after the Recorder has computed the epoch's metrics
 
-    def __init__(self, run_dir: Path, monitored: list[str]):
-        self.run_dir, self.monitored = run_dir, monitored
+    def __init__(self, run_dir: Path, monitored: list[str], first_epoch: int = 0, write: bool = True):
+        self.run_dir, self.monitored, self.first_epoch, self.write = run_dir, monitored, first_epoch, write
         self.best = {name: -math.inf for name in monitored}
         self.best_epoch = {name: -1 for name in monitored}
 
@@ -86,9 +97,10 @@ class BestCheckpoints(Callback):
         for name in self.monitored:
             value = float(values.get(name, math.nan))
             if not math.isnan(value) and value > self.best[name]:
-                self.best[name], self.best_epoch[name] = value, self.epoch
-                state = {key: tensor.detach().cpu().contiguous() for key, tensor in self.model.state_dict().items()}
-                save_file(state, str(self.run_dir / CHECKPOINTS[name]))
+                self.best[name], self.best_epoch[name] = value, self.first_epoch + self.epoch
+                if self.write:
+                    state = {key: t.detach().cpu().contiguous() for key, t in unwrap(self.model).state_dict().items()}
+                    save_file(state, str(self.run_dir / CHECKPOINTS[name]))
 
 
 class PlainBatches(Callback):
@@ -175,70 +187,168 @@ def train(
     device: str = "auto",
     precision: str = "auto",
     workers: int | None = None,
+    loader_workers: int | None = None,
     use_wandb: bool = False,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train Cov3d on `data_dir` (COV19-CT-DB layout) and write the run to `run_dir`."""
-    torch_device = resolve_device(device)
-    dtype = resolve_precision(precision, torch_device)
-    set_seed(settings.seed, reproducible=True)
+    """Train Cov3d on `data_dir` (COV19-CT-DB layout) and write the run to `run_dir`.
+
+    With `resume`, continue the run in `run_dir` from its last end-of-epoch checkpoint. Launched by
+    torchrun, every process trains on its shard of the data and only rank 0 writes files.
+    """
+    arguments = {
+        "data_dir": str(Path(data_dir).resolve()), "run_dir": str(Path(run_dir).resolve()), "cache_dir": str(cache_dir),
+        "pretrained_weights": str(pretrained_weights) if pretrained_weights else None, "pretrained": pretrained,
+        "device": device, "precision": precision, "workers": workers, "loader_workers": loader_workers,
+        "wandb": use_wandb, "command": sys.argv,
+    }
+    dist = distributed_from_env()
+    torch_device, started = start_distributed(dist, resolve_device(device))
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        return _train(Path(data_dir), Path(run_dir), settings, cache_dir, pretrained_weights, pretrained,
+                      torch_device, resolve_precision(precision, torch_device), workers, loader_workers,
+                      use_wandb, resume, dist, arguments)
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        stop_distributed(started)
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    """Seed Python, NumPy and torch; deterministic cuDNN, and deterministic kernels on CPUs."""
+    set_seed(seed, reproducible=True)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _train(data_dir, run_dir, settings, cache_dir, pretrained_weights, pretrained, torch_device, dtype, workers,
+           loader_workers, use_wandb, resume, dist, arguments) -> TrainResult:
+    seed_everything(settings.seed, torch_device)
+    resume_state = load_resume_state(run_dir) if resume else None
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
-    state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained else None
+    state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
     cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
-    items = prepare_volumes(items, cache, workers)
+    items = main_first(dist, lambda: prepare_volumes(items, cache, workers))
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):
         raise Cov3dError(f"{data_dir}: training needs readable scans in both train/ and validation/.")
+    fingerprint = dataset_fingerprint(items)
+    if resume_state is not None:
+        check_same_dataset(run_dir, fingerprint)
 
     presence_weights = class_weights(presence_counts(train_items))
     severity_weights = class_weights(severity_group_counts(train_items))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, settings, {
-        "data_dir": str(Path(data_dir).resolve()),
-        "pretrained": str(pretrained_weights) if pretrained_weights else ("kinetics-400" if pretrained else None),
-        "presence_weights": presence_weights,
-        "severity_weights": severity_weights,
-        "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
-    })
+    if dist.is_main and resume_state is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, settings, {
+            "data_dir": str(data_dir.resolve()),
+            "pretrained": str(pretrained_weights) if pretrained_weights else ("kinetics-400" if pretrained else None),
+            "presence_weights": presence_weights,
+            "severity_weights": severity_weights,
+            "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
+            "world_size": dist.world_size,
+            "dataset_fingerprint": fingerprint,
+            "versions": versions(),
+            "arguments": arguments,
+        })
 
-    dls = build_dataloaders(items, cache, batch_size=settings.batch_size, reflect=settings.reflect, device=torch_device)
+    dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=settings.reflect,
+                           device=torch_device, workers=loader_workers, dist=dist)
     model = build_model(
         outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
         pool=settings.pool, pretrained_weights=state_dict,
     )
+    first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
+    if first_epoch >= settings.epochs:
+        raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
     loss = Cov3dLoss(
         severity_factor=settings.severity_factor, presence_smoothing=settings.presence_smoothing,
         severity_smoothing=settings.severity_smoothing, presence_weights=presence_weights,
         severity_weights=severity_weights,
     )
     metrics = task_metrics(settings.severity_factor)
-    checkpoints = BestCheckpoints(run_dir, [m.name for m in metrics if m.name in CHECKPOINTS])
-    callbacks = [checkpoints, CSVLogger(fname=METRICS_FILE), *precision_callbacks(torch_device, dtype)]
-    callbacks.append(TrainingCurves(run_dir))
-    if use_wandb:
-        callbacks.append(wandb_callback(run_dir, settings))
+    checkpoints = BestCheckpoints(run_dir, [m.name for m in metrics if m.name in CHECKPOINTS], first_epoch, dist.is_main)
+    if resume_state is not None:
+        checkpoints.best.update(resume_state["best"])
+        checkpoints.best_epoch.update(resume_state["best_epoch"])
+    callbacks = [
+        OneCycleSchedule(settings.learning_rate, settings.epochs, first_epoch), checkpoints,
+        MetricsLog(run_dir / METRICS_FILE, first_epoch, dist.is_main),
+        TrainingState(run_dir / RESUME_FILE, checkpoints, first_epoch, resume_state, dist.is_main),
+        *precision_callbacks(torch_device, dtype), TrainingCurves(run_dir),
+    ]
+    if dist.enabled:
+        callbacks.append(DDPTrainer(torch_device))
+    if use_wandb and dist.is_main:
+        start_wandb(run_dir, resume=resume_state is not None)
+        callbacks.append(WandbLog(first_epoch))
 
     learner = Learner(
         dls, model, loss_func=loss.to(torch_device), opt_func=Adam, metrics=metrics,
         path=run_dir, model_dir=".", wd=settings.weight_decay, cbs=callbacks,
     )
-    learner.fit_one_cycle(settings.epochs, lr_max=settings.learning_rate, wd=settings.weight_decay)
+    if not dist.is_main:
+        learner.remove_cb(ProgressCallback)
+        learner.logger = noop
+    if resume_state is not None:
+        learner.create_opt()
+        load_optimizer_state(learner.opt, resume_state["optimizer"])
+    learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
     write_confusion_matrices(run_dir, dls.valid, torch_device)
-    if use_wandb:
-        import wandb
 
-        wandb.finish()
+    digests = gather_strings(dist, parameter_digest(learner.model))
+    summary = {"best_scores": checkpoints.best, "best_epochs": checkpoints.best_epoch, "replica_digests": digests}
+    if dist.is_main:
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    if use_wandb and dist.is_main:
+        finish_wandb(checkpoints)
+    return TrainResult(run_dir, dict(checkpoints.best))
 
-    result = TrainResult(run_dir, dict(checkpoints.best))
-    summary = {"best_scores": checkpoints.best, "best_epochs": checkpoints.best_epoch}
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return result
+
+def check_same_dataset(run_dir: Path, fingerprint: str) -> None:
+    """Refuse to resume on a dataset other than the one the run started with."""
+    recorded = json.loads((run_dir / CONFIG_FILE).read_text()).get("dataset_fingerprint")
+    if recorded is not None and recorded != fingerprint:
+        raise Cov3dError(
+            f"{run_dir / CONFIG_FILE}: the dataset changed since this run started (scans, labels or slice counts); "
+            "resume with the original data or start a new run."
+        )
 
 
-def wandb_callback(run_dir: Path, settings: TrainSettings) -> Callback:
-    """Start a Weights & Biases run (honours WANDB_MODE=offline) and return fastai's callback for it."""
+def resume_training(run_dir: Path, **options) -> TrainResult:
+    """Continue the run in `run_dir` with its recorded data folder and settings; `options` as for `train`."""
+    config_path = Path(run_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise Cov3dError(f"{config_path} not found: --resume needs a run folder written by 'cov3d train'.")
+    config = json.loads(config_path.read_text())
+    settings = TrainSettings(**{f.name: config[f.name] for f in fields(TrainSettings)})
+    options.setdefault("pretrained", False)  # the weights come from the checkpoint
+    return train(Path(config["data_dir"]), Path(run_dir), settings, resume=True, **options)
+
+
+def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
+    """Start (or, resuming, continue) a Weights & Biases run whose config is the run's config.json.
+
+    `WandbLog` then logs every epoch and `finish_wandb` the best scores. Honours WANDB_MODE=offline.
+    """
     import wandb
-    from fastai.callback.wandb import WandbCallback
 
-    wandb.init(project="cov3d", dir=str(run_dir), config=asdict(settings), reinit=True)
-    return WandbCallback(log_preds=False, log_model=False)
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    run_id = config.get("wandb_id") or secrets.token_hex(WANDB_ID_BYTES)
+    if "wandb_id" not in config:
+        (run_dir / CONFIG_FILE).write_text(json.dumps({**config, "wandb_id": run_id}, indent=2))
+    wandb.init(project=WANDB_PROJECT, dir=str(run_dir), id=run_id, name=run_dir.name, config=config,
+               resume="allow" if resume else None, reinit=True)
+
+
+def finish_wandb(checkpoints: BestCheckpoints) -> None:
+    """Record the best scores and their epochs in the W&B run summary and close the run."""
+    import wandb
+
+    for name, value in checkpoints.best.items():
+        wandb.run.summary[f"best_{name}"] = value
+        wandb.run.summary[f"best_{name}_epoch"] = checkpoints.best_epoch[name]
+    wandb.finish()

@@ -1,0 +1,198 @@
+"""Benchmark the training step: samples/s in fp32 vs bf16 autocast + channels-last 3D, fastai loop vs bare loop.
+
+Builds a small synthetic dataset, preprocesses it into a temporary cache at the chosen size, and
+trains r3d_18 (Cov3d head, combined loss, batch size 2 by default) on it four ways:
+
+- fastai: the Learner exactly as `cov3d train` assembles it (its callbacks, 1cycle, metrics, progress bar);
+- bare: a plain PyTorch loop over the same model, loss, batches and fastai's Adam;
+
+each in fp32 and in bf16/channels-last. Samples/s counts training batches after `--warmup` batches
+(validation is not timed); with `--repeats N` every measurement is repeated N times, the loops in
+alternating order, and the best is kept (on a shared machine the minimum time is the least disturbed). With `--device cuda` it also reports the peak GPU memory of a bf16 step
+at the large size (160x320x320) for batch sizes 2, 4 and 8. Not a test: no asserts.
+
+    python scripts/benchmark_train.py                       # small size, CPU
+    python scripts/benchmark_train.py --size 32x64x64       # a quick check
+    python scripts/benchmark_train.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from fastai.callback.core import Callback
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+
+from cov3d.data import collect_items, presence_counts, severity_group_counts
+from cov3d.distributed import Distributed
+from cov3d.loaders import training_loaders
+from cov3d.loop import OneCycleSchedule
+from cov3d.loss import Cov3dLoss, class_weights
+from cov3d.metrics import task_metrics
+from cov3d.model import build_model
+from cov3d.preprocess import SIZES, VolumeCache, preprocess_many
+from cov3d.runtime import autocast, resolve_device, use_channels_last
+from cov3d.synthetic import generate_dataset
+from cov3d.train import TrainSettings, precision_callbacks
+
+VALIDATION_SHARE = 0.2  # synthetic.py puts about a fifth of the labelled scans in validation/
+MEMORY_BATCH_SIZES = (2, 4, 8)
+
+
+class TrainTimer(Callback):
+    """Wall time of the training batches after the first `warmup` ones (synchronising CUDA)."""
+
+    order = 100
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.start, self.timed = warmup, device, None, 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def before_batch(self) -> None:
+        if self.training and self.iter == self.warmup:
+            self._sync()
+            self.start = time.perf_counter()
+
+    def after_batch(self) -> None:
+        if self.training and self.iter >= self.warmup:
+            self.timed += len(self.learn.yb[0])
+
+    def after_train(self) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def make_dataset(work: Path, size: tuple[int, int, int], batches: int, batch_size: int) -> tuple[list, VolumeCache]:
+    """Synthetic scans preprocessed at `size`: enough training scans for `batches` full batches."""
+    depth, height, width = size
+    scans = math.ceil(batches * batch_size / (1 - VALIDATION_SHARE)) + 2
+    generate_dataset(work / "data", scans=scans, test_scans=0, seed=0, slice_size=max(width, 32), depth_scale=0.05)
+    cache = VolumeCache(work / "cache", depth, height, width)
+    items = collect_items(work / "data")
+    preprocess_many([item.path for item in items], cache)
+    return items, cache
+
+
+def parts(items, cache, settings: TrainSettings, device: torch.device):
+    """Loaders, a freshly seeded model and the combined loss, as `cov3d train` builds them."""
+    torch.manual_seed(settings.seed)
+    train_items = [item for item in items if item.partition == "train"]
+    dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=True, device=device, workers=0,
+                           dist=Distributed())
+    model = build_model(outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout)
+    loss = Cov3dLoss(severity_factor=settings.severity_factor, presence_weights=class_weights(presence_counts(train_items)),
+                     severity_weights=class_weights(severity_group_counts(train_items)))
+    return dls, model, loss.to(device)
+
+
+def fastai_loop(items, cache, settings, device, dtype, warmup: int) -> float:
+    dls, model, loss = parts(items, cache, settings, device)
+    timer = TrainTimer(warmup, device)
+    callbacks = [OneCycleSchedule(settings.learning_rate, 1), *precision_callbacks(device, dtype), timer]
+    learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
+                      wd=settings.weight_decay, cbs=callbacks)
+    learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
+    return timer.timed / timer.seconds
+
+
+def bare_loop(items, cache, settings, device, dtype, warmup: int) -> float:
+    dls, model, loss = parts(items, cache, settings, device)
+    channels_last = use_channels_last(dtype)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    model.train()
+    opt = Adam(list(model.parameters()), lr=settings.learning_rate, wd=settings.weight_decay)
+    timed, start = 0, None
+    for step, (volume, target) in enumerate(dls.train):
+        if step == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        volume, target = volume.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
+        if channels_last:
+            volume = volume.contiguous(memory_format=torch.channels_last_3d)
+        with autocast(device, dtype):
+            prediction = model(volume)
+        loss(prediction.float(), target).backward()
+        opt.step()
+        opt.zero_grad()
+        timed += len(target) if step >= warmup else 0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return timed / (time.perf_counter() - start)
+
+
+def peak_memory(device: torch.device, size: tuple[int, int, int], batch_size: int) -> float:
+    """Peak GiB allocated by one bf16 channels-last training step on random volumes."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    model = build_model(outputs=6).to(device).to(memory_format=torch.channels_last_3d)
+    opt = Adam(list(model.parameters()), lr=1e-4)
+    volume = torch.rand(batch_size, 1, *size, device=device).contiguous(memory_format=torch.channels_last_3d)
+    with autocast(device, torch.bfloat16):
+        prediction = model(volume)
+    prediction.float().sum().backward()
+    opt.step()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    del model, opt, volume, prediction
+    return peak
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    if text in SIZES:
+        return SIZES[text]
+    depth, height, width = (int(n) for n in text.lower().split("x"))
+    return depth, height, width
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", help="small, medium, large or DxHxW (default small = 64x128x128)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6, help="timed training batches per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+    parser.add_argument("--repeats", type=int, default=1, help="repeat each measurement, keep the best")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, size = resolve_device(args.device), parse_size(args.size)
+    settings = TrainSettings(depth=size[0], height=size[1], width=size[2], batch_size=args.batch_size, epochs=1)
+    print(f"device {device}, size {'x'.join(map(str, size))}, batch {args.batch_size}, "
+          f"{args.steps} timed steps after {args.warmup}, torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as work:
+        items, cache = make_dataset(Path(work), size, args.warmup + args.steps, args.batch_size)
+        results: dict[tuple[str, str], float] = {}
+        loops = (("bare", bare_loop), ("fastai", fastai_loop))
+        for repeat in range(args.repeats):
+            for precision, dtype in (("fp32", None), ("bf16+channels-last", torch.bfloat16)):
+                for loop_name, loop in loops if repeat % 2 == 0 else loops[::-1]:
+                    speed = loop(items, cache, settings, device, dtype, args.warmup)
+                    results[precision, loop_name] = max(speed, results.get((precision, loop_name), 0.0))
+                    print(f"{precision:<20} {loop_name:<7} {speed:8.3f} samples/s", flush=True)
+    for loop_name in ("bare", "fastai"):
+        speedup = results["bf16+channels-last", loop_name] / results["fp32", loop_name]
+        print(f"bf16+channels-last / fp32 ({loop_name}): {speedup:.2f}x")
+    for precision in ("fp32", "bf16+channels-last"):
+        overhead = results[precision, "bare"] / results[precision, "fastai"] - 1
+        print(f"fastai loop overhead vs bare ({precision}): {overhead * 100:+.1f}%")
+    if device.type == "cuda":
+        for batch_size in MEMORY_BATCH_SIZES:
+            print(f"peak GPU memory, large {SIZES['large']}, batch {batch_size}: "
+                  f"{peak_memory(device, SIZES['large'], batch_size):.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

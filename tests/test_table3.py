@@ -1,0 +1,102 @@
+"""scripts/table3.py: the paper's 28 settings, commands that the `cov3d train` CLI accepts, a tiny run, collect."""
+
+import importlib.util
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cov3d.cli import app as cov3d_app
+from cov3d.synthetic import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT.parent / "shared" / "spec" / "cov3d-paper.md"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("table3", ROOT / "scripts" / "table3.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["table3"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+table3 = load_script()
+
+
+def parse_train(arguments: list[str]) -> dict:
+    """Parse (and validate) `cov3d train` arguments with the real CLI, without running anything."""
+    group = typer.main.get_command(cov3d_app)
+    assert arguments[0] == "train"
+    return group.get_command(None, "train").make_context("train", arguments[1:]).params
+
+
+def test_28_settings_with_ids_1_to_28():
+    assert [s.id for s in table3.TABLE3] == list(range(1, 29))
+    best = table3.BY_ID[1]
+    assert (best.depth, best.width, best.reflect, best.severity_factor, best.epochs) == (160, 320, True, 0.1, 40)
+    assert (best.presence_smoothing, best.severity_smoothing, best.paper_task1) == (0.1, 0.0, 0.9476)
+    assert table3.BY_ID[14].paper_task2 == 0.7546
+    for s in table3.TABLE3:  # the paper leaves out the task a setting does not train
+        assert (s.paper_task2 is None) == (s.severity_factor == 0) and (s.paper_task1 is None) == (s.severity_factor == 1)
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason="the paper is not beside this checkout")
+def test_settings_match_the_paper_text():
+    rows = re.findall(r"^(\d+)\t(\d+)\t(\d+)\t(Yes|No)\t([\d.]+)\t(\d+)\t([\d.]+)\t([\d.]+)\t", PAPER.read_text(), re.M)
+    assert len(rows) == 28
+    for row in rows:
+        s = table3.BY_ID[int(row[0])]
+        assert (s.depth, s.width, s.reflect, s.epochs) == (int(row[1]), int(row[2]), row[3] == "Yes", int(row[5]))
+        assert (s.severity_factor, s.presence_smoothing, s.severity_smoothing) == tuple(map(float, row[4:5] + row[6:8]))
+
+
+def test_every_command_parses_with_the_row_settings():
+    result = CliRunner().invoke(table3.app, ["commands", "--directory", "DATA", "--output-root", "out"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 28
+    for line, setting in zip(lines, table3.TABLE3):
+        words = shlex.split(line)
+        assert words[0] == "cov3d"
+        params = parse_train(words[1:])
+        assert params["output_dir"] == Path(f"out/table3-{setting.id}")
+        assert (params["depth"], params["width"], params["reflect"], params["epochs"]) == (
+            setting.depth, setting.width, setting.reflect, setting.epochs)
+        assert (params["severity_factor"], params["presence_smoothing"], params["severity_smoothing"]) == (
+            setting.severity_factor, setting.presence_smoothing, setting.severity_smoothing)
+
+
+def test_subsets_and_overrides():
+    result = CliRunner().invoke(table3.app, ["commands", "3-4,27", "--extra=--epochs 1 --no-pretrained"])
+    lines = result.output.splitlines()
+    assert [shlex.split(line)[shlex.split(line).index("--output-dir") + 1] for line in lines] == [
+        "outputs/table3-3", "outputs/table3-4", "outputs/table3-27"]
+    params = parse_train(shlex.split(lines[0])[1:])
+    assert params["epochs"] == 1 and params["pretrained"] is False  # the last value wins
+    assert CliRunner().invoke(table3.app, ["commands", "29"]).exit_code != 0
+
+
+def test_one_epoch_tiny_run_of_one_setting_and_collect(tmp_path):
+    generate_dataset(tmp_path / "data", scans=8, test_scans=0, seed=3, slice_size=32, depth_scale=0.05)
+    overrides = (f"--epochs 1 --depth 8 --width 32 --batch-size 3 --penultimate 8 --no-pretrained --device cpu "
+                 f"--precision fp32 --workers 1 --cache-dir {tmp_path / 'cache'}")
+    result = CliRunner().invoke(
+        table3.app, ["run", "26", "--directory", str(tmp_path / "data"), "--output-root", str(tmp_path),
+                     f"--extra={overrides}"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "table3-26"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["severity_factor"], config["reflect"], config["epochs"], config["depth"]) == (0.5, False, 1, 8)
+    best = json.loads((run / "summary.json").read_text())["best_scores"]
+
+    table = CliRunner().invoke(table3.app, ["collect", "--output-root", str(tmp_path)]).output.splitlines()
+    assert len(table) == 3  # header, rule, one run
+    cells = [cell.strip() for cell in table[2].strip("|").split("|")]
+    assert cells[0] == "26" and cells[3] == "No"
+    assert cells[8:] == [f"{best['presence_f1']:.4f}", f"{best['severity_f1']:.4f}", "0.8973", "0.6143"]
