@@ -245,8 +245,8 @@ def synthetic(
 @user_errors
 def demo(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
-    scans: int = typer.Option(200, "--scans", min=20, help="Synthetic scans to generate."),
-    epochs: int = typer.Option(12, "--epochs", min=1, help="Training epochs."),
+    scans: int = typer.Option(240, "--scans", min=20, help="Synthetic scans to generate."),
+    epochs: int = typer.Option(16, "--epochs", min=1, help="Training epochs."),
     seed: int = typer.Option(0, "--seed", help="Random seed for the data and the training."),
     workers: Optional[int] = WorkersOption,
     device: str = DeviceOption,

@@ -34,15 +34,16 @@ SEVERITY_COLUMNS = ("mild", "moderate", "severe", "critical")
 class DemoSettings:
     """The demo's dataset and training sizes (chosen to finish in minutes on 2 CPU cores)."""
 
-    scans: int = 200
+    scans: int = 240
     seed: int = 0
     slice_size: int = 128
     depth_scale: float = 0.1
+    annotated_fraction: float = 0.75
     depth: int = 16
     width: int = 64
-    epochs: int = 12
+    epochs: int = 16
     batch_size: int = 4
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     severity_factor: float = 0.5
     penultimate: int = 128
     dropout: float = 0.2
@@ -144,7 +145,8 @@ def run_demo(
         task = bar.add_task("Generating", total=settings.scans)
         generate_dataset(
             data_dir, scans=settings.scans, seed=settings.seed, slice_size=settings.slice_size,
-            depth_scale=settings.depth_scale, overwrite=True,
+            depth_scale=settings.depth_scale, annotated_fraction=settings.annotated_fraction,
+            overwrite=True,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     step_done("generate")
