@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
@@ -10,6 +11,9 @@ from typing import Callable, Optional
 import typer
 
 from .errors import Cov3dError
+
+# Libraries that cov3d imports (fastai, via torch.jit) warn about their own internals on every run.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 app = typer.Typer(
     help="Cov3d: detect COVID-19 and grade its severity from chest CT scans with a 3D ResNet.",
