@@ -171,6 +171,10 @@ def time_throughput(stack: Path, work: Path, args: argparse.Namespace) -> None:
     print(f"\nThroughput: {args.scans} scans of {n_slices} slices at {args.throughput_size}, load before: {os.getloadavg()[0]:.1f}")
     results = {}
     for workers in (1, 2):
+        if workers > 1:  # start the worker server once (it imports torch), as any long run does
+            start = time.perf_counter()
+            preprocess_many(scans[:workers], VolumeCache(work / "throughput-cache-1", *size), workers=workers, progress=False)
+            print(f"  one-time start of the worker server: {time.perf_counter() - start:.2f} s (not counted below)")
         cache_dir = work / f"throughput-cache-{workers}"
         shutil.rmtree(cache_dir, ignore_errors=True)
         machine_before = machine_busy_seconds()
