@@ -98,7 +98,8 @@ def preprocess(
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at reduced scale (faster, slightly different values)."),
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
-    from .preprocess import VolumeCache, preprocess_many
+    from .preprocess import VolumeCache
+    from .workers import preprocess_many
     from .scans import find_scans
 
     depth, height, width = resolve_size(size, depth, height, width)
@@ -199,7 +200,7 @@ def infer(
 ):
     """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
     from .infer import infer as run_inference
-    from .preprocess import available_cpus
+    from .workers import available_cpus
     from .scans import find_scans
 
     scan_dirs = find_scans(scans)

@@ -15,6 +15,7 @@ from fastai.torch_core import TensorBase
 from fastai.vision.augment import RandTransform
 
 from .errors import Cov3dError
+from .loss import SEVERITY_LABELS
 from .preprocess import VolumeCache
 from .scans import is_scan_dir, scan_number
 
@@ -26,7 +27,7 @@ SEVERITY_CSVS = {
     "train": "train_partition_covid_categories.csv",
     "validation": "val_partition_covid_categories.csv",
 }
-SEVERITY_CATEGORIES = {1: "mild", 2: "moderate", 3: "severe", 4: "critical"}
+SEVERITY_CATEGORIES = dict(enumerate(SEVERITY_LABELS, start=1))
 SEVERITY_CSV_DELIMITER = ";"
 REFLECTION_PROBABILITY = 0.5  # DESIGN.md: random sagittal reflection with p = 0.5
 DEFAULT_BATCH_SIZE = 2  # paper §3.4: "The batch size was limited to two"

@@ -21,13 +21,14 @@ from sklearn.metrics import f1_score
 
 from .data import ScanItem, collect_items
 from .infer import infer
-from .preprocess import VolumeCache, preprocess_many
+from .loss import SEVERITY_LABELS
+from .preprocess import VolumeCache
 from .scans import find_scans
 from .synthetic import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
 from .train import TrainSettings, train
+from .workers import preprocess_many
 
-SEVERITY_LABELS = [1, 2, 3, 4]
-SEVERITY_COLUMNS = ("mild", "moderate", "severe", "critical")
+SEVERITY_CODES = [1, 2, 3, 4]
 
 
 @dataclass
@@ -94,8 +95,8 @@ def score_rows(scans: list[LabelledScan], rows: dict[str, dict[str, str]]) -> di
     """Presence macro F1 over all scans; severity macro F1 over scans with a known severity."""
     predicted = [rows[str(scan.path)] for scan in scans]
     presence = macro_f1([s.has_covid for s in scans], [int(r["covid"]) for r in predicted], [0, 1])
-    graded = [(s.severity, SEVERITY_COLUMNS.index(r["severity"]) + 1) for s, r in zip(scans, predicted) if s.severity]
-    severity = macro_f1(*map(list, zip(*graded)), SEVERITY_LABELS) if graded else float("nan")
+    graded = [(s.severity, SEVERITY_LABELS.index(r["severity"]) + 1) for s, r in zip(scans, predicted) if s.severity]
+    severity = macro_f1(*map(list, zip(*graded)), SEVERITY_CODES) if graded else float("nan")
     return {"presence_f1": presence, "severity_f1": severity}
 
 
@@ -115,7 +116,7 @@ def baseline_scores(
         graded = [s for s in scans if s.severity]
         scores[name] = {
             "presence_f1": macro_f1([s.has_covid for s in scans], presence.predict(mean_intensity(scans)).tolist(), [0, 1]),
-            "severity_f1": macro_f1([s.severity for s in graded], severity.predict(mean_intensity(graded)).tolist(), SEVERITY_LABELS),
+            "severity_f1": macro_f1([s.severity for s in graded], severity.predict(mean_intensity(graded)).tolist(), SEVERITY_CODES),
         }
     return scores
 

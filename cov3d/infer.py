@@ -19,6 +19,8 @@ from rich.progress import Progress
 from torch import nn
 
 from .errors import Cov3dError
+from .loss import SEVERITY_LABELS
+from .metrics import PRESENCE_THRESHOLD
 from .modelfile import ModelSource, expand_models, load_source
 from .preprocess import VolumeCache
 from .runtime import autocast, resolve_device, resolve_precision
@@ -31,8 +33,6 @@ CSV_COLUMNS = (
 )
 UNCERTAINTY_COLUMNS = ("covid_probability_std", "severity_agreement")
 """Added with Monte-Carlo dropout: std of P(covid) over samples and models, share of severity votes for the result."""
-SEVERITY_LABELS = ("mild", "moderate", "severe", "critical")
-PRESENCE_THRESHOLD = 0.5
 SUBMISSION_FILES = {"covid": "covid.csv", "non-covid": "non-covid.csv", **{s: f"{s}.csv" for s in SEVERITY_LABELS}}
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 

@@ -10,7 +10,8 @@ from fasttransform import Transform
 
 from .data import ScanItem, build_datablock
 from .distributed import Distributed, ShardedDL
-from .preprocess import VolumeCache, available_cpus
+from .preprocess import VolumeCache
+from .workers import available_cpus
 
 CUDA_LOADER_WORKERS = 4
 """Default loader processes per GPU: a cached large volume (33 MB float16) loads in tens of ms, a step takes hundreds."""

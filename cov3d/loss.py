@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 PRESENCE_CLASSES = ("non-covid", "covid")
 SEVERITY_GROUPS = ("negative", "positive-unannotated", "mild", "moderate", "severe", "critical")
+SEVERITY_LABELS = SEVERITY_GROUPS[2:]
+"""The four severity categories 1..4 of the COV19-CT-DB CSVs (paper Table 2)."""
 
 N_SEVERITY_CLASSES = 5
 """Softmax classes of eq. 3: 0 = COVID negative, 1..4 = mild..critical."""

@@ -19,10 +19,10 @@ import torch
 from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
 
+from .loss import PRESENCE_CLASSES, SEVERITY_LABELS
+
 CURVES_FILE = "curves.png"
 CONFUSION_STEM = {"presence_f1": "confusion-presence", "severity_f1": "confusion-severity"}
-PRESENCE_LABELS = ("non-covid", "covid")
-SEVERITY_LABELS = ("mild", "moderate", "severe", "critical")
 
 
 class TrainingCurves(Callback):
@@ -74,7 +74,7 @@ def task_matrix(monitored: str, logits: torch.Tensor, targets: torch.Tensor) -> 
     from .metrics import presence_predictions, severity_predictions
 
     if monitored == "presence_f1":
-        return confusion_matrix(targets[:, 0].numpy(), presence_predictions(logits), len(PRESENCE_LABELS))
+        return confusion_matrix(targets[:, 0].numpy(), presence_predictions(logits), len(PRESENCE_CLASSES))
     annotated = (targets[:, 1] > 0).numpy()
     truth = targets[:, 1].numpy()[annotated] - 1
     return confusion_matrix(truth, severity_predictions(logits)[annotated] - 1, len(SEVERITY_LABELS))
@@ -106,7 +106,7 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
             continue
         logits, targets = validation_logits(model.to(device), loader, device)
         matrix = task_matrix(monitored, logits, targets)
-        labels = PRESENCE_LABELS if monitored == "presence_f1" else SEVERITY_LABELS
+        labels = PRESENCE_CLASSES if monitored == "presence_f1" else SEVERITY_LABELS
         write_matrix_csv(run_dir / f"{stem}.csv", matrix, labels)
         task = stem.removeprefix("confusion-")
         title = f"{task} (best {task} weights)\nmacro F1 {macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"

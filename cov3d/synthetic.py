@@ -27,9 +27,10 @@ import numpy as np
 from PIL import Image
 
 from cov3d.errors import Cov3dError
+from cov3d.loss import SEVERITY_LABELS
 from cov3d.phantom import hu_to_uint8, render_phantom
 
-SEVERITY_NAMES = ("mild", "moderate", "severe", "critical")  # categories 1..4
+SEVERITY_NAMES = SEVERITY_LABELS  # categories 1..4
 
 PARTITIONS = ("train", "validation")
 CLASS_FOLDERS = {True: "covid", False: "non-covid"}

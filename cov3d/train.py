@@ -29,19 +29,20 @@ from .distributed import (
 from .errors import Cov3dError
 from .loaders import training_loaders
 from .loop import MetricsLog, OneCycleSchedule, WandbLog
-from .loss import PRESENCE_CLASSES, SEVERITY_GROUPS, Cov3dLoss, class_weights
+from .loss import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS, Cov3dLoss, class_weights
 from .metrics import task_metrics
 from .model import build_model, load_kinetics_state_dict
-from .preprocess import VolumeCache, preprocess_many
+from .preprocess import VolumeCache
 from .provenance import dataset_fingerprint, versions
 from .run_figures import TrainingCurves, write_confusion_matrices
 from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
+from .workers import preprocess_many
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = {"presence_f1": "best-presence.safetensors", "severity_f1": "best-severity.safetensors"}
-SEVERITY_NAMES = ("negative", "mild", "moderate", "severe", "critical")
+SEVERITY_NAMES = ("negative", *SEVERITY_LABELS)
 WANDB_PROJECT = "cov3d"
 WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
 

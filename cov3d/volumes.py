@@ -39,7 +39,7 @@ import numpy as np
 
 from cov3d.errors import Cov3dError
 from cov3d.phantom import WINDOW_LEVEL, WINDOW_WIDTH, hu_to_uint8
-from cov3d.scans import MAX_8BIT, is_dicom_dir, is_nifti_file, is_scan_dir, list_slices, looks_dicom, visible_files
+from cov3d.scans import MAX_8BIT, one_line, is_dicom_dir, is_nifti_file, is_scan_dir, list_slices, looks_dicom, visible_files
 
 __all__ = ["WINDOW_LEVEL", "WINDOW_WIDTH", "ScanSources", "dicom_series_files", "gray_slices", "hu_to_uint8", "scan_sources"]
 
@@ -48,10 +48,6 @@ HU_MINIMUM_BELOW = -500.0
 
 EXTRAS = {"pydicom": ("dicom", "DICOM series"), "nibabel": ("nifti", "NIfTI files")}
 """Optional packages: the pip extra that installs each, and what it reads."""
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _optional(package: str) -> ModuleType:
@@ -92,7 +88,7 @@ def dicom_series_files(folder: Path) -> list[Path]:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as error:  # noqa: BLE001 - pydicom raises many types for damaged files
-            raise Cov3dError(f"Cannot read DICOM file {path}: {_one_line(error)}. Remove or replace it.") from None
+            raise Cov3dError(f"Cannot read DICOM file {path}: {one_line(error)}. Remove or replace it.") from None
         if "Rows" in header and "Columns" in header:
             files.append(path)
             headers.append(header)
@@ -112,7 +108,7 @@ def _dicom_gray(path: Path) -> np.ndarray:
         pixels = dataset.pixel_array
     except Exception as error:  # noqa: BLE001 - missing codecs and damaged data raise many types
         raise Cov3dError(
-            f"Cannot decode DICOM pixels of {path}: {_one_line(error)}. "
+            f"Cannot decode DICOM pixels of {path}: {one_line(error)}. "
             "Compressed series may need pylibjpeg or gdcm installed."
         ) from None
     if pixels.ndim != 2:
@@ -134,7 +130,7 @@ def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
         else:
             raw, slope, intercept = np.asanyarray(proxy), 1.0, 0.0
     except Exception as error:  # noqa: BLE001 - nibabel raises many types for damaged files
-        raise Cov3dError(f"Cannot read NIfTI file {path}: {_one_line(error)}. Remove or replace it.") from None
+        raise Cov3dError(f"Cannot read NIfTI file {path}: {one_line(error)}. Remove or replace it.") from None
     if raw.ndim == 4 and raw.shape[3] == 1:
         raw = raw[..., 0]
     if raw.ndim != 3:

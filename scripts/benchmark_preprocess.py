@@ -40,7 +40,8 @@ import torch
 from PIL import Image
 from scipy.interpolate import CubicSpline
 
-from cov3d.preprocess import SIZES, VolumeCache, interpolate_depth, preprocess_many, preprocess_scan
+from cov3d.preprocess import SIZES, VolumeCache, interpolate_depth, preprocess_scan
+from cov3d.workers import preprocess_many
 from cov3d.scans import list_slices
 
 SLICE_SIZE = 512

@@ -36,7 +36,8 @@ from cov3d.loop import OneCycleSchedule
 from cov3d.loss import Cov3dLoss, class_weights
 from cov3d.metrics import task_metrics
 from cov3d.model import build_model
-from cov3d.preprocess import SIZES, VolumeCache, preprocess_many
+from cov3d.preprocess import SIZES, VolumeCache
+from cov3d.workers import preprocess_many
 from cov3d.runtime import autocast, resolve_device, use_channels_last
 from cov3d.synthetic import generate_dataset
 from cov3d.train import TrainSettings, precision_callbacks

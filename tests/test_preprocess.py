@@ -20,16 +20,8 @@ from scipy.interpolate import CubicSpline
 from cov3d import cache as cache_module
 from cov3d import preprocess as preprocess_module
 from cov3d.errors import Cov3dError
-from cov3d.preprocess import (
-    SIZES,
-    PreprocessSummary,
-    VolumeCache,
-    default_cache_dir,
-    depth_interpolation_matrix,
-    preprocess_many,
-    preprocess_scan,
-    select_shard,
-)
+from cov3d.preprocess import SIZES, VolumeCache, default_cache_dir, depth_interpolation_matrix, preprocess_scan
+from cov3d.workers import PreprocessSummary, preprocess_many, select_shard
 
 FLOAT16_TOLERANCE = 2e-3
 """Required bound on |cached volume - reference| (float16 rounding alone is <= 2**-12)."""
