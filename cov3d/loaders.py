@@ -14,7 +14,7 @@ from .preprocess import VolumeCache
 from .workers import available_cpus
 
 CUDA_LOADER_WORKERS = 4
-"""Default loader processes per GPU: a cached large volume (33 MB float16) loads in tens of ms, a step takes hundreds."""
+"""Default loader processes per GPU: a cached large volume (16 MB of uint8) loads in tens of ms, a step takes hundreds."""
 
 
 def default_loader_workers(device: torch.device, processes_per_node: int = 1) -> int:

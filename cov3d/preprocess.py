@@ -16,7 +16,8 @@
    spline is a straight line, with 3 a parabola (what ``CubicSpline`` does); a 1-slice scan
    is repeated; D = 1 takes the first slice.
 3. **Range.** Values are divided by 255 (folded into the matrix) and clipped to [0, 1]: the
-   spline can overshoot the data.
+   spline can overshoot the data. The cache stores them rounded to uint8 levels
+   (``cov3d.cache``), computed straight from the product without a float32 volume.
 
 ``fast_decode=True`` lets libjpeg downscale in the DCT domain (``Image.draft``) to the smallest
 power-of-two reduction (1/2, 1/4, 1/8) still at least H×W before the bicubic resize. For
@@ -29,7 +30,7 @@ about 1 grey level on average and 16 at worst (near sharp edges); bounded in the
 DICOM series folders and NIfTI files are read by ``cov3d.volumes`` as 8-bit slices (HU through
 the lung window) and then follow steps 1-3 like JPEG slices.
 
-``VolumeCache`` stores one float16 file per scan and size (format: ``cov3d.cache``);
+``VolumeCache`` stores one file of uint8 levels per scan and size (format: ``cov3d.cache``);
 ``cov3d.workers.preprocess_many`` fills it for many scans with worker processes.
 """
 
@@ -44,9 +45,11 @@ from PIL import Image
 from scipy.interpolate import CubicSpline
 
 from cov3d.cache import (
+    LEVELS,
     STORAGE_DTYPE,
     default_cache_dir,
     entry_path,
+    from_levels,
     load_valid_volume,
     make_entry,
     save_atomic,
@@ -80,10 +83,10 @@ MATMUL_BLOCK_BYTES = 4 * 2**20
 COLUMN_ALIGN = 64
 """Column blocks of the depth product are a multiple of this many pixels."""
 
-WEIGHT_TOLERANCE = 1e-9
+WEIGHT_TOLERANCE = 1e-6
 """Depth-interpolation weights smaller than this are dropped (see ``_weight_bands``)."""
 
-ROW_GROUP = 16
+ROW_GROUP = 8
 """Output slices per band of the depth product (see ``_weight_bands``)."""
 
 BAND_CACHE_SIZE = 256
@@ -115,20 +118,20 @@ def resize_slice(image: Image.Image, height: int, width: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=BAND_CACHE_SIZE)
-def _weight_bands(n_slices: int, depth: int) -> tuple[tuple[slice, slice, torch.Tensor], ...]:
-    """The depth matrix / 255 in float32, split into groups of ``ROW_GROUP`` output rows, each
-    with the range of input slices its weights cover: ``(rows, slices, weights[rows, slices])``.
+def _weight_bands(n_slices: int, depth: int, scale: float) -> tuple[tuple[slice, slice, torch.Tensor], ...]:
+    """The depth matrix times ``scale`` in float32, split into groups of ``ROW_GROUP`` output
+    rows, each with the range of input slices its weights cover: ``(rows, slices, weights[rows, slices])``.
 
     The spline weights decay geometrically (by about 2 - sqrt(3) per slice) away from the output
     position; weights below ``WEIGHT_TOLERANCE`` are dropped, which changes no output by more
-    than about 3e-9 (a millionth of an 8-bit grey level) and leaves each row group a band of
-    about 36 + ROW_GROUP * n / depth slices instead of all n. Dropping them also avoids
-    float32 subnormal numbers, which would make the product several times slower.
-    Cached per (n, depth): building it for 1,201 slices takes a few tenths of a second.
+    than about 2e-6 on the [0, 1] scale (a two-thousandth of an 8-bit grey level) and leaves each
+    row group a band of about 22 + ROW_GROUP * n / depth slices instead of all n. Dropping them
+    also avoids float32 subnormal numbers, which would make the product several times slower.
+    Cached per (n, depth, scale): building it for 1,201 slices takes a few tenths of a second.
     """
     matrix = depth_interpolation_matrix(n_slices, depth)
     matrix[np.abs(matrix) < WEIGHT_TOLERANCE] = 0.0
-    weights = (matrix / MAX_8BIT).astype(np.float32)
+    weights = (matrix * scale).astype(np.float32)
     bands = []
     for start in range(0, depth, ROW_GROUP):
         rows = slice(start, min(start + ROW_GROUP, depth))
@@ -139,37 +142,57 @@ def _weight_bands(n_slices: int, depth: int) -> tuple[tuple[slice, slice, torch.
     return tuple(bands)
 
 
-def interpolate_depth(stack: np.ndarray, depth: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Cubic-spline interpolation of an (n, H, W) uint8 stack to a (1, depth, H, W) volume
-    of ``dtype`` in [0, 1].
+def _new_volume(depth: int, pixels: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised (depth, pixels) tensor, allocated by numpy.
+
+    numpy asks Linux for transparent huge pages on large arrays (``madvise``), so the first
+    write of a large volume (65 MB of float32 at large) costs a few dozen page faults instead
+    of some 16,000, which in a virtual machine take longer than the depth product itself.
+    """
+    numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(np.empty((depth, pixels), dtype=numpy_dtype))
+
+
+def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False) -> torch.Tensor:
+    """Cubic-spline interpolation of an (n, H, W) uint8 stack to a (1, depth, H, W) volume:
+    float32 in [0, 1], or with ``levels`` the cache's uint8 levels (``cov3d.cache.to_levels``
+    of that volume, computed without the float32 volume).
 
     One matrix product (depth, n) @ (n, H*W), evaluated in blocks of columns (pixels) whose
     float32 copy fits in ``MATMUL_BLOCK_BYTES``, skipping the zero blocks of the matrix
-    (``_weight_bands``), clipped block by block and written once into the output.
+    (``_weight_bands``), clipped (and rounded to levels) block by block. A float32 product
+    goes straight into the output; levels are converted from a block-sized buffer.
     """
     n_slices, height, width = stack.shape
     pixels = height * width
-    bands = _weight_bands(n_slices, depth)
+    bands = _weight_bands(n_slices, depth, 1.0 if levels else 1.0 / MAX_8BIT)
+    top = float(LEVELS) if levels else 1.0
     columns = torch.from_numpy(stack.reshape(n_slices, pixels))
     block = max(COLUMN_ALIGN, MATMUL_BLOCK_BYTES // (4 * n_slices) // COLUMN_ALIGN * COLUMN_ALIGN)
     data = torch.empty(n_slices * min(block, pixels), dtype=torch.float32)
-    result = torch.empty(depth * min(block, pixels), dtype=torch.float32)
-    volume = torch.empty((depth, pixels), dtype=dtype)
+    volume = _new_volume(depth, pixels, STORAGE_DTYPE if levels else torch.float32)
+    volume_array = volume.numpy()
+    result = torch.empty(depth * min(block, pixels), dtype=torch.float32) if levels else None
     for start in range(0, pixels, block):
         stop = min(start + block, pixels)
         data_block = data[: n_slices * (stop - start)].view(n_slices, stop - start)
-        result_block = result[: depth * (stop - start)].view(depth, stop - start)
         data_block.copy_(columns[:, start:stop])
+        if levels:
+            result_block = result[: depth * (stop - start)].view(depth, stop - start)
+        else:
+            result_block = volume[:, start:stop]
         for rows, band, weights in bands:
             torch.mm(weights, data_block[band], out=result_block[rows])
-        volume[:, start:stop] = result_block.clamp_(0.0, 1.0)
+        result_block.clamp_(0.0, top)
+        if levels:  # numpy converts float32 to uint8 about twice as fast as torch
+            np.copyto(volume_array[:, start:stop], result_block.round_().numpy(), casting="unsafe")
     return volume.reshape(1, depth, height, width)
 
 
 def _preprocess_slices(
-    sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, dtype: torch.dtype = torch.float32
+    sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, *, levels: bool = False
 ) -> torch.Tensor:
-    """``preprocess_scan`` for a scan's sources; output of ``dtype``."""
+    """``preprocess_scan`` for a scan's sources; uint8 levels instead with ``levels``."""
     if sources.kind == "jpeg":
         draft_size = (width, height) if fast_decode else None
         count = len(sources.files)
@@ -180,7 +203,7 @@ def _preprocess_slices(
     stack = np.empty((count, height, width), dtype=np.uint8)
     for index, image in enumerate(images):
         stack[index] = resize_slice(image, height, width)
-    return interpolate_depth(stack, depth, dtype)
+    return interpolate_depth(stack, depth, levels=levels)
 
 
 def preprocess_scan(
@@ -219,17 +242,17 @@ class VolumeCache:
         return entry_path(self.cache_dir, self.params, Path(scan_dir))
 
     def _stored(self, scan_dir: Path, sources: ScanSources) -> tuple[torch.Tensor | None, str]:
-        """The stored float16 volume if current (else ``None``) and the source fingerprint."""
+        """The stored uint8 levels if current (else ``None``) and the source fingerprint."""
         fingerprint = source_fingerprint(sources.files)
         return load_valid_volume(self.path_for(scan_dir), self.params, scan_dir, fingerprint), fingerprint
 
     def _fetch(self, scan_dir: Path) -> tuple[torch.Tensor, bool]:
-        """The float16 volume (1, D, H, W), loaded or built and stored, and whether it was built."""
+        """The uint8 levels (1, D, H, W), loaded or built and stored, and whether they were built."""
         sources = scan_sources(scan_dir)
         stored, fingerprint = self._stored(scan_dir, sources)
         if stored is not None:
             return stored, False
-        volume = _preprocess_slices(sources, self.depth, self.height, self.width, self.fast_decode, STORAGE_DTYPE)
+        volume = _preprocess_slices(sources, self.depth, self.height, self.width, self.fast_decode, levels=True)
         entry = make_entry(volume, self.params, scan_dir, fingerprint)
         save_atomic(self.path_for(scan_dir), entry)
         return entry["volume"], True
@@ -242,7 +265,7 @@ class VolumeCache:
         """
         scan_dir = Path(scan_dir)
         stored, _ = self._stored(scan_dir, scan_sources(scan_dir))
-        return None if stored is None else stored.to(torch.float32)
+        return None if stored is None else from_levels(stored)
 
     def update(self, scan_dir: Path) -> bool:
         """Make sure a current entry exists; ``True`` if it had to be (re)built."""
@@ -251,6 +274,7 @@ class VolumeCache:
     def get(self, scan_dir: Path) -> torch.Tensor:
         """The volume (1, D, H, W) float32, from the cache or preprocessed and stored.
 
-        Always the float16-rounded values, so a fresh and a cached result are identical.
+        Always the stored values (``preprocess_scan`` rounded to 8-bit levels), so a fresh and
+        a cached result are identical.
         """
-        return self._fetch(Path(scan_dir))[0].to(torch.float32)
+        return from_levels(self._fetch(Path(scan_dir))[0])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import STORAGE_DTYPE, from_levels
 from .data import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
 from .errors import Cov3dError
 from .figures import save_figure, slice_views
@@ -40,7 +41,9 @@ class ViewedScan:
 
 
 def load_tensor_file(path: Path) -> tuple[torch.Tensor, Path | None]:
-    """A cached or plain tensor file -> (volume (D, H, W) float32, source scan folder if recorded)."""
+    """A cached or plain tensor file -> (volume (D, H, W) float32, source scan folder if recorded).
+
+    uint8 volumes (cache entries) are levels and are divided by 255 (``cov3d.cache``)."""
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
@@ -50,7 +53,8 @@ def load_tensor_file(path: Path) -> tuple[torch.Tensor, Path | None]:
     volume = entry.get("volume") if isinstance(entry, dict) else entry
     if not isinstance(volume, torch.Tensor) or volume.dim() not in (3, 4) or (volume.dim() == 4 and volume.shape[0] != 1):
         raise Cov3dError(f"{path} holds no volume (1, D, H, W) or (D, H, W): give a cov3d cache file.")
-    return volume.reshape(volume.shape[-3:]).float(), source
+    volume = volume.reshape(volume.shape[-3:])
+    return (from_levels(volume) if volume.dtype == STORAGE_DTYPE else volume.float()), source
 
 
 def load_view(path: Path, size: int = DISPLAY_SIZE) -> ViewedScan:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import confusion_matrix as sklearn_confusion
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
@@ -14,7 +15,7 @@ from cov3d.cli import app
 from cov3d.figures import mid_planes, peak_voxel
 from cov3d.preprocess import VolumeCache
 from cov3d.run_figures import confusion_matrix, macro_f1
-from cov3d.views import layout_label, show_scans
+from cov3d.views import layout_label, load_tensor_file, show_scans
 from figure_checks import assert_panels_differ, assert_size, read_grey
 
 runner = CliRunner()
@@ -68,6 +69,15 @@ def test_show_command_draws_jpeg_and_cached_scans(tmp_path, tiny_dataset):
     assert result.exit_code == 0, result.output
     pixels = assert_size(output, 720, 550)  # 3 panels of 2.4 in x (2.4 + 0.35 in) per row, 100 dpi
     assert_panels_differ(pixels, rows=2, columns=3)
+
+
+def test_cache_file_is_shown_as_values_in_0_1(tmp_path, tiny_dataset):
+    scan = next(p for p in sorted((tiny_dataset / "train" / "covid").iterdir()))
+    cache = VolumeCache(tmp_path / "cache", 8, 16, 16)
+    assert cache.update(scan)
+    volume, source = load_tensor_file(cache.path_for(scan))
+    assert torch.equal(volume, cache.get(scan)[0]) and source == scan.resolve()
+    assert 0.0 <= float(volume.min()) and float(volume.max()) <= 1.0 and float(volume.max()) > 0.5
 
 
 def test_show_titles_carry_labels_and_predictions(tmp_path, tiny_dataset, tiny_run):
