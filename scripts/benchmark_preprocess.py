@@ -5,19 +5,21 @@ the scan, spine, smooth texture and noise), then reports, per size:
 
 - floor: decode and bicubic-resize every slice with PIL, nothing else;
 - cov3d: ``preprocess_scan`` (float32 volume in memory) and a cache build
-  (``VolumeCache.update`` with no entry: fingerprint, float16, CRC, atomic write to disk);
+  (``VolumeCache.update`` with no entry: fingerprint, uint8 levels, CRC, atomic write to disk);
 - fast: ``preprocess_scan(fast_decode=True)`` and its max / mean abs difference to the normal path;
 - naive (small only): the floor plus one scipy ``CubicSpline`` per pixel column, measured once;
   also the depth interpolation alone: per-pixel splines vs cov3d's matrix product
-  (``interpolate_depth`` on the same resized uint8 stack); f16 max|d| is the largest difference
-  between the cached (float16) cov3d volume and the naive result;
+  (``interpolate_depth`` on the same resized uint8 stack); stored max|d| is the largest
+  difference between the cached (uint8 levels / 255) cov3d volume and the naive result, and
+  naive/fast the speed-up of ``fast_decode`` over the naive reference;
 - throughput of ``preprocess_many`` with 1 and 2 worker processes, with the machine's load
   (other users' processes take cores away), and the CPU seconds per scan in a worker when one
   or two run at once (the speed-up 2 free cores would give, independent of that load);
 - peak RSS (VmHWM of a child process) for a 1,201-slice scan at large.
 
-Times are wall-clock seconds per scan, the minimum over ``--repeats`` runs, in one process
-with ``--threads`` torch threads (default 1, as in a worker process). Not a test: no asserts.
+Times are wall-clock seconds per scan, the minimum over ``--repeats`` runs (floor, cov3d, cache
+and fast taking turns), in one process with ``--threads`` torch threads (default 1, as in a
+worker process). Not a test: no asserts.
 """
 
 from __future__ import annotations
@@ -90,12 +92,19 @@ def make_stack(folder: Path, n_slices: int, seed: int) -> Path:
 
 def best_time(function: Callable[[], object], repeats: int) -> float:
     """Minimum wall-clock seconds of ``function`` over ``repeats`` runs."""
-    times = []
+    return best_times([function], repeats)[0]
+
+
+def best_times(functions: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Minimum wall-clock seconds of each function over ``repeats`` rounds that run them all in
+    turn, so that a slow spell of the machine touches every candidate alike."""
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for function, samples in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - start)
+    return [min(samples) for samples in times]
 
 
 def floor(scan: Path, height: int, width: int) -> np.ndarray:
@@ -127,16 +136,21 @@ def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None
     """Print the per-scan table for every size and stack."""
     print(f"\nSeconds per scan (min of {args.repeats}), {torch.get_num_threads()} torch thread(s)")
     header = f"{'size':<7}{'slices':>7}{'floor':>8}{'cov3d':>8}{'ratio':>7}{'cache':>8}{'ratio':>7}"
-    print(header + f"{'fast':>8}{'fast max|d|':>13}{'fast mean|d|':>14}{'naive':>8}{'naive/cov3d':>12}{'f16 max|d|':>12}"
+    print(header + f"{'fast':>8}{'fast max|d|':>13}{'fast mean|d|':>14}{'naive':>8}{'naive/cov3d':>12}{'naive/fast':>11}{'stored max|d|':>14}"
           f"{'splines':>9}{'matrix':>9}{'ratio':>8}")
     for name, size in SIZES.items():
         depth, height, width = size
         for scan in stacks:
             n_slices = len(list_slices(scan))
-            t_floor = best_time(lambda: floor(scan, height, width), args.repeats)
-            t_cov3d = best_time(lambda: preprocess_scan(scan, *size), args.repeats)
-            t_cache = best_time(lambda: cache_build(scan, work / "bench-cache", size), args.repeats)
-            t_fast = best_time(lambda: preprocess_scan(scan, *size, fast_decode=True), args.repeats)
+            t_floor, t_cov3d, t_cache, t_fast = best_times(
+                [
+                    lambda: floor(scan, height, width),
+                    lambda: preprocess_scan(scan, *size),
+                    lambda: cache_build(scan, work / "bench-cache", size),
+                    lambda: preprocess_scan(scan, *size, fast_decode=True),
+                ],
+                args.repeats,
+            )
             difference = (preprocess_scan(scan, *size) - preprocess_scan(scan, *size, fast_decode=True)).abs()
             row = (
                 f"{name:<7}{n_slices:>7}{t_floor:>8.3f}{t_cov3d:>8.3f}{t_cov3d / t_floor:>7.2f}{t_cache:>8.3f}"
@@ -151,7 +165,7 @@ def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None
                 t_matrix = best_time(lambda: interpolate_depth(stack, depth), args.repeats)
                 cached = VolumeCache(work / "bench-cache", *size).get(scan)[0].numpy()
                 row += (
-                    f"{t_naive:>8.2f}{t_naive / t_cov3d:>12.1f}{np.abs(cached - reference).max():>12.2e}"
+                    f"{t_naive:>8.2f}{t_naive / t_cov3d:>12.1f}{t_naive / t_fast:>11.1f}{np.abs(cached - reference).max():>14.2e}"
                     f"{t_spline:>9.2f}{t_matrix:>9.4f}{t_spline / t_matrix:>8.0f}"
                 )
             print(row, flush=True)
@@ -269,7 +283,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cov3d-benchmark",
                         help="Where the generated stacks and caches go (kept between runs).")
     parser.add_argument("--slices", type=int, nargs="+", default=[100, 300], help="Slices per benchmark stack.")
-    parser.add_argument("--repeats", type=int, default=3, help="Runs per timing (the minimum is reported).")
+    parser.add_argument("--repeats", type=int, default=5, help="Runs per timing (the minimum is reported).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process (workers use 1).")
     parser.add_argument("--scans", type=int, default=16, help="Scans in the throughput test.")
     parser.add_argument("--throughput-size", choices=list(SIZES), default="medium", help="Size for the throughput test.")
