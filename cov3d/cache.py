@@ -11,7 +11,7 @@ size. The cache lives in an explicit directory (``default_cache_dir``), never ne
   is rebuilt when a slice is added, removed, replaced or touched) and the volume
   ``(1, D, H, W)`` as uint8 grey levels with a CRC-32 of its bytes.
 - **uint8 levels.** A value v in [0, 1] is stored as the level round(255 v) and read back as
-  level / 255 (``to_levels``, ``from_levels``): the 8-bit grid of the JPEG slices themselves.
+  level / 255 (``from_levels``): the 8-bit grid of the JPEG slices themselves.
   Rounding changes a value by at most 1/510 (about 1.96e-3, half a grey level), and the entry
   is a quarter of float32's size: a large volume takes 16 MB (45 GB for the 2,776 labelled
   COV19-CT-DB scans), so writing and reading it costs little next to decoding the slices.
@@ -37,6 +37,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cov3d.errors import Cov3dError
@@ -111,18 +112,24 @@ def checksum(volume: torch.Tensor) -> int:
     return zlib.crc32(volume.contiguous().numpy().view(dtype="uint8"))
 
 
-def to_levels(volume: torch.Tensor) -> torch.Tensor:
-    """Values in [0, 1] (any float dtype) -> the nearest stored uint8 levels, same shape."""
-    return (volume.to(torch.float32) * LEVELS).round_().clamp_(0, LEVELS).to(STORAGE_DTYPE)
+def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor allocated by numpy.
+
+    numpy asks Linux for transparent huge pages on large arrays (``madvise``), so the first
+    write of a large volume (65 MB of float32 at large) costs a few dozen page faults instead
+    of some 16,000, which in a virtual machine take longer than filling the volume.
+    """
+    numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(np.empty(shape, dtype=numpy_dtype))
 
 
 def from_levels(levels: torch.Tensor) -> torch.Tensor:
     """Stored uint8 levels -> float32 values level / 255 in [0, 1], same shape."""
-    return levels.to(torch.float32).div_(LEVELS)
+    return empty_tensor(tuple(levels.shape), torch.float32).copy_(levels).div_(LEVELS)
 
 
 def make_entry(levels: torch.Tensor, params: dict[str, int], scan_dir: Path, fingerprint: str) -> dict:
-    """The dict stored for a volume of uint8 levels ``(1, D, H, W)`` (see ``to_levels``)."""
+    """The dict stored for a volume of uint8 levels ``(1, D, H, W)`` (see the module docstring)."""
     if levels.dtype != STORAGE_DTYPE:
         raise TypeError(f"cache entries store {STORAGE_DTYPE} levels, got {levels.dtype}")
     stored = levels.contiguous()
@@ -152,7 +159,9 @@ def _without_zip_checksums() -> contextlib.AbstractContextManager:
     ``torch.load`` never checks them, and the entry carries its own checksum of the volume."""
     try:
         from torch.utils.serialization import config
-    except ImportError:
+
+        config.save.compute_crc32  # noqa: B018 - only checks that this torch has the option
+    except (ImportError, AttributeError):
         return contextlib.nullcontext()
     return config.patch({"save.compute_crc32": False})
 

@@ -48,6 +48,7 @@ from cov3d.cache import (
     LEVELS,
     STORAGE_DTYPE,
     default_cache_dir,
+    empty_tensor,
     entry_path,
     from_levels,
     load_valid_volume,
@@ -142,21 +143,10 @@ def _weight_bands(n_slices: int, depth: int, scale: float) -> tuple[tuple[slice,
     return tuple(bands)
 
 
-def _new_volume(depth: int, pixels: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised (depth, pixels) tensor, allocated by numpy.
-
-    numpy asks Linux for transparent huge pages on large arrays (``madvise``), so the first
-    write of a large volume (65 MB of float32 at large) costs a few dozen page faults instead
-    of some 16,000, which in a virtual machine take longer than the depth product itself.
-    """
-    numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    return torch.from_numpy(np.empty((depth, pixels), dtype=numpy_dtype))
-
-
 def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False) -> torch.Tensor:
     """Cubic-spline interpolation of an (n, H, W) uint8 stack to a (1, depth, H, W) volume:
-    float32 in [0, 1], or with ``levels`` the cache's uint8 levels (``cov3d.cache.to_levels``
-    of that volume, computed without the float32 volume).
+    float32 in [0, 1], or with ``levels`` the cache's uint8 levels round(255 v) of that volume
+    (``cov3d.cache``), computed without the float32 volume.
 
     One matrix product (depth, n) @ (n, H*W), evaluated in blocks of columns (pixels) whose
     float32 copy fits in ``MATMUL_BLOCK_BYTES``, skipping the zero blocks of the matrix
@@ -171,7 +161,7 @@ def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False) ->
     columns = stack.reshape(n_slices, pixels)
     block = max(COLUMN_ALIGN, MATMUL_BLOCK_BYTES // (4 * n_slices) // COLUMN_ALIGN * COLUMN_ALIGN)
     data = torch.empty(n_slices * min(block, pixels), dtype=torch.float32)
-    volume = _new_volume(depth, pixels, STORAGE_DTYPE if levels else torch.float32)
+    volume = empty_tensor((depth, pixels), STORAGE_DTYPE if levels else torch.float32)
     result = torch.empty(depth * min(block, pixels), dtype=torch.float32) if levels else None
     for start in range(0, pixels, block):
         stop = min(start + block, pixels)

@@ -6,6 +6,7 @@ the scan, spine, smooth texture and noise), then reports, per size:
 - floor: decode and bicubic-resize every slice with PIL, nothing else;
 - cov3d: ``preprocess_scan`` (float32 volume in memory) and a cache build
   (``VolumeCache.update`` with no entry: fingerprint, uint8 levels, CRC, atomic write to disk);
+- load: reading that entry back as training does (``VolumeCache.load``: fingerprint, CRC, float32);
 - fast: ``preprocess_scan(fast_decode=True)`` and its max / mean abs difference to the normal path;
 - naive (small only): the floor plus one scipy ``CubicSpline`` per pixel column, measured once;
   also the depth interpolation alone: per-pixel splines vs cov3d's matrix product
@@ -135,7 +136,7 @@ def cache_build(scan: Path, cache_dir: Path, size: tuple[int, int, int]) -> None
 def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None:
     """Print the per-scan table for every size and stack."""
     print(f"\nSeconds per scan (min of {args.repeats}), {torch.get_num_threads()} torch thread(s)")
-    header = f"{'size':<7}{'slices':>7}{'floor':>8}{'cov3d':>8}{'ratio':>7}{'cache':>8}{'ratio':>7}"
+    header = f"{'size':<7}{'slices':>7}{'floor':>8}{'cov3d':>8}{'ratio':>7}{'cache':>8}{'ratio':>7}{'load':>7}"
     print(header + f"{'fast':>8}{'fast max|d|':>13}{'fast mean|d|':>14}{'naive':>8}{'naive/cov3d':>12}{'naive/fast':>11}{'stored max|d|':>14}"
           f"{'splines':>9}{'matrix':>9}{'ratio':>8}")
     for name, size in SIZES.items():
@@ -151,10 +152,11 @@ def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None
                 ],
                 args.repeats,
             )
+            t_load = best_time(lambda: VolumeCache(work / "bench-cache", *size).load(scan), args.repeats)
             difference = (preprocess_scan(scan, *size) - preprocess_scan(scan, *size, fast_decode=True)).abs()
             row = (
                 f"{name:<7}{n_slices:>7}{t_floor:>8.3f}{t_cov3d:>8.3f}{t_cov3d / t_floor:>7.2f}{t_cache:>8.3f}"
-                f"{t_cache / t_floor:>7.2f}{t_fast:>8.3f}{float(difference.max()):>13.4f}{float(difference.mean()):>14.5f}"
+                f"{t_cache / t_floor:>7.2f}{t_load:>7.3f}{t_fast:>8.3f}{float(difference.max()):>13.4f}{float(difference.mean()):>14.5f}"
             )
             if name == "small":
                 start = time.perf_counter()
