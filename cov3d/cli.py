@@ -158,8 +158,6 @@ def train(
         return
     if directory is None:
         raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
-    if pool not in ("avg", "max"):
-        raise Cov3dError(f"--pool must be avg or max, got '{pool}'.")
     if pretrained_weights is not None and not pretrained_weights.is_file():
         raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
     settings = TrainSettings(

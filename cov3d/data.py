@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,20 +14,12 @@ from fastai.torch_core import TensorBase
 from fastai.vision.augment import RandTransform
 
 from .errors import Cov3dError
-from .loss import SEVERITY_LABELS
+from .layout import PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, read_severity_csv
 from .preprocess import VolumeCache
 from .scans import is_scan_dir, scan_number
 
 logger = logging.getLogger(__name__)
 
-PARTITIONS = ("train", "validation")
-PRESENCE_FOLDERS = {"non-covid": 0, "covid": 1}
-SEVERITY_CSVS = {
-    "train": "train_partition_covid_categories.csv",
-    "validation": "val_partition_covid_categories.csv",
-}
-SEVERITY_CATEGORIES = dict(enumerate(SEVERITY_LABELS, start=1))
-SEVERITY_CSV_DELIMITER = ";"
 REFLECTION_PROBABILITY = 0.5  # DESIGN.md: random sagittal reflection with p = 0.5
 DEFAULT_BATCH_SIZE = 2  # paper §3.4: "The batch size was limited to two"
 
@@ -45,29 +36,6 @@ class ScanItem:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def read_severity_csv(csv_path: Path) -> dict[str, int]:
-    """Read a `Name;Category` CSV into {scan name: category 1..4}; one-line errors for malformed files."""
-    if not csv_path.is_file():
-        raise Cov3dError(
-            f"Severity CSV not found: {csv_path}. Put the competition's CSV there, or train with --severity-factor 0."
-        )
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle, delimiter=SEVERITY_CSV_DELIMITER))
-    if not rows or [cell.strip() for cell in rows[0][:2]] != ["Name", "Category"]:
-        raise Cov3dError(f"{csv_path}: the first line must be the header 'Name;Category' (';'-delimited).")
-    categories: dict[str, int] = {}
-    for line_number, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) < 2:
-            raise Cov3dError(f"{csv_path}, line {line_number}: expected 'Name;Category', got {';'.join(row)!r}.")
-        name, category = row[0].strip(), row[1].strip()
-        if not category.isdigit() or int(category) not in SEVERITY_CATEGORIES:
-            raise Cov3dError(f"{csv_path}, line {line_number}: category {category!r} for {name} is not 1, 2, 3 or 4.")
-        categories[name] = int(category)
-    return categories
 
 
 def partition_items(data_dir: Path, partition: str, severities: dict[str, int]) -> list[ScanItem]:

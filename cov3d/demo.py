@@ -7,7 +7,6 @@ cannot be assumed offline), a larger batch and learning rate to train from scrat
 
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +20,14 @@ from sklearn.metrics import f1_score
 
 from .data import ScanItem, collect_items
 from .infer import infer
-from .loss import SEVERITY_LABELS
+from .layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
 from .preprocess import VolumeCache
 from .scans import find_scans
 from .synthetic import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
 from .train import TrainSettings, train
 from .workers import preprocess_many
 
-SEVERITY_CODES = [1, 2, 3, 4]
+SEVERITY_CODES = list(SEVERITY_CATEGORIES)
 
 
 @dataclass
@@ -79,12 +78,8 @@ class DemoReport:
 
 def labelled_test_split(data_dir: Path) -> list[LabelledScan]:
     """The test scans with their labels from the answer key kept beside (not inside) the test folder."""
-    with (data_dir / TEST_LABELS_CSV).open(newline="") as handle:
-        key = {row["Name"]: row for row in csv.DictReader(handle, delimiter=";")}
-    return [
-        LabelledScan(path, int(key[path.name]["Covid"]), int(key[path.name]["Category"]))
-        for path in find_scans([data_dir / TEST_FOLDER])
-    ]
+    key = read_answer_key(data_dir / TEST_LABELS_CSV)
+    return [LabelledScan(path, *key[path.name]) for path in find_scans([data_dir / TEST_FOLDER])]
 
 
 def macro_f1(truth: list[int], predicted: list[int], labels: list[int]) -> float:

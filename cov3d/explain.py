@@ -112,9 +112,9 @@ def explain(
     """
     from .figures import gradcam_overlay, peak_voxel, save_figure
     from .modelfile import load_source
-    from .preprocess import VolumeCache, default_cache_dir
+    from .preprocess import default_cache_dir
     from .runtime import resolve_device
-    from .views import load_tensor_file
+    from .views import load_tensor_file, model_volume
 
     source = load_source(run_dir)
     config = source.config
@@ -124,16 +124,14 @@ def explain(
         raise Cov3dError(f"{run_dir} holds no {'severity' if severity_only else 'presence'} weights: train the run first.")
     torch_device = resolve_device(device)
     model = model.to(torch_device)
-    size = (config["depth"], config["height"], config["width"])
 
     scan = Path(scan)
     if scan.is_file():
-        volume, source = load_tensor_file(scan)
-        name = source.name if source is not None else scan.stem
-        volume = F.interpolate(volume[None, None], size=size, mode="trilinear", align_corners=False)[0].clamp(0, 1)
+        volume, recorded = load_tensor_file(scan)
+        name = recorded.name if recorded is not None else scan.stem
     else:
-        cache = VolumeCache(cache_dir or default_cache_dir(), *size, fast_decode=bool(config.get("fast_decode")))
-        volume, name = cache.get(scan), scan.name
+        volume, name = None, scan.name
+    volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume)
     cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only)
     probability = float(torch.sigmoid(torch.tensor(score)))
     peak = peak_voxel(cam.numpy())

@@ -15,10 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PRESENCE_CLASSES = ("non-covid", "covid")
-SEVERITY_GROUPS = ("negative", "positive-unannotated", "mild", "moderate", "severe", "critical")
-SEVERITY_LABELS = SEVERITY_GROUPS[2:]
-"""The four severity categories 1..4 of the COV19-CT-DB CSVs (paper Table 2)."""
+from .layout import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
 
 N_SEVERITY_CLASSES = 5
 """Softmax classes of eq. 3: 0 = COVID negative, 1..4 = mild..critical."""
@@ -128,6 +125,11 @@ def _weighted_mean(losses: Tensor, weights: Tensor) -> Tensor:
     return (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
 
 
+def model_outputs(severity_factor: float) -> int:
+    """Logits the model produces: the presence logit alone when lambda = 0, else it and z_0..z_4."""
+    return PRESENCE_OUTPUTS if severity_factor == 0.0 else OUTPUTS
+
+
 class Cov3dLoss(nn.Module):
     """Combined loss (1 - lambda) l_covid + lambda l_severity (eq. 6).
 
@@ -162,8 +164,8 @@ class Cov3dLoss(nn.Module):
 
     @property
     def outputs(self) -> int:
-        """Logits the model must produce: 1 when lambda = 0, otherwise 6."""
-        return PRESENCE_OUTPUTS if self.severity_factor == 0.0 else OUTPUTS
+        """Logits the model must produce (``model_outputs``)."""
+        return model_outputs(self.severity_factor)
 
     def presence_loss(self, presence_logit: Tensor, has_covid: Tensor) -> Tensor:
         """Weighted mean of eq. 2. presence_logit, has_covid: (B,). Returns a scalar."""

@@ -14,8 +14,9 @@ import torch
 from fastai.learner import Metric
 from sklearn.metrics import accuracy_score, f1_score
 
+from .layout import SEVERITY_CATEGORIES
+
 PRESENCE_THRESHOLD = 0.5
-SEVERITY_LABELS = (1, 2, 3, 4)
 
 
 def presence_predictions(logits: torch.Tensor) -> np.ndarray:
@@ -47,7 +48,7 @@ def severity_scores(logits: torch.Tensor, target: torch.Tensor) -> dict[str, flo
     predicted = severity_predictions(logits)[annotated]
     return {
         "severity_f1": float(
-            f1_score(truth, predicted, average="macro", labels=list(SEVERITY_LABELS), zero_division=0)
+            f1_score(truth, predicted, average="macro", labels=list(SEVERITY_CATEGORIES), zero_division=0)
         ),
         "severity_accuracy": float(accuracy_score(truth, predicted)),
     }

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import Cov3dError
 from .model import POOLS, build_model
+from .scans import one_line
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}
@@ -82,7 +83,7 @@ class ModelSource:
         try:
             model.load_state_dict(self.states[task], strict=True)
         except RuntimeError as error:
-            reason = " ".join(str(error).split())[:300]
+            reason = one_line(error)[:300]
             raise Cov3dError(
                 f"{self.path}: its config does not match its {task} weights ({reason}). Re-export the run."
             ) from None

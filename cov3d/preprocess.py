@@ -237,9 +237,9 @@ class VolumeCache:
         fingerprint = source_fingerprint(sources.files)
         return load_valid_volume(self.path_for(scan_dir), self.params, scan_dir, fingerprint), fingerprint
 
-    def _fetch(self, scan_dir: Path) -> tuple[torch.Tensor, bool]:
+    def _fetch(self, scan_dir: Path, sources: ScanSources | None = None) -> tuple[torch.Tensor, bool]:
         """The uint8 levels (1, D, H, W), loaded or built and stored, and whether they were built."""
-        sources = scan_sources(scan_dir)
+        sources = scan_sources(scan_dir) if sources is None else sources
         stored, fingerprint = self._stored(scan_dir, sources)
         if stored is not None:
             return stored, False
@@ -262,10 +262,13 @@ class VolumeCache:
         """Make sure a current entry exists; ``True`` if it had to be (re)built."""
         return self._fetch(Path(scan_dir))[1]
 
-    def get(self, scan_dir: Path) -> torch.Tensor:
+    def get(self, scan_dir: Path, sources: ScanSources | None = None) -> torch.Tensor:
         """The volume (1, D, H, W) float32, from the cache or preprocessed and stored.
+
+        ``sources`` (``scan_sources(scan_dir)``) saves listing the scan again when the caller
+        reads it at several sizes.
 
         Always the stored values (``preprocess_scan`` rounded to 8-bit levels), so a fresh and
         a cached result are identical.
         """
-        return from_levels(self._fetch(Path(scan_dir))[0])
+        return from_levels(self._fetch(Path(scan_dir), sources)[0])

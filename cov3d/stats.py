@@ -21,15 +21,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
+from .layout import ANSWER_KEY, PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_answer_key, read_severity_csv
 from .errors import Cov3dError
-from .scans import READ_ERRORS, SLICE_NAME, scan_number
+from .scans import READ_ERRORS, SLICE_NAME, one_line, scan_number
 
 PARTITION_ORDER = ("train", "validation", "test")
 """Column order of the tables (other partitions follow alphabetically), as in the paper's tables."""
-ANSWER_KEY = "{partition}_labels.csv"
-"""Optional labels of an unlabelled partition: ``Name;Covid;Category`` (';'-delimited)."""
-CSV_DELIMITER = ";"
 PRESENCE_ROWS = ("covid", "non-covid")
 UNLABELLED = ""
 
@@ -77,18 +74,8 @@ def header_sizes(files: list[Path], warnings: list[str]) -> Counter:
             with Image.open(path) as image:
                 sizes[image.size] += 1
         except READ_ERRORS as error:
-            warnings.append(f"unreadable slice {path}: {' '.join(str(error).split()) or type(error).__name__}")
+            warnings.append(f"unreadable slice {path}: {one_line(error) or type(error).__name__}")
     return sizes
-
-
-def read_answer_key(path: Path) -> dict[str, tuple[int, int]]:
-    """``Name;Covid;Category`` -> {name: (covid 0/1, category 0..4)}."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle, delimiter=CSV_DELIMITER))
-    try:
-        return {row["Name"].strip(): (int(row["Covid"]), int(row["Category"] or 0)) for row in rows}
-    except (KeyError, ValueError, AttributeError):
-        raise Cov3dError(f"{path}: expected the header 'Name;Covid;Category' and integer columns.") from None
 
 
 def _partition_scans(data_dir: Path, partition_dir: Path, warnings: list[str]) -> list[ScanStats]:

@@ -10,7 +10,6 @@ preprocessed once per distinct input size, through that size's ``VolumeCache``.
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import Cov3dError
-from .preprocess import VolumeCache
+from .preprocess import VolumeCache, scan_sources
+from .scans import one_line
+from .workers import init_worker, pool_context
 
 SizeKey = tuple[int, int, int, bool]
 """An input size: (depth, height, width, fast_decode)."""
@@ -50,11 +51,12 @@ class ScanVolumes(Dataset):
     def __getitem__(self, index: int) -> ScanItem:
         scan = self.scans[index]
         try:
-            return ScanItem(scan, {key: cache.get(scan) for key, cache in self.caches.items()})
+            sources = scan_sources(scan)  # listed once for all sizes (a DICOM series reads every header)
+            return ScanItem(scan, {key: cache.get(scan, sources) for key, cache in self.caches.items()})
         except Cov3dError as error:
-            return ScanItem(scan, None, " ".join(str(error).split()))
+            return ScanItem(scan, None, one_line(error))
         except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
-            return ScanItem(scan, None, f"Unexpected {type(error).__name__} while reading {scan}: {error}")
+            return ScanItem(scan, None, f"Unexpected {type(error).__name__} while reading {scan}: {one_line(error)}")
 
 
 def _single(item: ScanItem) -> ScanItem:
@@ -62,21 +64,14 @@ def _single(item: ScanItem) -> ScanItem:
     return item
 
 
-def _init_worker(_: int) -> None:
-    """Workers use one torch thread each; the parallelism is across scans."""
-    torch.set_num_threads(1)
-
-
 def volume_stream(scans: Sequence[Path], caches: dict[SizeKey, VolumeCache], workers: int = 0) -> Iterator[ScanItem]:
     """``ScanItem`` for each scan in order; ``workers`` = 0 reads them in this process."""
     dataset = ScanVolumes(scans, caches)
     if workers == 0 or len(dataset) == 0:
         return iter(dataset[i] for i in range(len(dataset)))
-    methods = multiprocessing.get_all_start_methods()
     loader = DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=min(workers, len(dataset)), collate_fn=_single,
-        worker_init_fn=_init_worker, prefetch_factor=PREFETCH_PER_WORKER,
-        multiprocessing_context="forkserver" if "forkserver" in methods else "spawn",
+        worker_init_fn=init_worker, prefetch_factor=PREFETCH_PER_WORKER, multiprocessing_context=pool_context(),
     )
     return iter(loader)
 

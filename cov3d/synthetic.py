@@ -27,17 +27,15 @@ import numpy as np
 from PIL import Image
 
 from cov3d.errors import Cov3dError
-from cov3d.loss import SEVERITY_LABELS
+from cov3d.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
 from cov3d.phantom import hu_to_uint8, render_phantom
+from cov3d.scans import scan_number
 
 SEVERITY_NAMES = SEVERITY_LABELS  # categories 1..4
 
-PARTITIONS = ("train", "validation")
-CLASS_FOLDERS = {True: "covid", False: "non-covid"}
-CATEGORY_CSVS = {"train": "train_partition_covid_categories.csv", "validation": "val_partition_covid_categories.csv"}
+CLASS_FOLDERS = {bool(code): name for name, code in reversed(PRESENCE_FOLDERS.items())}  # covid first
 TEST_FOLDER = "test"
-TEST_LABELS_CSV = "test_labels.csv"
-CSV_DELIMITER = ";"
+TEST_LABELS_CSV = ANSWER_KEY.format(partition=TEST_FOLDER)
 
 VALIDATION_SHARE = 0.2  # train/validation/test roughly 60/20/20
 TEST_SHARE = 0.2
@@ -179,19 +177,15 @@ def _write_scan(plan: _ScanPlan, slice_size: int) -> float:
     return fraction
 
 
-def _scan_number(name: str) -> int:
-    return int(name.removeprefix("ct_scan").removeprefix("_"))
-
-
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, delimiter=CSV_DELIMITER, lineterminator="\n")
         writer.writerow(header)
-        writer.writerows(sorted(rows, key=lambda row: _scan_number(row[0])))
+        writer.writerows(sorted(rows, key=lambda row: scan_number(row[0])))
 
 
 def _outputs(out_dir: Path) -> list[Path]:
-    return [out_dir / p for p in (*PARTITIONS, TEST_FOLDER, *CATEGORY_CSVS.values(), TEST_LABELS_CSV)]
+    return [out_dir / p for p in (*PARTITIONS, TEST_FOLDER, *SEVERITY_CSVS.values(), TEST_LABELS_CSV)]
 
 
 def generate_dataset(
@@ -242,7 +236,7 @@ def generate_dataset(
         summary.counts[partition] = {name: sum(p.has_covid == c for p in mine) for c, name in CLASS_FOLDERS.items()}
         rows = [(plan.folder.name, plan.severity) for plan in mine if plan.annotated]
         summary.annotated[partition] = {name: sum(s == i for _, s in rows) for i, name in enumerate(SEVERITY_NAMES, 1)}
-        _write_csv(out_dir / CATEGORY_CSVS[partition], ("Name", "Category"), rows)
+        _write_csv(out_dir / SEVERITY_CSVS[partition], ("Name", "Category"), rows)
     tests = [plan for plan in plans if plan.folder.parent.name == TEST_FOLDER]
     summary.counts[TEST_FOLDER] = {name: sum(p.has_covid == c for p in tests) for c, name in CLASS_FOLDERS.items()}
     (out_dir / TEST_FOLDER).mkdir(parents=True, exist_ok=True)

@@ -29,19 +29,20 @@ from .distributed import (
 from .errors import Cov3dError
 from .loaders import training_loaders
 from .loop import MetricsLog, OneCycleSchedule, WandbLog
-from .loss import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS, Cov3dLoss, class_weights
+from .loss import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS, Cov3dLoss, class_weights, model_outputs
 from .metrics import task_metrics
-from .model import build_model, load_kinetics_state_dict
+from .model import POOLS, build_model, load_kinetics_state_dict
+from .modelfile import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
 from .preprocess import VolumeCache
 from .provenance import dataset_fingerprint, versions
 from .run_figures import TrainingCurves, write_confusion_matrices
 from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from .workers import preprocess_many
 
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
-CHECKPOINTS = {"presence_f1": "best-presence.safetensors", "severity_f1": "best-severity.safetensors"}
+CHECKPOINTS = {f"{task}_f1": name for task, name in TASK_CHECKPOINTS.items()}
+"""The best weights of each monitored metric (the files ``cov3d.modelfile`` reads)."""
 SEVERITY_NAMES = ("negative", *SEVERITY_LABELS)
 WANDB_PROJECT = "cov3d"
 WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
@@ -68,10 +69,17 @@ class TrainSettings:
     fast_decode: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Reject settings the model cannot be built with, before any data is read."""
+        if not 0.0 <= self.dropout < 1.0:
+            raise Cov3dError(f"dropout must satisfy 0 <= dropout < 1, got {self.dropout}.")
+        if self.pool not in POOLS:
+            raise Cov3dError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'.")
+
     @property
     def outputs(self) -> int:
-        """One presence logit when lambda = 0, else the presence logit plus z_0..z_4."""
-        return 1 if self.severity_factor == 0 else 6
+        """Logits of the model (``cov3d.loss.model_outputs``)."""
+        return model_outputs(self.severity_factor)
 
 
 @dataclass
@@ -207,9 +215,12 @@ def train(
     torch_device, started = start_distributed(dist, resolve_device(device))
     deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        return _train(Path(data_dir), Path(run_dir), settings, cache_dir, pretrained_weights, pretrained,
-                      torch_device, resolve_precision(precision, torch_device), workers, loader_workers,
-                      use_wandb, resume, dist, arguments)
+        return _train(
+            Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
+            pretrained=pretrained, torch_device=torch_device, dtype=resolve_precision(precision, torch_device),
+            workers=workers, loader_workers=loader_workers, use_wandb=use_wandb, resume=resume, dist=dist,
+            arguments=arguments,
+        )
     finally:
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         stop_distributed(started)
@@ -222,7 +233,7 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _train(data_dir, run_dir, settings, cache_dir, pretrained_weights, pretrained, torch_device, dtype, workers,
+def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretrained, torch_device, dtype, workers,
            loader_workers, use_wandb, resume, dist, arguments) -> TrainResult:
     seed_everything(settings.seed, torch_device)
     resume_state = load_resume_state(run_dir) if resume else None

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from .cache import STORAGE_DTYPE, from_levels
-from .data import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
+from .layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
 from .errors import Cov3dError
 from .figures import save_figure, slice_views
 from .preprocess import preprocess_scan
-from .scans import find_scans, list_slices
+from .scans import find_scans, list_slices, one_line
 
 DISPLAY_SIZE = 256
 """In-plane pixels (H = W) a JPEG scan is resized to for display; its depth is kept up to this too."""
@@ -47,7 +47,7 @@ def load_tensor_file(path: Path) -> tuple[torch.Tensor, Path | None]:
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
-        raise Cov3dError(f"Cannot read tensor file {path}: {' '.join(str(error).split())[:120]}. "
+        raise Cov3dError(f"Cannot read tensor file {path}: {one_line(error)[:120]}. "
                          "Give a cov3d cache file or a tensor saved with torch.save.") from None
     source = Path(entry["source"]) if isinstance(entry, dict) and isinstance(entry.get("source"), str) else None
     volume = entry.get("volume") if isinstance(entry, dict) else entry
@@ -107,15 +107,19 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
     return expanded
 
 
-def _model_volume(view: ViewedScan, path: Path, predictor, cache_dir: Path) -> torch.Tensor:
-    """The (1, 1, D, H, W) input the run expects: from the cache for folders, resampled for tensor files."""
+def model_volume(
+    path: Path, size: tuple[int, int, int], fast_decode: bool, cache_dir: Path, volume: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The (1, D, H, W) input a run of ``size`` expects: from the cache for a scan folder; for a
+    tensor file its volume (D, H, W) (``volume`` if already read, else read from ``path``),
+    resampled trilinearly and clipped to [0, 1]."""
     from .preprocess import VolumeCache
 
     if Path(path).is_dir():
-        cache = VolumeCache(cache_dir, *predictor.size, fast_decode=predictor.fast_decode)
-        return cache.get(path)[None]
-    volume = torch.from_numpy(view.volume)[None, None]
-    return F.interpolate(volume, size=predictor.size, mode="trilinear", align_corners=False).clamp(0, 1)
+        return VolumeCache(cache_dir, *size, fast_decode=fast_decode).get(path)
+    if volume is None:
+        volume = load_tensor_file(path)[0]
+    return F.interpolate(volume[None, None], size=size, mode="trilinear", align_corners=False)[0].clamp(0, 1)
 
 
 def show_scans(
@@ -147,7 +151,9 @@ def show_scans(
         if label:
             parts.append(label)
         if predictor is not None:
-            volume = _model_volume(view, path, predictor, cache_dir or default_cache_dir())
+            volume = model_volume(
+                path, predictor.size, predictor.fast_decode, cache_dir or default_cache_dir(), torch.from_numpy(view.volume)
+            )[None]
             prediction = predictor.predict(volume)[0]
             guess = "covid" if prediction.covid else "non-covid"
             if prediction.covid and prediction.severity:

@@ -70,7 +70,7 @@ def _update_one(cache: VolumeCache, scan_dir: Path) -> tuple[str, str | None]:
         return FAILED, f"Unexpected {type(error).__name__} while preprocessing {scan_dir}: {one_line(error)}."
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
+def pool_context() -> multiprocessing.context.BaseContext:
     """``forkserver`` where available: one server process imports this module once and forks
     each worker from it (cheap on many-core nodes, and safe: the server has no threads);
     otherwise ``spawn``. Never plain ``fork`` of a process whose torch may hold threads."""
@@ -81,8 +81,9 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _init_worker() -> None:
-    """Worker processes use one thread each: the parallelism is across scans."""
+def init_worker(*_: object) -> None:
+    """Worker processes use one thread each: the parallelism is across scans (a loader passes
+    the worker id, which is not needed)."""
     torch.set_num_threads(1)
 
 
@@ -147,7 +148,7 @@ def preprocess_many(
                 record(scan, _update_one(cache, scan))
                 advance()
         else:
-            executor = ProcessPoolExecutor(n_workers, mp_context=_pool_context(), initializer=_init_worker)
+            executor = ProcessPoolExecutor(n_workers, mp_context=pool_context(), initializer=init_worker)
             try:
                 futures = {executor.submit(_update_one, cache, scan): scan for scan in scans}
                 for future in as_completed(futures):

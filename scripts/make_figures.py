@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cov3d.data import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
+from cov3d.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
 from cov3d.explain import explain
 from cov3d.run_figures import CURVES_FILE, CONFUSION_STEM
 from cov3d.stats import dataset_stats, print_stats, write_stats

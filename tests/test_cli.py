@@ -46,6 +46,13 @@ def test_train_without_severity_csv(tmp_path):
     assert_one_line_error(invoke("train", "--directory", tmp_path, "--no-pretrained"), "train_partition_covid_categories.csv")
 
 
+@pytest.mark.parametrize(("option", "value"), [("--dropout", "1.0"), ("--pool", "median")])
+def test_train_rejects_unbuildable_settings_before_reading_data(tmp_path, tiny_dataset, option, value):
+    result = invoke("train", "--directory", tiny_dataset, "--cache-dir", tmp_path / "cache", option, value)
+    assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output
+    assert option.removeprefix("--") in result.output and not (tmp_path / "cache").exists()
+
+
 def test_preprocess_without_scans(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(invoke("preprocess", tmp_path / "empty"), "empty")

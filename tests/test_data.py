@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from cov3d.data import (
-    SagittalReflection, TensorCT, collect_items, build_dataloaders, presence_counts,
-    read_severity_csv, severity_group_counts,
+    SagittalReflection, TensorCT, collect_items, build_dataloaders, presence_counts, severity_group_counts,
 )
 from cov3d.errors import Cov3dError
+from cov3d.layout import read_severity_csv
 from cov3d.preprocess import VolumeCache
 
 

@@ -100,7 +100,7 @@ def test_ensemble_of_two_sizes_is_the_mean_of_its_members(tiny_dataset, tmp_path
     scans = find_scans([tiny_dataset / "test"])
     runs = [make_run(tmp_path / "a", (4, 16, 16), seed=1), make_run(tmp_path / "b", (2, 24, 24), seed=2, tasks=("severity",))]
     built = []
-    monkeypatch.setattr(VolumeCache, "_fetch", lambda self, scan, original=VolumeCache._fetch: built.append((self.depth, scan)) or original(self, scan))
+    monkeypatch.setattr(VolumeCache, "_fetch", lambda self, scan, sources=None, original=VolumeCache._fetch: built.append((self.depth, scan)) or original(self, scan, sources))
     both = run_infer(scans, runs, tmp_path, "both.csv", batch_size=2)  # batches of 2 and 1
     assert sorted(built) == sorted((depth, scan) for depth in (4, 2) for scan in scans)  # each scan once per size
     alone = [run_infer(scans, model, tmp_path, f"{i}.csv", batch_size=3) for i, model in enumerate(runs)]
