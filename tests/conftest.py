@@ -1,5 +1,7 @@
 """Shared fixtures: tiny synthetic datasets in the COV19-CT-DB layout and one tiny trained run."""
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,20 @@ import pytest
 from cov3d.synthetic import generate_dataset
 
 TINY_SIZE = (8, 32, 32)  # (D, H, W): small enough for r3d_18 on a CPU in well under a second per step
+DISK_NEEDED_GIB = 4  # the suite's folders peak at about 3.5 GB: every r3d_18 file is 130-400 MB, whatever the volume size
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, in one line, when the temporary folder's disk cannot hold the suite's model files."""
+    folder = Path(session.config.option.basetemp or tempfile.gettempdir()).resolve()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    free_gib = shutil.disk_usage(existing).free / 2**30
+    if free_gib < DISK_NEEDED_GIB:
+        pytest.exit(
+            f"Only {free_gib:.1f} GiB free on the disk of {folder}; the tests need about {DISK_NEEDED_GIB} GiB. "
+            "Free some space or point --basetemp at a larger disk.",
+            returncode=1,
+        )
 
 
 @pytest.fixture(autouse=True)

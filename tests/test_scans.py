@@ -76,7 +76,7 @@ def test_unreadable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     real_scandir = os.scandir
 
     def scandir(path: object) -> object:
-        if Path(path) == scan:
+        if isinstance(path, (str, os.PathLike)) and Path(path) == scan:  # rmtree passes file descriptors
             raise PermissionError(13, "Permission denied", str(path))
         return real_scandir(path)
 
