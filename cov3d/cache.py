@@ -195,9 +195,15 @@ def save_atomic(path: Path, entry: dict) -> None:
         raise
 
 
-def load_valid_volume(path: Path, params: dict[str, int], scan_dir: Path, fingerprint: str) -> torch.Tensor | None:
+def load_valid_volume(
+    path: Path, params: dict[str, int], scan_dir: Path, fingerprint: str | None
+) -> torch.Tensor | None:
     """The stored uint8 levels ``(1, D, H, W)`` of a valid, current entry; ``None`` if the
-    entry is missing, damaged or stale (see the module docstring)."""
+    entry is missing, damaged or stale (see the module docstring).
+
+    ``fingerprint=None`` skips the comparison with the source files, for an entry that was
+    checked against them earlier in the same run; everything else is still checked.
+    """
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a missing, unreadable or truncated entry counts as missing
@@ -208,8 +214,9 @@ def load_valid_volume(path: Path, params: dict[str, int], scan_dir: Path, finger
         **params,
         "format": CACHE_FORMAT_VERSION,
         "source": str(Path(scan_dir).resolve()),
-        "fingerprint": fingerprint,
     }
+    if fingerprint is not None:
+        expected["fingerprint"] = fingerprint
     if any(entry.get(name) != value for name, value in expected.items()):
         return None
     volume = entry.get("volume")

@@ -12,7 +12,9 @@ from fastai.data.block import DataBlock, TransformBlock
 from fastai.data.core import DataLoaders
 from fastai.torch_core import TensorBase
 from fastai.vision.augment import RandTransform
+from fasttransform import Transform
 
+from .cache import LEVELS
 from .errors import Cov3dError
 from .layout import PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, read_severity_csv
 from .preprocess import VolumeCache
@@ -109,13 +111,27 @@ class SagittalReflection(RandTransform):
 
 
 class VolumeLoader:
-    """Picklable getter: ScanItem -> cached volume (1, D, H, W) as a TensorCT."""
+    """Picklable getter: ScanItem -> cached uint8 levels (1, D, H, W) as a TensorCT.
+
+    Items stay uint8 (a quarter of float32's bytes) through the loader processes, pinned
+    memory and the copy to the device; ``LevelsToValues`` turns batches into values there.
+    """
 
     def __init__(self, cache: VolumeCache):
         self.cache = cache
 
     def __call__(self, item: ScanItem) -> TensorCT:
-        return TensorCT(self.cache.get(item.path))
+        return TensorCT(self.cache.checked_levels(item.path))
+
+
+class LevelsToValues(Transform):
+    """Batch transform: uint8 levels (B, 1, D, H, W) -> float32 values level / 255 in [0, 1],
+    the same values as ``VolumeCache.get``; runs after the batch reaches its device."""
+
+    order = -90  # after AsyncToDevice (-100), before anything that expects values
+
+    def encodes(self, levels: TensorCT):  # no return annotation: fastcore would cast the result to it
+        return levels.float().div_(LEVELS)
 
 
 def scan_target(item: ScanItem) -> torch.Tensor:
@@ -132,13 +148,17 @@ def split_by_partition(items: Sequence[ScanItem]) -> tuple[list[int], list[int]]
 
 
 def build_datablock(cache: VolumeCache, *, reflect: bool = True) -> DataBlock:
-    """A DataBlock over ScanItems: x = cached volume (1, D, H, W), y = tensor([has_covid, severity])."""
+    """A DataBlock over ScanItems: x = cached volume (1, D, H, W), y = tensor([has_covid, severity]).
+
+    Items hold uint8 levels; batches hold float32 values in [0, 1] (``LevelsToValues``).
+    """
     return DataBlock(
         blocks=(TransformBlock(), TransformBlock()),
         get_x=VolumeLoader(cache),
         get_y=scan_target,
         splitter=split_by_partition,
         item_tfms=[SagittalReflection()] if reflect else [],
+        batch_tfms=[LevelsToValues()],
     )
 
 

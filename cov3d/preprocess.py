@@ -258,6 +258,17 @@ class VolumeCache:
         stored, _ = self._stored(scan_dir, scan_sources(scan_dir))
         return None if stored is None else from_levels(stored)
 
+    def checked_levels(self, scan_dir: Path) -> torch.Tensor:
+        """The stored uint8 levels (1, D, H, W) of an entry that ``update`` made current
+        earlier in this run, read without listing the scan again (the entry's own checks and
+        CRC still hold); rebuilt from the scan if the entry has gone missing or been damaged.
+
+        This is what a training loader reads on every item of every epoch.
+        """
+        scan_dir = Path(scan_dir)
+        stored = load_valid_volume(self.path_for(scan_dir), self.params, scan_dir, fingerprint=None)
+        return self._fetch(scan_dir)[0] if stored is None else stored
+
     def update(self, scan_dir: Path) -> bool:
         """Make sure a current entry exists; ``True`` if it had to be (re)built."""
         return self._fetch(Path(scan_dir))[1]

@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from cov3d.data import (
-    SagittalReflection, TensorCT, collect_items, build_dataloaders, presence_counts, severity_group_counts,
+    LevelsToValues, SagittalReflection, TensorCT, collect_items, build_dataloaders, presence_counts,
+    severity_group_counts,
 )
+from cov3d.distributed import Distributed
 from cov3d.errors import Cov3dError
+from cov3d.loaders import AsyncToDevice, training_loaders
 from cov3d.layout import read_severity_csv
 from cov3d.preprocess import VolumeCache
 
@@ -94,3 +97,30 @@ def test_dataloaders_give_batches_of_two_volumes_and_targets(tmp_path, tiny_data
     assert 0.0 <= float(volumes.min()) and float(volumes.max()) <= 1.0
     first = items[[i.partition for i in items].index("validation")]
     assert targets[0].tolist() == [first.has_covid, first.severity]
+
+
+def test_items_stay_uint8_and_batches_hold_the_cached_values(tmp_path, tiny_dataset):
+    """Items carry a quarter of the bytes; the batch equals VolumeCache.get, value for value."""
+    items = collect_items(tiny_dataset)
+    cache = VolumeCache(tmp_path / "cache", 8, 32, 32)
+    dls = build_dataloaders(items, cache, reflect=False)
+    volume, _ = dls.valid_ds[0]
+    assert isinstance(volume, TensorCT) and volume.dtype == torch.uint8 and volume.shape == (1, 8, 32, 32)
+    volumes, _ = dls.valid.one_batch()
+    validation = [item for item in items if item.partition == "validation"][:2]
+    expected = torch.stack([cache.get(item.path) for item in validation])
+    assert volumes.dtype == torch.float32
+    assert torch.equal(volumes.as_subclass(torch.Tensor), expected)
+
+
+def test_training_batches_convert_levels_after_the_device_copy(tmp_path, tiny_dataset):
+    items = collect_items(tiny_dataset)
+    cache = VolumeCache(tmp_path / "cache", 8, 32, 32)
+    dls = training_loaders(items, cache, batch_size=2, reflect=True, device=torch.device("cpu"), workers=0,
+                           dist=Distributed())
+    for loader in dls.loaders:
+        kinds = [type(tfm) for tfm in loader.after_batch.fs]
+        assert kinds.index(AsyncToDevice) < kinds.index(LevelsToValues)
+    volumes, targets = dls.train.one_batch()
+    assert volumes.dtype == torch.float32 and 0.0 <= float(volumes.min()) and float(volumes.max()) <= 1.0
+    assert targets.dtype == torch.long

@@ -284,6 +284,37 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path, cache_dir: Path, how: str) -> 
     assert torch.equal(cache.load(scan), good)
 
 
+def test_checked_levels_read_without_listing_the_scan(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training reads entries that update() made current without listing or fingerprinting the scan again."""
+    scan = make_scan(tmp_path / "ct_scan_1", 3)
+    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache.update(scan)
+    values = cache.get(scan)
+    listings = []
+    real_sources = preprocess_module.scan_sources
+    monkeypatch.setattr(preprocess_module, "scan_sources", lambda folder: listings.append(folder) or real_sources(folder))
+    levels = cache.checked_levels(scan)
+    assert listings == []
+    assert levels.dtype == torch.uint8 and levels.shape == (1, 4, 8, 6)
+    assert torch.equal(levels.float() / 255, values)
+
+
+@pytest.mark.parametrize("how", ["truncated", "contents", "missing"])
+def test_checked_levels_rebuild_a_damaged_or_missing_entry(tmp_path: Path, cache_dir: Path, how: str) -> None:
+    scan = make_scan(tmp_path / "ct_scan_1", 3)
+    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache.update(scan)
+    good = cache.checked_levels(scan)
+    if how == "missing":
+        cache.path_for(scan).unlink()
+    else:
+        damage(cache.path_for(scan), how)
+    assert torch.equal(cache.checked_levels(scan), good)
+    assert cache.load(scan) is not None  # stored again
+
+
 def test_source_change_rebuilds(tmp_path: Path, cache_dir: Path) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 3)
     cache = VolumeCache(cache_dir, 4, 8, 6)
