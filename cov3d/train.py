@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
 import secrets
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -213,17 +215,31 @@ def train(
     }
     dist = distributed_from_env()
     torch_device, started = start_distributed(dist, resolve_device(device))
-    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        return _train(
-            Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
-            pretrained=pretrained, torch_device=torch_device, dtype=resolve_precision(precision, torch_device),
-            workers=workers, loader_workers=loader_workers, use_wandb=use_wandb, resume=resume, dist=dist,
-            arguments=arguments,
-        )
+        with kept_determinism_flags():
+            return _train(
+                Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
+                pretrained=pretrained, torch_device=torch_device, dtype=resolve_precision(precision, torch_device),
+                workers=workers, loader_workers=loader_workers, use_wandb=use_wandb, resume=resume, dist=dist,
+                arguments=arguments,
+            )
     finally:
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         stop_distributed(started)
+
+
+@contextlib.contextmanager
+def kept_determinism_flags() -> Iterator[None]:
+    """Give back torch's global determinism settings that ``seed_everything`` changes:
+    deterministic algorithms (and warn-only), cuDNN's deterministic and benchmark flags."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+    )
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
 
 
 def seed_everything(seed: int, device: torch.device) -> None:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from cov3d.errors import Cov3dError
 from cov3d.model import build_model
-from cov3d.train import CHECKPOINTS, TrainSettings, train
+from cov3d.train import CHECKPOINTS, TrainSettings, kept_determinism_flags, seed_everything, train
 
 
 def test_paper_defaults():
@@ -57,3 +57,24 @@ def test_missing_kinetics_weights_is_a_clear_error(tmp_path, tiny_dataset, monke
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     with pytest.raises(Cov3dError, match="--no-pretrained"):
         train(tiny_dataset, tmp_path / "run", TrainSettings(epochs=1), cache_dir=tmp_path / "cache", device="cpu")
+
+
+@pytest.mark.parametrize("before", [(False, False, False, True), (True, True, True, False)])
+def test_seeding_leaves_the_callers_determinism_flags_as_they_were(before):
+    """train() seeds inside kept_determinism_flags: the caller's torch and cuDNN settings come back."""
+    def flags():
+        return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+
+    original = flags()
+    try:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+        with kept_determinism_flags():
+            seed_everything(0, torch.device("cpu"))
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            assert torch.are_deterministic_algorithms_enabled()
+        assert flags() == before
+    finally:
+        torch.use_deterministic_algorithms(original[0], warn_only=original[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = original[2:]
