@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import platform
 import secrets
 import sys
 from collections.abc import Iterator
@@ -22,7 +21,6 @@ from fastai.torch_core import set_seed
 from fastcore.basics import noop
 from safetensors.torch import save_file
 
-from . import __version__
 from .checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, unwrap
 from .data import collect_items, presence_counts, severity_group_counts, ScanItem
 from .distributed import (
@@ -173,9 +171,6 @@ def prepare_volumes(items: list[ScanItem], cache: VolumeCache, workers: int | No
 def write_config(run_dir: Path, settings: TrainSettings, extra: dict) -> None:
     """config.json: sizes, hyperparameters and class names needed to rebuild the model for inference."""
     config = {
-        "cov3d_version": __version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
         **asdict(settings),
         "outputs": settings.outputs,
         "presence_classes": list(PRESENCE_CLASSES),
