@@ -22,6 +22,9 @@ size. The cache lives in an explicit directory (``default_cache_dir``), never ne
   more than the preprocessing at small): an entry torn by a system crash fails validation.
 - **Validation.** An entry that is truncated, unreadable, of another format version, shape,
   dtype, parameters, source or fingerprint, or whose CRC does not match, counts as missing.
+- **Pruning.** A stale entry is overwritten when its scan is read again, but entries of an older
+  format version, of scans that were moved or deleted, unreadable files and temporary files of
+  killed writers would stay forever: ``prune_cache`` removes them (``cov3d prune-cache``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +230,69 @@ def load_valid_volume(
     if entry.get("crc32") != checksum(volume):
         return None
     return volume
+
+
+@dataclass
+class PruneSummary:
+    """What ``prune_cache`` removed (file, reason), how many entries it kept and the bytes freed."""
+
+    removed: list[tuple[Path, str]] = field(default_factory=list)
+    kept: int = 0
+    freed_bytes: int = 0
+
+
+def _prune_reason(path: Path, missing_scans: bool, now: float) -> str | None:
+    """Why the file ``path`` of a cache size folder can go, or ``None`` to keep it."""
+    if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX):
+        stale = now - path.stat().st_mtime > STALE_TEMP_SECONDS
+        return "temporary file of a killed writer" if stale else None  # else: being written now
+    if path.suffix != ".pt":
+        return None
+    try:  # mmap: reads the small header records, not the volume
+        entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file is damaged
+        return "unreadable"
+    if not isinstance(entry, dict):
+        return "not a cache entry"
+    if entry.get("format") != CACHE_FORMAT_VERSION:
+        return f"format {entry.get('format')}, this cov3d reads format {CACHE_FORMAT_VERSION}"
+    if missing_scans and not Path(str(entry.get("source"))).exists():
+        return "its scan is gone"
+    return None
+
+
+def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool = False) -> PruneSummary:
+    """Remove the entries under ``cache_dir`` that can never be read again.
+
+    Always: entries of another format version, unreadable files and temporary files older than
+    ``STALE_TEMP_SECONDS``. With ``missing_scans``, also entries whose scan folder or file no
+    longer exists (leave it off while a data drive is unmounted). With ``dry_run``, only report.
+    Size folders left empty are removed. Raises ``Cov3dError`` if ``cache_dir`` is not a folder.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    if not cache_dir.is_dir():
+        raise Cov3dError(f"Cache directory not found: {cache_dir}. Give the folder passed as --cache-dir.")
+    summary, now = PruneSummary(), time.time()
+    for folder in sorted(path for path in cache_dir.iterdir() if path.is_dir()):
+        for path in sorted(folder.iterdir()):
+            try:
+                reason = _prune_reason(path, missing_scans, now) if path.is_file() else None
+                size = path.stat().st_size
+            except FileNotFoundError:  # moved into place or removed by a concurrent writer
+                continue
+            if reason is None:
+                if path.suffix == ".pt":
+                    summary.kept += 1
+                continue
+            if not dry_run:
+                try:
+                    path.unlink()
+                except OSError as error:
+                    raise Cov3dError(
+                        f"Cannot remove {path}: {one_line(error.strerror or error)}. Check the cache folder's permissions."
+                    ) from None
+            summary.removed.append((path, reason))
+            summary.freed_bytes += size
+        if not dry_run and not any(folder.iterdir()):
+            folder.rmdir()
+    return summary

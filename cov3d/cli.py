@@ -116,6 +116,27 @@ def preprocess(
         raise typer.Exit(1)
 
 
+@app.command("prune-cache")
+@user_errors
+def prune_cache(
+    cache_dir: Optional[Path] = CacheDirOption,
+    missing_scans: bool = typer.Option(False, "--missing-scans", help="Also remove entries whose scan folder or file no longer exists (not while a data drive is unmounted)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
+):
+    """Free the cache of entries that can never be read again: older format versions, unreadable files, leftovers of killed writers."""
+    from .cache import prune_cache as prune
+
+    directory = cache_directory(cache_dir)
+    summary = prune(directory, missing_scans=missing_scans, dry_run=dry_run)
+    for path, reason in summary.removed:
+        typer.echo(f"{'Would remove' if dry_run else 'Removed'} {path}: {reason}")
+    count = len(summary.removed)
+    typer.echo(
+        f"{directory}: {count} file{'' if count == 1 else 's'} {'to remove' if dry_run else 'removed'} "
+        f"({summary.freed_bytes / 2**20:.1f} MiB), {summary.kept} entries kept."
+    )
+
+
 @app.command()
 @user_errors
 def train(

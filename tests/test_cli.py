@@ -58,6 +58,21 @@ def test_preprocess_without_scans(tmp_path):
     assert_one_line_error(invoke("preprocess", tmp_path / "empty"), "empty")
 
 
+def test_prune_cache_lists_then_removes(tmp_path, tiny_dataset):
+    cache = tmp_path / "cache"
+    assert invoke("preprocess", tiny_dataset / "test", "--depth", 4, "--width", 16, "--cache-dir", cache).exit_code == 0
+    entries = sorted(cache.glob("*/*.pt"))
+    damaged = entries[0]
+    damaged.write_bytes(b"")
+    preview = invoke("prune-cache", "--cache-dir", cache, "--dry-run")
+    assert preview.exit_code == 0, preview.output
+    assert f"Would remove {damaged}: unreadable" in preview.output
+    assert f"1 file to remove (0.0 MiB), {len(entries) - 1} entries kept." in preview.output and damaged.exists()
+    result = invoke("prune-cache", "--cache-dir", cache)
+    assert result.exit_code == 0 and f"Removed {damaged}: unreadable" in result.output and not damaged.exists()
+    assert_one_line_error(invoke("prune-cache", "--cache-dir", tmp_path / "elsewhere"), "elsewhere", "not found")
+
+
 def test_infer_on_missing_folder(tmp_path, tiny_run):
     assert_one_line_error(invoke("infer", tmp_path / "missing", "--model", tiny_run), "missing")
 

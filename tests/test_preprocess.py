@@ -458,3 +458,49 @@ def test_shards_partition_the_scans(tmp_path: Path, cache_dir: Path) -> None:
     for bad in [(3, 3), (-1, 2), (0, 0)]:
         with pytest.raises(Cov3dError, match="shard"):
             select_shard(scans, bad)
+
+
+def test_prune_removes_only_what_can_never_be_read(tmp_path: Path, cache_dir: Path) -> None:
+    kept_scan, gone_scan = make_scan(tmp_path / "ct_scan_1", 3), make_scan(tmp_path / "ct_scan_2", 3, seed=1)
+    cache, other_size = VolumeCache(cache_dir, 4, 8, 6), VolumeCache(cache_dir, 2, 4, 4)
+    for scan in (kept_scan, gone_scan):
+        cache.update(scan)
+    other_size.update(gone_scan)
+    entry = torch.load(cache.path_for(kept_scan), weights_only=True)
+    folder = cache.path_for(kept_scan).parent
+    torch.save({**entry, "format": 1, "volume": entry["volume"].half() / 255}, folder / "ct_scan_1-0123456789abcdef.pt")
+    (folder / "ct_scan_3-fedcba9876543210.pt").write_bytes(b"not a zip")
+    old_temp, new_temp = folder / ".ct_scan_1-0.pt.abc.tmp", folder / ".ct_scan_1-0.pt.def.tmp"
+    old_temp.write_bytes(b"half")
+    new_temp.write_bytes(b"half")
+    os.utime(old_temp, (time.time() - 2 * cache_module.STALE_TEMP_SECONDS,) * 2)
+    (folder / "notes.txt").write_text("the user's")
+    for path in gone_scan.iterdir():
+        path.unlink()
+    gone_scan.rmdir()
+
+    preview = cache_module.prune_cache(cache_dir, dry_run=True)
+    assert {path.name for path, _ in preview.removed} == {
+        "ct_scan_1-0123456789abcdef.pt", "ct_scan_3-fedcba9876543210.pt", old_temp.name,
+    }
+    assert all(path.exists() for path, _ in preview.removed)
+    reasons = dict((path.name, reason) for path, reason in preview.removed)
+    assert reasons["ct_scan_1-0123456789abcdef.pt"].startswith("format 1")
+    assert reasons["ct_scan_3-fedcba9876543210.pt"] == "unreadable"
+
+    pruned = cache_module.prune_cache(cache_dir)
+    assert [path for path, _ in pruned.removed] == [path for path, _ in preview.removed]
+    assert not any(path.exists() for path, _ in pruned.removed)
+    assert pruned.kept == 3 and new_temp.exists() and (folder / "notes.txt").exists()
+    assert pruned.freed_bytes > 0
+    assert cache.load(kept_scan) is not None
+
+    gone = cache_module.prune_cache(cache_dir, missing_scans=True)
+    assert sorted(reason for _, reason in gone.removed) == ["its scan is gone"] * 2
+    assert gone.kept == 1 and cache.load(kept_scan) is not None
+    assert not other_size.path_for(kept_scan).parent.exists()  # its only entry went: folder removed
+
+
+def test_prune_a_missing_cache_dir(tmp_path: Path) -> None:
+    with pytest.raises(Cov3dError, match="Cache directory not found: .*nowhere"):
+        cache_module.prune_cache(tmp_path / "nowhere")
