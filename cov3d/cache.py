@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cov3d.atomic import TEMP_SUFFIX, write_failure_reason
 from cov3d.errors import Cov3dError
 from cov3d.scans import one_line
 
@@ -61,9 +62,6 @@ STORAGE_DTYPE = torch.uint8
 
 LEVELS = 255
 """Stored level of the value 1.0."""
-
-TEMP_SUFFIX = ".tmp"
-"""Suffix of temporary files being written; never read as entries."""
 
 STALE_TEMP_SECONDS = 3600
 """Age after which a leftover temporary file of an entry is taken to be from a killed writer."""
@@ -190,11 +188,11 @@ def save_atomic(path: Path, entry: dict) -> None:
             torch.save(entry, handle)
         os.replace(temp, path)
     except BaseException as error:
+        reason = write_failure_reason(error, path.parent) if isinstance(error, Exception) else None
         temp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
+        if reason is not None:
             raise Cov3dError(
-                f"Cannot write cache file {path}: {one_line(error.strerror or error)}. "
-                "Free some space or choose another cache directory."
+                f"Cannot write cache file {path}: {reason}. Free some space or choose another cache directory."
             ) from None
         raise
 

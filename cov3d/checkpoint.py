@@ -8,7 +8,6 @@ previous or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,11 @@ import torch
 from fastai.callback.core import Callback
 from torch import nn
 
+from .atomic import replaced_atomically
 from .errors import Cov3dError
 
 RESUME_FILE = "checkpoint.pth"
 CHECKPOINT_FORMAT = 1
-TEMP_SUFFIX = ".tmp"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -84,14 +83,20 @@ def load_optimizer_state(opt, state: dict[str, Any]) -> None:
     opt.load_state_dict({"state": moved, "hypers": state["hypers"]})
 
 
+def resume_remedy(run_dir: Path) -> str:
+    """What to do when a file of the run in `run_dir` cannot be written (a full disk, say)."""
+    if (Path(run_dir) / RESUME_FILE).is_file():
+        return f"Free some space, then continue the run with: cov3d train --resume {run_dir}"
+    return "Free some space and start the run again (it had not finished an epoch)."
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
-    temp = path.with_name(path.name + TEMP_SUFFIX)
-    with temp.open("wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    """torch.save to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    Raises ``Cov3dError`` naming `path` if the disk is full or cannot be written.
+    """
+    with replaced_atomically(path, resume_remedy(path.parent)) as temp:
+        torch.save(state, temp)
 
 
 def load_resume_state(run_dir: Path) -> dict[str, Any]:

@@ -36,7 +36,8 @@ def fail(message: str) -> None:
 
 
 def user_errors(command: Callable) -> Callable:
-    """Show Cov3dError as a single line (no traceback) and exit non-zero."""
+    """Show Cov3dError, and any OSError (a folder that cannot be made, a full disk), as a single
+    line (no traceback) and exit non-zero."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -44,6 +45,11 @@ def user_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except Cov3dError as error:
             fail(str(error))
+        except OSError as error:
+            from .scans import one_line
+
+            where = f"{error.filename}: " if error.filename else ""
+            fail(f"{where}{one_line(error.strerror or error)}. Check the path, its permissions and the free disk space.")
 
     return wrapper
 

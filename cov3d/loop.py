@@ -13,6 +13,9 @@ from pathlib import Path
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
 
+from .atomic import write_text_atomically
+from .checkpoint import resume_remedy
+
 ONE_CYCLE_PCT_START = 0.25
 """Fraction of the run spent warming up; fastai `fit_one_cycle` default."""
 ONE_CYCLE_DIV = 25.0
@@ -66,7 +69,7 @@ class MetricsLog(Callback):
             return
         header = ",".join(self.recorder.metric_names)
         kept = self.path.read_text().splitlines()[1:1 + self.first_epoch] if self.first_epoch else []
-        self.path.write_text("\n".join([header, *kept]) + "\n")
+        write_text_atomically(self.path, "\n".join([header, *kept]) + "\n", resume_remedy(self.path.parent))
 
     def after_epoch(self) -> None:
         if not self.write:

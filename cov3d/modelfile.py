@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import replaced_atomically
 from .errors import Cov3dError
 from .model import POOLS, build_model
 from .scans import one_line
@@ -229,7 +230,8 @@ def export_model(source: Path, out: Path) -> Path:
     tensors = {f"{task}/{key}": tensor.contiguous() for task, state in model.states.items() for key, tensor in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "config": config_text, "sha256": ""}
-    save_file(tensors, str(out), metadata=metadata)
-    metadata["sha256"] = _data_digest(out, config_text)
-    save_file(tensors, str(out), metadata=metadata)
+    with replaced_atomically(out, "Free some space or export to another folder.") as temp:
+        save_file(tensors, str(temp), metadata=metadata)
+        metadata["sha256"] = _data_digest(temp, config_text)
+        save_file(tensors, str(temp), metadata=metadata)
     return out

@@ -21,7 +21,8 @@ from fastai.torch_core import set_seed
 from fastcore.basics import noop
 from safetensors.torch import save_file
 
-from .checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, unwrap
+from .atomic import replaced_atomically, write_text_atomically
+from .checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, resume_remedy, unwrap
 from .data import collect_items, presence_counts, severity_group_counts, ScanItem
 from .distributed import (
     DDPTrainer, distributed_from_env, gather_strings, main_first, parameter_digest, start_distributed, stop_distributed,
@@ -41,6 +42,7 @@ from .workers import preprocess_many
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+NEW_RUN_REMEDY = "Free some space or choose another --output-dir."
 CHECKPOINTS = {f"{task}_f1": name for task, name in TASK_CHECKPOINTS.items()}
 """The best weights of each monitored metric (the files ``cov3d.modelfile`` reads)."""
 SEVERITY_NAMES = ("negative", *SEVERITY_LABELS)
@@ -109,7 +111,8 @@ class BestCheckpoints(Callback):
                 self.best[name], self.best_epoch[name] = value, self.first_epoch + self.epoch
                 if self.write:
                     state = {key: t.detach().cpu().contiguous() for key, t in unwrap(self.model).state_dict().items()}
-                    save_file(state, str(self.run_dir / CHECKPOINTS[name]))
+                    with replaced_atomically(self.run_dir / CHECKPOINTS[name], resume_remedy(self.run_dir)) as temp:
+                        save_file(state, str(temp))
 
 
 class PlainBatches(Callback):
@@ -179,7 +182,7 @@ def write_config(run_dir: Path, settings: TrainSettings, extra: dict) -> None:
         "checkpoints": CHECKPOINTS,
         **extra,
     }
-    (run_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    write_text_atomically(run_dir / CONFIG_FILE, json.dumps(config, indent=2), NEW_RUN_REMEDY)
 
 
 def train(
@@ -325,7 +328,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     digests = gather_strings(dist, parameter_digest(learner.model))
     summary = {"best_scores": checkpoints.best, "best_epochs": checkpoints.best_epoch, "replica_digests": digests}
     if dist.is_main:
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2), resume_remedy(run_dir))
     if use_wandb and dist.is_main:
         finish_wandb(checkpoints)
     return TrainResult(run_dir, dict(checkpoints.best))
@@ -362,7 +365,7 @@ def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
     config = json.loads((run_dir / CONFIG_FILE).read_text())
     run_id = config.get("wandb_id") or secrets.token_hex(WANDB_ID_BYTES)
     if "wandb_id" not in config:
-        (run_dir / CONFIG_FILE).write_text(json.dumps({**config, "wandb_id": run_id}, indent=2))
+        write_text_atomically(run_dir / CONFIG_FILE, json.dumps({**config, "wandb_id": run_id}, indent=2), NEW_RUN_REMEDY)
     wandb.init(project=WANDB_PROJECT, dir=str(run_dir), id=run_id, name=run_dir.name, config=config,
                resume="allow" if resume else None, reinit=True)
 

@@ -73,6 +73,13 @@ def test_prune_cache_lists_then_removes(tmp_path, tiny_dataset):
     assert_one_line_error(invoke("prune-cache", "--cache-dir", tmp_path / "elsewhere"), "elsewhere", "not found")
 
 
+def test_an_output_that_cannot_be_made_is_one_line(tmp_path, tiny_dataset):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = invoke("stats", tiny_dataset, "--output", blocker / "stats")
+    assert_one_line_error(result, str(blocker / "stats"), "Not a directory", "permissions")
+
+
 def test_infer_on_missing_folder(tmp_path, tiny_run):
     assert_one_line_error(invoke("infer", tmp_path / "missing", "--model", tiny_run), "missing")
 

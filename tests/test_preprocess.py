@@ -398,6 +398,30 @@ def make_scans(root: Path, count: int) -> list[Path]:
     return [make_scan(root / f"ct_scan_{index}", 2 + index % 3, size=(10, 8), seed=index) for index in range(count)]
 
 
+def test_full_disk_fails_each_scan_with_its_cache_file_named(
+    tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.save reports a full disk as RuntimeError ('unexpected pos'); cov3d says what happened."""
+    from cov3d import atomic
+
+    def torn_save(entry: dict, handle) -> None:
+        handle.write(b"PK\x03\x04 torn")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    scans = make_scans(tmp_path / "data", 2)
+    cache = VolumeCache(cache_dir, 4, 6, 6)
+    monkeypatch.setattr(cache_module.torch, "save", torn_save)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 0})())
+    summary = preprocess_many(scans, cache, workers=1, progress=False)
+    assert [path for path, _ in summary.failed] == scans
+    for scan, (_, reason) in zip(scans, summary.failed):
+        assert reason == (
+            f"Cannot write cache file {cache.path_for(scan)}: No space left on device. "
+            "Free some space or choose another cache directory."
+        )
+    assert list(cache_dir.rglob("*")) == [cache.path_for(scans[0]).parent]  # no entry, no temporary file
+
+
 def test_resume_skips_up_to_date(tmp_path: Path, cache_dir: Path) -> None:
     scans = make_scans(tmp_path / "data", 4)
     cache = VolumeCache(cache_dir, 4, 6, 6)

@@ -5,10 +5,14 @@ import json
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cov3d.errors import Cov3dError
 from cov3d.model import build_model
+from cov3d import atomic
+from cov3d import train as train_module
+from cov3d.checkpoint import RESUME_FILE, resume_remedy
 from cov3d.train import CHECKPOINTS, TrainSettings, kept_determinism_flags, seed_everything, train
 
 
@@ -78,3 +82,29 @@ def test_seeding_leaves_the_callers_determinism_flags_as_they_were(before):
     finally:
         torch.use_deterministic_algorithms(original[0], warn_only=original[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = original[2:]
+
+
+def test_full_disk_while_saving_the_best_weights(tmp_path, tiny_dataset, monkeypatch):
+    """safetensors reports a full disk as SafetensorError: the run stops with one line, leaving no torn file."""
+    def fill_the_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"torn")
+        monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 0})())
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(train_module, "save_file", fill_the_disk)
+    run = tmp_path / "run"
+    settings = TrainSettings(depth=8, height=32, width=32, epochs=1, penultimate=8, severity_factor=0.0)
+    with pytest.raises(Cov3dError) as error:
+        train(tiny_dataset, run, settings, cache_dir=tmp_path / "cache", pretrained=False, device="cpu",
+              precision="fp32", workers=1)
+    best = run / CHECKPOINTS["presence_f1"]
+    assert str(error.value) == f"Cannot write {best}: No space left on device. {resume_remedy(run)}"
+    assert "start the run again" in str(error.value)
+    assert not best.exists() and not list(run.glob(".*"))
+
+
+def test_resume_remedy_names_the_command_once_a_checkpoint_exists(tmp_path):
+    assert "start the run again" in resume_remedy(tmp_path)
+    (tmp_path / RESUME_FILE).write_bytes(b"")
+    assert resume_remedy(tmp_path).endswith(f"cov3d train --resume {tmp_path}")

@@ -1,0 +1,67 @@
+"""Writing files so that a kill, a crash or a full disk never leaves a half-written one.
+
+A file is written to a temporary name beside its final path, flushed to disk and renamed over
+the path (``os.replace``), so the path always holds the old or the new file. When writing fails
+the temporary file is removed and the reason is given in words: torch and safetensors report a
+full disk as ``RuntimeError`` ("unexpected pos ...") or ``SafetensorError``, not as ``OSError``,
+so a failed write into a folder whose disk has (almost) no space left is reported as such.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import Cov3dError
+from .scans import one_line
+
+TEMP_SUFFIX = ".tmp"
+"""Suffix of a file being written; never read as the file itself."""
+
+FULL_DISK_BYTES = 16 * 2**20
+"""Free space under which a failed write is put down to a full disk (the failed write itself
+has taken what was left)."""
+
+
+def write_failure_reason(error: BaseException, folder: Path) -> str | None:
+    """Why a write into ``folder`` failed, in words; ``None`` if ``error`` is not about the disk."""
+    if isinstance(error, OSError):
+        return one_line(error.strerror or error)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return "No space left on device" if free < FULL_DISK_BYTES else None
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path, remedy: str) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write; when the block ends the file is
+    flushed to disk and renamed over ``path``.
+
+    On any error the temporary file is removed; a failure of the disk (full, read-only, no
+    permission) becomes a one-line ``Cov3dError`` naming ``path`` and ending with ``remedy``.
+    """
+    path = Path(path)
+    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    try:
+        yield temp
+        with temp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except Exception as error:
+        reason = write_failure_reason(error, path.parent)
+        if reason is None:
+            raise
+        raise Cov3dError(f"Cannot write {path}: {reason}. {remedy}") from None
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: Path, text: str, remedy: str) -> None:
+    """``path.write_text(text)``, all or nothing (see ``replaced_atomically``)."""
+    with replaced_atomically(path, remedy) as temp:
+        temp.write_text(text)
