@@ -2,9 +2,12 @@
 
 A file is written to a temporary name beside its final path, flushed to disk and renamed over
 the path (``os.replace``), so the path always holds the old or the new file. When writing fails
-the temporary file is removed and the reason is given in words: torch and safetensors report a
-full disk as ``RuntimeError`` ("unexpected pos ...") or ``SafetensorError``, not as ``OSError``,
-so a failed write into a folder whose disk has (almost) no space left is reported as such.
+the temporary file is removed and the reason is given in words. Writes done by Python report a
+full disk as ``OSError``; ``torch.save`` reports it as ``RuntimeError`` ("unexpected pos ...")
+after filling the disk, so a failed write into a folder whose disk has (almost) no space left is
+reported as a full disk. (safetensors' ``save_file`` gives a ``SafetensorError`` without
+touching the disk, so safetensors data is serialised in memory and written with
+``write_bytes_atomically``.)
 """
 
 from __future__ import annotations
@@ -65,3 +68,9 @@ def write_text_atomically(path: Path, text: str, remedy: str) -> None:
     """``path.write_text(text)``, all or nothing (see ``replaced_atomically``)."""
     with replaced_atomically(path, remedy) as temp:
         temp.write_text(text)
+
+
+def write_bytes_atomically(path: Path, data: bytes, remedy: str) -> None:
+    """``path.write_bytes(data)``, all or nothing (see ``replaced_atomically``)."""
+    with replaced_atomically(path, remedy) as temp:
+        temp.write_bytes(data)

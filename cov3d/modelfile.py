@@ -21,16 +21,18 @@ is refused too.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
-from .atomic import replaced_atomically
+from .atomic import write_bytes_atomically
 from .errors import Cov3dError
 from .model import POOLS, build_model
 from .scans import one_line
@@ -139,14 +141,14 @@ def _load_run(run_dir: Path) -> ModelSource:
     return ModelSource(run_dir, check_config(config, config_path), states)
 
 
-def _data_digest(path: Path, config_text: str) -> str:
-    """SHA-256 of the config text followed by the tensor bytes (everything after the header)."""
+def _data_digest(handle: BinaryIO, config_text: str) -> str:
+    """SHA-256 of the config text followed by the tensor bytes (everything after the header) of
+    the safetensors data in ``handle`` (a file opened for reading, or ``io.BytesIO``)."""
     digest = hashlib.sha256(config_text.encode())
-    with open(path, "rb") as handle:
-        (header_size,) = struct.unpack("<Q", handle.read(HEADER_SIZE_BYTES))
-        handle.seek(HEADER_SIZE_BYTES + header_size)
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
+    (header_size,) = struct.unpack("<Q", handle.read(HEADER_SIZE_BYTES))
+    handle.seek(HEADER_SIZE_BYTES + header_size)
+    while chunk := handle.read(HASH_CHUNK_BYTES):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -161,7 +163,9 @@ def _load_export(path: Path) -> ModelSource:
                 raise Cov3dError(f"{refuse} (no '{EXPORT_FORMAT}' metadata): make one with 'cov3d export RUN_DIR OUT'.")
             if metadata.get("format_version") != EXPORT_VERSION:
                 raise Cov3dError(f"{refuse}: format version {metadata.get('format_version')} is not {EXPORT_VERSION}; update cov3d.")
-            if _data_digest(path, metadata.get("config", "")) != metadata.get("sha256"):
+            with open(path, "rb") as data:
+                digest = _data_digest(data, metadata.get("config", ""))
+            if digest != metadata.get("sha256"):
                 raise Cov3dError(f"{refuse}: its contents do not match its checksum (edited or damaged); get a fresh copy.")
             states: dict[str, dict[str, torch.Tensor]] = {}
             for name in handle.keys():
@@ -230,8 +234,6 @@ def export_model(source: Path, out: Path) -> Path:
     tensors = {f"{task}/{key}": tensor.contiguous() for task, state in model.states.items() for key, tensor in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "config": config_text, "sha256": ""}
-    with replaced_atomically(out, "Free some space or export to another folder.") as temp:
-        save_file(tensors, str(temp), metadata=metadata)
-        metadata["sha256"] = _data_digest(temp, config_text)
-        save_file(tensors, str(temp), metadata=metadata)
+    metadata["sha256"] = _data_digest(io.BytesIO(safetensors_bytes(tensors, metadata=metadata)), config_text)
+    write_bytes_atomically(out, safetensors_bytes(tensors, metadata=metadata), "Free some space or export to another folder.")
     return out

@@ -19,9 +19,9 @@ from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
-from .atomic import replaced_atomically, write_text_atomically
+from .atomic import write_bytes_atomically, write_text_atomically
 from .checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, resume_remedy, unwrap
 from .data import collect_items, presence_counts, severity_group_counts, ScanItem
 from .distributed import (
@@ -111,8 +111,7 @@ class BestCheckpoints(Callback):
                 self.best[name], self.best_epoch[name] = value, self.first_epoch + self.epoch
                 if self.write:
                     state = {key: t.detach().cpu().contiguous() for key, t in unwrap(self.model).state_dict().items()}
-                    with replaced_atomically(self.run_dir / CHECKPOINTS[name], resume_remedy(self.run_dir)) as temp:
-                        save_file(state, str(temp))
+                    write_bytes_atomically(self.run_dir / CHECKPOINTS[name], safetensors_bytes(state), resume_remedy(self.run_dir))
 
 
 class PlainBatches(Callback):

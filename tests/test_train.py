@@ -1,17 +1,16 @@
 """Training writes both checkpoints, the config and the per-epoch metrics CSV; settings follow the paper."""
 
 import csv
+import errno
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cov3d.errors import Cov3dError
 from cov3d.model import build_model
-from cov3d import atomic
-from cov3d import train as train_module
 from cov3d.checkpoint import RESUME_FILE, resume_remedy
 from cov3d.train import CHECKPOINTS, TrainSettings, kept_determinism_flags, seed_everything, train
 
@@ -85,14 +84,16 @@ def test_seeding_leaves_the_callers_determinism_flags_as_they_were(before):
 
 
 def test_full_disk_while_saving_the_best_weights(tmp_path, tiny_dataset, monkeypatch):
-    """safetensors reports a full disk as SafetensorError: the run stops with one line, leaving no torn file."""
-    def fill_the_disk(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"torn")
-        monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 0})())
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    """The disk fills up while the best weights are written: one line, and no torn or temporary file."""
+    real_write_bytes = Path.write_bytes
 
-    monkeypatch.setattr(train_module, "save_file", fill_the_disk)
+    def fill_the_disk(path, data):
+        if not path.name.endswith(".safetensors.tmp"):
+            return real_write_bytes(path, data)
+        real_write_bytes(path, data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", fill_the_disk)
     run = tmp_path / "run"
     settings = TrainSettings(depth=8, height=32, width=32, epochs=1, penultimate=8, severity_factor=0.0)
     with pytest.raises(Cov3dError) as error:
