@@ -24,7 +24,7 @@ from .metrics import PRESENCE_THRESHOLD
 from .modelfile import ModelSource, expand_models, load_source
 from .preprocess import VolumeCache
 from .runtime import autocast, resolve_device, resolve_precision
-from .scans import scan_name, scan_number
+from .scans import one_line, scan_name, scan_number
 from .streaming import ScanItem, SizeKey, completed_paths, open_rows, read_rows, volume_stream
 
 CSV_COLUMNS = (
@@ -269,21 +269,27 @@ def infer(
                 on_row(row)
         handle.flush()
 
-    with handle, Progress(disable=not progress) as bar:
-        task = bar.add_task("Predicting", total=len(pending))
-        batch: list[ScanItem] = []
-        for item in volume_stream(pending, caches, workers):
-            if item.volumes is None:
-                summary.failed.append((item.scan, item.error or "unknown error"))
-            else:
-                batch.append(item)
-            if len(batch) == batch_size:
+    try:
+        with handle, Progress(disable=not progress) as bar:
+            task = bar.add_task("Predicting", total=len(pending))
+            batch: list[ScanItem] = []
+            for item in volume_stream(pending, caches, workers):
+                if item.volumes is None:
+                    summary.failed.append((item.scan, item.error or "unknown error"))
+                else:
+                    batch.append(item)
+                if len(batch) == batch_size:
+                    predict(batch)
+                    batch = []
+                if progress:  # rich keeps samples of every advance
+                    bar.advance(task)
+            if batch:
                 predict(batch)
-                batch = []
-            if progress:  # rich keeps samples of every advance
-                bar.advance(task)
-        if batch:
-            predict(batch)
+    except OSError as error:  # scans that cannot be read are failed items: this is the CSV itself
+        raise Cov3dError(
+            f"Cannot write {output}: {one_line(error.strerror or error)}. "
+            "Free some space, then run the same command with --resume to predict the other scans."
+        ) from None
     if submission_dir is not None:
         write_submission(read_rows(output), submission_dir)
     return summary
