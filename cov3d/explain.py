@@ -110,6 +110,7 @@ def explain(
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x).
     """
+    from .atomic import replaced_atomically
     from .figures import gradcam_overlay, peak_voxel, save_figure
     from .modelfile import load_source
     from .preprocess import default_cache_dir
@@ -139,7 +140,8 @@ def explain(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tensor_path = output_dir / f"{name}{CAM_SUFFIX}.pt"
-    torch.save(cam.contiguous(), tensor_path)
+    with replaced_atomically(tensor_path, "Free some space or choose another --output folder.") as temp:
+        torch.save(cam.contiguous(), temp)
     title = f"{name}: P(covid) = {probability:.2f}"
     image_path = save_figure(gradcam_overlay(volume[0].cpu().numpy(), cam.numpy(), title), output_dir / f"{name}{CAM_SUFFIX}.png")
     return {"tensor": tensor_path, "image": image_path, "probability": probability, "peak": peak}

@@ -28,6 +28,9 @@ import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .atomic import replaced_atomically  # noqa: E402
+from .errors import Cov3dError  # noqa: E402
+
 DPI = 100
 """Pixels per inch of every saved figure (sizes below are in inches)."""
 PANEL_INCHES = 2.4
@@ -82,11 +85,19 @@ def _panel_grid(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
 
 
 def save_figure(fig: Figure, output: Path) -> Path:
-    """Write ``fig`` to ``output`` (PNG at ``DPI``, exact figure size) and close it."""
+    """Write ``fig`` to ``output`` (at ``DPI``, exact figure size, all or nothing; PNG unless the
+    suffix names another format matplotlib writes) and close it."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=DPI)
-    plt.close(fig)
+    image_format = output.suffix.lstrip(".").lower() or "png"
+    try:
+        formats = fig.canvas.get_supported_filetypes()
+        if image_format not in formats:
+            raise Cov3dError(f"{output}: cannot write .{image_format} images; end the name with .png (or {', '.join('.' + name for name in sorted(formats))}).")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_atomically(output, "Free some space or choose another output folder.") as temp:
+            fig.savefig(temp, dpi=DPI, format=image_format)
+    finally:
+        plt.close(fig)
     return output
 
 

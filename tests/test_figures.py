@@ -2,7 +2,9 @@
 labels from the dataset layout, matrices checked against scikit-learn and the run's own scores."""
 
 import csv
+import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,8 @@ from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.figures import mid_planes, peak_voxel
+from cov3d.errors import Cov3dError
+from cov3d.figures import mid_planes, peak_voxel, save_figure
 from cov3d.preprocess import VolumeCache
 from cov3d.run_figures import confusion_matrix, macro_f1
 from cov3d.views import layout_label, load_tensor_file, show_scans
@@ -135,3 +138,34 @@ def test_help_lists_the_figure_commands():
         assert command in result.output
     for command in ("show", "stats", "explain"):
         assert invoke(command, "--help").exit_code == 0
+
+
+def small_figure():
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(2, 1))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    return fig
+
+
+def test_figures_take_the_format_of_their_suffix(tmp_path):
+    assert save_figure(small_figure(), tmp_path / "a.pdf").read_bytes().startswith(b"%PDF")
+    assert save_figure(small_figure(), tmp_path / "b.png").read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(Cov3dError, match=r"c\.xyz: cannot write \.xyz images; end the name with \.png"):
+        save_figure(small_figure(), tmp_path / "c.xyz")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.pdf", "b.png"]
+
+
+def test_a_figure_that_does_not_fit_on_the_disk_leaves_nothing(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    (tmp_path / "old.png").write_bytes(b"old")
+
+    def full_disk(self, path, **options):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with pytest.raises(Cov3dError, match=r"old\.png: No space left on device\. Free some space"):
+        save_figure(small_figure(), tmp_path / "old.png")
+    assert [path.name for path in tmp_path.iterdir()] == ["old.png"] and (tmp_path / "old.png").read_bytes() == b"old"
