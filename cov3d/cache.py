@@ -130,6 +130,16 @@ def from_levels(levels: torch.Tensor) -> torch.Tensor:
     return empty_tensor(tuple(levels.shape), torch.float32).copy_(levels).div_(LEVELS)
 
 
+def values_on(levels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Stored uint8 levels -> float32 values level / 255 on ``device``, converted there (a
+    quarter of the bytes cross to a GPU); the same values as ``from_levels``."""
+    if levels.dtype != STORAGE_DTYPE:
+        raise TypeError(f"expected stored {STORAGE_DTYPE} levels, got {levels.dtype}")
+    if device.type == "cpu":
+        return from_levels(levels)
+    return levels.to(device, non_blocking=True).float().div_(LEVELS)
+
+
 def make_entry(levels: torch.Tensor, params: dict[str, int], scan_dir: Path, fingerprint: str) -> dict:
     """The dict stored for a volume of uint8 levels ``(1, D, H, W)`` (see the module docstring)."""
     if levels.dtype != STORAGE_DTYPE:

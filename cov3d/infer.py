@@ -22,6 +22,7 @@ from .errors import Cov3dError
 from .loss import SEVERITY_LABELS
 from .metrics import PRESENCE_THRESHOLD
 from .modelfile import ModelSource, expand_models, load_source
+from .cache import values_on
 from .preprocess import VolumeCache
 from .runtime import autocast, resolve_device, resolve_precision
 from .scans import one_line, scan_name, scan_number
@@ -161,14 +162,19 @@ class Ensemble:
         if not sources:
             raise Cov3dError("No model given: pass --model with a run folder or a file made by 'cov3d export'.")
         self.members = [RunPredictor(source, device, dtype, mc_samples, reflect) for source in sources]
+        self.device = device
 
     @property
     def size_keys(self) -> list[SizeKey]:
         """The distinct input sizes (D, H, W, fast_decode) of the members."""
         return list(dict.fromkeys(member.size_key for member in self.members))
 
-    def predict(self, volumes: dict[SizeKey, torch.Tensor]) -> list[Prediction]:
-        """Volumes (B, 1, D, H, W) for every size key -> one Prediction per scan."""
+    def predict(self, levels: dict[SizeKey, torch.Tensor]) -> list[Prediction]:
+        """Stored uint8 levels (B, 1, D, H, W) for every size key -> one Prediction per scan.
+
+        Each size's batch goes to the device once and becomes values there (``values_on``).
+        """
+        volumes = {key: values_on(batch, self.device) for key, batch in levels.items()}
         return combine(torch.cat([member.samples(volumes[member.size_key]) for member in self.members]))
 
 

@@ -273,13 +273,18 @@ class VolumeCache:
         """Make sure a current entry exists; ``True`` if it had to be (re)built."""
         return self._fetch(Path(scan_dir))[1]
 
-    def get(self, scan_dir: Path, sources: ScanSources | None = None) -> torch.Tensor:
-        """The volume (1, D, H, W) float32, from the cache or preprocessed and stored.
+    def levels(self, scan_dir: Path, sources: ScanSources | None = None) -> torch.Tensor:
+        """The stored uint8 levels (1, D, H, W), from the cache or preprocessed and stored.
 
         ``sources`` (``scan_sources(scan_dir)``) saves listing the scan again when the caller
         reads it at several sizes.
+        """
+        return self._fetch(Path(scan_dir), sources)[0]
+
+    def get(self, scan_dir: Path, sources: ScanSources | None = None) -> torch.Tensor:
+        """The volume (1, D, H, W) float32: ``levels`` / 255.
 
         Always the stored values (``preprocess_scan`` rounded to 8-bit levels), so a fresh and
         a cached result are identical.
         """
-        return from_levels(self._fetch(Path(scan_dir), sources)[0])
+        return from_levels(self.levels(scan_dir, sources))

@@ -32,7 +32,8 @@ PREFETCH_PER_WORKER = 2
 
 @dataclass
 class ScanItem:
-    """One scan's volumes ``{size: (1, D, H, W) float32}``, or the reason it failed."""
+    """One scan's stored uint8 levels ``{size: (1, D, H, W)}`` (a quarter of float32's bytes to
+    pass from a worker), or the reason it failed."""
 
     scan: Path
     volumes: dict[SizeKey, torch.Tensor] | None
@@ -52,7 +53,7 @@ class ScanVolumes(Dataset):
         scan = self.scans[index]
         try:
             sources = scan_sources(scan)  # listed once for all sizes (a DICOM series reads every header)
-            return ScanItem(scan, {key: cache.get(scan, sources) for key, cache in self.caches.items()})
+            return ScanItem(scan, {key: cache.levels(scan, sources) for key, cache in self.caches.items()})
         except Cov3dError as error:
             return ScanItem(scan, None, one_line(error))
         except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others

@@ -74,7 +74,7 @@ def main() -> None:
               f"{torch.get_num_threads()} torch threads, {args.workers} preprocessing worker(s)")
 
         cache = VolumeCache(root / "cache-alone", *size)
-        prep_s, volumes = timed(lambda: [cache.get(scan) for scan in scans])
+        prep_s, volumes = timed(lambda: [cache.levels(scan) for scan in scans])
         results = {}
         for reflect in (True, False):
             ensemble = Ensemble([load_source(run)], torch.device("cpu"), None, reflect=reflect)

@@ -528,3 +528,14 @@ def test_prune_removes_only_what_can_never_be_read(tmp_path: Path, cache_dir: Pa
 def test_prune_a_missing_cache_dir(tmp_path: Path) -> None:
     with pytest.raises(Cov3dError, match="Cache directory not found: .*nowhere"):
         cache_module.prune_cache(tmp_path / "nowhere")
+
+
+def test_values_on_a_device_are_the_stored_values(tmp_path: Path, cache_dir: Path) -> None:
+    scan = make_scan(tmp_path / "ct_scan_1", 3)
+    cache = VolumeCache(cache_dir, 4, 8, 6)
+    levels = cache.levels(scan)
+    assert levels.dtype == torch.uint8
+    assert torch.equal(cache_module.values_on(levels, torch.device("cpu")), cache.get(scan))
+    assert torch.equal(cache.get(scan), levels.double().div(255).float())  # independent route: float64, rounded
+    with pytest.raises(TypeError, match="uint8"):
+        cache_module.values_on(cache.get(scan), torch.device("cpu"))  # values are not divided twice
