@@ -9,7 +9,7 @@ import pytest
 from cov3d.synthetic import generate_dataset
 
 TINY_SIZE = (8, 32, 32)  # (D, H, W): small enough for r3d_18 on a CPU in well under a second per step
-DISK_NEEDED_GIB = 4  # the suite's folders peak at about 3.5 GB: every r3d_18 file is 130-400 MB, whatever the volume size
+DISK_NEEDED_GIB = 4  # the suite's folders peak at about 2.2 GB (every r3d_18 file is 130-400 MB, whatever the volume size), plus a margin
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -30,6 +30,16 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's ~/.cache/cov3d from a test."""
     monkeypatch.setenv("COV3D_CACHE_DIR", str(tmp_path_factory.mktemp("default-cache")))
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="module")
+def module_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder for one test module's shared fixtures, deleted after the module unless a test has
+    failed: the suite's disk use stays at one module's model files, not the sum of all of them."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    if request.session.testsfailed == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,9 @@ RUN_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def ddp_run(module_dir) -> tuple[Path, subprocess.CompletedProcess]:
     """One epoch on 8 scans (6 train: 3 per process, one batch of 2 each) with 2 gloo processes and W&B offline."""
-    root = tmp_path_factory.mktemp("ddp")
+    root = module_dir
     generate_dataset(root / "data", scans=8, test_scans=0, seed=2, slice_size=32, depth_scale=0.05)
     launcher = root / "launch_cov3d.py"
     launcher.write_text("from cov3d.cli import app\napp()\n")

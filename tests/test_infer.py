@@ -23,8 +23,8 @@ def read_csv(path):
 
 
 @pytest.fixture(scope="module")
-def predictions(tiny_run, tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("predictions")
+def predictions(tiny_run, tiny_dataset, module_dir):
+    out = module_dir
     scans = find_scans([tiny_dataset / "test"])
     summary = infer(
         scans, tiny_run, out / "preds.csv", cache_dir=out / "cache", device="cpu", precision="fp32",

@@ -27,8 +27,8 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_run, tmp_path_factory):
-    return export_model(tiny_run, tmp_path_factory.mktemp("export") / "model.safetensors")
+def exported(tiny_run, module_dir):
+    return export_model(tiny_run, module_dir / "model.safetensors")
 
 
 def test_checkpoint_names_match_training():

@@ -26,9 +26,9 @@ KILL_TIMEOUT_S = 300
 
 
 @pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory) -> Path:
+def small_dataset(module_dir) -> Path:
     """8 labelled scans (6 train, 2 validation) of 32x32 slices: 2 batches of 3 per epoch."""
-    out = tmp_path_factory.mktemp("small-dataset")
+    out = module_dir / "small-dataset"
     generate_dataset(out, scans=8, test_scans=0, seed=1, slice_size=32, depth_scale=0.05)
     return out
 
@@ -53,10 +53,10 @@ def metric_rows(run: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, small_dataset) -> tuple[Path, Path]:
+def runs(module_dir, small_dataset) -> tuple[Path, Path]:
     """The same seeded run twice, side by side (one thread each): one uninterrupted, one SIGKILLed as
     soon as epoch 0's checkpoint is on disk. Returns (uninterrupted, killed) run folders."""
-    root = tmp_path_factory.mktemp("runs")
+    root = module_dir / "runs"
     full = subprocess.Popen(train_command(small_dataset, root / "full", root / "cache-full"), env=cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed = root / "killed"

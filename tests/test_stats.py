@@ -34,8 +34,8 @@ def labelled_folders(data, partition):
 
 
 @pytest.fixture(scope="module")
-def written(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stats")
+def written(tiny_dataset, module_dir):
+    out = module_dir
     stats = dataset_stats(tiny_dataset)
     write_stats(stats, out)
     return stats, out

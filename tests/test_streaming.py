@@ -23,9 +23,9 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.fixture(scope="module")
-def presence_run(tmp_path_factory):
+def presence_run(module_dir):
     """An untrained presence-only run (lambda = 0) at 4x16x16: the cheapest model to run many scans through."""
-    folder = tmp_path_factory.mktemp("presence-run")
+    folder = module_dir
     config = {"depth": 4, "height": 32, "width": 32, "outputs": 1, "penultimate": 8, "dropout": 0.5, "pool": "avg"}
     (folder / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)

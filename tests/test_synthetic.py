@@ -17,9 +17,9 @@ NAME = re.compile(r"^ct_scan_?(\d+)$")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(module_dir):
     """A 12-scan dataset and its summary."""
-    out = tmp_path_factory.mktemp("tiny")
+    out = module_dir
     return out, generate_dataset(out, seed=3, **TINY)
 
 

@@ -29,11 +29,11 @@ def lung_window_by_hand(hu):
 
 
 @pytest.fixture(scope="module")
-def series(tmp_path_factory):
+def series(module_dir):
     """One CT volume in HU (D, H, W), head first, written as a JPEG folder, a DICOM series built from
     pydicom's CT_small.dcm (shuffled file names, scrambled InstanceNumber, shifted positions, two
     rescale settings) and two NIfTI files (RAS and LPS affines)."""
-    root = tmp_path_factory.mktemp("mixed")
+    root = module_dir
     template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     base_hu = template.pixel_array.astype(np.int32) * int(template.RescaleSlope) + int(template.RescaleIntercept)
     rng = np.random.default_rng(0)
