@@ -137,7 +137,10 @@ def values_on(levels: torch.Tensor, device: torch.device) -> torch.Tensor:
         raise TypeError(f"expected stored {STORAGE_DTYPE} levels, got {levels.dtype}")
     if device.type == "cpu":
         return from_levels(levels)
-    return levels.to(device, non_blocking=True).float().div_(LEVELS)
+    # Divide by a tensor on the device: CUDA multiplies by 1/255 when given a Python number,
+    # which differs from the CPU's true division by one ulp for about half the levels.
+    divisor = torch.full((), float(LEVELS), dtype=torch.float32, device=device)
+    return levels.to(device, non_blocking=True).float().div_(divisor)
 
 
 def make_entry(levels: torch.Tensor, params: dict[str, int], scan_dir: Path, fingerprint: str) -> dict:

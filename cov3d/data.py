@@ -14,7 +14,7 @@ from fastai.torch_core import TensorBase
 from fastai.vision.augment import RandTransform
 from fasttransform import Transform
 
-from .cache import LEVELS
+from .cache import values_on
 from .errors import Cov3dError
 from .layout import PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, read_severity_csv
 from .preprocess import VolumeCache
@@ -131,7 +131,7 @@ class LevelsToValues(Transform):
     order = -90  # after AsyncToDevice (-100), before anything that expects values
 
     def encodes(self, levels: TensorCT):  # no return annotation: fastcore would cast the result to it
-        return levels.float().div_(LEVELS)
+        return TensorCT(values_on(levels.as_subclass(torch.Tensor), levels.device))
 
 
 def scan_target(item: ScanItem) -> torch.Tensor:
