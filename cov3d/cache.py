@@ -252,22 +252,35 @@ class PruneSummary:
     freed_bytes: int = 0
 
 
+SIZE_FOLDER = re.compile(r"\d+x\d+x\d+(-fast)?")
+"""Names of the cache's size folders (``entry_path``)."""
+
+ENTRY_FILE = re.compile(rf"[A-Za-z0-9._-]+-[0-9a-f]{{{KEY_HEX_CHARS}}}\.pt")
+"""Names of entry files (``entry_path``); temporary files are ``.<entry file>.<random>.tmp``."""
+
+
 def _prune_reason(path: Path, missing_scans: bool, now: float) -> str | None:
-    """Why the file ``path`` of a cache size folder can go, or ``None`` to keep it."""
+    """Why the file ``path`` of a size folder can go, or ``None`` to keep it.
+
+    Only files named like cov3d's entries and their temporary files are considered, and only
+    dicts that carry an entry's ``format`` and ``source``: anything else in the folder is kept.
+    """
     if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX):
+        if not ENTRY_FILE.fullmatch(path.name[1:].rsplit(".", 2)[0]):
+            return None
         stale = now - path.stat().st_mtime > STALE_TEMP_SECONDS
         return "temporary file of a killed writer" if stale else None  # else: being written now
-    if path.suffix != ".pt":
+    if not ENTRY_FILE.fullmatch(path.name):
         return None
     try:  # mmap: reads the small header records, not the volume
         entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - any unreadable file is damaged
+    except Exception:  # noqa: BLE001 - an entry-named file that cannot be read is a damaged entry
         return "unreadable"
-    if not isinstance(entry, dict):
-        return "not a cache entry"
-    if entry.get("format") != CACHE_FORMAT_VERSION:
-        return f"format {entry.get('format')}, this cov3d reads format {CACHE_FORMAT_VERSION}"
-    if missing_scans and not Path(str(entry.get("source"))).exists():
+    if not isinstance(entry, dict) or "format" not in entry or "source" not in entry:
+        return None
+    if entry["format"] != CACHE_FORMAT_VERSION:
+        return f"format {entry['format']}, this cov3d reads format {CACHE_FORMAT_VERSION}"
+    if missing_scans and not Path(str(entry["source"])).exists():
         return "its scan is gone"
     return None
 
@@ -275,8 +288,9 @@ def _prune_reason(path: Path, missing_scans: bool, now: float) -> str | None:
 def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool = False) -> PruneSummary:
     """Remove the entries under ``cache_dir`` that can never be read again.
 
-    Always: entries of another format version, unreadable files and temporary files older than
-    ``STALE_TEMP_SECONDS``. With ``missing_scans``, also entries whose scan folder or file no
+    Only size folders and files named like entries are looked at (a wrong ``cache_dir`` loses
+    nothing else). Always: entries of another format version, unreadable entry files and
+    temporary files older than ``STALE_TEMP_SECONDS``. With ``missing_scans``, also entries whose scan folder or file no
     longer exists (leave it off while a data drive is unmounted). With ``dry_run``, only report.
     Size folders left empty are removed. Raises ``Cov3dError`` if ``cache_dir`` is not a folder.
     """
@@ -284,7 +298,7 @@ def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool =
     if not cache_dir.is_dir():
         raise Cov3dError(f"Cache directory not found: {cache_dir}. Give the folder passed as --cache-dir.")
     summary, now = PruneSummary(), time.time()
-    for folder in sorted(path for path in cache_dir.iterdir() if path.is_dir()):
+    for folder in sorted(path for path in cache_dir.iterdir() if path.is_dir() and SIZE_FOLDER.fullmatch(path.name)):
         for path in sorted(folder.iterdir()):
             try:
                 reason = _prune_reason(path, missing_scans, now) if path.is_file() else None
@@ -292,7 +306,7 @@ def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool =
             except FileNotFoundError:  # moved into place or removed by a concurrent writer
                 continue
             if reason is None:
-                if path.suffix == ".pt":
+                if ENTRY_FILE.fullmatch(path.name):
                     summary.kept += 1
                 continue
             if not dry_run:
