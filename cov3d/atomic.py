@@ -13,8 +13,10 @@ touching the disk, so safetensors data is serialised in memory and written with
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,16 +42,29 @@ def write_failure_reason(error: BaseException, folder: Path) -> str | None:
     return "No space left on device" if free < FULL_DISK_BYTES else None
 
 
+def _is_out_of_space(error: BaseException) -> bool:
+    return not isinstance(error, OSError) or error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: Path, remedy: str) -> Iterator[Path]:
-    """A temporary path beside ``path`` for the block to write; when the block ends the file is
-    flushed to disk and renamed over ``path``.
+    """A temporary path beside ``path`` (``.<name>.<random>.tmp``, so concurrent writers never
+    share one) for the block to write; when the block ends the file is flushed to disk and
+    renamed over ``path``.
 
-    On any error the temporary file is removed; a failure of the disk (full, read-only, no
-    permission) becomes a one-line ``Cov3dError`` naming ``path`` and ending with ``remedy``.
+    On any error the temporary file is removed. A full disk becomes a one-line ``Cov3dError``
+    naming ``path`` and ending with ``remedy``; another failure of the disk (read-only, no
+    permission) one that names ``path`` and says to check its folder.
     """
     path = Path(path)
-    temp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    try:
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as error:
+        raise Cov3dError(
+            f"Cannot write {path}: {one_line(error.strerror or error)}. Check that {path.parent} exists and can be written."
+        ) from None
+    os.close(descriptor)
+    temp = Path(name)
     try:
         yield temp
         with temp.open("rb") as handle:
@@ -59,7 +74,8 @@ def replaced_atomically(path: Path, remedy: str) -> Iterator[Path]:
         reason = write_failure_reason(error, path.parent)
         if reason is None:
             raise
-        raise Cov3dError(f"Cannot write {path}: {reason}. {remedy}") from None
+        advice = remedy if _is_out_of_space(error) else f"Check that {path.parent} can be written."
+        raise Cov3dError(f"Cannot write {path}: {reason}. {advice}") from None
     finally:
         temp.unlink(missing_ok=True)
 

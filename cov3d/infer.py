@@ -9,6 +9,7 @@ scan is predicted, so that an interrupted run keeps its rows and ``resume=True``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -264,19 +265,30 @@ def infer(
     caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3]) for key in ensemble.size_keys}
     handle, writer = open_rows(output, columns, resume)
 
+    def unwritable(error: OSError) -> Cov3dError:
+        return Cov3dError(
+            f"Cannot write {output}: {one_line(error.strerror or error)}. "
+            "Free some space, then run the same command with --resume to predict the other scans."
+        )
+
     def predict(batch: list[ScanItem]) -> None:
         volumes = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}
+        rows = []
         for item, prediction in zip(batch, ensemble.predict(volumes)):
-            row = prediction_row(item.scan, prediction, uncertainty=mc_samples > 0)
-            writer.writerow(row)
+            rows.append(prediction_row(item.scan, prediction, uncertainty=mc_samples > 0))
             summary.predicted += 1
             summary.covid += prediction.covid
+        try:
+            writer.writerows(rows)
+            handle.flush()
+        except OSError as error:
+            raise unwritable(error) from None
+        for row in rows:
             if on_row is not None:
                 on_row(row)
-        handle.flush()
 
     try:
-        with handle, Progress(disable=not progress) as bar:
+        with Progress(disable=not progress) as bar:
             task = bar.add_task("Predicting", total=len(pending))
             batch: list[ScanItem] = []
             for item in volume_stream(pending, caches, workers):
@@ -291,11 +303,14 @@ def infer(
                     bar.advance(task)
             if batch:
                 predict(batch)
-    except OSError as error:  # scans that cannot be read are failed items: this is the CSV itself
-        raise Cov3dError(
-            f"Cannot write {output}: {one_line(error.strerror or error)}. "
-            "Free some space, then run the same command with --resume to predict the other scans."
-        ) from None
+    except BaseException:
+        with contextlib.suppress(OSError):  # closing flushes again, which fails again on a full disk
+            handle.close()
+        raise
+    try:
+        handle.close()
+    except OSError as error:
+        raise unwritable(error) from None
     if submission_dir is not None:
         write_submission(read_rows(output), submission_dir)
     return summary

@@ -75,8 +75,8 @@ class MetricsLog(Callback):
         if not self.write:
             return
         row = [self.first_epoch + self.epoch, *self.recorder.log[1:]]
-        with self.path.open("a") as handle:
-            handle.write(",".join(str(value) for value in row) + "\n")
+        text = self.path.read_text() + ",".join(str(value) for value in row) + "\n"
+        write_text_atomically(self.path, text, resume_remedy(self.path.parent))
 
 
 class WandbLog(Callback):

@@ -24,6 +24,28 @@ def test_success_replaces_the_file_and_leaves_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
+def test_concurrent_writers_of_one_path_do_not_share_a_temporary_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    with replaced_atomically(path, REMEDY) as first:
+        with replaced_atomically(path, REMEDY) as second:
+            assert first != second and first.name.startswith(".model.safetensors.") and first.suffix == ".tmp"
+            first.write_text("first")
+            second.write_text("second")
+        assert path.read_text() == "second" and first.read_text() == "first"
+    assert path.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_a_folder_that_cannot_be_written_is_named_without_the_space_advice(tmp_path):
+    path = tmp_path / "run" / "config.json"
+    with pytest.raises(Cov3dError, match=r"config\.json: No such file or directory\. Check that .*run exists"):
+        write_text_atomically(path, "{}", REMEDY)
+    with pytest.raises(Cov3dError) as error:
+        with replaced_atomically(tmp_path / "x.png", REMEDY):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    assert str(error.value) == f"Cannot write {tmp_path / 'x.png'}: Permission denied. Check that {tmp_path} can be written."
+
+
 def test_os_error_keeps_the_old_file_and_says_why(tmp_path):
     path = tmp_path / "best-presence.safetensors"
     path.write_bytes(b"previous best")

@@ -88,7 +88,7 @@ def test_full_disk_while_saving_the_best_weights(tmp_path, tiny_dataset, monkeyp
     real_write_bytes = Path.write_bytes
 
     def fill_the_disk(path, data):
-        if not path.name.endswith(".safetensors.tmp"):
+        if not (path.name.startswith(".best-") and path.name.endswith(".tmp")):
             return real_write_bytes(path, data)
         real_write_bytes(path, data[:100])
         raise OSError(errno.ENOSPC, "No space left on device")
