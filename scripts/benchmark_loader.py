@@ -34,7 +34,7 @@ from cov3d.synthetic import generate_dataset
 from cov3d.workers import preprocess_many
 
 
-def best_time(action, rounds: list[float]) -> None:
+def record_time(action, rounds: list[float]) -> None:
     start = time.perf_counter()
     action()
     rounds.append(time.perf_counter() - start)
@@ -59,11 +59,11 @@ def main() -> None:
         times: dict[str, list[float]] = {"get": [], "checked": [], "batch": []}
         for _ in range(args.rounds):
             for item in items:
-                best_time(lambda: cache.get(item.path), times["get"])
-                best_time(lambda: cache.checked_levels(item.path), times["checked"])
+                record_time(lambda: cache.get(item.path), times["get"])
+                record_time(lambda: cache.checked_levels(item.path), times["checked"])
             batches = iter(dls.train)
             for _ in range(len(dls.train)):
-                best_time(lambda: next(batches), times["batch"])
+                record_time(lambda: next(batches), times["batch"])
     print(f"size {args.size} ({depth}x{height}x{width}), {len(items)} scans of {slices:.0f} slices on average, "
           f"min of {args.rounds} rounds")
     for name, label in (("get", "VolumeCache.get (float32)"), ("checked", "checked_levels (uint8)"),

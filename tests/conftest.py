@@ -34,11 +34,12 @@ def isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def module_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder for one test module's shared fixtures, deleted after the module unless a test has
-    failed: the suite's disk use stays at one module's model files, not the sum of all of them."""
+    """A folder for one test module's shared fixtures, deleted after the module unless one of its
+    tests failed: the suite's disk use stays at one module's model files, not the sum of all."""
+    failed_before = request.session.testsfailed
     path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
     yield path
-    if request.session.testsfailed == 0:
+    if request.session.testsfailed == failed_before:
         shutil.rmtree(path, ignore_errors=True)
 
 
