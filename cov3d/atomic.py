@@ -13,11 +13,13 @@ touching the disk, so safetensors data is serialised in memory and written with
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import Cov3dError
@@ -90,3 +92,10 @@ def write_bytes_atomically(path: Path, data: bytes, remedy: str) -> None:
     """``path.write_bytes(data)``, all or nothing (see ``replaced_atomically``)."""
     with replaced_atomically(path, remedy) as temp:
         temp.write_bytes(data)
+
+
+def write_csv_atomically(path: Path, rows: Iterable[Sequence], remedy: str) -> None:
+    """Write ``rows`` (the header first) as a CSV file, all or nothing (see ``replaced_atomically``)."""
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    write_text_atomically(path, text.getvalue(), remedy)

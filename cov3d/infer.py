@@ -23,6 +23,7 @@ from .errors import Cov3dError
 from .loss import SEVERITY_LABELS
 from .metrics import PRESENCE_THRESHOLD
 from .modelfile import ModelSource, expand_models, load_source
+from .atomic import write_text_atomically
 from .cache import values_on
 from .preprocess import VolumeCache
 from .runtime import autocast, resolve_device, resolve_precision
@@ -211,7 +212,8 @@ def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> No
         if label in SEVERITY_LABELS and not with_severity:
             continue
         ordered = sorted(names, key=lambda name: (scan_number(name), name))
-        (submission_dir / SUBMISSION_FILES[label]).write_text("".join(f"{name}\n" for name in ordered))
+        write_text_atomically(submission_dir / SUBMISSION_FILES[label], "".join(f"{name}\n" for name in ordered),
+                              "Free some space, then run the same command with --resume to write them again.")
 
 
 @dataclass

@@ -11,8 +11,6 @@ reflection averaging, fp32), so the macro F1 of a matrix is the best F1 of its t
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
 
-from .atomic import write_text_atomically
+from .atomic import write_csv_atomically
 from .loss import PRESENCE_CLASSES, SEVERITY_LABELS
 
 CURVES_FILE = "curves.png"
@@ -84,12 +82,8 @@ def task_matrix(monitored: str, logits: torch.Tensor, targets: torch.Tensor) -> 
 
 def write_matrix_csv(path: Path, matrix: np.ndarray, labels: tuple[str, ...]) -> None:
     """Rows 'true <label>', columns 'predicted <label>'."""
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(["true \\ predicted", *labels])
-    for label, row in zip(labels, matrix):
-        writer.writerow([label, *row.tolist()])
-    write_text_atomically(path, text.getvalue(), "Free some space; the run's weights are complete.")
+    rows = [["true \\ predicted", *labels], *([label, *row.tolist()] for label, row in zip(labels, matrix))]
+    write_csv_atomically(path, rows, "Free some space; the run's weights are complete.")
 
 
 def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dict[str, np.ndarray]:

@@ -14,13 +14,13 @@ to it. Severities of train and validation come from the competition's category C
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from .atomic import write_csv_atomically, write_text_atomically
 from .layout import ANSWER_KEY, PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_answer_key, read_severity_csv
 from .errors import Cov3dError
 from .scans import READ_ERRORS, SLICE_NAME, one_line, scan_number
@@ -158,12 +158,12 @@ def size_counts(scans: list[ScanStats]) -> list[tuple[str, int, int]]:
     return [(f"{w}x{h}", holders[(w, h)], n) for (w, h), n in slices.most_common()]
 
 
+WRITE_REMEDY = "Free some space or choose another --output folder."
+
+
 def _write_table(path: Path, table: dict[str, dict[str, int | None]], partitions: list[str], first: str) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([first, *partitions])
-        for row, counts in table.items():
-            writer.writerow([row, *("" if counts[p] is None else counts[p] for p in partitions)])
+    rows = [[row, *("" if counts[p] is None else counts[p] for p in partitions)] for row, counts in table.items()]
+    write_csv_atomically(path, [[first, *partitions], *rows], WRITE_REMEDY)
 
 
 def write_stats(stats: DatasetStats, output_dir: Path) -> dict[str, Path]:
@@ -177,17 +177,15 @@ def write_stats(stats: DatasetStats, output_dir: Path) -> dict[str, Path]:
         ("slice_sizes", "slice-sizes.csv"), ("histogram", "depth-histogram.png"), ("warnings", "warnings.txt"))}
     _write_table(paths["partitions"], stats.presence_table, stats.partitions, "covid")
     _write_table(paths["severity"], stats.severity_table, stats.partitions, "severity")
-    with paths["scans"].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["partition", "label", "severity", "name", "depth", "slice_sizes", "path"])
-        for scan in stats.scans:
-            sizes = " ".join(f"{w}x{h}" for w, h in sorted(scan.sizes))
-            writer.writerow([scan.partition, scan.label, scan.severity, scan.path.name, scan.depth, sizes, scan.path])
-    with paths["slice_sizes"].open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["size", "scans", "slices"])
-        writer.writerows(size_counts(stats.scans))
-    paths["warnings"].write_text("".join(f"{warning}\n" for warning in stats.warnings))
+    scan_rows = [
+        [scan.partition, scan.label, scan.severity, scan.path.name, scan.depth,
+         " ".join(f"{w}x{h}" for w, h in sorted(scan.sizes)), scan.path]
+        for scan in stats.scans
+    ]
+    header = ["partition", "label", "severity", "name", "depth", "slice_sizes", "path"]
+    write_csv_atomically(paths["scans"], [header, *scan_rows], WRITE_REMEDY)
+    write_csv_atomically(paths["slice_sizes"], [["size", "scans", "slices"], *size_counts(stats.scans)], WRITE_REMEDY)
+    write_text_atomically(paths["warnings"], "".join(f"{warning}\n" for warning in stats.warnings), WRITE_REMEDY)
     depths = {p: [s.depth for s in stats.scans if s.partition == p] for p in stats.partitions}
     save_figure(depth_histogram(depths), paths["histogram"])
     return paths
