@@ -9,7 +9,6 @@ scan is predicted, so that an interrupted run keeps its rows and ``resume=True``
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,16 +18,16 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from .atomic import write_text_atomically
+from .cache import values_on
 from .errors import Cov3dError
 from .loss import SEVERITY_LABELS
 from .metrics import PRESENCE_THRESHOLD
 from .modelfile import ModelSource, expand_models, load_source
-from .atomic import write_text_atomically
-from .cache import values_on
 from .preprocess import VolumeCache
 from .runtime import autocast, resolve_device, resolve_precision
-from .scans import one_line, scan_name, scan_number
-from .streaming import ScanItem, SizeKey, completed_paths, open_rows, read_rows, volume_stream
+from .scans import scan_name, scan_number
+from .streaming import PredictionRows, ScanItem, SizeKey, completed_paths, read_rows, volume_stream
 
 CSV_COLUMNS = (
     "name", "path", "covid_probability", "covid", "severity",
@@ -265,54 +264,34 @@ def infer(
     pending = [scan for scan in scan_dirs if str(scan) not in done]
     summary = InferenceSummary(resumed=len(scan_dirs) - len(pending))
     caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3]) for key in ensemble.size_keys}
-    handle, writer = open_rows(output, columns, resume)
 
-    def unwritable(error: OSError) -> Cov3dError:
-        return Cov3dError(
-            f"Cannot write {output}: {one_line(error.strerror or error)}. "
-            "Free some space, then run the same command with --resume to predict the other scans."
-        )
-
-    def predict(batch: list[ScanItem]) -> None:
-        volumes = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}
+    def predict(batch: list[ScanItem], rows_file: PredictionRows) -> None:
+        levels = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}
         rows = []
-        for item, prediction in zip(batch, ensemble.predict(volumes)):
+        for item, prediction in zip(batch, ensemble.predict(levels)):
             rows.append(prediction_row(item.scan, prediction, uncertainty=mc_samples > 0))
             summary.predicted += 1
             summary.covid += prediction.covid
-        try:
-            writer.writerows(rows)
-            handle.flush()
-        except OSError as error:
-            raise unwritable(error) from None
-        for row in rows:
-            if on_row is not None:
+        rows_file.write(rows)
+        if on_row is not None:
+            for row in rows:
                 on_row(row)
 
-    try:
-        with Progress(disable=not progress) as bar:
-            task = bar.add_task("Predicting", total=len(pending))
-            batch: list[ScanItem] = []
-            for item in volume_stream(pending, caches, workers):
-                if item.volumes is None:
-                    summary.failed.append((item.scan, item.error or "unknown error"))
-                else:
-                    batch.append(item)
-                if len(batch) == batch_size:
-                    predict(batch)
-                    batch = []
-                if progress:  # rich keeps samples of every advance
-                    bar.advance(task)
-            if batch:
-                predict(batch)
-    except BaseException:
-        with contextlib.suppress(OSError):  # closing flushes again, which fails again on a full disk
-            handle.close()
-        raise
-    try:
-        handle.close()
-    except OSError as error:
-        raise unwritable(error) from None
+    with PredictionRows(output, columns, resume) as rows_file, Progress(disable=not progress) as bar:
+        task = bar.add_task("Predicting", total=len(pending))
+        batch: list[ScanItem] = []
+        for item in volume_stream(pending, caches, workers):
+            if item.volumes is None:
+                summary.failed.append((item.scan, item.error or "unknown error"))
+            else:
+                batch.append(item)
+            if len(batch) == batch_size:
+                predict(batch, rows_file)
+                batch = []
+            if progress:  # rich keeps samples of every advance
+                bar.advance(task)
+        if batch:
+            predict(batch, rows_file)
     if submission_dir is not None:
         write_submission(read_rows(output), submission_dir)
     return summary

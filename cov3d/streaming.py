@@ -9,6 +9,7 @@ preprocessed once per distinct input size, through that size's ``VolumeCache``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from collections.abc import Iterator, Sequence
@@ -107,6 +108,42 @@ def open_rows(output: Path, columns: Sequence[str], resume: bool) -> tuple[IO[st
     if not append:
         writer.writeheader()
     return handle, writer
+
+
+class PredictionRows:
+    """The predictions CSV open for rows (``open_rows``), as a context manager; each ``write``
+    is flushed at once. A failed write or close (a full disk) raises a one-line ``Cov3dError``
+    naming the file and saying to resume."""
+
+    def __init__(self, output: Path, columns: Sequence[str], resume: bool):
+        self.output = output
+        self.handle, self.writer = open_rows(output, columns, resume)
+
+    def _unwritable(self, error: OSError) -> Cov3dError:
+        return Cov3dError(
+            f"Cannot write {self.output}: {one_line(error.strerror or error)}. "
+            "Free some space, then run the same command with --resume to predict the other scans."
+        )
+
+    def write(self, rows: Sequence[dict[str, str]]) -> None:
+        try:
+            self.writer.writerows(rows)
+            self.handle.flush()
+        except OSError as error:
+            raise self._unwritable(error) from None
+
+    def __enter__(self) -> PredictionRows:
+        return self
+
+    def __exit__(self, kind: type | None, *_: object) -> None:
+        if kind is not None:
+            with contextlib.suppress(OSError):  # closing flushes again, which fails again on a full disk
+                self.handle.close()
+            return
+        try:
+            self.handle.close()
+        except OSError as error:
+            raise self._unwritable(error) from None
 
 
 def read_rows(output: Path) -> Iterator[dict[str, str]]:

@@ -154,9 +154,9 @@ def test_mc_dropout_samples_differ_with_a_sensible_spread(tiny_dataset, tmp_path
 def test_full_disk_while_writing_predictions_names_the_csv_and_resume_finishes(tiny_run, tiny_dataset, tmp_path,
                                                                                  monkeypatch):
     """Rows already flushed are kept; --resume predicts the rest once there is room again."""
-    from cov3d import infer as infer_module
+    from cov3d import streaming as streaming_module
 
-    real_open_rows = infer_module.open_rows
+    real_open_rows = streaming_module.open_rows
 
     def open_rows_on_a_nearly_full_disk(output, columns, resume):
         handle, writer = real_open_rows(output, columns, resume)
@@ -174,11 +174,11 @@ def test_full_disk_while_writing_predictions_names_the_csv_and_resume_finishes(t
     scans = find_scans([tiny_dataset / "test"])
     output = tmp_path / "preds.csv"
     options = dict(cache_dir=tmp_path / "cache", device="cpu", precision="fp32", progress=False, batch_size=1)
-    monkeypatch.setattr(infer_module, "open_rows", open_rows_on_a_nearly_full_disk)
+    monkeypatch.setattr(streaming_module, "open_rows", open_rows_on_a_nearly_full_disk)
     with pytest.raises(Cov3dError) as error:
         infer(scans, tiny_run, output, **options)
     assert str(error.value).startswith(f"Cannot write {output}: No space left on device.") and "--resume" in str(error.value)
-    monkeypatch.setattr(infer_module, "open_rows", real_open_rows)
+    monkeypatch.setattr(streaming_module, "open_rows", real_open_rows)
     summary = infer(scans, tiny_run, output, resume=True, **options)
     assert summary.resumed >= 2 and summary.resumed + summary.predicted == len(scans)
     assert [row["path"] for row in read_csv(output)] == [str(scan) for scan in scans]
