@@ -21,7 +21,7 @@ from torch import nn
 from .atomic import write_text_atomically
 from .cache import values_on
 from .errors import Cov3dError
-from .loss import SEVERITY_LABELS
+from .layout import SEVERITY_LABELS
 from .metrics import PRESENCE_THRESHOLD
 from .modelfile import ModelSource, expand_models, load_source
 from .preprocess import VolumeCache

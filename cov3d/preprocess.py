@@ -267,7 +267,7 @@ class VolumeCache:
         """
         scan_dir = Path(scan_dir)
         stored = load_valid_volume(self.path_for(scan_dir), self.params, scan_dir, fingerprint=None)
-        return self._fetch(scan_dir)[0] if stored is None else stored
+        return self.levels(scan_dir) if stored is None else stored
 
     def update(self, scan_dir: Path) -> bool:
         """Make sure a current entry exists; ``True`` if it had to be (re)built."""

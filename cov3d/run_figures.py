@@ -19,7 +19,7 @@ from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
 
 from .atomic import write_csv_atomically
-from .loss import PRESENCE_CLASSES, SEVERITY_LABELS
+from .layout import PRESENCE_CLASSES, SEVERITY_LABELS
 
 CURVES_FILE = "curves.png"
 CONFUSION_STEM = {"presence_f1": "confusion-presence", "severity_f1": "confusion-severity"}

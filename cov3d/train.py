@@ -30,7 +30,8 @@ from .distributed import (
 from .errors import Cov3dError
 from .loaders import training_loaders
 from .loop import MetricsLog, OneCycleSchedule, WandbLog
-from .loss import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS, Cov3dLoss, class_weights, model_outputs
+from .layout import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
+from .loss import Cov3dLoss, class_weights, model_outputs
 from .metrics import task_metrics
 from .model import POOLS, build_model, load_kinetics_state_dict
 from .modelfile import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE

@@ -6,7 +6,7 @@ the scan, spine, smooth texture and noise), then reports, per size:
 - floor: decode and bicubic-resize every slice with PIL, nothing else;
 - cov3d: ``preprocess_scan`` (float32 volume in memory) and a cache build
   (``VolumeCache.update`` with no entry: fingerprint, uint8 levels, CRC, atomic write to disk);
-- load: reading that entry back as training does (``VolumeCache.load``: fingerprint, CRC, float32);
+- load: reading that entry back with all its checks (``VolumeCache.load``: fingerprint, CRC, float32);
 - fast: ``preprocess_scan(fast_decode=True)`` and its max / mean abs difference to the normal path;
 - naive (small only): the floor plus one scipy ``CubicSpline`` per pixel column, measured once;
   also the depth interpolation alone: per-pixel splines vs cov3d's matrix product
