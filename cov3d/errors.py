@@ -14,3 +14,31 @@ class Cov3dError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class NonFiniteTraining(Cov3dError):
+    """Training met a loss or gradient that is not finite; nothing of that step was applied.
+
+    Carries where it happened (1-based `epoch` of `epochs`, `batch` of `batches`), `what` went
+    non-finite ("training loss", "validation loss" or "gradient of <parameter>"), the `precision` in
+    use and the last completed epoch the run can resume from (None: nothing to resume).
+    """
+
+    def __init__(self, *, what: str, epoch: int, epochs: int, batch: int, batches: int, precision: str,
+                 learning_rate: float, resumable_epoch: int | None, run_dir: str):
+        self.what, self.epoch, self.epochs, self.batch, self.batches = what, epoch, epochs, batch, batches
+        self.precision, self.learning_rate, self.resumable_epoch, self.run_dir = (
+            precision, learning_rate, resumable_epoch, run_dir)
+        if precision == "fp32":
+            cause, remedy = "a learning rate too high for this data", "Try a lower --learning-rate"
+        else:
+            cause = f"reduced precision ({precision}) overflowing or a kernel computing it wrongly"
+            remedy = "Try --precision fp32 or a lower --learning-rate"
+        if resumable_epoch is None:
+            kept = "no epoch had finished, so start the run again"
+        else:
+            kept = f"the checkpoint and best weights of epoch {resumable_epoch} are intact; continue with --resume {run_dir}"
+        super().__init__(
+            f"Training stopped at epoch {epoch} of {epochs}, batch {batch} of {batches}: the {what} is not finite, "
+            f"likely from {cause}. {remedy} (now {learning_rate:g}); {kept}."
+        )

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
 
 from .atomic import write_text_atomically
-from .checkpoint import resume_remedy
+from .checkpoint import RESUME_FILE, resume_remedy, unwrap
+from .errors import NonFiniteTraining
 
 ONE_CYCLE_PCT_START = 0.25
 """Fraction of the run spent warming up; fastai `fit_one_cycle` default."""
@@ -99,3 +101,40 @@ class WandbLog(Callback):
         values = {name: float(value) for name, value in zip(names, self.recorder.log[1:])}
         hypers = {name: float(self.opt.hypers[-1][name]) for name in ("lr", "mom")}
         wandb.log({"epoch": epoch, **values, **hypers}, step=epoch)
+
+
+class FiniteGuard(Callback):
+    """Stop training at the first loss or gradient that is not finite, before the optimiser applies it.
+
+    The loss is checked after every batch (training and validation), the gradients after every
+    backward pass unless a gradient scaler is in charge of them (fp16 on CUDA skips overflowing steps
+    itself). The error names the epoch and batch; the end-of-epoch checkpoint and best weights written
+    before it are left as they were.
+    """
+
+    order = 1  # before any callback that acts on the step
+
+    def __init__(self, *, run_dir: Path, epochs: int, first_epoch: int, precision: str, learning_rate: float,
+                 check_gradients: bool = True):
+        self.run_dir, self.epochs, self.first_epoch = Path(run_dir), epochs, first_epoch
+        self.precision, self.learning_rate, self.check_gradients = precision, learning_rate, check_gradients
+
+    def after_loss(self) -> None:
+        if not bool(torch.isfinite(self.learn.loss.detach()).all()):
+            self.stop("training loss" if self.training else "validation loss")
+
+    def after_backward(self) -> None:
+        if not self.check_gradients:
+            return
+        for name, parameter in unwrap(self.learn.model).named_parameters():
+            if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
+                self.stop(f"gradient of {name}")
+
+    def stop(self, what: str) -> None:
+        epoch = self.first_epoch + self.epoch
+        raise NonFiniteTraining(
+            what=what, epoch=epoch + 1, epochs=self.epochs, batch=self.iter + 1, batches=self.n_iter,
+            precision=self.precision, learning_rate=self.learning_rate,
+            resumable_epoch=epoch if epoch > 0 and (self.run_dir / RESUME_FILE).is_file() else None,
+            run_dir=str(self.run_dir),
+        )
