@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ContextManager
 
@@ -12,8 +13,22 @@ from .errors import Cov3dError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-"""CPU features (from /proc/cpuinfo) that make bf16 autocast faster than fp32 on x86."""
+CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16 tiles", "avx512_bf16": "AVX-512 BF16 instructions"}
+"""x86 CPU features (from /proc/cpuinfo) with which oneDNN runs bf16 natively, faster than fp32."""
+CUDA_NATIVE_BF16 = (8, 0)
+"""CUDA compute capability from which GPUs have bf16 tensor cores (Ampere); older ones emulate bf16."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast dtype of a run (None for plain fp32), its name and why it was chosen."""
+
+    dtype: torch.dtype | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -29,33 +44,47 @@ def resolve_device(name: str = "auto") -> torch.device:
     raise Cov3dError(f"Unknown device '{name}'; choose one of {', '.join(DEVICES)}.")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU advertises native bf16 arithmetic (AMX or AVX-512 BF16)."""
+def cpu_bf16_features() -> list[str]:
+    """The native-bf16 features this CPU advertises (empty off Linux/x86 or without them)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
-        return False
+        return []
     flags = set(cpuinfo.read_text(errors="ignore").split())
-    return any(flag in flags for flag in CPU_BF16_FLAGS)
+    return [name for flag, name in CPU_BF16_FLAGS.items() if flag in flags]
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain fp32.
+def choose_precision(precision: str, device: torch.device) -> Precision:
+    """The autocast dtype for `precision` on `device`, with the reason.
 
-    'auto' picks bf16 on GPUs that support it and on CPUs with native bf16, else fp32.
+    'auto': on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16 and torch has oneDNN, else fp32 (bf16
+    would be emulated, slower than fp32); on a CUDA GPU, bf16 from compute capability 8.0, else fp16
+    with a gradient scaler. Asked for explicitly, any of fp32, bf16 and fp16 (CUDA only) is used as is.
     """
     if precision not in PRECISIONS:
         raise Cov3dError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
     if precision == "fp32":
-        return None
+        return Precision(None, "asked for")
     if precision == "fp16":
         if device.type != "cuda":
             raise Cov3dError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU.")
-        return torch.float16
+        return Precision(torch.float16, "asked for")
     if precision == "bf16":
-        return torch.bfloat16
+        return Precision(torch.bfloat16, "asked for")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+        capability = torch.cuda.get_device_capability(device)
+        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})"
+        if capability >= CUDA_NATIVE_BF16:
+            return Precision(torch.bfloat16, f"auto: {gpu} has native bf16")
+        return Precision(torch.float16, f"auto: {gpu} has no native bf16; fp16 with a gradient scaler")
+    features = cpu_bf16_features()
+    if features and torch.backends.mkldnn.is_available():
+        return Precision(torch.bfloat16, f"auto: the CPU has {' and '.join(features)}")
+    return Precision(None, "auto: the CPU has no native bf16 (AMX-BF16 or AVX-512 BF16), so bf16 would be slower")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``choose_precision`` (None for plain fp32)."""
+    return choose_precision(precision, device).dtype
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
