@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
 from .data import ScanItem, collect_items
+from .errors import Cov3dError
 from .infer import infer
 from .layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
 from .preprocess import VolumeCache
@@ -173,7 +174,19 @@ def run_demo(
         report.scores[f"baseline {name}"] = baseline[name]
     step_done("infer")
     print_report(report, console)
+    check_beats_baseline(report)
     return report
+
+
+def check_beats_baseline(report: DemoReport) -> None:
+    """Refuse a demo whose model is no better than the mean-intensity baseline on validation presence F1."""
+    model, baseline = report.scores["cov3d validation"]["presence_f1"], report.scores["baseline validation"]["presence_f1"]
+    if not model > baseline:
+        raise Cov3dError(
+            f"The demo's model did not beat the mean-intensity baseline on validation presence macro F1 "
+            f"({model:.3f} vs {baseline:.3f}), so training failed; see {report.run_dir / 'metrics.csv'} and "
+            "try again with --precision fp32."
+        )
 
 
 def print_report(report: DemoReport, console: Console) -> None:
