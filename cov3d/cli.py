@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -22,11 +24,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def show_progress_messages() -> None:
+    """Show the library's progress messages (the ``cov3d`` logger, INFO and up) as plain lines on stderr."""
+    logger = logging.getLogger("cov3d")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 SIZE_NAMES = "small (64x128x128), medium (128x256x256) or large (160x320x320)"
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", min=1, help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-PrecisionOption = typer.Option("auto", "--precision", help="auto (bf16 where fast), fp32, bf16 or fp16 (CUDA only).")
+PrecisionOption = typer.Option("auto", "--precision", help=(
+    "auto, fp32, bf16 or fp16 (CUDA only). auto: on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16, else fp32 "
+    "(emulated bf16 is slower); on a GPU, bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 "
+    "with a gradient scaler (V100, T4). The choice is printed and kept in the run's config.json."))
 
 
 def fail(message: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import secrets
 import sys
@@ -22,6 +23,7 @@ from fastcore.basics import noop
 from safetensors.torch import save as safetensors_bytes
 
 from .atomic import write_bytes_atomically, write_text_atomically
+from .bf16_convs import checked_bf16_convs
 from .checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, resume_remedy, unwrap
 from .data import collect_items, presence_counts, severity_group_counts, ScanItem
 from .distributed import (
@@ -29,7 +31,7 @@ from .distributed import (
 )
 from .errors import Cov3dError
 from .loaders import training_loaders
-from .loop import MetricsLog, OneCycleSchedule, WandbLog
+from .loop import FiniteGuard, MetricsLog, OneCycleSchedule, WandbLog
 from .layout import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
 from .loss import Cov3dLoss, class_weights, model_outputs
 from .metrics import task_metrics
@@ -38,8 +40,10 @@ from .modelfile import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
 from .preprocess import VolumeCache
 from .provenance import dataset_fingerprint, versions
 from .run_figures import TrainingCurves, write_confusion_matrices
-from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
+from .runtime import Precision, autocast, choose_precision, resolve_device, use_channels_last
 from .workers import preprocess_many
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
@@ -217,7 +221,7 @@ def train(
         with kept_determinism_flags():
             return _train(
                 Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
-                pretrained=pretrained, torch_device=torch_device, dtype=resolve_precision(precision, torch_device),
+                pretrained=pretrained, torch_device=torch_device, precision=choose_precision(precision, torch_device),
                 workers=workers, loader_workers=loader_workers, use_wandb=use_wandb, resume=resume, dist=dist,
                 arguments=arguments,
             )
@@ -247,8 +251,11 @@ def seed_everything(seed: int, device: torch.device) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretrained, torch_device, dtype, workers,
-           loader_workers, use_wandb, resume, dist, arguments) -> TrainResult:
+def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretrained, torch_device, precision: Precision,
+           workers, loader_workers, use_wandb, resume, dist, arguments) -> TrainResult:
+    dtype = precision.dtype
+    if dist.is_main:
+        logger.info("Precision: %s on %s (%s)", precision.name, torch_device, precision.reason)
     seed_everything(settings.seed, torch_device)
     resume_state = load_resume_state(run_dir) if resume else None
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
@@ -272,7 +279,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
             "pretrained": str(pretrained_weights) if pretrained_weights else ("kinetics-400" if pretrained else None),
             "presence_weights": presence_weights,
             "severity_weights": severity_weights,
-            "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
+            "precision": precision.name,
+            "precision_reason": precision.reason,
             "world_size": dist.world_size,
             "dataset_fingerprint": fingerprint,
             "versions": versions(),
@@ -305,6 +313,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         MetricsLog(run_dir / METRICS_FILE, first_epoch, dist.is_main),
         TrainingState(run_dir / RESUME_FILE, checkpoints, first_epoch, resume_state, dist.is_main),
         *precision_callbacks(torch_device, dtype), TrainingCurves(run_dir),
+        FiniteGuard(run_dir=run_dir, epochs=settings.epochs, first_epoch=first_epoch, precision=precision.name,
+                    learning_rate=settings.learning_rate, check_gradients=dtype != torch.float16),
     ]
     if dist.enabled:
         callbacks.append(DDPTrainer(torch_device))
@@ -322,7 +332,9 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if resume_state is not None:
         learner.create_opt()
         load_optimizer_state(learner.opt, resume_state["optimizer"])
-    learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
+    on_cpu_bf16 = dtype == torch.bfloat16 and torch_device.type == "cpu"
+    with checked_bf16_convs(model) if on_cpu_bf16 else contextlib.nullcontext():
+        learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
     write_confusion_matrices(run_dir, dls.valid, torch_device)
 
     digests = gather_strings(dist, parameter_digest(learner.model))
