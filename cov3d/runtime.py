@@ -8,7 +8,7 @@ from typing import ContextManager
 
 import torch
 
-from .errors import Cov3dError
+from cov3d.errors import Cov3dError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

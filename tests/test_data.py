@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from cov3d.data import (
+from cov3d.training.data import (
     LevelsToValues, SagittalReflection, TensorCT, collect_items, build_dataloaders, presence_counts,
     severity_group_counts,
 )
-from cov3d.distributed import Distributed
+from cov3d.training.distributed import Distributed
 from cov3d.errors import Cov3dError
-from cov3d.loaders import AsyncToDevice, training_loaders
-from cov3d.layout import read_severity_csv
-from cov3d.preprocess import VolumeCache
+from cov3d.training.loaders import AsyncToDevice, training_loaders
+from cov3d.dataset.layout import read_severity_csv
+from cov3d.preprocessing.preprocess import VolumeCache
 
 
 def count_folders(path):
@@ -34,7 +34,7 @@ def test_collect_items_matches_the_folders_and_csvs(tiny_dataset):
 
 
 def test_counts_by_hand(tmp_path):
-    from cov3d.data import ScanItem
+    from cov3d.training.data import ScanItem
 
     items = [ScanItem(tmp_path, "train", c, s) for c, s in [(0, 0), (0, 0), (1, 0), (1, 1), (1, 3), (1, 3), (1, 4)]]
     assert presence_counts(items) == [2, 5]

@@ -4,7 +4,7 @@ import math
 
 from rich.console import Console
 
-from cov3d.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
+from cov3d.synthetic.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
 
 
 def test_demo_runs_every_step_and_scores_both_splits(tmp_path):

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.figures import mid_planes, peak_voxel, save_figure
-from cov3d.preprocess import VolumeCache
-from cov3d.run_figures import confusion_matrix, macro_f1
-from cov3d.views import layout_label, load_tensor_file, show_scans
+from cov3d.viz.figures import mid_planes, peak_voxel, save_figure
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.training.run_figures import confusion_matrix, macro_f1
+from cov3d.inference.views import layout_label, load_tensor_file, show_scans
 from figure_checks import assert_panels_differ, assert_size, read_grey
 
 runner = CliRunner()

@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cov3d.errors import Cov3dError
-from cov3d.infer import CSV_COLUMNS, RunPredictor, combine, infer
-from cov3d.model import build_model
-from cov3d.modelfile import CHECKPOINTS, load_source
-from cov3d.preprocess import VolumeCache
-from cov3d.scans import find_scans, scan_number
+from cov3d.inference.infer import CSV_COLUMNS, RunPredictor, combine, infer
+from cov3d.model.network import build_model
+from cov3d.model.files import CHECKPOINTS, load_source
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.dataset.scans import find_scans, scan_number
 
 
 def read_csv(path):
@@ -154,7 +154,7 @@ def test_mc_dropout_samples_differ_with_a_sensible_spread(tiny_dataset, tmp_path
 def test_full_disk_while_writing_predictions_names_the_csv_and_resume_finishes(tiny_run, tiny_dataset, tmp_path,
                                                                                  monkeypatch):
     """Rows already flushed are kept; --resume predicts the rest once there is room again."""
-    from cov3d import streaming as streaming_module
+    from cov3d.inference import streaming as streaming_module
 
     real_open_rows = streaming_module.open_rows
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cov3d.loss import (
+from cov3d.model.loss import (
     SEVERITY_GROUPS,
     Cov3dLoss,
     class_weights,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cov3d.metrics import presence_scores, severity_predictions, severity_scores, task_metrics
+from cov3d.model.metrics import presence_scores, severity_predictions, severity_scores, task_metrics
 
 
 def test_presence_scores_by_hand():

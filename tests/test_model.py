@@ -8,7 +8,7 @@ from torch import nn
 from torchvision.models.video import r3d_18
 
 from cov3d.errors import Cov3dError
-from cov3d.model import (
+from cov3d.model.network import (
     PretrainedWeightsMissing,
     build_model,
     kinetics_weights_path,

@@ -1,4 +1,4 @@
-"""Tests for cov3d.preprocess and cov3d.cache against an independent route: PIL bicubic resize
+"""Tests for cov3d.preprocessing.preprocess and cov3d.preprocessing.cache against an independent route: PIL bicubic resize
 of each slice plus scipy ``CubicSpline`` evaluated pixel by pixel."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from scipy.interpolate import CubicSpline
 
-from cov3d import cache as cache_module
-from cov3d import preprocess as preprocess_module
+from cov3d.preprocessing import cache as cache_module
+from cov3d.preprocessing import preprocess as preprocess_module
 from cov3d.errors import Cov3dError
-from cov3d.preprocess import SIZES, VolumeCache, default_cache_dir, depth_interpolation_matrix, preprocess_scan
-from cov3d.workers import PreprocessSummary, preprocess_many, select_shard
+from cov3d.preprocessing.preprocess import SIZES, VolumeCache, default_cache_dir, depth_interpolation_matrix, preprocess_scan
+from cov3d.preprocessing.workers import PreprocessSummary, preprocess_many, select_shard
 
 STORAGE_TOLERANCE = 2e-3
 """Required bound on |cached volume - reference| after storage rounding (issue #4)."""
@@ -52,7 +52,7 @@ def reference_volume(scan: Path, depth: int, height: int, width: int) -> np.ndar
     stack = []
     for path in names:
         with Image.open(path) as image:
-            if image.mode.startswith("I"):  # 16-bit: scaled by 255 / 65535 (documented in cov3d.scans)
+            if image.mode.startswith("I"):  # 16-bit: scaled by 255 / 65535 (documented in cov3d.dataset.scans)
                 image = Image.fromarray(np.rint(np.asarray(image) * (255 / 65535)).astype(np.uint8))
             gray = image.convert("L").resize((width, height), Image.Resampling.BICUBIC)
             stack.append(np.asarray(gray) / 255.0)
@@ -354,8 +354,8 @@ KILLED_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch
-    from cov3d import cache as cache_module
-    from cov3d.preprocess import VolumeCache
+    from cov3d.preprocessing import cache as cache_module
+    from cov3d.preprocessing.preprocess import VolumeCache
 
     real_save = torch.save
 

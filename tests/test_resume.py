@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from cov3d.checkpoint import RESUME_FILE, load_resume_state, rng_states, save_atomic, set_rng_states
+from cov3d.training.checkpoint import RESUME_FILE, load_resume_state, rng_states, save_atomic, set_rng_states
 from cov3d.errors import Cov3dError
-from cov3d.loop import OneCycleSchedule
-from cov3d.synthetic import generate_dataset
+from cov3d.training.callbacks import OneCycleSchedule
+from cov3d.synthetic.generator import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from cov3d.cli import app; app()"]
@@ -111,7 +111,7 @@ def test_resume_ends_like_an_uninterrupted_run(uninterrupted, killed, small_data
 
 
 def test_resume_refuses_a_finished_run(uninterrupted, tmp_path):
-    from cov3d.train import resume_training
+    from cov3d.training.train import resume_training
 
     with pytest.raises(Cov3dError, match="nothing to resume"):
         resume_training(uninterrupted, cache_dir=tmp_path, device="cpu", precision="fp32", workers=1)

@@ -1,4 +1,4 @@
-"""Tests for cov3d.scans: scan names, slice order, reading messy slices, finding scans."""
+"""Tests for cov3d.dataset.scans: scan names, slice order, reading messy slices, finding scans."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cov3d.errors import Cov3dError
-from cov3d.scans import NO_SCAN_NUMBER, find_scans, is_scan_dir, list_slices, read_slice, scan_number
+from cov3d.dataset.scans import NO_SCAN_NUMBER, find_scans, is_scan_dir, list_slices, read_slice, scan_number
 
 
 def write_png_as_jpg(path: Path, array: np.ndarray) -> Path:

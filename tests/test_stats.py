@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.stats import dataset_stats, write_stats
+from cov3d.dataset.stats import dataset_stats, write_stats
 from figure_checks import assert_size
 
 SLICE = re.compile(r"^\d+\.jpg$")

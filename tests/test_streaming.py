@@ -13,11 +13,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cov3d.errors import Cov3dError
-from cov3d.infer import Ensemble, infer
-from cov3d.model import build_model
-from cov3d.modelfile import CHECKPOINTS
-from cov3d.scans import find_scans
-from cov3d.streaming import ScanItem
+from cov3d.inference.infer import Ensemble, infer
+from cov3d.model.network import build_model
+from cov3d.model.files import CHECKPOINTS
+from cov3d.dataset.scans import find_scans
+from cov3d.inference.streaming import ScanItem
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from cov3d.errors import Cov3dError
-from cov3d.model import build_model
-from cov3d.checkpoint import RESUME_FILE, resume_remedy
-from cov3d.train import CHECKPOINTS, TrainSettings, kept_determinism_flags, seed_everything, train
+from cov3d.model.network import build_model
+from cov3d.training.checkpoint import RESUME_FILE, resume_remedy
+from cov3d.training.train import CHECKPOINTS, TrainSettings, kept_determinism_flags, seed_everything, train
 
 
 def test_paper_defaults():

@@ -1,9 +1,9 @@
 """CT scans stored as DICOM series or NIfTI volumes, read as 8-bit gray slices like the JPEG data.
 
 Both formats hold Hounsfield units (HU). They are mapped to 8-bit grey levels with the same lung
-window as the synthetic JPEG data (``cov3d.phantom.hu_to_uint8``: level ``WINDOW_LEVEL`` = -600 HU,
+window as the synthetic JPEG data (``cov3d.synthetic.phantom.hu_to_uint8``: level ``WINDOW_LEVEL`` = -600 HU,
 width ``WINDOW_WIDTH`` = 1500 HU, so -1350 HU -> 0 and +150 HU -> 255, rounded and clipped), then
-follow the JPEG path of ``cov3d.preprocess`` (bicubic resize of each 8-bit slice, cubic spline along
+follow the JPEG path of ``cov3d.preprocessing.preprocess`` (bicubic resize of each 8-bit slice, cubic spline along
 depth, / 255 -> [0, 1]). A DICOM or NIfTI copy of a JPEG scan therefore gives the same volume up to
 the JPEG compression of the latter.
 
@@ -38,8 +38,8 @@ from types import ModuleType
 import numpy as np
 
 from cov3d.errors import Cov3dError
-from cov3d.phantom import WINDOW_LEVEL, WINDOW_WIDTH, hu_to_uint8
-from cov3d.scans import MAX_8BIT, one_line, is_dicom_dir, is_nifti_file, is_scan_dir, list_slices, looks_dicom, visible_files
+from cov3d.synthetic.phantom import WINDOW_LEVEL, WINDOW_WIDTH, hu_to_uint8
+from cov3d.dataset.scans import MAX_8BIT, one_line, is_dicom_dir, is_nifti_file, is_scan_dir, list_slices, looks_dicom, visible_files
 
 __all__ = ["WINDOW_LEVEL", "WINDOW_WIDTH", "ScanSources", "dicom_series_files", "gray_slices", "hu_to_uint8", "scan_sources"]
 

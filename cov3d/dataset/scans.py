@@ -15,7 +15,7 @@ whatever the file holds:
   (A file named ``.jpg`` may hold PNG/TIFF data; Pillow opens files by content.)
 
 ``find_scans`` also finds DICOM series folders and NIfTI files (``.nii``, ``.nii.gz``); they are
-read by ``cov3d.volumes``.
+read by ``cov3d.dataset.dicom_nifti``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from fastai.callback.core import Callback
 from fastai.data.core import TfmdDL
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import unwrap
+from cov3d.training.checkpoint import unwrap
 
 T = TypeVar("T")
 CPU_BACKEND = "gloo"

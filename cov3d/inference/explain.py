@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock
 
-from .errors import Cov3dError
+from cov3d.errors import Cov3dError
 
 CAM_SUFFIX = "-gradcam"
 """Output names: ``<scan name>-gradcam.pt`` (tensor (D, H, W) in [0, 1]) and ``.png``."""
@@ -109,12 +109,12 @@ def explain(
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x).
     """
-    from .atomic import replaced_atomically
-    from .figures import gradcam_overlay, peak_voxel, save_figure
-    from .modelfile import load_source
-    from .preprocess import default_cache_dir
-    from .runtime import resolve_device
-    from .views import load_tensor_file, model_volume
+    from cov3d.atomic import replaced_atomically
+    from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
+    from cov3d.model.files import load_source
+    from cov3d.preprocessing.preprocess import default_cache_dir
+    from cov3d.runtime import resolve_device
+    from cov3d.inference.views import load_tensor_file, model_volume
 
     source = load_source(run_dir)
     config = source.config

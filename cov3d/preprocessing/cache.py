@@ -1,4 +1,4 @@
-"""Storage format of the preprocessed-volume cache (used by ``cov3d.preprocess.VolumeCache``).
+"""Storage format of the preprocessed-volume cache (used by ``cov3d.preprocessing.preprocess.VolumeCache``).
 
 Layout: ``<cache_dir>/<D>x<H>x<W>[-fast]/<scan folder name>-<key>.pt``, one file per scan and
 size. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
@@ -46,7 +46,7 @@ import torch
 
 from cov3d.atomic import TEMP_SUFFIX, write_failure_reason
 from cov3d.errors import Cov3dError
-from cov3d.scans import one_line
+from cov3d.dataset.scans import one_line
 
 CACHE_FORMAT_VERSION = 2
 """Bump when the preprocessing or the entry layout changes: older entries are then rebuilt."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layout import PRESENCE_CLASSES, SEVERITY_GROUPS
+from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_GROUPS
 
 N_SEVERITY_CLASSES = 5
 """Softmax classes of eq. 3: 0 = COVID negative, 1..4 = mild..critical."""

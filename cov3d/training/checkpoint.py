@@ -17,8 +17,8 @@ import torch
 from fastai.callback.core import Callback
 from torch import nn
 
-from .atomic import replaced_atomically
-from .errors import Cov3dError
+from cov3d.atomic import replaced_atomically
+from cov3d.errors import Cov3dError
 
 RESUME_FILE = "checkpoint.pth"
 CHECKPOINT_FORMAT = 1

@@ -14,7 +14,7 @@ import torch
 from fastai.learner import Metric
 from sklearn.metrics import accuracy_score, f1_score
 
-from .layout import SEVERITY_CATEGORIES
+from cov3d.dataset.layout import SEVERITY_CATEGORIES
 
 PRESENCE_THRESHOLD = 0.5
 

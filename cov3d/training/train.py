@@ -21,31 +21,31 @@ from fastai.torch_core import set_seed
 from fastcore.basics import noop
 from safetensors.torch import save as safetensors_bytes
 
-from .atomic import write_bytes_atomically, write_text_atomically
-from .checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, resume_remedy, unwrap
-from .data import collect_items, presence_counts, severity_group_counts, ScanItem
-from .distributed import (
+from cov3d.atomic import write_bytes_atomically, write_text_atomically
+from cov3d.training.checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, resume_remedy, unwrap
+from cov3d.training.data import collect_items, presence_counts, severity_group_counts, ScanItem
+from cov3d.training.distributed import (
     DDPTrainer, distributed_from_env, gather_strings, main_first, parameter_digest, start_distributed, stop_distributed,
 )
-from .errors import Cov3dError
-from .loaders import training_loaders
-from .loop import MetricsLog, OneCycleSchedule, WandbLog
-from .layout import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
-from .loss import Cov3dLoss, class_weights, model_outputs
-from .metrics import task_metrics
-from .model import POOLS, build_model, load_kinetics_state_dict
-from .modelfile import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
-from .preprocess import VolumeCache
-from .provenance import dataset_fingerprint, versions
-from .run_figures import TrainingCurves, write_confusion_matrices
-from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
-from .workers import preprocess_many
+from cov3d.errors import Cov3dError
+from cov3d.training.loaders import training_loaders
+from cov3d.training.callbacks import MetricsLog, OneCycleSchedule, WandbLog
+from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
+from cov3d.model.loss import Cov3dLoss, class_weights, model_outputs
+from cov3d.model.metrics import task_metrics
+from cov3d.model.network import POOLS, build_model, load_kinetics_state_dict
+from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.training.provenance import dataset_fingerprint, versions
+from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
+from cov3d.runtime import autocast, resolve_device, resolve_precision, use_channels_last
+from cov3d.preprocessing.workers import preprocess_many
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 NEW_RUN_REMEDY = "Free some space or choose another --output-dir."
 CHECKPOINTS = {f"{task}_f1": name for task, name in TASK_CHECKPOINTS.items()}
-"""The best weights of each monitored metric (the files ``cov3d.modelfile`` reads)."""
+"""The best weights of each monitored metric (the files ``cov3d.model.files`` reads)."""
 SEVERITY_NAMES = ("negative", *SEVERITY_LABELS)
 WANDB_PROJECT = "cov3d"
 WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
@@ -81,7 +81,7 @@ class TrainSettings:
 
     @property
     def outputs(self) -> int:
-        """Logits of the model (``cov3d.loss.model_outputs``)."""
+        """Logits of the model (``cov3d.model.loss.model_outputs``)."""
         return model_outputs(self.severity_factor)
 
 

@@ -9,9 +9,9 @@ from typing import Sequence
 
 import torch
 
-from . import __version__
-from .data import ScanItem
-from .scans import list_slices
+from cov3d import __version__
+from cov3d.training.data import ScanItem
+from cov3d.dataset.scans import list_slices
 
 VERSIONED_PACKAGES = ("torchvision", "fastai", "fastcore", "numpy", "scikit-learn", "wandb")
 

@@ -32,14 +32,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
-from .atomic import write_bytes_atomically
-from .errors import Cov3dError
-from .model import POOLS, build_model
-from .scans import one_line
+from cov3d.atomic import write_bytes_atomically
+from cov3d.errors import Cov3dError
+from cov3d.model.network import POOLS, build_model
+from cov3d.dataset.scans import one_line
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}
-"""Weights of a run folder, by task (the names ``cov3d.train`` writes)."""
+"""Weights of a run folder, by task (the names ``cov3d.training.train`` writes)."""
 EXPORT_FORMAT, EXPORT_VERSION = "cov3d-model", "1"
 MODEL_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".tar")

@@ -8,7 +8,7 @@
 
 Partitions are the sub-folders of the data folder: ``<partition>/<covid|non-covid>/<scan>`` is
 labelled; ``<partition>/<scan>`` (a test set) is not, unless an answer key
-``<partition>_labels.csv`` (``Name;Covid;Category``, as written by ``cov3d.synthetic``) lies next
+``<partition>_labels.csv`` (``Name;Covid;Category``, as written by ``cov3d.synthetic.generator``) lies next
 to it. Severities of train and validation come from the competition's category CSVs.
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from .atomic import write_csv_atomically, write_text_atomically
-from .layout import ANSWER_KEY, PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_answer_key, read_severity_csv
-from .errors import Cov3dError
-from .scans import READ_ERRORS, SLICE_NAME, one_line, scan_number
+from cov3d.atomic import write_csv_atomically, write_text_atomically
+from cov3d.dataset.layout import ANSWER_KEY, PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_answer_key, read_severity_csv
+from cov3d.errors import Cov3dError
+from cov3d.dataset.scans import READ_ERRORS, SLICE_NAME, one_line, scan_number
 
 PARTITION_ORDER = ("train", "validation", "test")
 """Column order of the tables (other partitions follow alphabetically), as in the paper's tables."""
@@ -168,7 +168,7 @@ def _write_table(path: Path, table: dict[str, dict[str, int | None]], partitions
 
 def write_stats(stats: DatasetStats, output_dir: Path) -> dict[str, Path]:
     """Write the CSVs and the histogram to ``output_dir``; returns {what: path}."""
-    from .figures import depth_histogram, save_figure
+    from cov3d.viz.figures import depth_histogram, save_figure
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ Layout written under ``out_dir`` (see DESIGN.md)::
 As in the real data, scan numbers restart in every folder (``train/covid/ct_scan_3`` and
 ``train/non-covid/ct_scan_3`` may both exist), a few names lack the underscore (``ct_scan7``), depths
 follow a bimodal distribution, a few scans are one slice thick and a few mix slice sizes. Every covid
-scan has a severity 1..4 (the involved share of lung, see :mod:`cov3d.phantom`); only
+scan has a severity 1..4 (the involved share of lung, see :mod:`cov3d.synthetic.phantom`); only
 ``annotated_fraction`` of the training and validation covid scans are listed in the category CSVs.
 The test answer key lists the category of every covid test scan. Scans are rendered from independent
 child seeds, so a seed always gives the same bytes.
@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 
 from cov3d.errors import Cov3dError
-from cov3d.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
-from cov3d.phantom import hu_to_uint8, render_phantom
-from cov3d.scans import scan_number
+from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
+from cov3d.synthetic.phantom import hu_to_uint8, render_phantom
+from cov3d.dataset.scans import scan_number
 
 SEVERITY_NAMES = SEVERITY_LABELS  # categories 1..4
 

@@ -1,6 +1,6 @@
 """`cov3d show`: the axial, sagittal and coronal mid-planes of scans, one row per scan (paper Fig. 2).
 
-A scan is a folder of JPEG slices or a cached tensor file (``cov3d.cache`` entries, or a plain
+A scan is a folder of JPEG slices or a cached tensor file (``cov3d.preprocessing.cache`` entries, or a plain
 tensor ``(1, D, H, W)`` / ``(D, H, W)`` in [0, 1]). Each row is titled with the scan's name and,
 when the scan lies in the dataset layout ``<partition>/<covid|non-covid>/<scan>``, its label and
 the severity from the partition's CSV; with a run folder, also the model's prediction.
@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import STORAGE_DTYPE, from_levels
-from .layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
-from .errors import Cov3dError
-from .figures import save_figure, slice_views
-from .preprocess import preprocess_scan
-from .scans import find_scans, list_slices, one_line
+from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
+from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
+from cov3d.errors import Cov3dError
+from cov3d.viz.figures import save_figure, slice_views
+from cov3d.preprocessing.preprocess import preprocess_scan
+from cov3d.dataset.scans import find_scans, list_slices, one_line
 
 DISPLAY_SIZE = 256
 """In-plane pixels (H = W) a JPEG scan is resized to for display; its depth is kept up to this too."""
@@ -43,7 +43,7 @@ class ViewedScan:
 def load_tensor_file(path: Path) -> tuple[torch.Tensor, Path | None]:
     """A cached or plain tensor file -> (volume (D, H, W) float32, source scan folder if recorded).
 
-    uint8 volumes (cache entries) are levels and are divided by 255 (``cov3d.cache``)."""
+    uint8 volumes (cache entries) are levels and are divided by 255 (``cov3d.preprocessing.cache``)."""
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
@@ -113,7 +113,7 @@ def model_volume(
     """The (1, D, H, W) input a run of ``size`` expects: from the cache for a scan folder; for a
     tensor file its volume (D, H, W) (``volume`` if already read, else read from ``path``),
     resampled trilinearly and clipped to [0, 1]."""
-    from .preprocess import VolumeCache
+    from cov3d.preprocessing.preprocess import VolumeCache
 
     if Path(path).is_dir():
         return VolumeCache(cache_dir, *size, fast_decode=fast_decode).get(path)
@@ -132,16 +132,16 @@ def show_scans(
     precision: str = "auto",
 ) -> list[str]:
     """Write the mid-plane figure of ``paths`` to ``output``; returns the row titles."""
-    from .preprocess import default_cache_dir
+    from cov3d.preprocessing.preprocess import default_cache_dir
 
     scan_paths = expand_paths(paths)
     views = [load_view(path) for path in scan_paths]
     titles = []
     predictor = None
     if run_dir is not None:
-        from .infer import RunPredictor
-        from .modelfile import load_source
-        from .runtime import resolve_device, resolve_precision
+        from cov3d.inference.infer import RunPredictor
+        from cov3d.model.files import load_source
+        from cov3d.runtime import resolve_device, resolve_precision
 
         torch_device = resolve_device(device)
         predictor = RunPredictor(load_source(run_dir), torch_device, resolve_precision(precision, torch_device))

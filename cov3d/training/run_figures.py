@@ -18,8 +18,8 @@ import torch
 from fastai.callback.core import Callback
 from fastai.torch_core import rank_distrib
 
-from .atomic import write_csv_atomically
-from .layout import PRESENCE_CLASSES, SEVERITY_LABELS
+from cov3d.atomic import write_csv_atomically
+from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_LABELS
 
 CURVES_FILE = "curves.png"
 CONFUSION_STEM = {"presence_f1": "confusion-presence", "severity_f1": "confusion-severity"}
@@ -36,7 +36,7 @@ class TrainingCurves(Callback):
     def after_epoch(self) -> None:
         if rank_distrib() != 0:
             return
-        from .figures import save_figure, training_curves
+        from cov3d.viz.figures import save_figure, training_curves
 
         names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
         history = {name: [float(row[i]) for row in self.recorder.values] for i, name in enumerate(names)}
@@ -71,7 +71,7 @@ def validation_logits(model: torch.nn.Module, loader, device: torch.device) -> t
 
 def task_matrix(monitored: str, logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
     """The confusion matrix of one task (``presence_f1`` or ``severity_f1``), as the metrics score it."""
-    from .metrics import presence_predictions, severity_predictions
+    from cov3d.model.metrics import presence_predictions, severity_predictions
 
     if monitored == "presence_f1":
         return confusion_matrix(targets[:, 0].numpy(), presence_predictions(logits), len(PRESENCE_CLASSES))
@@ -91,8 +91,8 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
     run; writes ``confusion-<task>.png`` and ``.csv``; returns {monitored metric: matrix}."""
     if rank_distrib() != 0:
         return {}
-    from .figures import confusion_figure, save_figure
-    from .modelfile import load_source
+    from cov3d.viz.figures import confusion_figure, save_figure
+    from cov3d.model.files import load_source
 
     run_dir = Path(run_dir)
     source = load_source(run_dir)

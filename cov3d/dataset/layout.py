@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .errors import Cov3dError
+from cov3d.errors import Cov3dError
 
 PRESENCE_CLASSES = ("non-covid", "covid")
 SEVERITY_GROUPS = ("negative", "positive-unannotated", "mild", "moderate", "severe", "critical")

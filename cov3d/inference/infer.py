@@ -1,9 +1,9 @@
 """Inference: models -> probabilities per scan, with reflection test-time augmentation (paper §3.5),
 ensembles (the mean over models, as in the paper's submission) and Monte-Carlo dropout.
 
-Models are run folders or exported model files (``cov3d.modelfile``: safetensors only, never
+Models are run folders or exported model files (``cov3d.model.files``: safetensors only, never
 pickles). Scans (JPEG folders, DICOM series, NIfTI files) are preprocessed by background workers
-(``cov3d.streaming``) once per distinct input size, and each CSV row is written as soon as its
+(``cov3d.inference.streaming``) once per distinct input size, and each CSV row is written as soon as its
 scan is predicted, so that an interrupted run keeps its rows and ``resume=True`` skips them.
 """
 
@@ -18,16 +18,16 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from .atomic import write_text_atomically
-from .cache import values_on
-from .errors import Cov3dError
-from .layout import SEVERITY_LABELS
-from .metrics import PRESENCE_THRESHOLD
-from .modelfile import ModelSource, expand_models, load_source
-from .preprocess import VolumeCache
-from .runtime import autocast, resolve_device, resolve_precision
-from .scans import scan_name, scan_number
-from .streaming import PredictionRows, ScanItem, SizeKey, completed_paths, read_rows, volume_stream
+from cov3d.atomic import write_text_atomically
+from cov3d.preprocessing.cache import values_on
+from cov3d.errors import Cov3dError
+from cov3d.dataset.layout import SEVERITY_LABELS
+from cov3d.model.metrics import PRESENCE_THRESHOLD
+from cov3d.model.files import ModelSource, expand_models, load_source
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.runtime import autocast, resolve_device, resolve_precision
+from cov3d.dataset.scans import scan_name, scan_number
+from cov3d.inference.streaming import PredictionRows, ScanItem, SizeKey, completed_paths, read_rows, volume_stream
 
 CSV_COLUMNS = (
     "name", "path", "covid_probability", "covid", "severity",

@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .atomic import replaced_atomically  # noqa: E402
-from .errors import Cov3dError  # noqa: E402
+from cov3d.atomic import replaced_atomically  # noqa: E402
+from cov3d.errors import Cov3dError  # noqa: E402
 
 DPI = 100
 """Pixels per inch of every saved figure (sizes below are in inches)."""

@@ -2,7 +2,7 @@
 
 ``preprocess_scan`` turns a folder of n slices into a float32 volume ``(1, D, H, W)`` in [0, 1]:
 
-1. **In-plane.** Each slice is read as 8-bit gray (``cov3d.scans.read_slice``) and resized to
+1. **In-plane.** Each slice is read as 8-bit gray (``cov3d.dataset.scans.read_slice``) and resized to
    H×W with PIL's bicubic filter on the 8-bit image as soon as it is decoded, so only the n
    resized uint8 slices are held (a 1,201-slice scan at large: 123 MB; slices of mixed sizes
    are each resized to H×W).
@@ -17,7 +17,7 @@
    is repeated; D = 1 takes the first slice.
 3. **Range.** Values are divided by 255 (folded into the matrix) and clipped to [0, 1]: the
    spline can overshoot the data. The cache stores them rounded to uint8 levels
-   (``cov3d.cache``), computed straight from the product without a float32 volume.
+   (``cov3d.preprocessing.cache``), computed straight from the product without a float32 volume.
 
 ``fast_decode=True`` lets libjpeg downscale in the DCT domain (``Image.draft``) to the smallest
 power-of-two reduction (1/2, 1/4, 1/8) still at least H×W before the bicubic resize. For
@@ -27,11 +27,11 @@ synthetic 512×512 CT-like stacks, its volumes differ from the normal path by at
 (mean 0.0030) at small and at most 0.063 (mean 0.0037) at medium, on the [0, 1] scale, i.e.
 about 1 grey level on average and 16 at worst (near sharp edges); bounded in the tests.
 
-DICOM series folders and NIfTI files are read by ``cov3d.volumes`` as 8-bit slices (HU through
+DICOM series folders and NIfTI files are read by ``cov3d.dataset.dicom_nifti`` as 8-bit slices (HU through
 the lung window) and then follow steps 1-3 like JPEG slices.
 
-``VolumeCache`` stores one file of uint8 levels per scan and size (format: ``cov3d.cache``);
-``cov3d.workers.preprocess_many`` fills it for many scans with worker processes.
+``VolumeCache`` stores one file of uint8 levels per scan and size (format: ``cov3d.preprocessing.cache``);
+``cov3d.preprocessing.workers.preprocess_many`` fills it for many scans with worker processes.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 from PIL import Image
 from scipy.interpolate import CubicSpline
 
-from cov3d.cache import (
+from cov3d.preprocessing.cache import (
     LEVELS,
     STORAGE_DTYPE,
     default_cache_dir,
@@ -57,8 +57,8 @@ from cov3d.cache import (
     source_fingerprint,
 )
 from cov3d.errors import Cov3dError
-from cov3d.scans import MAX_8BIT, read_slice
-from cov3d.volumes import ScanSources, gray_slices, scan_sources
+from cov3d.dataset.scans import MAX_8BIT, read_slice
+from cov3d.dataset.dicom_nifti import ScanSources, gray_slices, scan_sources
 
 __all__ = [
     "SIZES",
@@ -146,7 +146,7 @@ def _weight_bands(n_slices: int, depth: int, scale: float) -> tuple[tuple[slice,
 def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False) -> torch.Tensor:
     """Cubic-spline interpolation of an (n, H, W) uint8 stack to a (1, depth, H, W) volume:
     float32 in [0, 1], or with ``levels`` the cache's uint8 levels round(255 v) of that volume
-    (``cov3d.cache``), computed without the float32 volume.
+    (``cov3d.preprocessing.cache``), computed without the float32 volume.
 
     One matrix product (depth, n) @ (n, H*W), evaluated in blocks of columns (pixels) whose
     float32 copy fits in ``MATMUL_BLOCK_BYTES``, skipping the zero blocks of the matrix
@@ -209,7 +209,7 @@ def preprocess_scan(
 
 
 class VolumeCache:
-    """Preprocessed volumes of one size, stored in ``cache_dir`` (format: ``cov3d.cache``)."""
+    """Preprocessed volumes of one size, stored in ``cache_dir`` (format: ``cov3d.preprocessing.cache``)."""
 
     def __init__(self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False):
         _check_size(depth, height, width)

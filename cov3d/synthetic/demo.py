@@ -18,14 +18,14 @@ from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-from .data import ScanItem, collect_items
-from .infer import infer
-from .layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
-from .preprocess import VolumeCache
-from .scans import find_scans
-from .synthetic import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
-from .train import TrainSettings, train
-from .workers import preprocess_many
+from cov3d.training.data import ScanItem, collect_items
+from cov3d.inference.infer import infer
+from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.dataset.scans import find_scans
+from cov3d.synthetic.generator import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
+from cov3d.training.train import TrainSettings, train
+from cov3d.preprocessing.workers import preprocess_many
 
 SEVERITY_CODES = list(SEVERITY_CATEGORIES)
 

@@ -14,11 +14,11 @@ from fastai.torch_core import TensorBase
 from fastai.vision.augment import RandTransform
 from fasttransform import Transform
 
-from .cache import values_on
-from .errors import Cov3dError
-from .layout import PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, read_severity_csv
-from .preprocess import VolumeCache
-from .scans import is_scan_dir, scan_number
+from cov3d.preprocessing.cache import values_on
+from cov3d.errors import Cov3dError
+from cov3d.dataset.layout import PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, read_severity_csv
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.dataset.scans import is_scan_dir, scan_number
 
 logger = logging.getLogger(__name__)
 

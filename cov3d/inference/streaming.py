@@ -20,10 +20,10 @@ from typing import IO
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import Cov3dError
-from .preprocess import VolumeCache, scan_sources
-from .scans import one_line
-from .workers import init_worker, pool_context
+from cov3d.errors import Cov3dError
+from cov3d.preprocessing.preprocess import VolumeCache, scan_sources
+from cov3d.dataset.scans import one_line
+from cov3d.preprocessing.workers import init_worker, pool_context
 
 SizeKey = tuple[int, int, int, bool]
 """An input size: (depth, height, width, fast_decode)."""

@@ -13,8 +13,8 @@ from pathlib import Path
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
 
-from .atomic import write_text_atomically
-from .checkpoint import resume_remedy
+from cov3d.atomic import write_text_atomically
+from cov3d.training.checkpoint import resume_remedy
 
 ONE_CYCLE_PCT_START = 0.25
 """Fraction of the run spent warming up; fastai `fit_one_cycle` default."""
