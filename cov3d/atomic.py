@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cov3d.errors import Cov3dError
-from cov3d.dataset.scans import one_line
+from cov3d.errors import one_line
 
 TEMP_SUFFIX = ".tmp"
 """Suffix of a file being written; never read as the file itself."""

@@ -46,7 +46,7 @@ def user_errors(command: Callable) -> Callable:
         except Cov3dError as error:
             fail(str(error))
         except OSError as error:
-            from cov3d.dataset.scans import one_line
+            from cov3d.errors import one_line
 
             where = f"{error.filename}: " if error.filename else ""
             fail(f"{where}{one_line(error.strerror or error)}. Check the path, its permissions and the free disk space.")

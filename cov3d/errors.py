@@ -14,3 +14,8 @@ class Cov3dError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+def one_line(text: object) -> str:
+    """``str(text)`` with all whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(str(text).split())

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from cov3d.errors import Cov3dError
-from cov3d.synthetic.phantom import HU_GGO, SEVERITY_BANDS, hu_to_uint8, render_phantom
+from cov3d.dataset.dicom_nifti import hu_to_uint8
+from cov3d.synthetic.phantom import HU_GGO, SEVERITY_BANDS, render_phantom
 from cov3d.synthetic.generator import SEVERITY_NAMES, generate_dataset, render_scan, sample_depths
 
 TINY = dict(scans=12, slice_size=32, depth_scale=0.05)

@@ -1,7 +1,7 @@
 """CT scans stored as DICOM series or NIfTI volumes, read as 8-bit gray slices like the JPEG data.
 
 Both formats hold Hounsfield units (HU). They are mapped to 8-bit grey levels with the same lung
-window as the synthetic JPEG data (``cov3d.synthetic.phantom.hu_to_uint8``: level ``WINDOW_LEVEL`` = -600 HU,
+window as the synthetic JPEG data (``hu_to_uint8`` below: level ``WINDOW_LEVEL`` = -600 HU,
 width ``WINDOW_WIDTH`` = 1500 HU, so -1350 HU -> 0 and +150 HU -> 255, rounded and clipped), then
 follow the JPEG path of ``cov3d.preprocessing.preprocess`` (bicubic resize of each 8-bit slice, cubic spline along
 depth, / 255 -> [0, 1]). A DICOM or NIfTI copy of a JPEG scan therefore gives the same volume up to
@@ -38,16 +38,28 @@ from types import ModuleType
 import numpy as np
 
 from cov3d.errors import Cov3dError
-from cov3d.synthetic.phantom import WINDOW_LEVEL, WINDOW_WIDTH, hu_to_uint8
-from cov3d.dataset.scans import MAX_8BIT, one_line, is_dicom_dir, is_nifti_file, is_scan_dir, list_slices, looks_dicom, visible_files
+from cov3d.errors import one_line
+from cov3d.dataset.scans import MAX_8BIT, is_dicom_dir, is_nifti_file, is_scan_dir, list_slices, looks_dicom, visible_files
 
 __all__ = ["WINDOW_LEVEL", "WINDOW_WIDTH", "ScanSources", "dicom_series_files", "gray_slices", "hu_to_uint8", "scan_sources"]
+
+# Lung window used to map HU to 8-bit grey levels (standard chest-CT lung window); the synthetic
+# data (cov3d.synthetic) renders its JPEG slices through the same window.
+WINDOW_LEVEL = -600.0
+WINDOW_WIDTH = 1500.0
 
 HU_MINIMUM_BELOW = -500.0
 """A NIfTI volume whose minimum is below this holds HU (air is -1000 HU, no grey level is negative)."""
 
 EXTRAS = {"pydicom": ("dicom", "DICOM series"), "nibabel": ("nifti", "NIfTI files")}
 """Optional packages: the pip extra that installs each, and what it reads."""
+
+
+def hu_to_uint8(hu: np.ndarray) -> np.ndarray:
+    """Map HU to 8-bit grey levels through the lung window; any shape in, same shape uint8 out."""
+    low = WINDOW_LEVEL - WINDOW_WIDTH / 2
+    grey = (hu - low) * (255.0 / WINDOW_WIDTH)
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
 
 
 def _optional(package: str) -> ModuleType:

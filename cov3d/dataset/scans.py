@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cov3d.errors import Cov3dError
+from cov3d.errors import Cov3dError, one_line
 
 SLICE_NAME = re.compile(r"^(\d+)\.jpe?g$", re.IGNORECASE)
 """Slice file names: ``<integer>.jpg`` (COV19-CT-DB); ``.jpeg`` and upper case are accepted too."""
@@ -61,11 +61,6 @@ DICOM_PROBE_FILES = 4
 
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 """What PIL raises for unreadable, truncated or corrupt image files."""
-
-
-def one_line(text: object) -> str:
-    """``str(text)`` with all whitespace runs (newlines included) collapsed to single spaces."""
-    return " ".join(str(text).split())
 
 
 def scan_number(name: str) -> int:

@@ -22,7 +22,8 @@ from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY
 from cov3d.errors import Cov3dError
 from cov3d.viz.figures import save_figure, slice_views
 from cov3d.preprocessing.preprocess import preprocess_scan
-from cov3d.dataset.scans import find_scans, list_slices, one_line
+from cov3d.errors import one_line
+from cov3d.dataset.scans import find_scans, list_slices
 
 DISPLAY_SIZE = 256
 """In-plane pixels (H = W) a JPEG scan is resized to for display; its depth is kept up to this too."""

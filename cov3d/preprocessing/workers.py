@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.dataset.scans import one_line
+from cov3d.errors import one_line
 
 PROCESSED, SKIPPED, FAILED = "processed", "skipped", "failed"
 """Outcomes of one scan in ``preprocess_many``."""

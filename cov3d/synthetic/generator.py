@@ -28,7 +28,8 @@ from PIL import Image
 
 from cov3d.errors import Cov3dError
 from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
-from cov3d.synthetic.phantom import hu_to_uint8, render_phantom
+from cov3d.dataset.dicom_nifti import hu_to_uint8
+from cov3d.synthetic.phantom import render_phantom
 from cov3d.dataset.scans import scan_number
 
 SEVERITY_NAMES = SEVERITY_LABELS  # categories 1..4

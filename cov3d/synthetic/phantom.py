@@ -29,10 +29,6 @@ HU_GGO = (-450.0, -300.0)  # ground-glass opacity, drawn per scan
 HU_CONSOLIDATION = (-10.0, 40.0)
 HU_NODULE = (-40.0, 60.0)
 
-# Lung window used to map HU to 8-bit grey levels (standard chest-CT lung window).
-WINDOW_LEVEL = -600.0
-WINDOW_WIDTH = 1500.0
-
 MM_PER_UNIT = 175.0  # the in-plane field of view is 2 units = 350 mm
 Z_EXTENT = 1.7  # units covered along the depth axis (about 300 mm of chest)
 
@@ -63,13 +59,6 @@ class Phantom:
     lung: np.ndarray
     lesion: np.ndarray
     fraction: float
-
-
-def hu_to_uint8(hu: np.ndarray) -> np.ndarray:
-    """Map HU to 8-bit grey levels through the lung window; any shape in, same shape uint8 out."""
-    low = WINDOW_LEVEL - WINDOW_WIDTH / 2
-    grey = (hu - low) * (255.0 / WINDOW_WIDTH)
-    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
 
 
 def pixel_centres(n: int, extent: float) -> np.ndarray:
