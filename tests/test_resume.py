@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cov3d.training.checkpoint import RESUME_FILE, load_resume_state, rng_states, save_atomic, set_rng_states
+from cov3d.training.checkpoint import RESUME_FILE, load_resume_state, rng_states, save_resume_state, set_rng_states
 from cov3d.errors import Cov3dError
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.synthetic.generator import generate_dataset
@@ -124,7 +124,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    save_atomic({"format": 1, "rng": rng_states()}, tmp_path / "state.pth")
+    save_resume_state(tmp_path / "state.pth", {"format": 1, "rng": rng_states()})
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(2), np.random.seed(2), torch.manual_seed(2)
     set_rng_states(torch.load(tmp_path / "state.pth", weights_only=True)["rng"])

@@ -181,7 +181,7 @@ def _without_zip_checksums() -> contextlib.AbstractContextManager:
     return config.patch({"save.compute_crc32": False})
 
 
-def save_atomic(path: Path, entry: dict) -> None:
+def save_cache_entry(path: Path, entry: dict) -> None:
     """Write ``entry`` to ``path`` atomically (temporary file in the same folder, then
     ``os.replace``). Raises ``Cov3dError`` if the cache directory cannot be written."""
     try:

@@ -53,7 +53,7 @@ from cov3d.preprocessing.cache import (
     from_levels,
     load_valid_volume,
     make_entry,
-    save_atomic,
+    save_cache_entry,
     source_fingerprint,
 )
 from cov3d.errors import Cov3dError
@@ -245,7 +245,7 @@ class VolumeCache:
             return stored, False
         volume = _preprocess_slices(sources, self.depth, self.height, self.width, self.fast_decode, levels=True)
         entry = make_entry(volume, self.params, scan_dir, fingerprint)
-        save_atomic(self.path_for(scan_dir), entry)
+        save_cache_entry(self.path_for(scan_dir), entry)
         return entry["volume"], True
 
     def load(self, scan_dir: Path) -> torch.Tensor | None:

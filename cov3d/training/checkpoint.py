@@ -90,7 +90,7 @@ def resume_remedy(run_dir: Path) -> str:
     return "Free some space and start the run again (it had not finished an epoch)."
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
+def save_resume_state(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file beside `path`, flush it to disk, then rename it over `path`.
 
     Raises ``Cov3dError`` naming `path` if the disk is full or cannot be written.
@@ -141,7 +141,7 @@ class TrainingState(Callback):
 
     def after_epoch(self) -> None:
         if self.write:
-            save_atomic(self.state(), self.path)
+            save_resume_state(self.path, self.state())
 
     def state(self) -> dict[str, Any]:
         """Everything the next epoch depends on, after the epoch `first_epoch + self.epoch`."""
