@@ -4,14 +4,21 @@ import pytest
 import torch
 
 from cov3d.training.data import (
-    LevelsToValues, SagittalReflection, TensorCT, collect_items, build_dataloaders, presence_counts,
-    severity_group_counts,
+    DEFAULT_BATCH_SIZE, LevelsToValues, SagittalReflection, TensorCT, TrainingItem, build_datablock, collect_items,
+    presence_counts, severity_group_counts,
 )
 from cov3d.training.distributed import Distributed
 from cov3d.errors import Cov3dError
 from cov3d.training.loaders import AsyncToDevice, training_loaders
 from cov3d.dataset.layout import read_severity_csv
 from cov3d.preprocessing.preprocess import VolumeCache
+
+
+def build_dataloaders(items, cache, *, batch_size=DEFAULT_BATCH_SIZE, reflect=True, num_workers=0, device=None):
+    """fastai DataLoaders: training batches shuffled (and reflected), validation in order."""
+    return build_datablock(cache, reflect=reflect).dataloaders(
+        list(items), bs=batch_size, num_workers=num_workers, device=device
+    )
 
 
 def count_folders(path):
@@ -34,9 +41,7 @@ def test_collect_items_matches_the_folders_and_csvs(tiny_dataset):
 
 
 def test_counts_by_hand(tmp_path):
-    from cov3d.training.data import ScanItem
-
-    items = [ScanItem(tmp_path, "train", c, s) for c, s in [(0, 0), (0, 0), (1, 0), (1, 1), (1, 3), (1, 3), (1, 4)]]
+    items = [TrainingItem(tmp_path, "train", c, s) for c, s in [(0, 0), (0, 0), (1, 0), (1, 1), (1, 3), (1, 3), (1, 4)]]
     assert presence_counts(items) == [2, 5]
     # negative, positive-unannotated, mild, moderate, severe, critical
     assert severity_group_counts(items) == [2, 1, 1, 0, 2, 1]

@@ -17,7 +17,8 @@ from cov3d.cli import app
 from cov3d.errors import Cov3dError
 from cov3d.viz.figures import mid_planes, peak_voxel, save_figure
 from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.training.run_figures import confusion_matrix, macro_f1
+from cov3d.model.metrics import confusion_macro_f1
+from cov3d.training.run_figures import confusion_matrix
 from cov3d.inference.views import layout_label, load_tensor_file, show_scans
 from figure_checks import assert_panels_differ, assert_size, read_grey
 
@@ -101,9 +102,9 @@ def test_confusion_matrix_and_f1_match_scikit_learn():
     truth, predicted = rng.integers(0, 4, 50), rng.integers(0, 4, 50)
     matrix = confusion_matrix(truth, predicted, 4)
     np.testing.assert_array_equal(matrix, sklearn_confusion(truth, predicted, labels=[0, 1, 2, 3]))
-    assert macro_f1(matrix) == pytest.approx(f1_score(truth, predicted, average="macro", labels=[0, 1, 2, 3]))
+    assert confusion_macro_f1(matrix) == pytest.approx(f1_score(truth, predicted, average="macro", labels=[0, 1, 2, 3]))
     never = np.array([0, 0, 1]), np.array([0, 1, 1])
-    assert macro_f1(confusion_matrix(*never, 3)) == pytest.approx(
+    assert confusion_macro_f1(confusion_matrix(*never, 3)) == pytest.approx(
         f1_score(*never, average="macro", labels=[0, 1, 2], zero_division=0))
 
 
@@ -117,7 +118,7 @@ def test_training_writes_curves_and_confusion_matrices(tiny_run, tiny_dataset):
     assert rows[0] == ["true \\ predicted", "non-covid", "covid"]
     matrix = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
     assert matrix.sum(axis=1).tolist() == [validation["non-covid"], validation["covid"]]
-    assert macro_f1(matrix) == pytest.approx(summary["best_scores"]["presence_f1"])
+    assert confusion_macro_f1(matrix) == pytest.approx(summary["best_scores"]["presence_f1"])
     assert_size(tiny_run / "confusion-presence.png", 360, 360)
     assert read_grey(tiny_run / "confusion-presence.png").std() > 8
     covid_names = {p.name for p in (tiny_dataset / "validation" / "covid").iterdir()}
@@ -126,7 +127,7 @@ def test_training_writes_curves_and_confusion_matrices(tiny_run, tiny_dataset):
         with (tiny_run / "confusion-severity.csv").open() as handle:
             severity = np.array([[int(v) for v in row[1:]] for row in list(csv.reader(handle))[1:]])
         assert severity.shape == (4, 4) and severity.sum() == len(annotated)
-        assert macro_f1(severity) == pytest.approx(summary["best_scores"]["severity_f1"])
+        assert confusion_macro_f1(severity) == pytest.approx(summary["best_scores"]["severity_f1"])
     else:
         assert not annotated and not (tiny_run / "confusion-severity.csv").exists()
 

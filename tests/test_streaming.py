@@ -17,7 +17,7 @@ from cov3d.inference.infer import Ensemble, infer
 from cov3d.model.network import build_model
 from cov3d.model.files import CHECKPOINTS
 from cov3d.dataset.scans import find_scans
-from cov3d.inference.streaming import ScanItem
+from cov3d.inference.streaming import StreamedScan
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
@@ -112,7 +112,7 @@ def test_memory_does_not_grow_with_the_number_of_scans(presence_run, tmp_path):
         rows_seen.append(row["name"])
         if len(rows_seen) in (50, 200):
             gc.collect()
-            objects[len(rows_seen)] = Counter(type(o) for o in gc.get_objects() if type(o) in (torch.Tensor, dict, ScanItem))
+            objects[len(rows_seen)] = Counter(type(o) for o in gc.get_objects() if type(o) in (torch.Tensor, dict, StreamedScan))
             resident[len(rows_seen)] = resident_bytes()
 
     summary = run(scans, presence_run, tmp_path / "p.csv", batch_size=25, on_row=measure)

@@ -11,7 +11,8 @@ from PIL import Image
 from cov3d.errors import Cov3dError
 from cov3d.dataset.dicom_nifti import hu_to_uint8
 from cov3d.synthetic.phantom import HU_GGO, SEVERITY_BANDS, render_phantom
-from cov3d.synthetic.generator import SEVERITY_NAMES, generate_dataset, render_scan, sample_depths
+from cov3d.dataset.layout import SEVERITY_LABELS
+from cov3d.synthetic.generator import generate_dataset, render_scan, sample_depths
 
 TINY = dict(scans=12, slice_size=32, depth_scale=0.05)
 NAME = re.compile(r"^ct_scan_?(\d+)$")
@@ -35,7 +36,7 @@ def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
 
 
 def test_severity_names():
-    assert SEVERITY_NAMES == ("mild", "moderate", "severe", "critical")
+    assert SEVERITY_LABELS == ("mild", "moderate", "severe", "critical")
 
 
 def test_layout_and_summary(tiny):
@@ -89,7 +90,7 @@ def test_category_csvs(tiny):
         assert all(len(row) == 2 and row[0] in covid and row[1] in {"1", "2", "3", "4"} for row in rows)
         # annotated_fraction 0.5, rounded half up, of the covid scans
         assert len(rows) == int(len(covid) * 0.5 + 0.5)
-        by_name = {n: sum(int(r[1]) == i for r in rows) for i, n in enumerate(SEVERITY_NAMES, 1)}
+        by_name = {n: sum(int(r[1]) == i for r in rows) for i, n in enumerate(SEVERITY_LABELS, 1)}
         assert by_name == summary.annotated[partition]
 
 

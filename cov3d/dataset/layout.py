@@ -22,6 +22,8 @@ PRESENCE_CLASSES = ("non-covid", "covid")
 SEVERITY_GROUPS = ("negative", "positive-unannotated", "mild", "moderate", "severe", "critical")
 SEVERITY_LABELS = SEVERITY_GROUPS[2:]
 """The four severity categories 1..4 of the COV19-CT-DB CSVs (paper Table 2)."""
+SEVERITY_CLASSES = ("negative", *SEVERITY_LABELS)
+"""The five severity classes 0..4 a run's summary lists: negative, then the four categories."""
 
 PARTITIONS = ("train", "validation")
 PRESENCE_FOLDERS = {"non-covid": 0, "covid": 1}

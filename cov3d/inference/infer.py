@@ -27,7 +27,7 @@ from cov3d.model.files import ModelSource, expand_models, load_source
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.runtime import autocast, resolve_device, resolve_precision
 from cov3d.dataset.scans import scan_name, scan_number
-from cov3d.inference.streaming import PredictionRows, ScanItem, SizeKey, completed_paths, read_rows, volume_stream
+from cov3d.inference.streaming import PredictionRows, StreamedScan, SizeKey, completed_paths, read_rows, volume_stream
 
 CSV_COLUMNS = (
     "name", "path", "covid_probability", "covid", "severity",
@@ -265,7 +265,7 @@ def infer(
     summary = InferenceSummary(resumed=len(scan_dirs) - len(pending))
     caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3]) for key in ensemble.size_keys}
 
-    def predict(batch: list[ScanItem], rows_file: PredictionRows) -> None:
+    def predict(batch: list[StreamedScan], rows_file: PredictionRows) -> None:
         levels = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}
         rows = []
         for item, prediction in zip(batch, ensemble.predict(levels)):
@@ -279,7 +279,7 @@ def infer(
 
     with PredictionRows(output, columns, resume) as rows_file, Progress(disable=not progress) as bar:
         task = bar.add_task("Predicting", total=len(pending))
-        batch: list[ScanItem] = []
+        batch: list[StreamedScan] = []
         for item in volume_stream(pending, caches, workers):
             if item.volumes is None:
                 summary.failed.append((item.scan, item.error or "unknown error"))

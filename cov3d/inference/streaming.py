@@ -1,7 +1,7 @@
 """Streaming inference input and output: volumes preprocessed by background workers, and a CSV
 that is written row by row and can be resumed.
 
-``volume_stream`` yields one ``ScanItem`` per scan, in order, while ``workers`` processes read and
+``volume_stream`` yields one ``StreamedScan`` per scan, in order, while ``workers`` processes read and
 preprocess the next scans (torch ``DataLoader`` with ``forkserver`` workers, each holding at most
 ``PREFETCH_PER_WORKER`` scans, so memory does not depend on the number of scans). Each scan is
 preprocessed once per distinct input size, through that size's ``VolumeCache``.
@@ -32,7 +32,7 @@ PREFETCH_PER_WORKER = 2
 
 
 @dataclass
-class ScanItem:
+class StreamedScan:
     """One scan's stored uint8 levels ``{size: (1, D, H, W)}`` (a quarter of float32's bytes to
     pass from a worker), or the reason it failed."""
 
@@ -42,7 +42,7 @@ class ScanItem:
 
 
 class ScanVolumes(Dataset):
-    """Scans -> ``ScanItem`` (a failing scan gives its error instead of raising)."""
+    """Scans -> ``StreamedScan`` (a failing scan gives its error instead of raising)."""
 
     def __init__(self, scans: Sequence[Path], caches: dict[SizeKey, VolumeCache]):
         self.scans, self.caches = [Path(scan) for scan in scans], caches
@@ -50,24 +50,24 @@ class ScanVolumes(Dataset):
     def __len__(self) -> int:
         return len(self.scans)
 
-    def __getitem__(self, index: int) -> ScanItem:
+    def __getitem__(self, index: int) -> StreamedScan:
         scan = self.scans[index]
         try:
             sources = scan_sources(scan)  # listed once for all sizes (a DICOM series reads every header)
-            return ScanItem(scan, {key: cache.levels(scan, sources) for key, cache in self.caches.items()})
+            return StreamedScan(scan, {key: cache.levels(scan, sources) for key, cache in self.caches.items()})
         except Cov3dError as error:
-            return ScanItem(scan, None, one_line(error))
+            return StreamedScan(scan, None, one_line(error))
         except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
-            return ScanItem(scan, None, f"Unexpected {type(error).__name__} while reading {scan}: {one_line(error)}")
+            return StreamedScan(scan, None, f"Unexpected {type(error).__name__} while reading {scan}: {one_line(error)}")
 
 
-def _single(item: ScanItem) -> ScanItem:
+def _single(item: StreamedScan) -> StreamedScan:
     """Collate function of the loader: items pass through unchanged."""
     return item
 
 
-def volume_stream(scans: Sequence[Path], caches: dict[SizeKey, VolumeCache], workers: int = 0) -> Iterator[ScanItem]:
-    """``ScanItem`` for each scan in order; ``workers`` = 0 reads them in this process."""
+def volume_stream(scans: Sequence[Path], caches: dict[SizeKey, VolumeCache], workers: int = 0) -> Iterator[StreamedScan]:
+    """``StreamedScan`` for each scan in order; ``workers`` = 0 reads them in this process."""
     dataset = ScanVolumes(scans, caches)
     if workers == 0 or len(dataset) == 0:
         return iter(dataset[i] for i in range(len(dataset)))

@@ -1,6 +1,6 @@
 """The Cov3d loss: presence BCE, severity cross entropy and their combination (paper eqs. 1-6).
 
-Conventions (DESIGN.md):
+Conventions (shared with the DataBlock and the metrics):
 - ``target`` has shape (B, 2): ``target[:, 0]`` = has_covid in {0, 1}, ``target[:, 1]`` = severity in
   0..4 (0 = negative or not annotated, 1 mild, 2 moderate, 3 severe, 4 critical).
 - ``logits`` has shape (B, 6): ``logits[:, 0]`` is the presence logit x_i (eq. 1) and

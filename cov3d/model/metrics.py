@@ -1,5 +1,8 @@
 """Validation metrics for both tasks: scikit-learn macro F1 and accuracy (paper §3.4).
 
+``macro_f1`` is the one definition of the score (the demo's baseline uses it too);
+``confusion_macro_f1`` is the same score read from a confusion matrix (figures of a run).
+
 Predictions come from the model's logits (B, 6) = [presence x, z_0 .. z_4]:
 presence is p = sigmoid(x) >= 0.5 (eq. 1); severity is the argmax of z_1..z_4, scored only on
 scans annotated with a severity category (paper §3.3, last paragraph of eq. 5).
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 import torch
 from fastai.learner import Metric
 from sklearn.metrics import accuracy_score, f1_score
@@ -29,12 +33,25 @@ def severity_predictions(logits: torch.Tensor) -> np.ndarray:
     return (logits[:, 2:6].float().argmax(dim=1) + 1).cpu().numpy()
 
 
+def macro_f1(truth: ArrayLike, predicted: ArrayLike, labels: list[int]) -> float:
+    """Unweighted mean of the F1 of each class in ``labels`` (a class never true nor predicted scores 0)."""
+    return float(f1_score(truth, predicted, average="macro", labels=labels, zero_division=0))
+
+
+def confusion_macro_f1(matrix: np.ndarray) -> float:
+    """Macro F1 of a confusion matrix (a class with no true and no predicted scans scores 0)."""
+    true_positive = np.diag(matrix).astype(float)
+    denominator = matrix.sum(axis=0) + matrix.sum(axis=1)
+    f1 = np.divide(2 * true_positive, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
+    return float(f1.mean())
+
+
 def presence_scores(logits: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """Macro F1 and accuracy of presence over all rows; target (B, 2) = [has_covid, severity]."""
     truth = target[:, 0].cpu().numpy()
     predicted = presence_predictions(logits)
     return {
-        "presence_f1": float(f1_score(truth, predicted, average="macro", labels=[0, 1], zero_division=0)),
+        "presence_f1": macro_f1(truth, predicted, [0, 1]),
         "presence_accuracy": float(accuracy_score(truth, predicted)),
     }
 
@@ -47,9 +64,7 @@ def severity_scores(logits: torch.Tensor, target: torch.Tensor) -> dict[str, flo
     truth = target[:, 1].cpu().numpy()[annotated]
     predicted = severity_predictions(logits)[annotated]
     return {
-        "severity_f1": float(
-            f1_score(truth, predicted, average="macro", labels=list(SEVERITY_CATEGORIES), zero_division=0)
-        ),
+        "severity_f1": macro_f1(truth, predicted, list(SEVERITY_CATEGORIES)),
         "severity_accuracy": float(accuracy_score(truth, predicted)),
     }
 

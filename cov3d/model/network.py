@@ -30,7 +30,7 @@ STEM_CONV_KEY = "stem.0.weight"
 RGB_AXIS = 1
 """Input-channel axis of a Conv3d weight (out, in, kT, kH, kW)."""
 INPUT_CHANNELS = 1
-"""CT volumes have a single channel (DESIGN.md)."""
+"""CT volumes have a single channel: grey levels, (1, D, H, W) per scan."""
 CLASSIFIER_PREFIX = "fc."
 """Keys of the 400-way Kinetics classifier, replaced by the Cov3d head."""
 RESIDUAL_LAYERS = ("layer1", "layer2", "layer3", "layer4")

@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
 
-from cov3d.training.data import ScanItem, collect_items
+from cov3d.training.data import TrainingItem, collect_items
 from cov3d.inference.infer import infer
+from cov3d.model.metrics import macro_f1
 from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.dataset.scans import find_scans
@@ -82,10 +82,6 @@ def labelled_test_split(data_dir: Path) -> list[LabelledScan]:
     return [LabelledScan(path, *key[path.name]) for path in find_scans([data_dir / TEST_FOLDER])]
 
 
-def macro_f1(truth: list[int], predicted: list[int], labels: list[int]) -> float:
-    return float(f1_score(truth, predicted, average="macro", labels=labels, zero_division=0))
-
-
 def score_rows(scans: list[LabelledScan], rows: dict[str, dict[str, str]]) -> dict[str, float]:
     """Presence macro F1 over all scans; severity macro F1 over scans with a known severity."""
     predicted = [rows[str(scan.path)] for scan in scans]
@@ -116,7 +112,7 @@ def baseline_scores(
     return scores
 
 
-def labelled(items: list[ScanItem], partition: str) -> list[LabelledScan]:
+def labelled(items: list[TrainingItem], partition: str) -> list[LabelledScan]:
     return [LabelledScan(i.path, i.has_covid, i.severity) for i in items if i.partition == partition]
 
 

@@ -1,6 +1,6 @@
 """Synthetic chest-CT datasets in the COV19-CT-DB layout, for ``cov3d demo`` and the tests.
 
-Layout written under ``out_dir`` (see DESIGN.md)::
+Layout written under ``out_dir`` (the competition's, see ``cov3d.dataset.layout``)::
 
     train/covid/ct_scan_K/0.jpg ... (N-1).jpg      train/non-covid/ct_scan_K/...
     validation/covid/...                            validation/non-covid/...
@@ -32,7 +32,6 @@ from cov3d.dataset.dicom_nifti import hu_to_uint8
 from cov3d.synthetic.phantom import render_phantom
 from cov3d.dataset.scans import scan_number
 
-SEVERITY_NAMES = SEVERITY_LABELS  # categories 1..4
 
 CLASS_FOLDERS = {bool(code): name for name, code in reversed(PRESENCE_FOLDERS.items())}  # covid first
 TEST_FOLDER = "test"
@@ -236,7 +235,7 @@ def generate_dataset(
         mine = [plan for plan in plans if plan.folder.parent.parent.name == partition]
         summary.counts[partition] = {name: sum(p.has_covid == c for p in mine) for c, name in CLASS_FOLDERS.items()}
         rows = [(plan.folder.name, plan.severity) for plan in mine if plan.annotated]
-        summary.annotated[partition] = {name: sum(s == i for _, s in rows) for i, name in enumerate(SEVERITY_NAMES, 1)}
+        summary.annotated[partition] = {name: sum(s == i for _, s in rows) for i, name in enumerate(SEVERITY_LABELS, 1)}
         _write_csv(out_dir / SEVERITY_CSVS[partition], ("Name", "Category"), rows)
     tests = [plan for plan in plans if plan.folder.parent.name == TEST_FOLDER]
     summary.counts[TEST_FOLDER] = {name: sum(p.has_covid == c for p in tests) for c, name in CLASS_FOLDERS.items()}

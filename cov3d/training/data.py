@@ -9,7 +9,6 @@ from typing import Sequence
 
 import torch
 from fastai.data.block import DataBlock, TransformBlock
-from fastai.data.core import DataLoaders
 from fastai.torch_core import TensorBase
 from fastai.vision.augment import RandTransform
 from fasttransform import Transform
@@ -22,12 +21,12 @@ from cov3d.dataset.scans import is_scan_dir, scan_number
 
 logger = logging.getLogger(__name__)
 
-REFLECTION_PROBABILITY = 0.5  # DESIGN.md: random sagittal reflection with p = 0.5
+REFLECTION_PROBABILITY = 0.5  # the paper's augmentation: random sagittal reflection with p = 0.5
 DEFAULT_BATCH_SIZE = 2  # paper §3.4: "The batch size was limited to two"
 
 
 @dataclass(frozen=True)
-class ScanItem:
+class TrainingItem:
     """One labelled scan: its folder, partition and target (has_covid, severity 0..4)."""
 
     path: Path
@@ -40,7 +39,7 @@ class ScanItem:
         return self.path.name
 
 
-def partition_items(data_dir: Path, partition: str, severities: dict[str, int]) -> list[ScanItem]:
+def partition_items(data_dir: Path, partition: str, severities: dict[str, int]) -> list[TrainingItem]:
     """The labelled scans of one partition folder, with severities attached to covid scans."""
     items = []
     for folder, has_covid in PRESENCE_FOLDERS.items():
@@ -49,7 +48,7 @@ def partition_items(data_dir: Path, partition: str, severities: dict[str, int]) 
             raise Cov3dError(f"Missing folder {class_dir}: expected {partition}/covid and {partition}/non-covid.")
         scan_dirs = sorted((p for p in class_dir.iterdir() if is_scan_dir(p)), key=lambda p: (scan_number(p.name), p.name))
         items += [
-            ScanItem(path, partition, has_covid, severities.get(path.name, 0) if has_covid else 0) for path in scan_dirs
+            TrainingItem(path, partition, has_covid, severities.get(path.name, 0) if has_covid else 0) for path in scan_dirs
         ]
     covid_names = {item.name for item in items if item.has_covid}
     unknown = sorted(set(severities) - covid_names)
@@ -61,7 +60,7 @@ def partition_items(data_dir: Path, partition: str, severities: dict[str, int]) 
     return items
 
 
-def collect_items(data_dir: Path, *, with_severity: bool = True) -> list[ScanItem]:
+def collect_items(data_dir: Path, *, with_severity: bool = True) -> list[TrainingItem]:
     """All labelled scans of `data_dir` (train and validation), in a stable order.
 
     With `with_severity`, the two severity CSVs must be present in `data_dir`.
@@ -79,7 +78,7 @@ def collect_items(data_dir: Path, *, with_severity: bool = True) -> list[ScanIte
     return items
 
 
-def severity_group_counts(items: Sequence[ScanItem]) -> list[int]:
+def severity_group_counts(items: Sequence[TrainingItem]) -> list[int]:
     """Counts of the six loss groups (negative, positive-unannotated, mild, moderate, severe, critical)."""
     counts = [0] * 6
     for item in items:
@@ -88,7 +87,7 @@ def severity_group_counts(items: Sequence[ScanItem]) -> list[int]:
     return counts
 
 
-def presence_counts(items: Sequence[ScanItem]) -> list[int]:
+def presence_counts(items: Sequence[TrainingItem]) -> list[int]:
     """Counts of (negative, positive) scans."""
     positives = sum(item.has_covid for item in items)
     return [len(items) - positives, positives]
@@ -111,7 +110,7 @@ class SagittalReflection(RandTransform):
 
 
 class VolumeLoader:
-    """Picklable getter: ScanItem -> cached uint8 levels (1, D, H, W) as a TensorCT.
+    """Picklable getter: TrainingItem -> cached uint8 levels (1, D, H, W) as a TensorCT.
 
     Items stay uint8 (a quarter of float32's bytes) through the loader processes, pinned
     memory and the copy to the device; ``LevelsToValues`` turns batches into values there.
@@ -120,7 +119,7 @@ class VolumeLoader:
     def __init__(self, cache: VolumeCache):
         self.cache = cache
 
-    def __call__(self, item: ScanItem) -> TensorCT:
+    def __call__(self, item: TrainingItem) -> TensorCT:
         return TensorCT(self.cache.checked_levels(item.path))
 
 
@@ -134,12 +133,12 @@ class LevelsToValues(Transform):
         return TensorCT(values_on(levels.as_subclass(torch.Tensor), levels.device))
 
 
-def scan_target(item: ScanItem) -> torch.Tensor:
+def scan_target(item: TrainingItem) -> torch.Tensor:
     """The target tensor [has_covid, severity] (long, shape (2,))."""
     return torch.tensor([item.has_covid, item.severity], dtype=torch.long)
 
 
-def split_by_partition(items: Sequence[ScanItem]) -> tuple[list[int], list[int]]:
+def split_by_partition(items: Sequence[TrainingItem]) -> tuple[list[int], list[int]]:
     """Indices of the training and the validation items."""
     return (
         [i for i, item in enumerate(items) if item.partition == "train"],
@@ -148,7 +147,7 @@ def split_by_partition(items: Sequence[ScanItem]) -> tuple[list[int], list[int]]
 
 
 def build_datablock(cache: VolumeCache, *, reflect: bool = True) -> DataBlock:
-    """A DataBlock over ScanItems: x = cached volume (1, D, H, W), y = tensor([has_covid, severity]).
+    """A DataBlock over TrainingItems: x = cached volume (1, D, H, W), y = tensor([has_covid, severity]).
 
     Items hold uint8 levels; batches hold float32 values in [0, 1] (``LevelsToValues``).
     """
@@ -159,19 +158,4 @@ def build_datablock(cache: VolumeCache, *, reflect: bool = True) -> DataBlock:
         splitter=split_by_partition,
         item_tfms=[SagittalReflection()] if reflect else [],
         batch_tfms=[LevelsToValues()],
-    )
-
-
-def build_dataloaders(
-    items: Sequence[ScanItem],
-    cache: VolumeCache,
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    reflect: bool = True,
-    num_workers: int = 0,
-    device: torch.device | None = None,
-) -> DataLoaders:
-    """fastai DataLoaders: training batches shuffled (and reflected), validation in order."""
-    return build_datablock(cache, reflect=reflect).dataloaders(
-        list(items), bs=batch_size, num_workers=num_workers, device=device
     )

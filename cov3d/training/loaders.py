@@ -8,7 +8,7 @@ import torch
 from fastai.data.core import DataLoaders
 from fasttransform import Transform
 
-from cov3d.training.data import ScanItem, build_datablock
+from cov3d.training.data import TrainingItem, build_datablock
 from cov3d.training.distributed import Distributed, ShardedDL
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import available_cpus
@@ -38,7 +38,7 @@ class AsyncToDevice(Transform):
 
 
 def training_loaders(
-    items: Sequence[ScanItem],
+    items: Sequence[TrainingItem],
     cache: VolumeCache,
     *,
     batch_size: int,

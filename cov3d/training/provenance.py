@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from cov3d import __version__
-from cov3d.training.data import ScanItem
+from cov3d.training.data import TrainingItem
 from cov3d.dataset.scans import list_slices
 
 VERSIONED_PACKAGES = ("torchvision", "fastai", "fastcore", "numpy", "scikit-learn", "wandb")
@@ -29,7 +29,7 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def dataset_fingerprint(items: Sequence[ScanItem]) -> str:
+def dataset_fingerprint(items: Sequence[TrainingItem]) -> str:
     """SHA-256 over the sorted lines 'partition/name;has_covid;severity;slice count' of the labelled scans.
 
     Changes when a scan is added, removed, relabelled or gains or loses slices; not when files are touched.

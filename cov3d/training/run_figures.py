@@ -50,14 +50,6 @@ def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> 
     return matrix
 
 
-def macro_f1(matrix: np.ndarray) -> float:
-    """Macro F1 of a confusion matrix (a class with no true and no predicted scans scores 0)."""
-    true_positive = np.diag(matrix).astype(float)
-    denominator = matrix.sum(axis=0) + matrix.sum(axis=1)
-    f1 = np.divide(2 * true_positive, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
-    return float(f1.mean())
-
-
 def validation_logits(model: torch.nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, outputs) and targets (N, 2) of every batch of ``loader`` (eval mode, no grad)."""
     model.eval()
@@ -93,6 +85,7 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
         return {}
     from cov3d.viz.figures import confusion_figure, save_figure
     from cov3d.model.files import load_source
+    from cov3d.model.metrics import confusion_macro_f1
 
     run_dir = Path(run_dir)
     source = load_source(run_dir)
@@ -106,7 +99,7 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
         labels = PRESENCE_CLASSES if monitored == "presence_f1" else SEVERITY_LABELS
         write_matrix_csv(run_dir / f"{stem}.csv", matrix, labels)
         task = stem.removeprefix("confusion-")
-        title = f"{task} (best {task} weights)\nmacro F1 {macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"
+        title = f"{task} (best {task} weights)\nmacro F1 {confusion_macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"
         save_figure(confusion_figure(matrix, labels, title), run_dir / f"{stem}.png")
         matrices[monitored] = matrix
     return matrices

@@ -23,14 +23,14 @@ from safetensors.torch import save as safetensors_bytes
 
 from cov3d.atomic import write_bytes_atomically, write_text_atomically
 from cov3d.training.checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, resume_remedy, unwrap
-from cov3d.training.data import collect_items, presence_counts, severity_group_counts, ScanItem
+from cov3d.training.data import collect_items, presence_counts, severity_group_counts, TrainingItem
 from cov3d.training.distributed import (
     DDPTrainer, distributed_from_env, gather_strings, main_first, parameter_digest, start_distributed, stop_distributed,
 )
 from cov3d.errors import Cov3dError
 from cov3d.training.loaders import training_loaders
 from cov3d.training.callbacks import MetricsLog, OneCycleSchedule, WandbLog
-from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
+from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
 from cov3d.model.loss import Cov3dLoss, class_weights, model_outputs
 from cov3d.model.metrics import task_metrics
 from cov3d.model.network import POOLS, build_model, load_kinetics_state_dict
@@ -46,7 +46,6 @@ SUMMARY_FILE = "summary.json"
 NEW_RUN_REMEDY = "Free some space or choose another --output-dir."
 CHECKPOINTS = {f"{task}_f1": name for task, name in TASK_CHECKPOINTS.items()}
 """The best weights of each monitored metric (the files ``cov3d.model.files`` reads)."""
-SEVERITY_NAMES = ("negative", *SEVERITY_LABELS)
 WANDB_PROJECT = "cov3d"
 WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
 
@@ -162,7 +161,7 @@ def precision_callbacks(device: torch.device, dtype: torch.dtype | None) -> list
     return callbacks + [CpuAutocast(dtype)]
 
 
-def prepare_volumes(items: list[ScanItem], cache: VolumeCache, workers: int | None) -> list[ScanItem]:
+def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int | None) -> list[TrainingItem]:
     """Preprocess what the cache lacks; drop (with a report) scans that failed."""
     summary = preprocess_many([item.path for item in items], cache, workers=workers)
     failed = {Path(path) for path, _ in summary.failed}
@@ -177,7 +176,7 @@ def write_config(run_dir: Path, settings: TrainSettings, extra: dict) -> None:
         **asdict(settings),
         "outputs": settings.outputs,
         "presence_classes": list(PRESENCE_CLASSES),
-        "severity_classes": list(SEVERITY_NAMES),
+        "severity_classes": list(SEVERITY_CLASSES),
         "severity_groups": list(SEVERITY_GROUPS),
         "checkpoints": CHECKPOINTS,
         **extra,
