@@ -17,7 +17,7 @@ from cov3d.training.checkpoint import load_resume_state
 from cov3d.training.distributed import Distributed, ShardedDL, distributed_from_env, gather_strings, main_first
 from cov3d.synthetic.generator import generate_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = 2
 RUN_TIMEOUT_S = 600
 

@@ -19,7 +19,7 @@ from cov3d.errors import Cov3dError
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.synthetic.generator import generate_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from cov3d.cli import app; app()"]
 EPOCHS = 2
 KILL_TIMEOUT_S = 300

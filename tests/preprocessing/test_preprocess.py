@@ -376,7 +376,7 @@ def test_writer_killed_mid_write(tmp_path: Path, cache_dir: Path) -> None:
     """A real process killed with SIGKILL while writing leaves no loadable entry behind."""
     scan = make_scan(tmp_path / "ct_scan_1", 3)
     cache = VolumeCache(cache_dir, 4, 8, 6)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     writer = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(cache_dir), str(scan)], stdout=subprocess.PIPE, env=env, text=True
     )
