@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
@@ -104,9 +105,9 @@ def preprocess(
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at reduced scale (faster, slightly different values)."),
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
+    from cov3d.dataset.scans import find_scans
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.preprocessing.workers import preprocess_many
-    from cov3d.dataset.scans import find_scans
 
     depth, height, width = resolve_size(size, depth, height, width)
     scans = find_scans(data or [Path(".")])
@@ -224,9 +225,9 @@ def infer(
     precision: str = PrecisionOption,
 ):
     """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
+    from cov3d.dataset.scans import find_scans
     from cov3d.inference.infer import infer as run_inference
     from cov3d.preprocessing.workers import available_cpus
-    from cov3d.dataset.scans import find_scans
 
     scan_dirs = find_scans(scans)
     summary = run_inference(

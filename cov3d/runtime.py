@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 
@@ -58,7 +57,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """An autocast context for `dtype` on `device`; a no-op context when dtype is None."""
     if dtype is None:
         return contextlib.nullcontext()

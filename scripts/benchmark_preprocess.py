@@ -43,9 +43,9 @@ import torch
 from PIL import Image
 from scipy.interpolate import CubicSpline
 
+from cov3d.dataset.scans import list_slices
 from cov3d.preprocessing.preprocess import SIZES, VolumeCache, interpolate_depth, preprocess_scan
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.dataset.scans import list_slices
 
 SLICE_SIZE = 512
 """In-plane size of the generated slices (COV19-CT-DB slices are usually 512x512)."""

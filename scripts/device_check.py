@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from cov3d.preprocessing.cache import from_levels, values_on
-from cov3d.training.data import LevelsToValues, TensorCT
+from cov3d.dataset.scans import find_scans
 from cov3d.inference.infer import infer
+from cov3d.preprocessing.cache import from_levels, values_on
 from cov3d.preprocessing.preprocess import SIZES
 from cov3d.runtime import resolve_device, resolve_precision
-from cov3d.dataset.scans import find_scans
 from cov3d.synthetic.generator import generate_dataset
+from cov3d.training.data import LevelsToValues, TensorCT
 from cov3d.training.train import TrainSettings, train
 
 AUTOCAST_TOLERANCE = 0.05

@@ -21,11 +21,11 @@ from pathlib import Path
 from PIL import Image
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
-from cov3d.inference.explain import explain
-from cov3d.training.run_figures import CURVES_FILE, CONFUSION_STEM
 from cov3d.dataset.stats import dataset_stats, print_stats, write_stats
-from cov3d.training.train import TrainSettings, train
+from cov3d.inference.explain import explain
 from cov3d.inference.views import show_scans
+from cov3d.training.run_figures import CONFUSION_STEM, CURVES_FILE
+from cov3d.training.train import TrainSettings, train
 
 FIGURES = Path("docs/figures")
 MAX_FIGURE_BYTES = 300_000

@@ -37,9 +37,16 @@ from types import ModuleType
 
 import numpy as np
 
-from cov3d.errors import Cov3dError
-from cov3d.errors import one_line
-from cov3d.dataset.scans import MAX_8BIT, is_dicom_dir, is_nifti_file, is_scan_dir, list_slices, looks_dicom, visible_files
+from cov3d.dataset.scans import (
+    MAX_8BIT,
+    is_dicom_dir,
+    is_nifti_file,
+    is_scan_dir,
+    list_slices,
+    looks_dicom,
+    visible_files,
+)
+from cov3d.errors import Cov3dError, one_line
 
 __all__ = ["WINDOW_LEVEL", "WINDOW_WIDTH", "ScanSources", "dicom_series_files", "gray_slices", "hu_to_uint8", "scan_sources"]
 

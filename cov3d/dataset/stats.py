@@ -21,10 +21,16 @@ from pathlib import Path
 from PIL import Image
 
 from cov3d.atomic import write_csv_atomically, write_text_atomically
-from cov3d.dataset.layout import ANSWER_KEY, PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_answer_key, read_severity_csv
-from cov3d.errors import Cov3dError
-from cov3d.errors import one_line
+from cov3d.dataset.layout import (
+    ANSWER_KEY,
+    PRESENCE_FOLDERS,
+    SEVERITY_CATEGORIES,
+    SEVERITY_CSVS,
+    read_answer_key,
+    read_severity_csv,
+)
 from cov3d.dataset.scans import READ_ERRORS, SLICE_NAME, scan_number
+from cov3d.errors import Cov3dError, one_line
 
 PARTITION_ORDER = ("train", "validation", "test")
 """Column order of the tables (other partitions follow alphabetically), as in the paper's tables."""

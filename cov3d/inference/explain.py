@@ -110,11 +110,11 @@ def explain(
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x).
     """
     from cov3d.atomic import replaced_atomically
-    from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
+    from cov3d.inference.views import load_tensor_file, model_volume
     from cov3d.model.files import load_source
     from cov3d.preprocessing.preprocess import default_cache_dir
     from cov3d.runtime import resolve_device
-    from cov3d.inference.views import load_tensor_file, model_volume
+    from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
 
     source = load_source(run_dir)
     config = source.config

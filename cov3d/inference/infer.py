@@ -19,15 +19,15 @@ from rich.progress import Progress
 from torch import nn
 
 from cov3d.atomic import write_text_atomically
-from cov3d.preprocessing.cache import values_on
-from cov3d.errors import Cov3dError
 from cov3d.dataset.layout import SEVERITY_LABELS
-from cov3d.model.metrics import PRESENCE_THRESHOLD
+from cov3d.dataset.scans import scan_name, scan_number
+from cov3d.errors import Cov3dError
+from cov3d.inference.streaming import PredictionRows, SizeKey, StreamedScan, completed_paths, read_rows, volume_stream
 from cov3d.model.files import ModelSource, expand_models, load_source
+from cov3d.model.metrics import PRESENCE_THRESHOLD
+from cov3d.preprocessing.cache import values_on
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.runtime import autocast, resolve_device, resolve_precision
-from cov3d.dataset.scans import scan_name, scan_number
-from cov3d.inference.streaming import PredictionRows, StreamedScan, SizeKey, completed_paths, read_rows, volume_stream
 
 CSV_COLUMNS = (
     "name", "path", "covid_probability", "covid", "severity",

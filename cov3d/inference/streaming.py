@@ -20,9 +20,8 @@ from typing import IO
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cov3d.errors import Cov3dError
+from cov3d.errors import Cov3dError, one_line
 from cov3d.preprocessing.preprocess import VolumeCache, scan_sources
-from cov3d.errors import one_line
 from cov3d.preprocessing.workers import init_worker, pool_context
 
 SizeKey = tuple[int, int, int, bool]

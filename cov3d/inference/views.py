@@ -9,21 +9,20 @@ the severity from the partition's CSV; with a run folder, also the model's predi
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
 from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
-from cov3d.errors import Cov3dError
-from cov3d.viz.figures import save_figure, slice_views
-from cov3d.preprocessing.preprocess import preprocess_scan
-from cov3d.errors import one_line
 from cov3d.dataset.scans import find_scans, list_slices
+from cov3d.errors import Cov3dError, one_line
+from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
+from cov3d.preprocessing.preprocess import preprocess_scan
+from cov3d.viz.figures import save_figure, slice_views
 
 DISPLAY_SIZE = 256
 """In-plane pixels (H = W) a JPEG scan is resized to for display; its depth is kept up to this too."""

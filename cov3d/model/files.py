@@ -33,9 +33,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from cov3d.atomic import write_bytes_atomically
-from cov3d.errors import Cov3dError
+from cov3d.errors import Cov3dError, one_line
 from cov3d.model.network import POOLS, build_model
-from cov3d.errors import one_line
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numpy.typing import ArrayLike
 import torch
 from fastai.learner import Metric
+from numpy.typing import ArrayLike
 from sklearn.metrics import accuracy_score, f1_score
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES

@@ -45,8 +45,7 @@ import numpy as np
 import torch
 
 from cov3d.atomic import TEMP_SUFFIX, write_failure_reason
-from cov3d.errors import Cov3dError
-from cov3d.errors import one_line
+from cov3d.errors import Cov3dError, one_line
 
 CACHE_FORMAT_VERSION = 2
 """Bump when the preprocessing or the entry layout changes: older entries are then rebuilt."""

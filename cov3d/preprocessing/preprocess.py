@@ -44,6 +44,9 @@ import torch
 from PIL import Image
 from scipy.interpolate import CubicSpline
 
+from cov3d.dataset.dicom_nifti import ScanSources, gray_slices, scan_sources
+from cov3d.dataset.scans import MAX_8BIT, read_slice
+from cov3d.errors import Cov3dError
 from cov3d.preprocessing.cache import (
     LEVELS,
     STORAGE_DTYPE,
@@ -56,9 +59,6 @@ from cov3d.preprocessing.cache import (
     save_cache_entry,
     source_fingerprint,
 )
-from cov3d.errors import Cov3dError
-from cov3d.dataset.scans import MAX_8BIT, read_slice
-from cov3d.dataset.dicom_nifti import ScanSources, gray_slices, scan_sources
 
 __all__ = [
     "SIZES",

@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from cov3d.errors import Cov3dError
+from cov3d.errors import Cov3dError, one_line
 from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.errors import one_line
 
 PROCESSED, SKIPPED, FAILED = "processed", "skipped", "failed"
 """Outcomes of one scan in ``preprocess_many``."""

@@ -17,15 +17,15 @@ from rich.progress import Progress
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 
-from cov3d.training.data import TrainingItem, collect_items
+from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
+from cov3d.dataset.scans import find_scans
 from cov3d.inference.infer import infer
 from cov3d.model.metrics import macro_f1
-from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
 from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.dataset.scans import find_scans
-from cov3d.synthetic.generator import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
-from cov3d.training.train import TrainSettings, train
 from cov3d.preprocessing.workers import preprocess_many
+from cov3d.synthetic.generator import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
+from cov3d.training.data import TrainingItem, collect_items
+from cov3d.training.train import TrainSettings, train
 
 SEVERITY_CODES = list(SEVERITY_CATEGORIES)
 

@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cov3d.errors import Cov3dError
-from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
 from cov3d.dataset.dicom_nifti import hu_to_uint8
-from cov3d.synthetic.phantom import render_phantom
+from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
 from cov3d.dataset.scans import scan_number
-
+from cov3d.errors import Cov3dError
+from cov3d.synthetic.phantom import render_phantom
 
 CLASS_FOLDERS = {bool(code): name for name, code in reversed(PRESENCE_FOLDERS.items())}  # covid first
 TEST_FOLDER = "test"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from fastai.data.block import DataBlock, TransformBlock
@@ -13,11 +13,11 @@ from fastai.torch_core import TensorBase
 from fastai.vision.augment import RandTransform
 from fasttransform import Transform
 
-from cov3d.preprocessing.cache import values_on
-from cov3d.errors import Cov3dError
 from cov3d.dataset.layout import PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, read_severity_csv
-from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.dataset.scans import is_scan_dir, scan_number
+from cov3d.errors import Cov3dError
+from cov3d.preprocessing.cache import values_on
+from cov3d.preprocessing.preprocess import VolumeCache
 
 logger = logging.getLogger(__name__)
 

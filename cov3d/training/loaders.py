@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from fastai.data.core import DataLoaders
 from fasttransform import Transform
 
-from cov3d.training.data import TrainingItem, build_datablock
-from cov3d.training.distributed import Distributed, ShardedDL
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import available_cpus
+from cov3d.training.data import TrainingItem, build_datablock
+from cov3d.training.distributed import Distributed, ShardedDL
 
 CUDA_LOADER_WORKERS = 4
 """Default loader processes per GPU: a cached large volume (16 MB of uint8) loads in tens of ms, a step takes hundreds."""

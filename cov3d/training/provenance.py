@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from collections.abc import Sequence
 from importlib import metadata
-from typing import Sequence
 
 import torch
 
 from cov3d import __version__
-from cov3d.training.data import TrainingItem
 from cov3d.dataset.scans import list_slices
+from cov3d.training.data import TrainingItem
 
 VERSIONED_PACKAGES = ("torchvision", "fastai", "fastcore", "numpy", "scikit-learn", "wandb")
 

@@ -83,9 +83,9 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
     run; writes ``confusion-<task>.png`` and ``.csv``; returns {monitored metric: matrix}."""
     if rank_distrib() != 0:
         return {}
-    from cov3d.viz.figures import confusion_figure, save_figure
     from cov3d.model.files import load_source
     from cov3d.model.metrics import confusion_macro_f1
+    from cov3d.viz.figures import confusion_figure, save_figure
 
     run_dir = Path(run_dir)
     source = load_source(run_dir)

@@ -22,24 +22,37 @@ from fastcore.basics import noop
 from safetensors.torch import save as safetensors_bytes
 
 from cov3d.atomic import write_bytes_atomically, write_text_atomically
-from cov3d.training.checkpoint import RESUME_FILE, TrainingState, load_optimizer_state, load_resume_state, resume_remedy, unwrap
-from cov3d.training.data import collect_items, presence_counts, severity_group_counts, TrainingItem
-from cov3d.training.distributed import (
-    DDPTrainer, distributed_from_env, gather_strings, main_first, parameter_digest, start_distributed, stop_distributed,
-)
+from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS
 from cov3d.errors import Cov3dError
-from cov3d.training.loaders import training_loaders
-from cov3d.training.callbacks import MetricsLog, OneCycleSchedule, WandbLog
-from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
+from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
 from cov3d.model.loss import Cov3dLoss, class_weights, model_outputs
 from cov3d.model.metrics import task_metrics
 from cov3d.model.network import POOLS, build_model, load_kinetics_state_dict
-from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
 from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.preprocessing.workers import preprocess_many
+from cov3d.runtime import autocast, resolve_device, resolve_precision, use_channels_last
+from cov3d.training.callbacks import MetricsLog, OneCycleSchedule, WandbLog
+from cov3d.training.checkpoint import (
+    RESUME_FILE,
+    TrainingState,
+    load_optimizer_state,
+    load_resume_state,
+    resume_remedy,
+    unwrap,
+)
+from cov3d.training.data import TrainingItem, collect_items, presence_counts, severity_group_counts
+from cov3d.training.distributed import (
+    DDPTrainer,
+    distributed_from_env,
+    gather_strings,
+    main_first,
+    parameter_digest,
+    start_distributed,
+    stop_distributed,
+)
+from cov3d.training.loaders import training_loaders
 from cov3d.training.provenance import dataset_fingerprint, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
-from cov3d.runtime import autocast, resolve_device, resolve_precision, use_channels_last
-from cov3d.preprocessing.workers import preprocess_many
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"

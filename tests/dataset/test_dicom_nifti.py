@@ -12,11 +12,11 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from cov3d.dataset.dicom_nifti import scan_sources
+from cov3d.dataset.scans import find_scans
 from cov3d.errors import Cov3dError
 from cov3d.inference.infer import infer
 from cov3d.preprocessing.preprocess import preprocess_scan
-from cov3d.dataset.scans import find_scans
-from cov3d.dataset.dicom_nifti import scan_sources
 
 N_SLICES = 5
 SLICE_GAP_MM = 5.0

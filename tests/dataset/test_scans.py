@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cov3d.errors import Cov3dError
 from cov3d.dataset.scans import NO_SCAN_NUMBER, find_scans, is_scan_dir, list_slices, read_slice, scan_number
+from cov3d.errors import Cov3dError
 
 
 def write_png_as_jpg(path: Path, array: np.ndarray) -> Path:

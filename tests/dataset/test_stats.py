@@ -8,12 +8,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from figure_checks import assert_size
 from PIL import Image
 from typer.testing import CliRunner
 
 from cov3d.cli import app
 from cov3d.dataset.stats import dataset_stats, write_stats
-from figure_checks import assert_size
 
 SLICE = re.compile(r"^\d+\.jpg$")
 CATEGORIES = {"1": "mild", "2": "moderate", "3": "severe", "4": "critical"}

@@ -4,15 +4,15 @@
 import numpy as np
 import pytest
 import torch
+from figure_checks import assert_panels_differ, assert_size
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
 from typer.testing import CliRunner
 
 from cov3d.cli import app
 from cov3d.inference.explain import grad_cam, interpolation_matrix, last_block, upsample_aligned
-from cov3d.viz.figures import peak_voxel
 from cov3d.model.network import build_model
-from figure_checks import assert_panels_differ, assert_size
+from cov3d.viz.figures import peak_voxel
 
 LESION_SHAPE = (12, 24, 24)  # (D, H, W) of the lesion scans
 LESION_RADIUS = 2.5  # voxels

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from cov3d.training import train
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
 from cov3d.model.files import CHECKPOINTS, expand_models, export_model, load_source
+from cov3d.training import train
 
 
 class Payload:

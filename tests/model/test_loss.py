@@ -81,7 +81,7 @@ def expected_presence(eps_p: float, weights: list[float]) -> float:
 
 def expected_severity(targets: dict[int, list[float]], weights: list[float]) -> float:
     losses = []
-    for x, z, c, s in ROWS:
+    for _x, z, c, s in ROWS:
         if c == 1 and s == 0:
             losses.append(any_grade(z))
         else:

@@ -119,7 +119,7 @@ def test_dropouts_run_in_order(tiny_input):
     model = build_model(penultimate=8)
     names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Dropout)}
     called: list[str] = []
-    for module, name in names.items():
+    for module in names:
         module.register_forward_hook(lambda m, i, o: called.append(names[m]))
     model(tiny_input)
     assert called == ["layer1.2", "layer2.2", "layer3.2", "layer4.2", "fc.1"]

@@ -17,10 +17,15 @@ import torch
 from PIL import Image
 from scipy.interpolate import CubicSpline
 
-from cov3d.preprocessing import cache as cache_module
-from cov3d.preprocessing import preprocess as preprocess_module
 from cov3d.errors import Cov3dError
-from cov3d.preprocessing.preprocess import SIZES, VolumeCache, default_cache_dir, depth_interpolation_matrix, preprocess_scan
+from cov3d.preprocessing import cache as cache_module, preprocess as preprocess_module
+from cov3d.preprocessing.preprocess import (
+    SIZES,
+    VolumeCache,
+    default_cache_dir,
+    depth_interpolation_matrix,
+    preprocess_scan,
+)
 from cov3d.preprocessing.workers import PreprocessSummary, preprocess_many, select_shard
 
 STORAGE_TOLERANCE = 2e-3

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cov3d.errors import Cov3dError
 from cov3d.dataset.dicom_nifti import hu_to_uint8
-from cov3d.synthetic.phantom import HU_GGO, SEVERITY_BANDS, render_phantom
 from cov3d.dataset.layout import SEVERITY_LABELS
+from cov3d.errors import Cov3dError
 from cov3d.synthetic.generator import generate_dataset, render_scan, sample_depths
+from cov3d.synthetic.phantom import HU_GGO, SEVERITY_BANDS, render_phantom
 
 TINY = dict(scans=12, slice_size=32, depth_scale=0.05)
 NAME = re.compile(r"^ct_scan_?(\d+)$")

@@ -3,15 +3,22 @@
 import pytest
 import torch
 
+from cov3d.dataset.layout import read_severity_csv
+from cov3d.errors import Cov3dError
+from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.training.data import (
-    DEFAULT_BATCH_SIZE, LevelsToValues, SagittalReflection, TensorCT, TrainingItem, build_datablock, collect_items,
-    presence_counts, severity_group_counts,
+    DEFAULT_BATCH_SIZE,
+    LevelsToValues,
+    SagittalReflection,
+    TensorCT,
+    TrainingItem,
+    build_datablock,
+    collect_items,
+    presence_counts,
+    severity_group_counts,
 )
 from cov3d.training.distributed import Distributed
-from cov3d.errors import Cov3dError
 from cov3d.training.loaders import AsyncToDevice, training_loaders
-from cov3d.dataset.layout import read_severity_csv
-from cov3d.preprocessing.preprocess import VolumeCache
 
 
 def build_dataloaders(items, cache, *, batch_size=DEFAULT_BATCH_SIZE, reflect=True, num_workers=0, device=None):

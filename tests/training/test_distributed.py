@@ -13,9 +13,9 @@ import pytest
 import torch
 from fastai.data.core import TfmdDL
 
+from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.checkpoint import load_resume_state
 from cov3d.training.distributed import Distributed, ShardedDL, distributed_from_env, gather_strings, main_first
-from cov3d.synthetic.generator import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = 2

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from cov3d.training.checkpoint import RESUME_FILE, load_resume_state, rng_states, save_resume_state, set_rng_states
 from cov3d.errors import Cov3dError
-from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.synthetic.generator import generate_dataset
+from cov3d.training.callbacks import OneCycleSchedule
+from cov3d.training.checkpoint import RESUME_FILE, load_resume_state, rng_states, save_resume_state, set_rng_states
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from cov3d.cli import app; app()"]

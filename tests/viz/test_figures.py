@@ -9,18 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import confusion_matrix as sklearn_confusion
-from sklearn.metrics import f1_score
+from figure_checks import assert_panels_differ, assert_size, read_grey
+from sklearn.metrics import confusion_matrix as sklearn_confusion, f1_score
 from typer.testing import CliRunner
 
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.viz.figures import mid_planes, peak_voxel, save_figure
-from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.model.metrics import confusion_macro_f1
-from cov3d.training.run_figures import confusion_matrix
 from cov3d.inference.views import layout_label, load_tensor_file, show_scans
-from figure_checks import assert_panels_differ, assert_size, read_grey
+from cov3d.model.metrics import confusion_macro_f1
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.training.run_figures import confusion_matrix
+from cov3d.viz.figures import mid_planes, peak_voxel, save_figure
 
 runner = CliRunner()
 SEVERITY_WORDS = {"1": "mild", "2": "moderate", "3": "severe", "4": "critical"}
