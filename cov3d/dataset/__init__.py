@@ -1,3 +1,3 @@
 """The COV19-CT-DB dataset: its layout and CSVs, finding and reading scans (JPEG, DICOM, NIfTI), stats.
 
-Torch-free: ``cov3d stats`` imports only this package (and ``cov3d.viz`` for its histogram)."""
+Torch-free, so that ``cov3d stats`` runs without importing torch."""
