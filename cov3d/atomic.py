@@ -22,8 +22,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .errors import Cov3dError
-from .scans import one_line
+from cov3d.errors import Cov3dError, one_line
 
 TEMP_SUFFIX = ".tmp"
 """Suffix of a file being written; never read as the file itself."""

@@ -6,13 +6,14 @@ import functools
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
-from .errors import Cov3dError
+from cov3d.errors import Cov3dError
 
 # Libraries that cov3d imports (fastai, via torch.jit) warn about their own internals on every run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
@@ -64,7 +65,7 @@ def user_errors(command: Callable) -> Callable:
         except Cov3dError as error:
             fail(str(error))
         except OSError as error:
-            from .scans import one_line
+            from cov3d.errors import one_line
 
             where = f"{error.filename}: " if error.filename else ""
             fail(f"{where}{one_line(error.strerror or error)}. Check the path, its permissions and the free disk space.")
@@ -74,7 +75,7 @@ def user_errors(command: Callable) -> Callable:
 
 def resolve_size(size: Optional[str], depth: Optional[int], height: Optional[int], width: Optional[int]) -> tuple[int, int, int]:
     """(D, H, W) from a size name or explicit numbers; H defaults to W, D to W / 2 (paper §3.1)."""
-    from .preprocess import SIZES
+    from cov3d.preprocessing.preprocess import SIZES
 
     if size is not None:
         if size not in SIZES:
@@ -89,7 +90,7 @@ def resolve_size(size: Optional[str], depth: Optional[int], height: Optional[int
 
 
 def cache_directory(cache_dir: Optional[Path]) -> Path:
-    from .preprocess import default_cache_dir
+    from cov3d.preprocessing.preprocess import default_cache_dir
 
     return cache_dir if cache_dir is not None else default_cache_dir()
 
@@ -122,9 +123,9 @@ def preprocess(
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at reduced scale (faster, slightly different values)."),
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
-    from .preprocess import VolumeCache
-    from .workers import preprocess_many
-    from .scans import find_scans
+    from cov3d.dataset.scans import find_scans
+    from cov3d.preprocessing.preprocess import VolumeCache
+    from cov3d.preprocessing.workers import preprocess_many
 
     depth, height, width = resolve_size(size, depth, height, width)
     scans = find_scans(data or [Path(".")])
@@ -148,7 +149,7 @@ def prune_cache(
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
 ):
     """Free the cache of entries that can never be read again: older format versions, unreadable files, leftovers of killed writers."""
-    from .cache import prune_cache as prune
+    from cov3d.preprocessing.cache import prune_cache as prune
 
     directory = cache_directory(cache_dir)
     summary = prune(directory, missing_scans=missing_scans, dry_run=dry_run)
@@ -192,7 +193,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch (its data and settings are reused)."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
-    from .train import TrainSettings, resume_training, train as run_training
+    from cov3d.training.train import TrainSettings, resume_training, train as run_training
 
     if resume is not None:
         result = resume_training(
@@ -242,9 +243,9 @@ def infer(
     precision: str = PrecisionOption,
 ):
     """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
-    from .infer import infer as run_inference
-    from .workers import available_cpus
-    from .scans import find_scans
+    from cov3d.dataset.scans import find_scans
+    from cov3d.inference.infer import infer as run_inference
+    from cov3d.preprocessing.workers import available_cpus
 
     scan_dirs = find_scans(scans)
     summary = run_inference(
@@ -267,7 +268,7 @@ def export(
     out: Path = typer.Argument(..., help="The model file to write (.safetensors), or an existing folder to write it in."),
 ):
     """Pack a run's config and weights into one safe, shareable model file (safetensors, no pickle)."""
-    from .modelfile import export_model
+    from cov3d.model.files import export_model
 
     written = export_model(run_dir, out)
     typer.echo(f"Model written to {written} ({written.stat().st_size / 2**20:.1f} MiB).")
@@ -283,7 +284,7 @@ def synthetic(
     depth_scale: float = typer.Option(0.1, "--depth-scale", min=0.0, help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
 ):
     """Write a synthetic chest-CT dataset in the COV19-CT-DB layout (train, validation, unlabelled test + answer key)."""
-    from .synthetic import generate_dataset
+    from cov3d.synthetic.generator import generate_dataset
 
     summary = generate_dataset(output, scans=scans, seed=seed, slice_size=slice_size, depth_scale=depth_scale)
     typer.echo(f"{summary.total_scans} synthetic scans written to {output}.")
@@ -301,7 +302,7 @@ def demo(
     precision: str = PrecisionOption,
 ):
     """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
-    from .demo import DemoSettings, run_demo
+    from cov3d.synthetic.demo import DemoSettings, run_demo
 
     run_demo(output, DemoSettings(scans=scans, epochs=epochs, seed=seed), workers=workers, device=device, precision=precision)
 
@@ -317,7 +318,7 @@ def show(
     precision: str = PrecisionOption,
 ):
     """Draw the axial, sagittal and coronal mid-planes of scans, one row per scan, with label or prediction."""
-    from .views import show_scans
+    from cov3d.inference.views import show_scans
 
     titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision)
     typer.echo(f"{len(titles)} scans -> {output}")
@@ -330,7 +331,7 @@ def stats(
     output: Path = typer.Option(Path("stats"), "--output", "-o", help="Folder for the tables (CSV) and the depth histogram."),
 ):
     """Count scans, slices, sizes and labels (paper Fig. 1, Tables 1-2) from file names and image headers."""
-    from .stats import dataset_stats, print_stats, write_stats
+    from cov3d.dataset.stats import dataset_stats, print_stats, write_stats
 
     result = dataset_stats(data)
     print_stats(result)
@@ -348,7 +349,7 @@ def explain(
     device: str = DeviceOption,
 ):
     """3D Grad-CAM of the COVID-19 presence prediction (last residual block), shown through its peak."""
-    from .explain import explain as run_explain
+    from cov3d.inference.explain import explain as run_explain
 
     result = run_explain(scan, model, output, cache_dir=cache_dir, device=device)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

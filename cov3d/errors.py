@@ -16,6 +16,11 @@ class Cov3dError(Exception):
         return self.message
 
 
+def one_line(text: object) -> str:
+    """``str(text)`` with all whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(str(text).split())
+
+
 class NonFiniteTraining(Cov3dError):
     """Training met a loss or gradient that is not finite; nothing of that step was applied.
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 
-from .errors import Cov3dError
+from cov3d.errors import Cov3dError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -87,7 +86,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return choose_precision(precision, device).dtype
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """An autocast context for `dtype` on `device`; a no-op context when dtype is None."""
     if dtype is None:
         return contextlib.nullcontext()

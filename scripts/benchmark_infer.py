@@ -1,12 +1,12 @@
 """Benchmark `cov3d infer` end to end (JPEG folder -> CSV row) at the small size (64x128x128).
 
-For synthetic scans (``cov3d.synthetic``) and an untrained run with both weight files (the cost of
+For synthetic scans (``cov3d.synthetic.generator``) and an untrained run with both weight files (the cost of
 a model does not depend on its training), it measures, each from a fresh cache:
 
 1. preprocessing alone: ``VolumeCache.get`` of every scan, in this process;
 2. the model alone: ``Ensemble.predict`` on the preprocessed volumes, with and without the
    reflection test-time augmentation (TTA);
-3. end to end: ``cov3d.infer.infer`` with background preprocessing workers, with and without TTA.
+3. end to end: ``cov3d.inference.infer.infer`` with background preprocessing workers, with and without TTA.
 
 It prints scans per second, the shares of preprocessing and model time, and whether the end to
 end time is within ``OVERLAP_LIMIT`` x (preprocessing + model), i.e. whether the pipeline overlaps
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from cov3d.infer import Ensemble, infer
-from cov3d.model import build_model
-from cov3d.modelfile import CHECKPOINTS, load_source
-from cov3d.preprocess import SIZES, VolumeCache
-from cov3d.scans import find_scans
-from cov3d.synthetic import generate_dataset
+from cov3d.dataset.scans import find_scans
+from cov3d.inference.infer import Ensemble, infer
+from cov3d.model.files import CHECKPOINTS, load_source
+from cov3d.model.network import build_model
+from cov3d.preprocessing.preprocess import SIZES, VolumeCache
+from cov3d.synthetic.generator import generate_dataset
 
 OVERLAP_LIMIT = 1.2
 """End to end must take at most this multiple of (preprocessing + model) measured separately."""

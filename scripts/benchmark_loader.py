@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from cov3d.data import collect_items
-from cov3d.distributed import Distributed
-from cov3d.loaders import training_loaders
-from cov3d.preprocess import SIZES, VolumeCache
-from cov3d.synthetic import generate_dataset
-from cov3d.workers import preprocess_many
+from cov3d.preprocessing.preprocess import SIZES, VolumeCache
+from cov3d.preprocessing.workers import preprocess_many
+from cov3d.synthetic.generator import generate_dataset
+from cov3d.training.data import collect_items
+from cov3d.training.distributed import Distributed
+from cov3d.training.loaders import training_loaders
 
 
 def record_time(action, rounds: list[float]) -> None:

@@ -43,9 +43,9 @@ import torch
 from PIL import Image
 from scipy.interpolate import CubicSpline
 
-from cov3d.preprocess import SIZES, VolumeCache, interpolate_depth, preprocess_scan
-from cov3d.workers import preprocess_many
-from cov3d.scans import list_slices
+from cov3d.dataset.scans import list_slices
+from cov3d.preprocessing.preprocess import SIZES, VolumeCache, interpolate_depth, preprocess_scan
+from cov3d.preprocessing.workers import preprocess_many
 
 SLICE_SIZE = 512
 """In-plane size of the generated slices (COV19-CT-DB slices are usually 512x512)."""
@@ -246,7 +246,7 @@ PEAK_RSS_CHILD = textwrap.dedent(
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from cov3d.preprocess import SIZES, VolumeCache, preprocess_scan
+    from cov3d.preprocessing.preprocess import SIZES, VolumeCache, preprocess_scan
     mode, scan, cache_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if mode == "scan":
         preprocess_scan(scan, *SIZES["large"])

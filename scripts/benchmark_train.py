@@ -29,18 +29,18 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 
-from cov3d.data import collect_items, presence_counts, severity_group_counts
-from cov3d.distributed import Distributed
-from cov3d.loaders import training_loaders
-from cov3d.loop import OneCycleSchedule
-from cov3d.loss import Cov3dLoss, class_weights
-from cov3d.metrics import task_metrics
-from cov3d.model import build_model
-from cov3d.preprocess import SIZES, VolumeCache
-from cov3d.workers import preprocess_many
+from cov3d.model.loss import Cov3dLoss, class_weights
+from cov3d.model.metrics import task_metrics
+from cov3d.model.network import build_model
+from cov3d.preprocessing.preprocess import SIZES, VolumeCache
+from cov3d.preprocessing.workers import preprocess_many
 from cov3d.runtime import autocast, resolve_device, use_channels_last
-from cov3d.synthetic import generate_dataset
-from cov3d.train import TrainSettings, precision_callbacks
+from cov3d.synthetic.generator import generate_dataset
+from cov3d.training.callbacks import OneCycleSchedule
+from cov3d.training.data import collect_items, presence_counts, severity_group_counts
+from cov3d.training.distributed import Distributed
+from cov3d.training.loaders import training_loaders
+from cov3d.training.train import TrainSettings, precision_callbacks
 
 VALIDATION_SHARE = 0.2  # synthetic.py puts about a fifth of the labelled scans in validation/
 MEMORY_BATCH_SIZES = (2, 4, 8)

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from cov3d.cache import from_levels, values_on
-from cov3d.data import LevelsToValues, TensorCT
-from cov3d.infer import infer
-from cov3d.preprocess import SIZES
+from cov3d.dataset.scans import find_scans
+from cov3d.inference.infer import infer
+from cov3d.preprocessing.cache import from_levels, values_on
+from cov3d.preprocessing.preprocess import SIZES
 from cov3d.runtime import resolve_device, resolve_precision
-from cov3d.scans import find_scans
-from cov3d.synthetic import generate_dataset
-from cov3d.train import TrainSettings, train
+from cov3d.synthetic.generator import generate_dataset
+from cov3d.training.data import LevelsToValues, TensorCT
+from cov3d.training.train import TrainSettings, train
 
 AUTOCAST_TOLERANCE = 0.05
 """Largest |P(covid) under autocast - P(covid) in fp32| accepted for an untrained-ish tiny model."""

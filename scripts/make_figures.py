@@ -1,6 +1,6 @@
 """Regenerate the README's example figures from synthetic data (``docs/figures/``).
 
-1. ``cov3d.synthetic.generate_dataset``: a small COV19-CT-DB-style dataset;
+1. ``cov3d.synthetic.generator.generate_dataset``: a small COV19-CT-DB-style dataset;
 2. ``cov3d stats``: depth histogram (paper Fig. 1) and Tables 1-2;
 3. ``cov3d train`` from scratch at a tiny size: training curves and confusion matrices;
 4. ``cov3d show``: one non-covid and one scan per severity with the run's predictions (Fig. 2);
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from cov3d.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
-from cov3d.explain import explain
-from cov3d.run_figures import CURVES_FILE, CONFUSION_STEM
-from cov3d.stats import dataset_stats, print_stats, write_stats
-from cov3d.train import TrainSettings, train
-from cov3d.views import show_scans
+from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
+from cov3d.dataset.stats import dataset_stats, print_stats, write_stats
+from cov3d.inference.explain import explain
+from cov3d.inference.views import show_scans
+from cov3d.training.run_figures import CONFUSION_STEM, CURVES_FILE
+from cov3d.training.train import TrainSettings, train
 
 FIGURES = Path("docs/figures")
 MAX_FIGURE_BYTES = 300_000
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=FIGURES, help="Folder for the PNG files.")
     args = parser.parse_args()
 
-    from cov3d.synthetic import generate_dataset
+    from cov3d.synthetic.generator import generate_dataset
 
     work = Path(tempfile.mkdtemp(prefix="cov3d-figures-"))
     try:

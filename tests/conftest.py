@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cov3d.synthetic import generate_dataset
+from cov3d.synthetic.generator import generate_dataset
 
 TINY_SIZE = (8, 32, 32)  # (D, H, W): small enough for r3d_18 on a CPU in well under a second per step
 DISK_NEEDED_GIB = 4  # the suite's folders peak at about 2.2 GB (every r3d_18 file is 130-400 MB, whatever the volume size), plus a margin
@@ -54,7 +54,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
     """A one-epoch training run on the tiny dataset (from scratch, fp32, CPU)."""
-    from cov3d.train import TrainSettings, train
+    from cov3d.training.train import TrainSettings, train
 
     root = tmp_path_factory.mktemp("tiny-run")
     depth, height, width = TINY_SIZE

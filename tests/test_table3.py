@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from cov3d.cli import app as cov3d_app
-from cov3d.synthetic import generate_dataset
+from cov3d.synthetic.generator import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT.parent / "shared" / "spec" / "cov3d-paper.md"

@@ -1,0 +1,1 @@
+"""Inference: reflection TTA, ensembles, MC dropout, streaming preprocessing, Grad-CAM, `cov3d show`."""

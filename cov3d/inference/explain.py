@@ -1,0 +1,146 @@
+"""`cov3d explain`: 3D Grad-CAM (Selvaraju et al., 2017) for the COVID-19 presence prediction.
+
+For activations A (C, d, h, w) of the last convolutional block (the output of the last
+``BasicBlock`` of ``layer4``) and the presence score y:
+
+    alpha_c = mean over (d, h, w) of dy / dA_c          (channel weights)
+    cam     = ReLU(sum_c alpha_c A_c)                    (d, h, w)
+
+upsampled trilinearly to the input size (D, H, W) and divided by its maximum (an all-zero map
+stays zero). The upsampling places cell j of an axis downsampled by s at input voxel s * j, where
+the strided convolutions of r3d_18 (odd kernels, padding (k - 1) / 2) centre it, not at
+s * j + (s - 1) / 2 as ``F.interpolate(align_corners=False)`` would: for layer4 (s = 16 in-plane)
+that would shift every map by 7.5 voxels. Beyond the last cell the map is held constant. The score is the presence logit x (eq. 1); for runs trained with lambda = 1, which
+have no presence head, it is the log-odds of P(covid) = sum_{c=1..4} s_c (eq. 3):
+``logsumexp(z_1..z_4) - z_0``. layer4 downsamples by 8 along the slices and 16 in-plane, so
+the map is coarse (8 x 8 x 8 cells at 64 x 128 x 128).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.video.resnet import BasicBlock
+
+from cov3d.errors import Cov3dError
+
+CAM_SUFFIX = "-gradcam"
+"""Output names: ``<scan name>-gradcam.pt`` (tensor (D, H, W) in [0, 1]) and ``.png``."""
+
+
+def last_block(model: nn.Module) -> nn.Module:
+    """The last ``BasicBlock`` of ``model.layer4`` (the dropout appended after it is skipped)."""
+    layer = getattr(model, "layer4", None)
+    blocks = [module for module in layer.children() if isinstance(module, BasicBlock)] if layer is not None else []
+    if not blocks:
+        raise ValueError("Grad-CAM needs a model with a layer4 of BasicBlocks (torchvision's r3d_18).")
+    return blocks[-1]
+
+
+def presence_score(logits: torch.Tensor, severity_only: bool) -> torch.Tensor:
+    """(B, outputs) logits -> (B,) presence log-odds (see the module docstring)."""
+    if not severity_only:
+        return logits[:, 0]
+    return torch.logsumexp(logits[:, 2:6], dim=1) - logits[:, 1]
+
+
+def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
+    """(size_out, size_in) weights of linear interpolation that put input cell j at output
+    position j * size_out / size_in (cell centres of a strided convolution), clamped at the ends."""
+    position = (torch.arange(size_out, dtype=torch.float64) * (size_in / size_out)).clamp(max=size_in - 1)
+    low = position.floor().long()
+    high = (low + 1).clamp(max=size_in - 1)
+    fraction = position - low
+    weights = torch.zeros(size_out, size_in, dtype=torch.float64)
+    rows = torch.arange(size_out)
+    weights.index_put_((rows, low), 1 - fraction, accumulate=True)
+    weights.index_put_((rows, high), fraction, accumulate=True)
+    return weights
+
+
+def upsample_aligned(cam: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Trilinear upsampling of a (d, h, w) map to ``size`` (D, H, W), cells aligned as in the
+    module docstring; separable, so memory stays at a few copies of the output."""
+    result = cam.double()
+    for axis, size_out in enumerate(size):
+        matrix = interpolation_matrix(size_out, result.shape[axis]).to(result.device)
+        result = torch.tensordot(matrix, result.movedim(axis, 0), dims=1).movedim(0, axis)
+    return result.float()
+
+
+def grad_cam(model: nn.Module, volume: torch.Tensor, *, severity_only: bool = False,
+             layer: nn.Module | None = None) -> tuple[torch.Tensor, float]:
+    """Grad-CAM of one volume (1, D, H, W) -> (map (D, H, W) float32 in [0, 1], presence score).
+
+    ``layer`` defaults to ``last_block(model)``. The model is put in eval mode; its parameters
+    are left untouched (gradients are taken with respect to the activations only).
+    """
+    model.eval()
+    layer = layer if layer is not None else last_block(model)
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+    try:
+        with torch.enable_grad():
+            logits = model(volume[None].float())
+            score = presence_score(logits.float(), severity_only)[0]
+            (gradients,) = torch.autograd.grad(score, captured[0])
+    finally:
+        handle.remove()
+    activations = captured[0].detach()[0].float()  # (C, d, h, w)
+    weights = gradients[0].float().mean(dim=(1, 2, 3))  # (C,)
+    cam = torch.relu(torch.einsum("c,cdhw->dhw", weights, activations))
+    cam = upsample_aligned(cam, tuple(volume.shape[-3:]))
+    peak = cam.max()
+    return (cam / peak if peak > 0 else cam).cpu(), float(score.detach())
+
+
+def explain(
+    scan: Path,
+    run_dir: Path,
+    output_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+) -> dict[str, Path | float | tuple[int, int, int]]:
+    """Grad-CAM of a scan folder or tensor file with a run's best-presence weights (best-severity
+    for lambda = 1 runs); writes ``<name>-gradcam.pt`` and ``<name>-gradcam.png`` to ``output_dir``.
+
+    Returns the two paths, P(covid) from the score and the peak voxel (z, y, x).
+    """
+    from cov3d.atomic import replaced_atomically
+    from cov3d.inference.views import load_tensor_file, model_volume
+    from cov3d.model.files import load_source
+    from cov3d.preprocessing.preprocess import default_cache_dir
+    from cov3d.runtime import resolve_device
+    from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
+
+    source = load_source(run_dir)
+    config = source.config
+    severity_only = config.get("severity_factor", 0.5) >= 1
+    model = source.build("severity" if severity_only else "presence")
+    if model is None:
+        raise Cov3dError(f"{run_dir} holds no {'severity' if severity_only else 'presence'} weights: train the run first.")
+    torch_device = resolve_device(device)
+    model = model.to(torch_device)
+
+    scan = Path(scan)
+    if scan.is_file():
+        volume, recorded = load_tensor_file(scan)
+        name = recorded.name if recorded is not None else scan.stem
+    else:
+        volume, name = None, scan.name
+    volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume)
+    cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only)
+    probability = float(torch.sigmoid(torch.tensor(score)))
+    peak = peak_voxel(cam.numpy())
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tensor_path = output_dir / f"{name}{CAM_SUFFIX}.pt"
+    with replaced_atomically(tensor_path, "Free some space or choose another --output folder.") as temp:
+        torch.save(cam.contiguous(), temp)
+    title = f"{name}: P(covid) = {probability:.2f}"
+    image_path = save_figure(gradcam_overlay(volume[0].cpu().numpy(), cam.numpy(), title), output_dir / f"{name}{CAM_SUFFIX}.png")
+    return {"tensor": tensor_path, "image": image_path, "probability": probability, "peak": peak}

@@ -1,0 +1,165 @@
+"""`cov3d show`: the axial, sagittal and coronal mid-planes of scans, one row per scan (paper Fig. 2).
+
+A scan is a folder of JPEG slices or a cached tensor file (``cov3d.preprocessing.cache`` entries, or a plain
+tensor ``(1, D, H, W)`` / ``(D, H, W)`` in [0, 1]). Each row is titled with the scan's name and,
+when the scan lies in the dataset layout ``<partition>/<covid|non-covid>/<scan>``, its label and
+the severity from the partition's CSV; with a run folder, also the model's prediction.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
+from cov3d.dataset.scans import find_scans, list_slices
+from cov3d.errors import Cov3dError, one_line
+from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
+from cov3d.preprocessing.preprocess import preprocess_scan
+from cov3d.viz.figures import save_figure, slice_views
+
+DISPLAY_SIZE = 256
+"""In-plane pixels (H = W) a JPEG scan is resized to for display; its depth is kept up to this too."""
+MAX_SCANS = 16
+"""Most rows in one figure."""
+TENSOR_SUFFIXES = (".pt", ".pth")
+
+
+@dataclass
+class ViewedScan:
+    """A scan ready to draw: its name, volume (D, H, W) float32 in [0, 1] and where it came from."""
+
+    name: str
+    volume: np.ndarray
+    source: Path | None
+
+
+def load_tensor_file(path: Path) -> tuple[torch.Tensor, Path | None]:
+    """A cached or plain tensor file -> (volume (D, H, W) float32, source scan folder if recorded).
+
+    uint8 volumes (cache entries) are levels and are divided by 255 (``cov3d.preprocessing.cache``)."""
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises many types for foreign files
+        raise Cov3dError(f"Cannot read tensor file {path}: {one_line(error)[:120]}. "
+                         "Give a cov3d cache file or a tensor saved with torch.save.") from None
+    source = Path(entry["source"]) if isinstance(entry, dict) and isinstance(entry.get("source"), str) else None
+    volume = entry.get("volume") if isinstance(entry, dict) else entry
+    if not isinstance(volume, torch.Tensor) or volume.dim() not in (3, 4) or (volume.dim() == 4 and volume.shape[0] != 1):
+        raise Cov3dError(f"{path} holds no volume (1, D, H, W) or (D, H, W): give a cov3d cache file.")
+    volume = volume.reshape(volume.shape[-3:])
+    return (from_levels(volume) if volume.dtype == STORAGE_DTYPE else volume.float()), source
+
+
+def load_view(path: Path, size: int = DISPLAY_SIZE) -> ViewedScan:
+    """Read a scan folder (resized to ``size`` x ``size``, at most ``size`` slices) or a tensor file."""
+    path = Path(path)
+    if path.is_file():
+        volume, source = load_tensor_file(path)
+        name = source.name if source is not None else path.stem
+        return ViewedScan(name, volume.numpy(), source)
+    depth = min(len(list_slices(path)), size)
+    volume = preprocess_scan(path, depth, size, size)[0]
+    return ViewedScan(path.name, volume.numpy(), path)
+
+
+@functools.lru_cache(maxsize=16)
+def _severities(csv_path: Path) -> dict[str, int]:
+    """The severity CSV of a partition, read once per figure."""
+    return read_severity_csv(csv_path) if csv_path.is_file() else {}
+
+
+def layout_label(scan_dir: Path | None) -> str | None:
+    """'covid, moderate (train)', 'non-covid (validation)' or 'covid (train)' (not annotated) for a
+    scan in ``<data>/<partition>/<covid|non-covid>/``; ``None`` elsewhere."""
+    if scan_dir is None:
+        return None
+    label_dir = scan_dir.parent
+    partition = label_dir.parent.name
+    if label_dir.name not in PRESENCE_FOLDERS or partition not in SEVERITY_CSVS:
+        return None
+    label = label_dir.name
+    if PRESENCE_FOLDERS[label]:
+        severity = _severities(label_dir.parent.parent / SEVERITY_CSVS[partition]).get(scan_dir.name)
+        if severity:
+            label += f", {SEVERITY_CATEGORIES[severity]}"
+    return f"{label} ({partition})"
+
+
+def expand_paths(paths: Sequence[Path]) -> list[Path]:
+    """Tensor files as given; folders expanded to the scan folders at or below them."""
+    expanded: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            if path.suffix not in TENSOR_SUFFIXES:
+                raise Cov3dError(f"{path} is not a scan: give a folder of <integer>.jpg slices or a .pt tensor file.")
+            expanded.append(path)
+        else:
+            expanded += find_scans([path])
+    if len(expanded) > MAX_SCANS:
+        raise Cov3dError(f"{len(expanded)} scans given: a figure shows at most {MAX_SCANS}; give fewer.")
+    return expanded
+
+
+def model_volume(
+    path: Path, size: tuple[int, int, int], fast_decode: bool, cache_dir: Path, volume: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The (1, D, H, W) input a run of ``size`` expects: from the cache for a scan folder; for a
+    tensor file its volume (D, H, W) (``volume`` if already read, else read from ``path``),
+    resampled trilinearly and clipped to [0, 1]."""
+    from cov3d.preprocessing.preprocess import VolumeCache
+
+    if Path(path).is_dir():
+        return VolumeCache(cache_dir, *size, fast_decode=fast_decode).get(path)
+    if volume is None:
+        volume = load_tensor_file(path)[0]
+    return F.interpolate(volume[None, None], size=size, mode="trilinear", align_corners=False)[0].clamp(0, 1)
+
+
+def show_scans(
+    paths: Sequence[Path],
+    output: Path,
+    *,
+    run_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> list[str]:
+    """Write the mid-plane figure of ``paths`` to ``output``; returns the row titles."""
+    from cov3d.preprocessing.preprocess import default_cache_dir
+
+    scan_paths = expand_paths(paths)
+    views = [load_view(path) for path in scan_paths]
+    titles = []
+    predictor = None
+    if run_dir is not None:
+        from cov3d.inference.infer import RunPredictor
+        from cov3d.model.files import load_source
+        from cov3d.runtime import resolve_device, resolve_precision
+
+        torch_device = resolve_device(device)
+        predictor = RunPredictor(load_source(run_dir), torch_device, resolve_precision(precision, torch_device))
+    for path, view in zip(scan_paths, views):
+        parts = [view.name]
+        label = layout_label(view.source)
+        if label:
+            parts.append(label)
+        if predictor is not None:
+            volume = model_volume(
+                path, predictor.size, predictor.fast_decode, cache_dir or default_cache_dir(), torch.from_numpy(view.volume)
+            )[None]
+            prediction = predictor.predict(volume)[0]
+            guess = "covid" if prediction.covid else "non-covid"
+            if prediction.covid and prediction.severity:
+                guess += f", {prediction.severity}"
+            parts.append(f"predicted {guess} (p = {prediction.covid_probability:.2f})")
+        titles.append("  |  ".join(parts))
+    save_figure(slice_views([view.volume for view in views], titles), output)
+    return titles
+

@@ -1,0 +1,238 @@
+"""Safe model files: a training run or an exported model file, loaded without unpickling anything.
+
+Two sources are accepted, both safetensors (tensors and JSON text only, no code):
+
+- a **run folder** written by ``cov3d train``: ``config.json`` with ``best-presence.safetensors``
+  and/or ``best-severity.safetensors``;
+- an **exported model file** (``cov3d export RUN_DIR OUT``): one ``.safetensors`` file whose
+  tensors are named ``presence/<key>`` and ``severity/<key>`` and whose header metadata holds
+  ``format`` (``EXPORT_FORMAT``), ``format_version``, ``config`` (the run's config as JSON, minus the
+  local ``data_dir``) and ``sha256``, a digest of the config text and the file's tensor bytes. A
+  file whose digest does not match (edited, truncated or corrupted) is refused. The digest guards
+  against damage, not against a deliberate forger: it is not a signature. Whatever a file holds,
+  loading it can never run code.
+
+Pickle-based files (``torch.save`` checkpoints, fastai ``Learner.export`` files: ``.pth``, ``.pt``,
+``.pkl`` ...) are refused by name and by content (pickle opcode or zip signature at the start),
+before anything is read from them. A config that does not match its weights (keys or shapes)
+is refused too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save as safetensors_bytes
+
+from cov3d.atomic import write_bytes_atomically
+from cov3d.errors import Cov3dError, one_line
+from cov3d.model.network import POOLS, build_model
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}
+"""Weights of a run folder, by task (the names ``cov3d.training.train`` writes)."""
+EXPORT_FORMAT, EXPORT_VERSION = "cov3d-model", "1"
+MODEL_SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".tar")
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
+"""File starts of pickles (protocol 2+ opcode) and of torch.save's zip container."""
+HEADER_SIZE_BYTES = 8
+"""A safetensors file starts with its JSON header's length as a little-endian uint64."""
+HASH_CHUNK_BYTES = 2**20
+PRIVATE_CONFIG_KEYS = ("data_dir",)
+"""Config entries left out of exported files (local paths of the trainer's machine)."""
+REQUIRED_CONFIG = {
+    "depth": int, "height": int, "width": int, "outputs": int, "penultimate": int,
+    "dropout": (int, float), "pool": str,
+}
+
+
+@dataclass
+class ModelSource:
+    """A loaded model: ``config`` (sizes and architecture) and one state dict per task
+    (``"presence"`` / ``"severity"``, either may be absent), and where it came from."""
+
+    path: Path
+    config: dict
+    states: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """Input volume size (D, H, W)."""
+        return self.config["depth"], self.config["height"], self.config["width"]
+
+    @property
+    def fast_decode(self) -> bool:
+        return bool(self.config.get("fast_decode", False))
+
+    def build(self, task: str) -> torch.nn.Module | None:
+        """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
+        if task not in self.states:
+            return None
+        config = self.config
+        model = build_model(
+            outputs=config["outputs"], penultimate=config["penultimate"], dropout=float(config["dropout"]),
+            pool=config["pool"],
+        )
+        try:
+            model.load_state_dict(self.states[task], strict=True)
+        except RuntimeError as error:
+            reason = one_line(error)[:300]
+            raise Cov3dError(
+                f"{self.path}: its config does not match its {task} weights ({reason}). Re-export the run."
+            ) from None
+        return model.eval()
+
+
+def _refuse_pickle(path: Path) -> None:
+    """Raise ``Cov3dError`` if ``path`` is (named like) a pickle; reads only its first bytes."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if path.suffix.lower() in PICKLE_SUFFIXES or start.startswith(PICKLE_MAGIC):
+        raise Cov3dError(
+            f"{path} is a pickle file, which can run arbitrary code when loaded, so cov3d never opens it. "
+            "Use a run folder or a file made by 'cov3d export'."
+        )
+
+
+def check_config(config: object, where: Path) -> dict:
+    """``config`` if it has every field needed to rebuild the model, else ``Cov3dError``."""
+    if not isinstance(config, dict):
+        raise Cov3dError(f"{where}: the model config is not a JSON object; re-export the run.")
+    for key, kind in REQUIRED_CONFIG.items():
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise Cov3dError(f"{where}: the model config lacks a valid '{key}'; re-export the run.")
+    if min(config["depth"], config["height"], config["width"], config["outputs"], config["penultimate"]) < 1:
+        raise Cov3dError(f"{where}: the model config has non-positive sizes; re-export the run.")
+    if config["pool"] not in POOLS or not 0 <= config["dropout"] < 1:
+        raise Cov3dError(f"{where}: the model config has an invalid pool or dropout; re-export the run.")
+    return config
+
+
+def _load_run(run_dir: Path) -> ModelSource:
+    """A run folder: config.json and the safetensors weights present."""
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise Cov3dError(f"{run_dir} is not a cov3d run: {CONFIG_FILE} is missing. Give the --output-dir of 'cov3d train'.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Cov3dError(f"{config_path} is not valid JSON ({error}); re-create the run or restore the file.") from None
+    states = {}
+    for task, name in CHECKPOINTS.items():
+        path = run_dir / name
+        if path.is_file():
+            _refuse_pickle(path)
+            try:
+                states[task] = load_file(str(path))
+            except (SafetensorError, OSError) as error:
+                raise Cov3dError(f"Cannot load weights {path}: {str(error).splitlines()[0]}. Restore or re-train the run.") from None
+    if not states:
+        raise Cov3dError(f"{run_dir} holds no weights ({', '.join(CHECKPOINTS.values())}); train it first.")
+    return ModelSource(run_dir, check_config(config, config_path), states)
+
+
+def _data_digest(handle: BinaryIO, config_text: str) -> str:
+    """SHA-256 of the config text followed by the tensor bytes (everything after the header) of
+    the safetensors data in ``handle`` (a file opened for reading, or ``io.BytesIO``)."""
+    digest = hashlib.sha256(config_text.encode())
+    (header_size,) = struct.unpack("<Q", handle.read(HEADER_SIZE_BYTES))
+    handle.seek(HEADER_SIZE_BYTES + header_size)
+    while chunk := handle.read(HASH_CHUNK_BYTES):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_export(path: Path) -> ModelSource:
+    """An exported model file (see the module docstring)."""
+    _refuse_pickle(path)
+    refuse = f"{path} is not a valid cov3d model file"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != EXPORT_FORMAT:
+                raise Cov3dError(f"{refuse} (no '{EXPORT_FORMAT}' metadata): make one with 'cov3d export RUN_DIR OUT'.")
+            if metadata.get("format_version") != EXPORT_VERSION:
+                raise Cov3dError(f"{refuse}: format version {metadata.get('format_version')} is not {EXPORT_VERSION}; update cov3d.")
+            with open(path, "rb") as data:
+                digest = _data_digest(data, metadata.get("config", ""))
+            if digest != metadata.get("sha256"):
+                raise Cov3dError(f"{refuse}: its contents do not match its checksum (edited or damaged); get a fresh copy.")
+            states: dict[str, dict[str, torch.Tensor]] = {}
+            for name in handle.keys():
+                task, _, key = name.partition("/")
+                if task not in CHECKPOINTS or not key:
+                    raise Cov3dError(f"{refuse}: unexpected tensor '{name}'; get a fresh copy.")
+                states.setdefault(task, {})[key] = handle.get_tensor(name)
+    except (SafetensorError, OSError, struct.error) as error:
+        raise Cov3dError(f"{refuse} ({str(error).splitlines()[0]}): get a fresh copy or re-export the run.") from None
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError:
+        raise Cov3dError(f"{refuse}: its config is not valid JSON; re-export the run.") from None
+    if not states:
+        raise Cov3dError(f"{refuse}: it holds no weights; re-export the run.")
+    return ModelSource(path, check_config(config, path), states)
+
+
+def load_source(path: Path) -> ModelSource:
+    """Load a run folder or an exported ``.safetensors`` model file (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_run(path)
+    if not path.is_file():
+        raise Cov3dError(f"Model {path} does not exist: give a run folder or a file made by 'cov3d export'.")
+    return _load_export(path)
+
+
+def is_model(path: Path) -> bool:
+    """Whether ``path`` looks like a model: a run folder or a ``.safetensors`` file."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() if path.is_dir() else path.suffix.lower() == MODEL_SUFFIX
+
+
+def expand_models(paths: list[Path]) -> list[Path]:
+    """Models given directly, or the models (run folders, exported files) inside given folders,
+    sorted by name. Raises ``Cov3dError`` for a folder that is neither a run nor holds one."""
+    models = []
+    for path in map(Path, paths):
+        if path.is_dir() and not is_model(path):
+            inside = sorted(child for child in path.iterdir() if not child.name.startswith(".") and is_model(child))
+            if not inside:
+                raise Cov3dError(f"{path} is neither a cov3d run ({CONFIG_FILE} is missing) nor a folder of runs or model files.")
+            models.extend(inside)
+        else:
+            models.append(path)
+    return models
+
+
+def export_model(source: Path, out: Path) -> Path:
+    """Write the run folder (or model file) ``source`` as one shareable model file.
+
+    ``out``: a ``.safetensors`` path, or an existing folder (the file is then named after the run).
+    Returns the path written.
+    """
+    model = load_source(source)
+    for task in model.states:
+        model.build(task)  # refuses a config that does not match the weights
+    out = Path(out)
+    if out.is_dir():
+        out = out / f"{model.path.name.removesuffix(MODEL_SUFFIX)}{MODEL_SUFFIX}"
+    if out.suffix.lower() != MODEL_SUFFIX:
+        raise Cov3dError(f"{out}: the exported model file must end with {MODEL_SUFFIX}.")
+    config = {key: value for key, value in model.config.items() if key not in PRIVATE_CONFIG_KEYS}
+    config_text = json.dumps(config, sort_keys=True)
+    tensors = {f"{task}/{key}": tensor.contiguous() for task, state in model.states.items() for key, tensor in state.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "config": config_text, "sha256": ""}
+    metadata["sha256"] = _data_digest(io.BytesIO(safetensors_bytes(tensors, metadata=metadata)), config_text)
+    write_bytes_atomically(out, safetensors_bytes(tensors, metadata=metadata), "Free some space or export to another folder.")
+    return out

@@ -1,0 +1,209 @@
+"""The Cov3d loss: presence BCE, severity cross entropy and their combination (paper eqs. 1-6).
+
+Conventions (shared with the DataBlock and the metrics):
+- ``target`` has shape (B, 2): ``target[:, 0]`` = has_covid in {0, 1}, ``target[:, 1]`` = severity in
+  0..4 (0 = negative or not annotated, 1 mild, 2 moderate, 3 severe, 4 critical).
+- ``logits`` has shape (B, 6): ``logits[:, 0]`` is the presence logit x_i (eq. 1) and
+  ``logits[:, 1:6]`` are the severity logits z_0..z_4, z_0 = "COVID negative" (eq. 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_GROUPS
+
+N_SEVERITY_CLASSES = 5
+"""Softmax classes of eq. 3: 0 = COVID negative, 1..4 = mild..critical."""
+PRESENCE_OUTPUTS = 1
+"""Logits needed when only the presence task is trained (lambda = 0)."""
+OUTPUTS = PRESENCE_OUTPUTS + N_SEVERITY_CLASSES
+"""Logits per scan for the combined model: x_i then z_0..z_4."""
+
+_UNANNOTATED_GROUP = SEVERITY_GROUPS.index("positive-unannotated")
+_FIRST_SEVERITY_GROUP = SEVERITY_GROUPS.index("mild")
+
+
+def _check_smoothing(smoothing: float, name: str) -> None:
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {smoothing}")
+
+
+def presence_targets(has_covid: Tensor, smoothing: float) -> Tensor:
+    """Label-smoothed presence targets y_i: 1 - eps_p for covid rows, eps_p for non-covid rows.
+
+    has_covid: (B,) in {0, 1}. Returns a float tensor (B,).
+    """
+    _check_smoothing(smoothing, "presence smoothing")
+    positive = has_covid.float()
+    return positive * (1.0 - smoothing) + (1.0 - positive) * smoothing
+
+
+def severity_smoothing_matrix(smoothing: float) -> Tensor:
+    """(5, 5) matrix whose row c is the smoothed target distribution of class c.
+
+    The true class keeps 1 - eps_s and eps_s is split equally between its neighbours on the chain
+    negative-mild-moderate-severe-critical (paper sec. 3.3); an end class gives all of eps_s to its
+    single neighbour.
+    """
+    _check_smoothing(smoothing, "severity smoothing")
+    matrix = torch.eye(N_SEVERITY_CLASSES) * (1.0 - smoothing)
+    for c in range(N_SEVERITY_CLASSES):
+        neighbours = [n for n in (c - 1, c + 1) if 0 <= n < N_SEVERITY_CLASSES]
+        for n in neighbours:
+            matrix[c, n] = smoothing / len(neighbours)
+    return matrix
+
+
+def severity_target_distribution(severity_class: Tensor, smoothing: float) -> Tensor:
+    """Smoothed target distributions y_{i,c} of eq. 4.
+
+    severity_class: (B,) integers in 0..4 (0 = COVID negative, 1..4 mild..critical).
+    Returns (B, 5) float rows summing to one.
+    """
+    classes = severity_class.long()
+    if classes.numel() and (classes.min() < 0 or classes.max() >= N_SEVERITY_CLASSES):
+        raise ValueError(f"severity classes must lie in 0..{N_SEVERITY_CLASSES - 1}")
+    return severity_smoothing_matrix(smoothing).to(classes.device)[classes]
+
+
+def severity_group(has_covid: Tensor, severity: Tensor) -> Tensor:
+    """Index into SEVERITY_GROUPS for each scan, used to pick its severity weight.
+
+    has_covid: (B,) in {0, 1}; severity: (B,) in 0..4 (0 = not annotated, or negative).
+    Returns (B,) long: 0 negative, 1 positive-unannotated, 2..5 mild..critical.
+    A negative scan must have severity 0.
+    """
+    positive = has_covid.long()
+    grade = severity.long()
+    if positive.numel():
+        if ((positive != 0) & (positive != 1)).any():
+            raise ValueError("has_covid must be 0 or 1")
+        if grade.min() < 0 or grade.max() >= N_SEVERITY_CLASSES:
+            raise ValueError(f"severity must lie in 0..{N_SEVERITY_CLASSES - 1}")
+        if ((positive == 0) & (grade != 0)).any():
+            raise ValueError("a covid-negative scan cannot have a severity grade (expected severity 0)")
+    annotated_group = grade + (_FIRST_SEVERITY_GROUP - 1)
+    positive_group = torch.where(grade == 0, torch.full_like(grade, _UNANNOTATED_GROUP), annotated_group)
+    return torch.where(positive == 1, positive_group, torch.zeros_like(grade))
+
+
+def class_weights(counts: Sequence[int]) -> list[float]:
+    """Balancing weights w_k = N / (K * n_k) for class counts n_k.
+
+    N is the total count and K the number of classes with n_k > 0, so that every present class
+    carries the same total weight (N / K) and the weights average to one over the scans (the
+    scikit-learn "balanced" rule). A class with n_k = 0 gets weight 0.
+    """
+    values = [int(n) for n in counts]
+    if any(n < 0 for n in values):
+        raise ValueError(f"class counts must be non-negative, got {values}")
+    total = sum(values)
+    if total == 0:
+        raise ValueError("class counts are all zero: there is nothing to balance")
+    present = sum(1 for n in values if n > 0)
+    return [total / (present * n) if n > 0 else 0.0 for n in values]
+
+
+def _weights_tensor(weights: Sequence[float] | Tensor | None, length: int, name: str) -> Tensor:
+    if weights is None:
+        return torch.ones(length)
+    tensor = torch.as_tensor(weights, dtype=torch.float32).detach().clone().flatten()
+    if tensor.numel() != length:
+        raise ValueError(f"{name} needs {length} values, got {tensor.numel()}")
+    if not torch.isfinite(tensor).all() or (tensor < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative, got {tensor.tolist()}")
+    return tensor
+
+
+def _weighted_mean(losses: Tensor, weights: Tensor) -> Tensor:
+    """sum w_i l_i / sum w_i; a batch whose weights are all zero contributes 0."""
+    return (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
+
+
+def model_outputs(severity_factor: float) -> int:
+    """Logits the model produces: the presence logit alone when lambda = 0, else it and z_0..z_4."""
+    return PRESENCE_OUTPUTS if severity_factor == 0.0 else OUTPUTS
+
+
+class Cov3dLoss(nn.Module):
+    """Combined loss (1 - lambda) l_covid + lambda l_severity (eq. 6).
+
+    l_covid is the weighted BCE of eq. 2 with smoothed targets; l_severity is the weighted cross
+    entropy of eq. 4 (negative and annotated scans, neighbour smoothing) or eq. 5 (positive scans
+    without a grade, no smoothing). Each task's loss is the weighted mean over the batch.
+    """
+
+    def __init__(
+        self,
+        *,
+        severity_factor: float = 0.5,
+        presence_smoothing: float = 0.1,
+        severity_smoothing: float = 0.1,
+        presence_weights: Sequence[float] | Tensor | None = None,
+        severity_weights: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= severity_factor <= 1.0:
+            raise ValueError(f"severity_factor (lambda) must lie in [0, 1], got {severity_factor}")
+        _check_smoothing(presence_smoothing, "presence_smoothing")
+        _check_smoothing(severity_smoothing, "severity_smoothing")
+        self.severity_factor = float(severity_factor)
+        self.presence_smoothing = float(presence_smoothing)
+        self.severity_smoothing = float(severity_smoothing)
+        self.register_buffer(
+            "presence_weights", _weights_tensor(presence_weights, len(PRESENCE_CLASSES), "presence_weights")
+        )
+        self.register_buffer(
+            "severity_weights", _weights_tensor(severity_weights, len(SEVERITY_GROUPS), "severity_weights")
+        )
+
+    @property
+    def outputs(self) -> int:
+        """Logits the model must produce (``model_outputs``)."""
+        return model_outputs(self.severity_factor)
+
+    def presence_loss(self, presence_logit: Tensor, has_covid: Tensor) -> Tensor:
+        """Weighted mean of eq. 2. presence_logit, has_covid: (B,). Returns a scalar."""
+        x = presence_logit.float()
+        y = presence_targets(has_covid, self.presence_smoothing)
+        # log p = logsigmoid(x) and log(1 - p) = logsigmoid(-x), stable for large |x|.
+        losses = -(y * F.logsigmoid(x) + (1.0 - y) * F.logsigmoid(-x))
+        weights = self.presence_weights.to(x.device)[has_covid.long()]
+        return _weighted_mean(losses, weights)
+
+    def severity_loss(self, severity_logits: Tensor, has_covid: Tensor, severity: Tensor) -> Tensor:
+        """Weighted mean of eqs. 4/5. severity_logits: (B, 5) = z_0..z_4; has_covid, severity: (B,)."""
+        z = severity_logits.float()
+        group = severity_group(has_covid, severity)
+        log_s = F.log_softmax(z, dim=1)
+        # Negative scans are class 0; annotated positives keep their grade 1..4.
+        classes = severity.long() * (has_covid.long() == 1)
+        targets = severity_target_distribution(classes, self.severity_smoothing)
+        cross_entropy = -(targets * log_s).sum(dim=1)
+        positive_any_grade = -(torch.logsumexp(z[:, 1:], dim=1) - torch.logsumexp(z, dim=1))
+        losses = torch.where(group == _UNANNOTATED_GROUP, positive_any_grade, cross_entropy)
+        return _weighted_mean(losses, self.severity_weights.to(z.device)[group])
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """logits: (B, 6) (or (B, 1) when lambda = 0); target: (B, 2). Returns a scalar."""
+        if target.ndim != 2 or target.shape[1] != 2:
+            raise ValueError(f"target must have shape (B, 2) = (has_covid, severity), got {tuple(target.shape)}")
+        if logits.ndim != 2 or logits.shape[0] != target.shape[0] or logits.shape[1] < self.outputs:
+            raise ValueError(
+                f"logits must have shape (B, {self.outputs}) matching target (B = {target.shape[0]}), "
+                f"got {tuple(logits.shape)}"
+            )
+        has_covid = target[:, 0].round().long()
+        severity = target[:, 1].round().long()
+        total = logits.new_zeros((), dtype=torch.float32)
+        if self.severity_factor < 1.0:
+            total = total + (1.0 - self.severity_factor) * self.presence_loss(logits[:, 0], has_covid)
+        if self.severity_factor > 0.0:
+            severity_logits = logits[:, PRESENCE_OUTPUTS:OUTPUTS]
+            total = total + self.severity_factor * self.severity_loss(severity_logits, has_covid, severity)
+        return total

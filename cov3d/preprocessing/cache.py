@@ -1,0 +1,322 @@
+"""Storage format of the preprocessed-volume cache (used by ``cov3d.preprocessing.preprocess.VolumeCache``).
+
+Layout: ``<cache_dir>/<D>x<H>x<W>[-fast]/<scan folder name>-<key>.pt``, one file per scan and
+size. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
+
+- **Key.** ``key`` is a hash of the preprocessing parameters (depth, height, width,
+  fast_decode, ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
+- **Entry.** Each file is ``torch.save`` of a plain dict of ints, strings and one tensor, so
+  it loads with ``torch.load(..., weights_only=True)``: the parameters, the source path, a
+  fingerprint of the source (name, size and modification time of every slice file, so the entry
+  is rebuilt when a slice is added, removed, replaced or touched) and the volume
+  ``(1, D, H, W)`` as uint8 grey levels with a CRC-32 of its bytes.
+- **uint8 levels.** A value v in [0, 1] is stored as the level round(255 v) and read back as
+  level / 255 (``from_levels``): the 8-bit grid of the JPEG slices themselves.
+  Rounding changes a value by at most 1/510 (about 1.96e-3, half a grey level), and the entry
+  is a quarter of float32's size: a large volume takes 16 MB (45 GB for the 2,776 labelled
+  COV19-CT-DB scans), so writing and reading it costs little next to decoding the slices.
+- **Atomic writes.** An entry is written to a temporary file in the same directory and moved
+  into place with ``os.replace``, so a reader never sees a half-written entry. A writer killed
+  mid-write leaves only a ``.tmp`` file, which is never read and is removed by a later write
+  of the same entry once it is ``STALE_TEMP_SECONDS`` old. There is no fsync (it would cost
+  more than the preprocessing at small): an entry torn by a system crash fails validation.
+- **Validation.** An entry that is truncated, unreadable, of another format version, shape,
+  dtype, parameters, source or fingerprint, or whose CRC does not match, counts as missing.
+- **Pruning.** A stale entry is overwritten when its scan is read again, but entries of an older
+  format version, of scans that were moved or deleted, unreadable files and temporary files of
+  killed writers would stay forever: ``prune_cache`` removes them (``cov3d prune-cache``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cov3d.atomic import TEMP_SUFFIX, write_failure_reason
+from cov3d.errors import Cov3dError, one_line
+
+CACHE_FORMAT_VERSION = 2
+"""Bump when the preprocessing or the entry layout changes: older entries are then rebuilt."""
+
+CACHE_DIR_ENV = "COV3D_CACHE_DIR"
+"""Environment variable that overrides the default cache directory."""
+
+DEFAULT_CACHE_DIR = Path("~/.cache/cov3d")
+"""Cache directory when ``COV3D_CACHE_DIR`` is not set (XDG-style user cache)."""
+
+STORAGE_DTYPE = torch.uint8
+"""dtype of the stored volumes (see the module docstring)."""
+
+LEVELS = 255
+"""Stored level of the value 1.0."""
+
+STALE_TEMP_SECONDS = 3600
+"""Age after which a leftover temporary file of an entry is taken to be from a killed writer."""
+
+MAX_NAME_CHARS = 64
+"""Longest scan-folder name kept in an entry's file name (the key keeps it unique)."""
+
+KEY_HEX_CHARS = 16
+"""Hex digits of the SHA-256 key in an entry's file name (64 bits)."""
+
+
+def default_cache_dir() -> Path:
+    """``$COV3D_CACHE_DIR`` if set, else ``~/.cache/cov3d`` (user directory expanded)."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    return Path(configured).expanduser() if configured else DEFAULT_CACHE_DIR.expanduser()
+
+
+
+def source_fingerprint(slices: Sequence[Path]) -> str:
+    """SHA-256 (hex) of the name, size and modification time (ns) of every slice file."""
+    digest = hashlib.sha256()
+    for path in slices:
+        try:
+            stat = os.stat(path)
+        except OSError as error:
+            raise Cov3dError(
+                f"Cannot read CT slice {path}: {one_line(error.strerror or error)}. "
+                "Fix the file or leave the scan out."
+            ) from None
+        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def entry_path(cache_dir: Path, params: dict[str, int], scan_dir: Path) -> Path:
+    """Where the entry of ``scan_dir`` for the preprocessing ``params`` lives.
+
+    ``params`` holds ``depth``, ``height``, ``width`` and ``fast_decode`` (0/1).
+    """
+    source = str(Path(scan_dir).resolve())
+    keyed = json.dumps({**params, "format": CACHE_FORMAT_VERSION, "source": source}, sort_keys=True)
+    key = hashlib.sha256(keyed.encode()).hexdigest()[:KEY_HEX_CHARS]
+    size = f"{params['depth']}x{params['height']}x{params['width']}"
+    folder = size + ("-fast" if params["fast_decode"] else "")
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(source).name)[:MAX_NAME_CHARS] or "scan"
+    return Path(cache_dir) / folder / f"{name}-{key}.pt"
+
+
+def checksum(volume: torch.Tensor) -> int:
+    """CRC-32 of the bytes of a contiguous CPU tensor."""
+    return zlib.crc32(volume.contiguous().numpy().view(dtype="uint8"))
+
+
+def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor allocated by numpy.
+
+    numpy asks Linux for transparent huge pages on large arrays (``madvise``), so the first
+    write of a large volume (65 MB of float32 at large) costs a few dozen page faults instead
+    of some 16,000, which in a virtual machine take longer than filling the volume.
+    """
+    numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(np.empty(shape, dtype=numpy_dtype))
+
+
+def from_levels(levels: torch.Tensor) -> torch.Tensor:
+    """Stored uint8 levels -> float32 values level / 255 in [0, 1], same shape."""
+    return empty_tensor(tuple(levels.shape), torch.float32).copy_(levels).div_(LEVELS)
+
+
+def values_on(levels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Stored uint8 levels -> float32 values level / 255 on ``device``, converted there (a
+    quarter of the bytes cross to a GPU); the same values as ``from_levels``."""
+    if levels.dtype != STORAGE_DTYPE:
+        raise TypeError(f"expected stored {STORAGE_DTYPE} levels, got {levels.dtype}")
+    if device.type == "cpu":
+        return from_levels(levels)
+    # Divide by a tensor on the device: CUDA multiplies by 1/255 when given a Python number,
+    # which differs from the CPU's true division by one ulp for about half the levels.
+    divisor = torch.full((), float(LEVELS), dtype=torch.float32, device=device)
+    return levels.to(device, non_blocking=True).float().div_(divisor)
+
+
+def make_entry(levels: torch.Tensor, params: dict[str, int], scan_dir: Path, fingerprint: str) -> dict:
+    """The dict stored for a volume of uint8 levels ``(1, D, H, W)`` (see the module docstring)."""
+    if levels.dtype != STORAGE_DTYPE:
+        raise TypeError(f"cache entries store {STORAGE_DTYPE} levels, got {levels.dtype}")
+    stored = levels.contiguous()
+    return {
+        **params,
+        "format": CACHE_FORMAT_VERSION,
+        "source": str(Path(scan_dir).resolve()),
+        "fingerprint": fingerprint,
+        "volume": stored,
+        "crc32": checksum(stored),
+    }
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete leftover temporary files of ``path`` older than ``STALE_TEMP_SECONDS``."""
+    now = time.time()
+    for temp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+        try:
+            if now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
+                temp.unlink()
+        except OSError:
+            continue
+
+
+def _without_zip_checksums() -> contextlib.AbstractContextManager:
+    """Stop ``torch.save`` computing CRC-32s of its zip records where torch allows it (2.5+):
+    ``torch.load`` never checks them, and the entry carries its own checksum of the volume."""
+    try:
+        from torch.utils.serialization import config
+
+        config.save.compute_crc32  # noqa: B018 - only checks that this torch has the option
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()
+    return config.patch({"save.compute_crc32": False})
+
+
+def save_cache_entry(path: Path, entry: dict) -> None:
+    """Write ``entry`` to ``path`` atomically (temporary file in the same folder, then
+    ``os.replace``). Raises ``Cov3dError`` if the cache directory cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        handle = tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX, delete=False
+        )
+    except OSError as error:
+        raise Cov3dError(
+            f"Cannot write to cache directory {path.parent}: {one_line(error.strerror or error)}. "
+            f"Choose another directory (e.g. with {CACHE_DIR_ENV})."
+        ) from None
+    temp = Path(handle.name)
+    try:
+        with handle, _without_zip_checksums():
+            torch.save(entry, handle)
+        os.replace(temp, path)
+    except BaseException as error:
+        reason = write_failure_reason(error, path.parent) if isinstance(error, Exception) else None
+        temp.unlink(missing_ok=True)
+        if reason is not None:
+            raise Cov3dError(
+                f"Cannot write cache file {path}: {reason}. Free some space or choose another cache directory."
+            ) from None
+        raise
+
+
+def load_valid_volume(
+    path: Path, params: dict[str, int], scan_dir: Path, fingerprint: str | None
+) -> torch.Tensor | None:
+    """The stored uint8 levels ``(1, D, H, W)`` of a valid, current entry; ``None`` if the
+    entry is missing, damaged or stale (see the module docstring).
+
+    ``fingerprint=None`` skips the comparison with the source files, for an entry that was
+    checked against them earlier in the same run; everything else is still checked.
+    """
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a missing, unreadable or truncated entry counts as missing
+        return None
+    if not isinstance(entry, dict):
+        return None
+    expected = {
+        **params,
+        "format": CACHE_FORMAT_VERSION,
+        "source": str(Path(scan_dir).resolve()),
+    }
+    if fingerprint is not None:
+        expected["fingerprint"] = fingerprint
+    if any(entry.get(name) != value for name, value in expected.items()):
+        return None
+    volume = entry.get("volume")
+    shape = (1, params["depth"], params["height"], params["width"])
+    if not isinstance(volume, torch.Tensor) or volume.dtype != STORAGE_DTYPE or tuple(volume.shape) != shape:
+        return None
+    if entry.get("crc32") != checksum(volume):
+        return None
+    return volume
+
+
+@dataclass
+class PruneSummary:
+    """What ``prune_cache`` removed (file, reason), how many entries it kept and the bytes freed."""
+
+    removed: list[tuple[Path, str]] = field(default_factory=list)
+    kept: int = 0
+    freed_bytes: int = 0
+
+
+SIZE_FOLDER = re.compile(r"\d+x\d+x\d+(-fast)?")
+"""Names of the cache's size folders (``entry_path``)."""
+
+ENTRY_FILE = re.compile(rf"[A-Za-z0-9._-]+-[0-9a-f]{{{KEY_HEX_CHARS}}}\.pt")
+"""Names of entry files (``entry_path``); temporary files are ``.<entry file>.<random>.tmp``."""
+
+
+def _prune_reason(path: Path, missing_scans: bool, now: float) -> str | None:
+    """Why the file ``path`` of a size folder can go, or ``None`` to keep it.
+
+    Only files named like cov3d's entries and their temporary files are considered, and only
+    dicts that carry an entry's ``format`` and ``source``: anything else in the folder is kept.
+    """
+    if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX):
+        if not ENTRY_FILE.fullmatch(path.name[1:].rsplit(".", 2)[0]):
+            return None
+        stale = now - path.stat().st_mtime > STALE_TEMP_SECONDS
+        return "temporary file of a killed writer" if stale else None  # else: being written now
+    if not ENTRY_FILE.fullmatch(path.name):
+        return None
+    try:  # mmap: reads the small header records, not the volume
+        entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an entry-named file that cannot be read is a damaged entry
+        return "unreadable"
+    if not isinstance(entry, dict) or "format" not in entry or "source" not in entry:
+        return None
+    if entry["format"] != CACHE_FORMAT_VERSION:
+        return f"format {entry['format']}, this cov3d reads format {CACHE_FORMAT_VERSION}"
+    if missing_scans and not Path(str(entry["source"])).exists():
+        return "its scan is gone"
+    return None
+
+
+def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool = False) -> PruneSummary:
+    """Remove the entries under ``cache_dir`` that can never be read again.
+
+    Only size folders and files named like entries are looked at (a wrong ``cache_dir`` loses
+    nothing else). Always: entries of another format version, unreadable entry files and
+    temporary files older than ``STALE_TEMP_SECONDS``. With ``missing_scans``, also entries whose scan folder or file no
+    longer exists (leave it off while a data drive is unmounted). With ``dry_run``, only report.
+    Size folders left empty are removed. Raises ``Cov3dError`` if ``cache_dir`` is not a folder.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    if not cache_dir.is_dir():
+        raise Cov3dError(f"Cache directory not found: {cache_dir}. Give the folder passed as --cache-dir.")
+    summary, now = PruneSummary(), time.time()
+    for folder in sorted(path for path in cache_dir.iterdir() if path.is_dir() and SIZE_FOLDER.fullmatch(path.name)):
+        for path in sorted(folder.iterdir()):
+            try:
+                reason = _prune_reason(path, missing_scans, now) if path.is_file() else None
+                size = path.stat().st_size
+            except FileNotFoundError:  # moved into place or removed by a concurrent writer
+                continue
+            if reason is None:
+                if ENTRY_FILE.fullmatch(path.name):
+                    summary.kept += 1
+                continue
+            if not dry_run:
+                try:
+                    path.unlink()
+                except OSError as error:
+                    raise Cov3dError(
+                        f"Cannot remove {path}: {one_line(error.strerror or error)}. Check the cache folder's permissions."
+                    ) from None
+            summary.removed.append((path, reason))
+            summary.freed_bytes += size
+        if not dry_run and not any(folder.iterdir()):
+            folder.rmdir()
+    return summary

@@ -1,0 +1,1 @@
+"""Training: fastai Learner and DataBlock, 1cycle and logging callbacks, checkpoints, DDP, provenance."""

@@ -1,0 +1,140 @@
+"""Training-loop callbacks that know the run's absolute epoch, so a resumed run continues exactly.
+
+fastai's `fit_one_cycle(start_epoch=...)` skips epochs by cancelling them, which still runs every
+callback's `after_epoch` (its CSVLogger would write rows for the skipped epochs) and derives the
+schedule position from an accumulated float. Here the remaining epochs are fitted with `Learner.fit`
+and these callbacks add `first_epoch` themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.schedule import combined_cos
+
+from cov3d.atomic import write_text_atomically
+from cov3d.errors import NonFiniteTraining
+from cov3d.training.checkpoint import RESUME_FILE, resume_remedy, unwrap
+
+ONE_CYCLE_PCT_START = 0.25
+"""Fraction of the run spent warming up; fastai `fit_one_cycle` default."""
+ONE_CYCLE_DIV = 25.0
+"""Initial lr = lr_max / 25; fastai `fit_one_cycle` default."""
+ONE_CYCLE_DIV_FINAL = 1e5
+"""Final lr = lr_max / 1e5; fastai `fit_one_cycle` default."""
+ONE_CYCLE_MOMENTUMS = (0.95, 0.85, 0.95)
+"""Adam beta1 from 0.95 down to 0.85 and back; fastai `Learner.moms` default."""
+
+
+class OneCycleSchedule(Callback):
+    """fastai's 1cycle policy for lr and momentum (as in `fit_one_cycle`), positioned by the absolute batch.
+
+    The position of batch `i` of epoch `e` in a run of `E` epochs of `n` batches is (e·n + i) / (E·n),
+    computed the same way whether the run was interrupted or not.
+    """
+
+    order, run_valid = 60, False  # fastai's ParamScheduler slot
+
+    def __init__(self, lr_max: float, epochs: int, first_epoch: int = 0):
+        self.epochs, self.first_epoch = epochs, first_epoch
+        self.schedules = {
+            "lr": combined_cos(ONE_CYCLE_PCT_START, lr_max / ONE_CYCLE_DIV, lr_max, lr_max / ONE_CYCLE_DIV_FINAL),
+            "mom": combined_cos(ONE_CYCLE_PCT_START, *ONE_CYCLE_MOMENTUMS),
+        }
+
+    def position(self) -> float:
+        """Fraction of the whole run's training batches done before this batch, in [0, 1)."""
+        return ((self.first_epoch + self.epoch) * self.n_iter + self.iter) / (self.epochs * self.n_iter)
+
+    def before_batch(self) -> None:
+        position = self.position()
+        for name, schedule in self.schedules.items():
+            self.opt.set_hyper(name, float(schedule(position)))
+
+
+class MetricsLog(Callback):
+    """metrics.csv: the Recorder's row for each epoch (epoch, losses, metrics, time), written by one process.
+
+    A resumed run keeps the header and the rows of the epochs before `first_epoch` and drops any
+    row written after the last checkpoint.
+    """
+
+    order = 65  # after the Recorder (50) has completed the epoch's row
+
+    def __init__(self, path: Path, first_epoch: int = 0, write: bool = True):
+        self.path, self.first_epoch, self.write = Path(path), first_epoch, write
+
+    def before_fit(self) -> None:
+        if not self.write:
+            return
+        header = ",".join(self.recorder.metric_names)
+        kept = self.path.read_text().splitlines()[1:1 + self.first_epoch] if self.first_epoch else []
+        write_text_atomically(self.path, "\n".join([header, *kept]) + "\n", resume_remedy(self.path.parent))
+
+    def after_epoch(self) -> None:
+        if not self.write:
+            return
+        row = [self.first_epoch + self.epoch, *self.recorder.log[1:]]
+        text = self.path.read_text() + ",".join(str(value) for value in row) + "\n"
+        write_text_atomically(self.path, text, resume_remedy(self.path.parent))
+
+
+class WandbLog(Callback):
+    """Log each epoch's losses and metrics, and the lr and momentum it ended with, to the current W&B run.
+
+    The W&B step is the absolute epoch, so a resumed run continues its history. (fastai's
+    WandbCallback is not used: collecting its config fails on callbacks that take lists of names.)
+    """
+
+    order = 66  # after the Recorder (50) has completed the epoch's row
+
+    def __init__(self, first_epoch: int = 0):
+        self.first_epoch = first_epoch
+
+    def after_epoch(self) -> None:
+        import wandb
+
+        epoch = self.first_epoch + self.epoch
+        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+        values = {name: float(value) for name, value in zip(names, self.recorder.log[1:])}
+        hypers = {name: float(self.opt.hypers[-1][name]) for name in ("lr", "mom")}
+        wandb.log({"epoch": epoch, **values, **hypers}, step=epoch)
+
+
+class FiniteGuard(Callback):
+    """Stop training at the first loss or gradient that is not finite, before the optimiser applies it.
+
+    The loss is checked after every batch (training and validation), the gradients after every
+    backward pass unless a gradient scaler is in charge of them (fp16 on CUDA skips overflowing steps
+    itself). The error names the epoch and batch; the end-of-epoch checkpoint and best weights written
+    before it are left as they were.
+    """
+
+    order = 1  # before any callback that acts on the step
+
+    def __init__(self, *, run_dir: Path, epochs: int, first_epoch: int, precision: str, learning_rate: float,
+                 check_gradients: bool = True):
+        self.run_dir, self.epochs, self.first_epoch = Path(run_dir), epochs, first_epoch
+        self.precision, self.learning_rate, self.check_gradients = precision, learning_rate, check_gradients
+
+    def after_loss(self) -> None:
+        if not bool(torch.isfinite(self.learn.loss.detach()).all()):
+            self.stop("training loss" if self.training else "validation loss")
+
+    def after_backward(self) -> None:
+        if not self.check_gradients:
+            return
+        for name, parameter in unwrap(self.learn.model).named_parameters():
+            if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
+                self.stop(f"gradient of {name}")
+
+    def stop(self, what: str) -> None:
+        epoch = self.first_epoch + self.epoch
+        raise NonFiniteTraining(
+            what=what, epoch=epoch + 1, epochs=self.epochs, batch=self.iter + 1, batches=self.n_iter,
+            precision=self.precision, learning_rate=self.learning_rate,
+            resumable_epoch=epoch if epoch > 0 and (self.run_dir / RESUME_FILE).is_file() else None,
+            run_dir=str(self.run_dir),
+        )

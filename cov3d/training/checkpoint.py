@@ -1,0 +1,161 @@
+"""Resumable training: an end-of-epoch checkpoint with everything needed to continue a run exactly.
+
+``checkpoint.pth`` holds only tensors, lists, dicts, strings and numbers, so it loads with
+``torch.load(weights_only=True)`` and never runs code from the file. It is replaced atomically
+(write to a temporary file, then ``os.replace``): a run killed at any moment leaves either the
+previous or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from torch import nn
+
+from cov3d.atomic import replaced_atomically
+from cov3d.errors import Cov3dError
+
+RESUME_FILE = "checkpoint.pth"
+CHECKPOINT_FORMAT = 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def pack_python_state(state: tuple) -> dict[str, Any]:
+    """A `random.getstate()` tuple as {version, state: int64 tensor (625,), gauss}."""
+    version, internal, gauss = state
+    return {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def unpack_python_state(state: dict[str, Any]) -> tuple:
+    """The inverse of `pack_python_state`, ready for `setstate`."""
+    return state["version"], tuple(state["state"].tolist()), state["gauss"]
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (if in use) current CUDA device generator states, as tensors and numbers."""
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": pack_python_state(random.getstate()),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` captured."""
+    random.setstate(unpack_python_state(states["python"]))
+    numpy = states["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"][0])
+
+
+def optimizer_state(opt) -> dict[str, Any]:
+    """fastai optimiser state as plain lists and dicts: per-parameter tensors/steps and per-group hypers."""
+    state = opt.state_dict()
+    return {
+        "state": [{key: value.detach().cpu() if isinstance(value, torch.Tensor) else value for key, value in dict(s).items()}
+                  for s in state["state"]],
+        "hypers": [{key: float(value) for key, value in dict(h).items()} for h in state["hypers"]],
+    }
+
+
+def load_optimizer_state(opt, state: dict[str, Any]) -> None:
+    """Load `optimizer_state` output into a fastai optimiser, moving tensors to each parameter's device."""
+    params = [p for p, *_ in opt.all_params()]
+    moved = [
+        {key: value.to(param.device) if isinstance(value, torch.Tensor) else value for key, value in s.items()}
+        for param, s in zip(params, state["state"])
+    ]
+    opt.load_state_dict({"state": moved, "hypers": state["hypers"]})
+
+
+def resume_remedy(run_dir: Path) -> str:
+    """What to do when a file of the run in `run_dir` cannot be written (a full disk, say)."""
+    if (Path(run_dir) / RESUME_FILE).is_file():
+        return f"Free some space, then continue the run with: cov3d train --resume {run_dir}"
+    return "Free some space and start the run again (it had not finished an epoch)."
+
+
+def save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file beside `path`, flush it to disk, then rename it over `path`.
+
+    Raises ``Cov3dError`` naming `path` if the disk is full or cannot be written.
+    """
+    with replaced_atomically(path, resume_remedy(path.parent)) as temp:
+        torch.save(state, temp)
+
+
+def load_resume_state(run_dir: Path) -> dict[str, Any]:
+    """Read `run_dir/checkpoint.pth` (tensors and plain values only); one-line errors if absent or damaged."""
+    path = Path(run_dir) / RESUME_FILE
+    if not path.is_file():
+        raise Cov3dError(f"{path} not found: --resume needs a run folder written by 'cov3d train' (after its first epoch).")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged files
+        raise Cov3dError(f"Cannot read {path} ({error}); start a new run without --resume.") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise Cov3dError(f"{path} is not a cov3d checkpoint (format {CHECKPOINT_FORMAT}); start a new run without --resume.")
+    return state
+
+
+class TrainingState(Callback):
+    """Write checkpoint.pth after every epoch (main process only); when resuming, restore the loop's state.
+
+    Restored at `before_fit`, after fastai's Recorder and MixedPrecision have set themselves up: the
+    smoothed training loss, the fp16 loss scale, the RNG states and the training loader's shuffling
+    generator, so the next epoch draws exactly what it would have drawn in an uninterrupted run.
+    """
+
+    order = 90  # after BestCheckpoints (70) and MetricsLog (65): the checkpoint records their results
+
+    def __init__(self, path: Path, best, first_epoch: int, resume_state: dict[str, Any] | None, write: bool):
+        self.path, self.best, self.first_epoch = Path(path), best, first_epoch
+        self.resume_state, self.write = resume_state, write
+
+    def before_fit(self) -> None:
+        if self.resume_state is None:
+            return
+        smooth = self.resume_state["smooth_loss"]
+        self.recorder.smooth_loss.count = smooth["count"]
+        self.recorder.smooth_loss.val = smooth["value"].to(self.recorder.smooth_loss.val.device)
+        self.dls.train.rng.setstate(unpack_python_state(self.resume_state["train_loader_rng"]))
+        set_rng_states(self.resume_state["rng"])
+        scaler = getattr(self.learn, "scaler", None)  # fastai MixedPrecision's GradScaler (fp16 on CUDA)
+        if scaler is not None and self.resume_state["grad_scaler"]:
+            scaler.load_state_dict(self.resume_state["grad_scaler"])
+
+    def after_epoch(self) -> None:
+        if self.write:
+            save_resume_state(self.path, self.state())
+
+    def state(self) -> dict[str, Any]:
+        """Everything the next epoch depends on, after the epoch `first_epoch + self.epoch`."""
+        model = unwrap(self.model)
+        smooth = self.recorder.smooth_loss
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.first_epoch + self.epoch,
+            "model": {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()},
+            "optimizer": optimizer_state(self.opt),
+            "best": {name: float(value) for name, value in self.best.best.items()},
+            "best_epoch": dict(self.best.best_epoch),
+            "smooth_loss": {"count": int(smooth.count), "value": torch.as_tensor(smooth.val).detach().cpu()},
+            "rng": rng_states(),
+            "train_loader_rng": pack_python_state(self.dls.train.rng.getstate()),
+            "grad_scaler": scaler.state_dict() if (scaler := getattr(self.learn, "scaler", None)) is not None else {},
+        }

@@ -1,0 +1,105 @@
+"""Figures of a training run, written to its folder: loss and F1 curves after every epoch, and
+confusion matrices of both tasks on the validation set for the best checkpoints after training.
+
+Files: ``curves.png``; ``confusion-presence.png`` / ``.csv`` (truth non-covid, covid x predicted,
+from ``best-presence.safetensors``, p >= 0.5) and ``confusion-severity.png`` / ``.csv`` (truth
+mild..critical x predicted, annotated validation scans only, argmax over z_1..z_4, from
+``best-severity.safetensors``). Predictions are those of the validation metrics (one pass, no
+reflection averaging, fp32), so the macro F1 of a matrix is the best F1 of its task in
+``summary.json`` up to autocast rounding. Only the first process (rank 0) writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.torch_core import rank_distrib
+
+from cov3d.atomic import write_csv_atomically
+from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_LABELS
+
+CURVES_FILE = "curves.png"
+CONFUSION_STEM = {"presence_f1": "confusion-presence", "severity_f1": "confusion-severity"}
+
+
+class TrainingCurves(Callback):
+    """After each epoch, redraw ``curves.png`` in the run folder from the Recorder's history."""
+
+    order = 75  # after the Recorder (50) and the checkpoints (70)
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def after_epoch(self) -> None:
+        if rank_distrib() != 0:
+            return
+        from cov3d.viz.figures import save_figure, training_curves
+
+        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+        history = {name: [float(row[i]) for row in self.recorder.values] for i, name in enumerate(names)}
+        save_figure(training_curves(history), self.run_dir / CURVES_FILE)
+
+
+def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
+    """(classes, classes) int64 counts: rows true class 0..classes-1, columns predicted."""
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return matrix
+
+
+def validation_logits(model: torch.nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, outputs) and targets (N, 2) of every batch of ``loader`` (eval mode, no grad)."""
+    model.eval()
+    logits, targets = [], []
+    with torch.no_grad():
+        for volumes, target in loader:
+            logits.append(model(volumes.as_subclass(torch.Tensor).to(device)).float().cpu())
+            targets.append(target.as_subclass(torch.Tensor).cpu())
+    return torch.cat(logits), torch.cat(targets)
+
+
+def task_matrix(monitored: str, logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """The confusion matrix of one task (``presence_f1`` or ``severity_f1``), as the metrics score it."""
+    from cov3d.model.metrics import presence_predictions, severity_predictions
+
+    if monitored == "presence_f1":
+        return confusion_matrix(targets[:, 0].numpy(), presence_predictions(logits), len(PRESENCE_CLASSES))
+    annotated = (targets[:, 1] > 0).numpy()
+    truth = targets[:, 1].numpy()[annotated] - 1
+    return confusion_matrix(truth, severity_predictions(logits)[annotated] - 1, len(SEVERITY_LABELS))
+
+
+def write_matrix_csv(path: Path, matrix: np.ndarray, labels: tuple[str, ...]) -> None:
+    """Rows 'true <label>', columns 'predicted <label>'."""
+    rows = [["true \\ predicted", *labels], *([label, *row.tolist()] for label, row in zip(labels, matrix))]
+    write_csv_atomically(path, rows, "Free some space; the run's weights are complete.")
+
+
+def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dict[str, np.ndarray]:
+    """Confusion matrices on ``loader`` (the validation DataLoader) for each best checkpoint of the
+    run; writes ``confusion-<task>.png`` and ``.csv``; returns {monitored metric: matrix}."""
+    if rank_distrib() != 0:
+        return {}
+    from cov3d.model.files import load_source
+    from cov3d.model.metrics import confusion_macro_f1
+    from cov3d.viz.figures import confusion_figure, save_figure
+
+    run_dir = Path(run_dir)
+    source = load_source(run_dir)
+    matrices = {}
+    for monitored, stem in CONFUSION_STEM.items():
+        model = source.build(monitored.removesuffix("_f1"))
+        if model is None:
+            continue
+        logits, targets = validation_logits(model.to(device), loader, device)
+        matrix = task_matrix(monitored, logits, targets)
+        labels = PRESENCE_CLASSES if monitored == "presence_f1" else SEVERITY_LABELS
+        write_matrix_csv(run_dir / f"{stem}.csv", matrix, labels)
+        task = stem.removeprefix("confusion-")
+        title = f"{task} (best {task} weights)\nmacro F1 {confusion_macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"
+        save_figure(confusion_figure(matrix, labels, title), run_dir / f"{stem}.png")
+        matrices[monitored] = matrix
+    return matrices

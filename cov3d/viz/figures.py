@@ -1,0 +1,217 @@
+"""Figures: slice views of scans (paper Fig. 2), the depth histogram (Fig. 1), training curves,
+confusion matrices and Grad-CAM overlays. Headless (matplotlib's Agg backend), fixed pixel sizes.
+
+Volumes are ``(D, H, W)`` arrays in [0, 1]: D slices from the first file (apex) to the last,
+rows H anterior to posterior, columns W across the patient. The three mid-planes are
+
+- axial: ``volume[D // 2]``, shape (H, W);
+- sagittal: ``volume[:, :, W // 2]``, shape (D, H), slice axis vertical (first slice on top);
+- coronal: ``volume[:, H // 2, :]``, shape (D, W), slice axis vertical.
+
+JPEG slices carry no voxel spacing, so every plane is drawn in a square panel: a chest scan covers
+about as much length along the slice axis as across its field of view (roughly 300 mm and 350 mm),
+and the preprocessed sizes fix D = W / 2 whatever the spacing, so squares keep the anatomy's
+proportions roughly right for any depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: set before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from cov3d.atomic import replaced_atomically  # noqa: E402
+from cov3d.errors import Cov3dError  # noqa: E402
+
+DPI = 100
+"""Pixels per inch of every saved figure (sizes below are in inches)."""
+PANEL_INCHES = 2.4
+"""Side of one square image panel: 240 px."""
+TITLE_INCHES = 0.35
+"""Height of the text strip above each row of panels (scan name and label)."""
+FONT_SIZE = 9
+"""Base font size in points; readable at the panel size."""
+PLANES = ("axial", "sagittal", "coronal")
+CURVES_SIZE = (8.0, 3.2)
+"""Inches of the training-curve figure (two panels: losses, F1)."""
+CONFUSION_INCHES = 3.6
+"""Side of a confusion-matrix figure."""
+HISTOGRAM_SIZE = (6.4, 3.6)
+"""Inches of the depth histogram."""
+HISTOGRAM_BINS = 60
+"""Most bars of the depth histogram (bins widen to whole multiples of one slice)."""
+PLATEAU_TOLERANCE = 1e-6
+"""Values within this of the maximum of a map in [0, 1] count as its peak (see ``peak_voxel``)."""
+COLORBAR_SHARE = 0.1
+"""Share of the Grad-CAM figure's width kept at the right for the colour bar."""
+OVERLAY_ALPHA = 0.45
+"""Opacity of the Grad-CAM colour map over the grey scan."""
+
+plt.rcParams.update({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE, "axes.labelsize": FONT_SIZE})
+
+
+def mid_planes(volume: np.ndarray, point: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """The axial (H, W), sagittal (D, H) and coronal (D, W) planes of a (D, H, W) volume through
+    ``point`` = (z, y, x), by default the centre voxel (D // 2, H // 2, W // 2)."""
+    z, y, x = point if point is not None else tuple(n // 2 for n in volume.shape)
+    return {"axial": volume[z], "sagittal": volume[:, :, x], "coronal": volume[:, y, :]}
+
+
+def _show_plane(ax, image: np.ndarray, *, cmap: str = "gray", vmin: float = 0.0, vmax: float = 1.0, alpha: float = 1.0):
+    """Draw a 2D plane filling a square panel (aspect stretched, see the module docstring)."""
+    rows, cols = image.shape
+    handle = ax.imshow(image, cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, interpolation="nearest",
+                       aspect=cols / rows)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return handle
+
+
+def _panel_grid(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
+    """A figure of ``rows`` x ``cols`` square panels with a title strip above each row."""
+    height = rows * (PANEL_INCHES + TITLE_INCHES)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL_INCHES, height), dpi=DPI, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE_INCHES / height,
+                        wspace=0.04, hspace=TITLE_INCHES / PANEL_INCHES)
+    return fig, axes
+
+
+def save_figure(fig: Figure, output: Path) -> Path:
+    """Write ``fig`` to ``output`` (at ``DPI``, exact figure size, all or nothing; PNG unless the
+    suffix names another format matplotlib writes) and close it."""
+    output = Path(output)
+    image_format = output.suffix.lstrip(".").lower() or "png"
+    try:
+        formats = fig.canvas.get_supported_filetypes()
+        if image_format not in formats:
+            raise Cov3dError(f"{output}: cannot write .{image_format} images; end the name with .png (or {', '.join('.' + name for name in sorted(formats))}).")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_atomically(output, "Free some space or choose another output folder.") as temp:
+            fig.savefig(temp, dpi=DPI, format=image_format)
+    finally:
+        plt.close(fig)
+    return output
+
+
+def slice_views(volumes: Sequence[np.ndarray], titles: Sequence[str]) -> Figure:
+    """One row per scan: axial, sagittal and coronal mid-planes of each (D, H, W) volume."""
+    fig, axes = _panel_grid(len(volumes), len(PLANES))
+    for row, (volume, title) in enumerate(zip(volumes, titles)):
+        planes = mid_planes(volume)
+        for col, plane in enumerate(PLANES):
+            _show_plane(axes[row, col], planes[plane])
+            axes[row, col].set_title(plane, fontsize=FONT_SIZE - 1, pad=2)
+        axes[row, 0].annotate(title, xy=(0, 1), xycoords="axes fraction", xytext=(2, FONT_SIZE + 6),
+                              textcoords="offset points", fontsize=FONT_SIZE + 1, fontweight="bold")
+    return fig
+
+
+def peak_voxel(attribution: np.ndarray) -> tuple[int, int, int]:
+    """The (z, y, x) of the highest value of a (D, H, W) map; where the maximum is a plateau (as
+    after trilinear upsampling of a coarse map near the borders), the plateau voxel nearest to the
+    plateau's centroid rather than its first voxel."""
+    top = np.argwhere(attribution >= attribution.max() - PLATEAU_TOLERANCE)
+    nearest = np.argmin(((top - top.mean(axis=0)) ** 2).sum(axis=1))
+    return tuple(int(i) for i in top[nearest])
+
+
+def gradcam_overlay(volume: np.ndarray, attribution: np.ndarray, title: str) -> Figure:
+    """The three planes through the voxel of highest attribution, the (D, H, W) attribution in
+    [0, 1] drawn over the (D, H, W) scan, the peak marked with a cross."""
+    peak = peak_voxel(attribution)
+    fig, axes = _panel_grid(1, len(PLANES))
+    fig.subplots_adjust(right=1 - COLORBAR_SHARE)
+    scans, maps = mid_planes(volume, peak), mid_planes(attribution, peak)
+    z, y, x = (int(i) for i in peak)
+    marks = {"axial": (x, y), "sagittal": (y, z), "coronal": (x, z)}
+    for ax, plane in zip(axes[0], PLANES):
+        _show_plane(ax, scans[plane])
+        handle = _show_plane(ax, maps[plane], cmap="inferno", alpha=OVERLAY_ALPHA)
+        ax.plot(*marks[plane], marker="+", color="cyan", markersize=12, markeredgewidth=1.5)
+        ax.set_title(plane, fontsize=FONT_SIZE - 1, pad=2)
+    axes[0, 0].annotate(f"{title}   peak (z, y, x) = ({z}, {y}, {x})", xy=(0, 1), xycoords="axes fraction",
+                        xytext=(2, FONT_SIZE + 6), textcoords="offset points", fontsize=FONT_SIZE + 1,
+                        fontweight="bold")
+    bottom, top = fig.subplotpars.bottom, fig.subplotpars.top
+    colorbar = fig.colorbar(handle, cax=fig.add_axes((1 - 0.9 * COLORBAR_SHARE, bottom + 0.05, 0.2 * COLORBAR_SHARE, top - bottom - 0.1)))
+    colorbar.solids.set_alpha(1.0)
+    colorbar.set_label("Grad-CAM", fontsize=FONT_SIZE - 1)
+    return fig
+
+
+def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
+    """Losses (left) and F1 scores (right) per epoch from ``history`` (column name -> values per
+    epoch, e.g. fastai's ``train_loss``, ``valid_loss``, ``presence_f1``, ``severity_f1``)."""
+    fig, (loss_ax, f1_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
+    for ax, suffix, title in ((loss_ax, "_loss", "loss"), (f1_ax, "_f1", "validation macro F1")):
+        for name, values in history.items():
+            if not name.endswith(suffix):
+                continue
+            epochs = np.arange(len(values))  # 0-based, as in metrics.csv and summary.json
+            series = np.asarray(values, dtype=float)
+            (line,) = ax.plot(epochs, series, marker="o", markersize=3, label=name.removesuffix(suffix))
+            if suffix == "_f1" and np.isfinite(series).any():
+                best = int(np.nanargmax(series))
+                ax.plot(epochs[best], series[best], marker="*", markersize=11, color=line.get_color())
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="best")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    f1_ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, labels: Sequence[str], title: str) -> Figure:
+    """A confusion matrix (rows: truth, columns: prediction) with counts in the cells, coloured by
+    the share of each true class (row-normalised) so that rare classes stay visible."""
+    totals = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
+    fig, ax = plt.subplots(figsize=(CONFUSION_INCHES, CONFUSION_INCHES), dpi=DPI)
+    ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, str(count), ha="center", va="center",
+                color="white" if shares[row, col] > 0.5 else "black", fontsize=FONT_SIZE + 1)
+    ticks = np.arange(len(labels))
+    ax.set_xticks(ticks, labels, rotation=30, ha="right")
+    ax.set_yticks(ticks, labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def depth_histogram(depths: Mapping[str, Sequence[int]]) -> Figure:
+    """Histogram of slices per scan (paper Fig. 1) over all partitions, logarithmic count axis; each
+    partition is outlined on top. Bins are whole numbers of slices, at most ``HISTOGRAM_BINS``."""
+    named = [(name, np.asarray(d, dtype=int)) for name, d in depths.items() if len(d)]
+    everything = np.concatenate([d for _, d in named]) if named else np.zeros(0, dtype=int)
+    top = int(everything.max()) if everything.size else 1
+    width = -(-top // HISTOGRAM_BINS)
+    bins = np.arange(0.5, top + width + 0.5, width)
+    fig, ax = plt.subplots(figsize=HISTOGRAM_SIZE, dpi=DPI)
+    counts, _, _ = ax.hist(everything, bins=bins, color="0.75", label=f"all ({everything.size})")
+    for name, d in named:
+        ax.hist(d, bins=bins, histtype="step", linewidth=1.2, label=f"{name} ({len(d)})")
+    ax.set_yscale("log")
+    ax.set_ylim(0.7, max(10.0, 1.5 * float(counts.max(initial=1))))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("number of slices (depth)")
+    ax.set_ylabel("scans (log scale)")
+    ax.set_title(f"Depth of {everything.size} scans")
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig

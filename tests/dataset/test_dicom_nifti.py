@@ -1,0 +1,129 @@
+"""DICOM series and NIfTI volumes: HU through the lung window, slice order, orientation, and the same
+predictions as the equivalent JPEG folder."""
+
+import csv
+import sys
+
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from cov3d.dataset.dicom_nifti import scan_sources
+from cov3d.dataset.scans import find_scans
+from cov3d.errors import Cov3dError
+from cov3d.inference.infer import infer
+from cov3d.preprocessing.preprocess import preprocess_scan
+
+N_SLICES = 5
+SLICE_GAP_MM = 5.0
+JPEG_QUALITY = 95
+
+
+def lung_window_by_hand(hu):
+    """Level -600 HU, width 1500 HU: -1350 -> 0, 150 -> 255."""
+    return np.clip(np.rint((np.asarray(hu, dtype=np.float64) + 1350.0) * 255.0 / 1500.0), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def series(module_dir):
+    """One CT volume in HU (D, H, W), head first, written as a JPEG folder, a DICOM series built from
+    pydicom's CT_small.dcm (shuffled file names, scrambled InstanceNumber, shifted positions, two
+    rescale settings) and two NIfTI files (RAS and LPS affines)."""
+    root = module_dir
+    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    base_hu = template.pixel_array.astype(np.int32) * int(template.RescaleSlope) + int(template.RescaleIntercept)
+    rng = np.random.default_rng(0)
+    hu = np.stack([2 * ((np.roll(base_hu, 9 * d, axis=1) - 60 * d) // 2) for d in range(N_SLICES)])  # even HU
+
+    jpeg = root / "ct_scan_1"
+    jpeg.mkdir()
+    for d, pixels in enumerate(hu):
+        Image.fromarray(lung_window_by_hand(pixels)).save(jpeg / f"{d}.jpg", quality=JPEG_QUALITY)
+
+    dicom = root / "ct_scan_2"
+    dicom.mkdir()
+    uid = generate_uid()
+    names = rng.permutation(N_SLICES)
+    for d in range(N_SLICES):
+        k = N_SLICES - 1 - d  # slice d is the (k+1)-th from the feet: higher z = nearer the head
+        slope, intercept = (2, -2048) if d % 2 else (1, -1024)
+        dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        dataset.PixelData = ((hu[d] - intercept) // slope).astype(np.int16).tobytes()
+        dataset.RescaleSlope, dataset.RescaleIntercept = slope, intercept
+        dataset.ImagePositionPatient = [-158.1 + 0.7 * k, -179.0 - 0.3 * k, -75.7 + SLICE_GAP_MM * k]
+        dataset.InstanceNumber = int(names[d]) + 1  # unrelated to the position
+        dataset.SeriesInstanceUID, dataset.SOPInstanceUID = uid, generate_uid()
+        dataset.save_as(dicom / f"IM{names[d]:03d}.dcm")
+
+    ras = np.flip(hu.transpose(2, 1, 0), axis=(0, 1, 2)).astype(np.int16)  # ras[I-1-c, J-1-r, K-1-d] = hu[d, r, c]
+    nibabel.save(nibabel.Nifti1Image(ras, np.diag([0.66, 0.66, SLICE_GAP_MM, 1.0])), root / "ct_scan_3.nii")
+    lps = np.flip(ras, axis=(0, 1)).copy()
+    nibabel.save(nibabel.Nifti1Image(lps, np.diag([-0.66, -0.66, SLICE_GAP_MM, 1.0])), root / "ct_scan_4.nii.gz")
+    return root, hu
+
+
+def test_mixed_folder_is_found(series):
+    root, _ = series
+    scans = find_scans([root])
+    assert [scan.name for scan in scans] == ["ct_scan_1", "ct_scan_2", "ct_scan_3.nii", "ct_scan_4.nii.gz"]
+    assert [scan_sources(scan).kind for scan in scans] == ["jpeg", "dicom", "nifti", "nifti"]
+
+
+def test_dicom_order_follows_positions_not_names_or_instance_numbers(series):
+    root, _ = series
+    files = scan_sources(root / "ct_scan_2").files
+    z = [float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2]) for path in files]
+    assert z == sorted(z, reverse=True)
+    assert [path.name for path in files] != sorted(path.name for path in files)
+
+
+def test_hu_and_lung_window_by_hand(series):
+    root, hu = series
+    expected = np.stack([lung_window_by_hand(pixels) for pixels in hu]) / 255.0
+    size = hu.shape  # no resizing: the volume is the windowed HU / 255
+    for name in ("ct_scan_2", "ct_scan_3.nii", "ct_scan_4.nii.gz"):
+        volume = preprocess_scan(root / name, *size)[0].numpy()
+        np.testing.assert_allclose(volume, expected, atol=1e-6, err_msg=name)
+    assert lung_window_by_hand([-1350, -600, 150, 2000]).tolist() == [0, 128, 255, 255]
+
+
+def test_same_volume_and_prediction_as_the_jpeg_folder(series, tiny_run, tmp_path):
+    root, _ = series
+    volumes = {name: preprocess_scan(root / name, 8, 32, 32) for name in ("ct_scan_1", "ct_scan_2", "ct_scan_3.nii", "ct_scan_4.nii.gz")}
+    jpeg = volumes.pop("ct_scan_1")
+    for volume in volumes.values():
+        assert float((volume - jpeg).abs().max()) < 0.03  # JPEG compression only
+        assert float((volume - jpeg.flip(1)).abs().max()) > 0.2  # the slice order matters
+        assert float((volume - volumes["ct_scan_2"]).abs().max()) < 1e-6
+
+    infer(find_scans([root]), tiny_run, tmp_path / "p.csv", cache_dir=tmp_path / "cache", device="cpu", precision="fp32", progress=False)
+    with (tmp_path / "p.csv").open() as handle:
+        rows = {row["name"]: row for row in csv.DictReader(handle)}
+    assert sorted(rows) == ["ct_scan_1", "ct_scan_2", "ct_scan_3", "ct_scan_4"]
+    for name in ("ct_scan_2", "ct_scan_3", "ct_scan_4"):
+        for column in ("covid_probability", "mild_probability", "critical_probability"):
+            assert float(rows[name][column]) == pytest.approx(float(rows["ct_scan_1"][column]), abs=0.01)
+
+
+@pytest.mark.parametrize(("package", "scan", "extra"), [("pydicom", "ct_scan_2", "dicom"), ("nibabel", "ct_scan_3.nii", "nifti")])
+def test_missing_reader_is_a_clear_error(series, monkeypatch, package, scan, extra):
+    root, _ = series
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    with pytest.raises(Cov3dError, match=rf"pip install 'cov3d\[{extra}\]'"):
+        preprocess_scan(root / scan, 4, 8, 8)
+
+
+def test_two_series_in_one_folder_is_refused(series, tmp_path):
+    root, _ = series
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for i, path in enumerate(sorted((root / "ct_scan_2").iterdir())[:2]):
+        dataset = pydicom.dcmread(path)
+        dataset.SeriesInstanceUID = generate_uid()
+        dataset.save_as(folder / f"{i}.dcm")
+    with pytest.raises(Cov3dError, match="2 DICOM series"):
+        scan_sources(folder)

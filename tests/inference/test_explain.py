@@ -1,0 +1,147 @@
+"""Grad-CAM: the formula against a closed form, the aligned upsampling against numpy, a tiny
+3D ResNet trained to find a bright lesion looks at it, and `cov3d explain` writes its files."""
+
+import numpy as np
+import pytest
+import torch
+from figure_checks import assert_panels_differ, assert_size
+from torch import nn
+from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
+from typer.testing import CliRunner
+
+from cov3d.cli import app
+from cov3d.inference.explain import grad_cam, interpolation_matrix, last_block, upsample_aligned
+from cov3d.model.network import build_model
+from cov3d.viz.figures import peak_voxel
+
+LESION_SHAPE = (12, 24, 24)  # (D, H, W) of the lesion scans
+LESION_RADIUS = 2.5  # voxels
+NOISE_MEAN, NOISE_SD, LESION_CONTRAST = 0.3, 0.1, 0.5
+TRAIN_STEPS, BATCH = 100, 8  # about 15 s on one CPU thread
+TEST_SCANS = 10
+MIN_HIT_RATE = 0.7
+
+
+def block(inputs: int, outputs: int, stride: int = 1) -> BasicBlock:
+    downsample = None
+    if stride != 1 or inputs != outputs:
+        downsample = nn.Sequential(nn.Conv3d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm3d(outputs))
+    return BasicBlock(inputs, outputs, Conv3DSimple, stride=stride, downsample=downsample)
+
+
+class TinyVideoResNet(nn.Module):
+    """r3d_18's layout (stem, layer1..4 of torchvision BasicBlocks, dropout after layer4, average
+    pooling, linear head) at width 8 and total stride 2, small enough to train in seconds on a CPU."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(1, width, 3, padding=1, bias=False), nn.BatchNorm3d(width), nn.ReLU())
+        self.layer1 = nn.Sequential(block(width, width))
+        self.layer2 = nn.Sequential(block(width, 2 * width, stride=2))
+        self.layer3 = nn.Sequential(block(2 * width, 2 * width))
+        self.layer4 = nn.Sequential(block(2 * width, 2 * width), nn.Dropout(0.0))
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(2 * width, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.avgpool(self.features(x)).flatten(1))
+
+
+GRID = np.stack(np.meshgrid(*[np.arange(n) for n in LESION_SHAPE], indexing="ij"), axis=-1)
+
+
+def lesion_scans(rng: np.random.Generator, n: int, positive_every: int = 2):
+    """n noise volumes (n, 1, D, H, W); every other one holds a bright sphere. Returns the volumes,
+    the labels (n,) and the sphere centres (n, 3) (drawn for negatives too, unused)."""
+    volumes = np.clip(rng.normal(NOISE_MEAN, NOISE_SD, (n, 1, *LESION_SHAPE)), 0, 1)
+    centres = np.stack([rng.uniform(LESION_RADIUS, np.array(LESION_SHAPE) - 1 - LESION_RADIUS) for _ in range(n)])
+    labels = np.zeros(n)
+    for i in range(0, n, positive_every):
+        inside = ((GRID - centres[i]) ** 2).sum(axis=-1) <= LESION_RADIUS**2
+        volumes[i, 0][inside] += LESION_CONTRAST
+        labels[i] = 1
+    return torch.tensor(volumes, dtype=torch.float32).clamp(0, 1), torch.tensor(labels, dtype=torch.float32), centres
+
+
+def test_interpolation_matches_numpy_with_cells_at_stride_multiples():
+    values = np.array([0.0, 3.0, 1.0, 5.0])
+    for size_out in (4, 8, 13, 64):
+        position = np.arange(size_out) * len(values) / size_out
+        expected = np.interp(position, np.arange(len(values)), values)  # clamps beyond the last cell
+        got = interpolation_matrix(size_out, len(values)).numpy() @ values
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+    cam = torch.zeros(4, 4, 4)
+    cam[1, 2, 1] = 1.0
+    upsampled = upsample_aligned(cam, (16, 64, 64))
+    assert peak_voxel(upsampled.numpy()) == (4, 32, 16)  # cell j sits at stride * j (strides 4, 16, 16)
+    assert float(upsampled[4, 32, 16]) == 1.0 and float(upsampled[6, 32, 16]) == pytest.approx(0.5)
+
+
+def test_grad_cam_equals_the_closed_form_for_average_pooling():
+    torch.manual_seed(0)
+    model = TinyVideoResNet().eval()
+    volume = torch.rand(1, 6, 8, 8)
+    cam, score = grad_cam(model, volume)
+    with torch.no_grad():
+        activations = model.features(volume[None])[0]  # (C, d, h, w)
+        # y = fc(mean A): dy/dA_c = w_c / (d h w), so Grad-CAM is ReLU(sum_c w_c A_c) up to a positive factor
+        expected = torch.relu(torch.einsum("c,cdhw->dhw", model.fc.weight[0], activations))
+        expected = upsample_aligned(expected, (6, 8, 8))
+        assert score == pytest.approx(float(model(volume[None])[0, 0]), rel=1e-5)
+    torch.testing.assert_close(cam, expected / expected.max(), rtol=1e-4, atol=1e-5)
+    assert cam.shape == (6, 8, 8) and float(cam.max()) == pytest.approx(1.0)
+
+
+def test_grad_cam_hooks_the_last_basic_block_of_r3d_18():
+    model = build_model(outputs=6, penultimate=8)
+    assert last_block(model) is model.layer4[1]
+    cam, _ = grad_cam(model, torch.rand(1, 16, 32, 32), severity_only=True)
+    assert cam.shape == (16, 32, 32) and 0.0 <= float(cam.min()) and float(cam.max()) <= 1.0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_cam_finds_a_lesion_the_model_learned():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions are faster on one thread than on a busy machine's two
+    try:
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        model = TinyVideoResNet()
+        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(TRAIN_STEPS):
+            volumes, labels, _ = lesion_scans(rng, BATCH)
+            model.train()
+            optimiser.zero_grad()
+            nn.functional.binary_cross_entropy_with_logits(model(volumes)[:, 0], labels).backward()
+            optimiser.step()
+        volumes, labels, centres = lesion_scans(rng, TEST_SCANS, positive_every=1)
+        model.eval()
+        with torch.no_grad():
+            assert (torch.sigmoid(model(volumes)[:, 0]) > 0.5).float().mean() >= 0.8  # it learned the task
+        hits = 0
+        for volume, centre in zip(volumes, centres):
+            cam, _ = grad_cam(model, volume)
+            hits += np.linalg.norm(np.array(peak_voxel(cam.numpy())) - centre) <= LESION_RADIUS + 1
+    finally:
+        torch.set_num_threads(threads)
+    # chance: a peak uniformly placed falls within a voxel of the lesion with this probability
+    near = ((GRID - (np.array(LESION_SHAPE) - 1) / 2) ** 2).sum(axis=-1) <= (LESION_RADIUS + 1) ** 2
+    chance = near.mean()
+    assert chance < 0.05
+    assert hits / TEST_SCANS >= MIN_HIT_RATE, f"{hits}/{TEST_SCANS} peaks on the lesion (chance {chance:.3f})"
+
+
+def test_explain_command_writes_tensor_and_overlay(tmp_path, tiny_dataset, tiny_run):
+    scan = sorted((tiny_dataset / "validation" / "covid").iterdir())[0]
+    out = tmp_path / "explain"
+    result = CliRunner().invoke(app, ["explain", str(scan), "--model", str(tiny_run), "--output", str(out),
+                                      "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    cam = torch.load(out / f"{scan.name}-gradcam.pt", weights_only=True)
+    assert isinstance(cam, torch.Tensor) and cam.shape == (8, 32, 32)
+    assert 0.0 <= float(cam.min()) and float(cam.max()) == pytest.approx(1.0)
+    pixels = assert_size(out / f"{scan.name}-gradcam.png", 720, 275)
+    assert_panels_differ(pixels, rows=1, columns=3, right=0.9)  # the colour bar takes the right tenth

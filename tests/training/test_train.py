@@ -1,0 +1,111 @@
+"""Training writes both checkpoints, the config and the per-epoch metrics CSV; settings follow the paper."""
+
+import csv
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cov3d.errors import Cov3dError
+from cov3d.model.network import build_model
+from cov3d.training.checkpoint import RESUME_FILE, resume_remedy
+from cov3d.training.train import CHECKPOINTS, TrainSettings, kept_determinism_flags, seed_everything, train
+
+
+def test_paper_defaults():
+    settings = TrainSettings()
+    assert (settings.batch_size, settings.learning_rate, settings.weight_decay) == (2, 1e-4, 1e-5)
+    assert settings.epochs == 40 and settings.reflect
+    assert TrainSettings(severity_factor=0).outputs == 1
+    assert TrainSettings(severity_factor=0.1).outputs == 6
+
+
+def test_one_epoch_writes_checkpoints_config_and_metrics(tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert (config["depth"], config["height"], config["width"]) == (8, 32, 32)
+    assert config["severity_classes"] == ["negative", "mild", "moderate", "severe", "critical"]
+    assert len(config["presence_weights"]) == 2 and len(config["severity_weights"]) == 6
+
+    for file_name in CHECKPOINTS.values():
+        state = load_file(str(tiny_run / file_name))
+        model = build_model(outputs=6, penultimate=16)
+        model.load_state_dict(state)  # strict: every key and shape matches the architecture
+        assert model(torch.rand(1, 1, 8, 32, 32)).shape == (1, 6)
+
+    with (tiny_run / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1
+    for column in ("train_loss", "valid_loss", "presence_f1", "severity_f1"):
+        assert column in rows[0]
+    assert 0.0 <= float(rows[0]["presence_f1"]) <= 1.0
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["best_scores"]["presence_f1"] == pytest.approx(float(rows[0]["presence_f1"]))
+
+
+def test_presence_only_run_keeps_one_checkpoint(tmp_path, tiny_dataset):
+    settings = TrainSettings(depth=8, height=32, width=32, epochs=1, penultimate=8, severity_factor=0.0)
+    result = train(
+        tiny_dataset, tmp_path / "run", settings, cache_dir=tmp_path / "cache", pretrained=False,
+        device="cpu", precision="fp32", workers=1,
+    )
+    assert (result.run_dir / CHECKPOINTS["presence_f1"]).is_file()
+    assert not (result.run_dir / CHECKPOINTS["severity_f1"]).exists()
+    assert json.loads((result.run_dir / "config.json").read_text())["outputs"] == 1
+
+
+def test_missing_kinetics_weights_is_a_clear_error(tmp_path, tiny_dataset, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(Cov3dError, match="--no-pretrained"):
+        train(tiny_dataset, tmp_path / "run", TrainSettings(epochs=1), cache_dir=tmp_path / "cache", device="cpu")
+
+
+@pytest.mark.parametrize("before", [(False, False, False, True), (True, True, True, False)])
+def test_seeding_leaves_the_callers_determinism_flags_as_they_were(before):
+    """train() seeds inside kept_determinism_flags: the caller's torch and cuDNN settings come back."""
+    def flags():
+        return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+
+    original = flags()
+    try:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+        with kept_determinism_flags():
+            seed_everything(0, torch.device("cpu"))
+            assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+            assert torch.are_deterministic_algorithms_enabled()
+        assert flags() == before
+    finally:
+        torch.use_deterministic_algorithms(original[0], warn_only=original[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = original[2:]
+
+
+def test_full_disk_while_saving_the_best_weights(tmp_path, tiny_dataset, monkeypatch):
+    """The disk fills up while the best weights are written: one line, and no torn or temporary file."""
+    real_write_bytes = Path.write_bytes
+
+    def fill_the_disk(path, data):
+        if not (path.name.startswith(".best-") and path.name.endswith(".tmp")):
+            return real_write_bytes(path, data)
+        real_write_bytes(path, data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", fill_the_disk)
+    run = tmp_path / "run"
+    settings = TrainSettings(depth=8, height=32, width=32, epochs=1, penultimate=8, severity_factor=0.0)
+    with pytest.raises(Cov3dError) as error:
+        train(tiny_dataset, run, settings, cache_dir=tmp_path / "cache", pretrained=False, device="cpu",
+              precision="fp32", workers=1)
+    best = run / CHECKPOINTS["presence_f1"]
+    assert str(error.value) == f"Cannot write {best}: No space left on device. {resume_remedy(run)}"
+    assert "start the run again" in str(error.value)
+    assert not best.exists() and not list(run.glob(".*"))
+
+
+def test_resume_remedy_names_the_command_once_a_checkpoint_exists(tmp_path):
+    assert "start the run again" in resume_remedy(tmp_path)
+    (tmp_path / RESUME_FILE).write_bytes(b"")
+    assert resume_remedy(tmp_path).endswith(f"cov3d train --resume {tmp_path}")
