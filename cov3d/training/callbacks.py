@@ -106,29 +106,38 @@ class WandbLog(Callback):
 class FiniteGuard(Callback):
     """Stop training at the first loss or gradient that is not finite, before the optimiser applies it.
 
-    The loss is checked after every batch (training and validation), the gradients after every
-    backward pass unless a gradient scaler is in charge of them (fp16 on CUDA skips overflowing steps
-    itself). The error names the epoch and batch; the end-of-epoch checkpoint and best weights written
-    before it are left as they were.
+    The loss is checked after every batch, the gradients after every backward pass unless a gradient
+    scaler is in charge of them (fp16 on CUDA skips overflowing steps itself). Under DDP every rank
+    takes part in the training-loss check (a MIN all-reduce of its verdict), so all ranks stop together;
+    gradients are already the same on every rank after backward, and validation losses (whose batch
+    counts may differ between ranks) are left to each rank's gradients. The error names the epoch and
+    batch; the end-of-epoch checkpoint and best weights written before it are left as they were.
     """
 
     order = 1  # before any callback that acts on the step
 
     def __init__(self, *, run_dir: Path, epochs: int, first_epoch: int, precision: str, learning_rate: float,
-                 check_gradients: bool = True):
+                 check_gradients: bool = True, distributed: bool = False):
         self.run_dir, self.epochs, self.first_epoch = Path(run_dir), epochs, first_epoch
-        self.precision, self.learning_rate, self.check_gradients = precision, learning_rate, check_gradients
+        self.precision, self.learning_rate = precision, learning_rate
+        self.check_gradients, self.distributed = check_gradients, distributed
 
     def after_loss(self) -> None:
-        if not bool(torch.isfinite(self.learn.loss.detach()).all()):
+        finite = torch.isfinite(self.learn.loss.detach()).all().to(torch.int32)
+        if self.distributed:
+            if not self.training:
+                return
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
             self.stop("training loss" if self.training else "validation loss")
 
     def after_backward(self) -> None:
         if not self.check_gradients:
             return
-        for name, parameter in unwrap(self.learn.model).named_parameters():
-            if parameter.grad is not None and not bool(torch.isfinite(parameter.grad).all()):
-                self.stop(f"gradient of {name}")
+        named = [(name, p.grad) for name, p in unwrap(self.learn.model).named_parameters() if p.grad is not None]
+        if bool(torch.stack([torch.isfinite(grad).all() for _, grad in named]).all()):
+            return  # one device synchronisation per step when all is well
+        self.stop("gradient of " + next(name for name, grad in named if not bool(torch.isfinite(grad).all())))
 
     def stop(self, what: str) -> None:
         epoch = self.first_epoch + self.epoch

@@ -326,7 +326,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         TrainingState(run_dir / RESUME_FILE, checkpoints, first_epoch, resume_state, dist.is_main),
         *precision_callbacks(torch_device, dtype), TrainingCurves(run_dir),
         FiniteGuard(run_dir=run_dir, epochs=settings.epochs, first_epoch=first_epoch, precision=precision.name,
-                    learning_rate=settings.learning_rate, check_gradients=dtype != torch.float16),
+                    learning_rate=settings.learning_rate, check_gradients=dtype != torch.float16,
+                    distributed=dist.enabled),
     ]
     if dist.enabled:
         callbacks.append(DDPTrainer(torch_device))
