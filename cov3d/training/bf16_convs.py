@@ -116,7 +116,7 @@ def _checked_forward(conv: nn.Conv3d, volume: torch.Tensor) -> torch.Tensor:
     if geometry not in _verdicts:
         _verdicts[geometry] = bf16_weight_grad_is_right(geometry, conv)
         if not _verdicts[geometry]:
-            logger.warning(
+            logger.info(
                 "This CPU's bf16 weight gradient is wrong for a convolution of input %s and weight %s; "
                 "that gradient is computed in fp32.", list(geometry[0]), list(geometry[2]))
     if _verdicts[geometry]:

@@ -152,12 +152,20 @@ class PlainBatches(Callback):
 
 
 class CpuAutocast(Callback):
-    """bf16 autocast of the forward pass on CPUs; the loss is computed in fp32."""
+    """bf16 autocast of the forward pass on CPUs, with checked convolution weight gradients
+    (``checked_bf16_convs``) for the whole fit; the loss is computed in fp32."""
 
     order = 10
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
+
+    def before_fit(self) -> None:
+        self.checked_convs = checked_bf16_convs(self.learn.model)
+        self.checked_convs.__enter__()
+
+    def after_fit(self) -> None:
+        self.checked_convs.__exit__(None, None, None)
 
     def before_batch(self) -> None:
         self.context = autocast(torch.device("cpu"), self.dtype)
@@ -345,9 +353,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if resume_state is not None:
         learner.create_opt()
         load_optimizer_state(learner.opt, resume_state["optimizer"])
-    on_cpu_bf16 = dtype == torch.bfloat16 and torch_device.type == "cpu"
-    with checked_bf16_convs(model) if on_cpu_bf16 else contextlib.nullcontext():
-        learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
+    learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
     write_confusion_matrices(run_dir, dls.valid, torch_device)
 
     digests = gather_strings(dist, parameter_digest(learner.model))

@@ -236,6 +236,24 @@ def test_cli_turns_a_non_finite_loss_into_one_line_and_exit_1(module_dir, guard_
     assert "Traceback" not in result.output
 
 
+def test_cpu_bf16_training_checks_every_convolution_once(module_dir, guard_dataset, monkeypatch):
+    """`cov3d train --precision bf16` on a CPU: 16-slice volumes (layer4 two slices deep) train finite,
+    every convolution geometry is probed once, and the model's convolutions are given back unchanged."""
+    import cov3d.training.train as train_module
+
+    verdicts, models = {}, []
+    monkeypatch.setattr(bf16_convs, "_verdicts", verdicts)
+    monkeypatch.setattr(train_module, "build_model", lambda **kwargs: models.append(build_model(**kwargs)) or models[-1])
+    train(guard_dataset, module_dir / "bf16-run", TrainSettings(depth=16, height=32, width=32, batch_size=3,
+                                                                penultimate=8, epochs=1),
+          cache_dir=module_dir / "cache16", pretrained=False, device="cpu", precision="bf16", workers=1)
+    assert any(geometry[0][2] == 2 for geometry in verdicts)  # layer4's depth
+    assert len(verdicts) >= 11  # stem, layer1..4 convolutions and downsamples, for each batch shape
+    assert not any("forward" in vars(module) for module in models[0].modules())
+    config = json.loads((module_dir / "bf16-run" / "config.json").read_text())
+    assert (config["precision"], config["precision_reason"]) == ("bf16", "asked for")
+
+
 def test_config_records_the_precision_and_why(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["precision"] == "fp32"

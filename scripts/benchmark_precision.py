@@ -1,0 +1,89 @@
+"""Benchmark the demo's training step on this CPU in fp32, bf16 as oneDNN computes it, and bf16 with
+checked convolution weight gradients (what `cov3d train` runs), side by side in one process.
+
+For each route: seconds per step (median of `--steps` after one warm-up step; the first checked step,
+which runs the kernel probes, is reported apart) and the worst gradient of layer4, as its relative
+distance from the fp32 gradient (bf16 rounding gives about 0.01-0.5 on an untrained network; the
+broken kernel gives up to 1e36). Not a test: no asserts.
+
+    python scripts/benchmark_precision.py                      # the demo's size: 16x64x64, batch 4
+    python scripts/benchmark_precision.py --size 64x128x128 --batch-size 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cov3d.model.loss import Cov3dLoss, class_weights
+from cov3d.model.network import build_model
+from cov3d.runtime import cpu_bf16_features
+from cov3d.synthetic.demo import DemoSettings
+from cov3d.training import bf16_convs
+from cov3d.training.bf16_convs import checked_bf16_convs
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    demo = DemoSettings()
+    parser.add_argument("--size", default=f"{demo.depth}x{demo.width}x{demo.width}", help="DxHxW")
+    parser.add_argument("--batch-size", type=int, default=demo.batch_size)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    size = tuple(int(n) for n in args.size.split("x"))
+
+    torch.manual_seed(0)
+    volume = torch.rand(args.batch_size, 1, *size).contiguous(memory_format=torch.channels_last_3d)
+    has_covid = torch.arange(args.batch_size) % 2
+    target = torch.stack([has_covid, has_covid * (1 + torch.arange(args.batch_size) % 4)], dim=1)
+    loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([1, 1]),
+                          severity_weights=class_weights([1, 1, 1, 1, 1, 1]))
+    model = build_model(outputs=6, penultimate=demo.penultimate, dropout=0.0, pool="avg", pretrained_weights=None)
+    model.to(memory_format=torch.channels_last_3d)
+
+    def step(dtype) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(volume)
+        loss_func(logits.float(), target).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if name.startswith("layer4")}
+
+    print(f"CPU: {cpu_model()}; native bf16: {', '.join(cpu_bf16_features()) or 'none'}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; size {args.size}, batch {args.batch_size}")
+    reference = step(None)
+    routes = {"fp32": (None, contextlib.nullcontext), "bf16 (oneDNN as is)": (torch.bfloat16, contextlib.nullcontext),
+              "bf16 checked (cov3d)": (torch.bfloat16, lambda: checked_bf16_convs(model))}
+    print(f"{'route':<22} {'s/step':>8} {'first step':>11} {'layer4 grad error':>18}")
+    for name, (dtype, context) in routes.items():
+        bf16_convs._verdicts.clear()
+        with context():
+            start = time.perf_counter()
+            grads = step(dtype)
+            first = time.perf_counter() - start
+            times = []
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                step(dtype)
+                times.append(time.perf_counter() - start)
+        error = max(float((grads[k] - reference[k]).norm() / reference[k].norm()) for k in reference)
+        print(f"{name:<22} {statistics.median(times):8.3f} {first:11.3f} {error:18.3g}", flush=True)
+    failed = [key for key, right in bf16_convs._verdicts.items() if not right]
+    print(f"checked route: {len(failed)} of {len(bf16_convs._verdicts)} convolution geometries failed the probe"
+          + "".join(f"\n  input {list(key[0])} weight {list(key[2])}" for key in failed))
+
+
+if __name__ == "__main__":
+    main()
