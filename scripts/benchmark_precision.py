@@ -1,5 +1,6 @@
-"""Benchmark the demo's training step on this CPU in fp32, bf16 as oneDNN computes it, and bf16 with
-checked convolution weight gradients (what `cov3d train` runs), side by side in one process.
+"""Benchmark the demo's training step on this CPU in fp32, bf16 as oneDNN computes it, bf16 with oneDNN
+off (torch's own kernels), and bf16 with checked convolution weight gradients (what `cov3d train` runs),
+side by side in one process.
 
 For each route: seconds per step (median of `--steps` after one warm-up step; the first checked step,
 which runs the kernel probes, is reported apart) and the worst gradient of layer4, as its relative
@@ -65,6 +66,7 @@ def main() -> None:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; size {args.size}, batch {args.batch_size}")
     reference = step(None)
     routes = {"fp32": (None, contextlib.nullcontext), "bf16 (oneDNN as is)": (torch.bfloat16, contextlib.nullcontext),
+              "bf16 without oneDNN": (torch.bfloat16, lambda: torch.backends.mkldnn.flags(enabled=False)),
               "bf16 checked (cov3d)": (torch.bfloat16, lambda: checked_bf16_convs(model))}
     print(f"{'route':<22} {'s/step':>8} {'first step':>11} {'layer4 grad error':>18}")
     for name, (dtype, context) in routes.items():
