@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from cov3d.errors import Cov3dError
+from cov3d.limits import DROPOUT
 
 KINETICS_WEIGHTS = R3D_18_Weights.KINETICS400_V1
 """torchvision's Kinetics-400 weights for r3d_18 (paper sec. 3.2)."""
@@ -130,8 +131,8 @@ def build_model(
     """
     if outputs < 1 or penultimate < 1:
         raise ValueError(f"outputs and penultimate must be positive, got {outputs} and {penultimate}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must satisfy 0 <= dropout < 1, got {dropout}")
+    if DROPOUT.problem(dropout):
+        raise ValueError(f"dropout must be {DROPOUT.describe()}, got {dropout}")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 
 from .atomic import write_bytes_atomically
 from .errors import Cov3dError
+from .limits import DROPOUT
 from .model import POOLS, build_model
 from .scans import one_line
 
@@ -113,7 +114,7 @@ def check_config(config: object, where: Path) -> dict:
             raise Cov3dError(f"{where}: the model config lacks a valid '{key}'; re-export the run.")
     if min(config["depth"], config["height"], config["width"], config["outputs"], config["penultimate"]) < 1:
         raise Cov3dError(f"{where}: the model config has non-positive sizes; re-export the run.")
-    if config["pool"] not in POOLS or not 0 <= config["dropout"] < 1:
+    if config["pool"] not in POOLS or DROPOUT.problem(config["dropout"]):
         raise Cov3dError(f"{where}: the model config has an invalid pool or dropout; re-export the run.")
     return config
 

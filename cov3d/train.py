@@ -30,6 +30,9 @@ from .distributed import (
 from .errors import Cov3dError
 from .loaders import training_loaders
 from .loop import MetricsLog, OneCycleSchedule, WandbLog
+from .limits import (
+    DROPOUT, FRACTION, LEARNING_RATE, LOADER_WORKERS, SEED, SIZE, SMOOTHING, WEIGHT_DECAY, WORKERS, check_fields, limited,
+)
 from .layout import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
 from .loss import Cov3dLoss, class_weights, model_outputs
 from .metrics import task_metrics
@@ -55,27 +58,27 @@ WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a
 class TrainSettings:
     """Everything that defines a run; saved as config.json. Defaults follow the paper (§3.4, §3.5)."""
 
-    depth: int = 64
-    height: int = 128
-    width: int = 128
-    epochs: int = 40
-    batch_size: int = 2
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-5
-    severity_factor: float = 0.5
-    presence_smoothing: float = 0.1
-    severity_smoothing: float = 0.1
-    penultimate: int = 512
-    dropout: float = 0.5
+    depth: int = limited(64, SIZE)
+    height: int = limited(128, SIZE)
+    width: int = limited(128, SIZE)
+    epochs: int = limited(40, SIZE)
+    batch_size: int = limited(2, SIZE)
+    learning_rate: float = limited(1e-4, LEARNING_RATE)
+    weight_decay: float = limited(1e-5, WEIGHT_DECAY)
+    severity_factor: float = limited(0.5, FRACTION)
+    presence_smoothing: float = limited(0.1, SMOOTHING)
+    severity_smoothing: float = limited(0.1, SMOOTHING)
+    penultimate: int = limited(512, SIZE)
+    dropout: float = limited(0.5, DROPOUT)
     pool: str = "avg"
     reflect: bool = True
     fast_decode: bool = False
-    seed: int = 0
+    seed: int = limited(0, SEED)
 
     def __post_init__(self) -> None:
-        """Reject settings the model cannot be built with, before any data is read."""
-        if not 0.0 <= self.dropout < 1.0:
-            raise Cov3dError(f"dropout must satisfy 0 <= dropout < 1, got {self.dropout}.")
+        """Reject settings out of range (``cov3d.limits``) or that the model cannot be built with,
+        before any data is read."""
+        check_fields(self)
         if self.pool not in POOLS:
             raise Cov3dError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'.")
 
@@ -211,6 +214,8 @@ def train(
         "device": device, "precision": precision, "workers": workers, "loader_workers": loader_workers,
         "wandb": use_wandb, "command": sys.argv,
     }
+    WORKERS.check("workers", workers)
+    LOADER_WORKERS.check("loader_workers", loader_workers)
     dist = distributed_from_env()
     torch_device, started = start_distributed(dist, resolve_device(device))
     try:
@@ -252,6 +257,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     seed_everything(settings.seed, torch_device)
     resume_state = load_resume_state(run_dir) if resume else None
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
+    check_batch_fits(items, settings.batch_size, dist.world_size, data_dir)
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
     cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
@@ -259,6 +265,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):
         raise Cov3dError(f"{data_dir}: training needs readable scans in both train/ and validation/.")
+    check_batch_fits(items, settings.batch_size, dist.world_size, data_dir)
     fingerprint = dataset_fingerprint(items)
     if resume_state is not None:
         check_same_dataset(run_dir, fingerprint)
@@ -332,6 +339,19 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if use_wandb and dist.is_main:
         finish_wandb(checkpoints)
     return TrainResult(run_dir, dict(checkpoints.best))
+
+
+def check_batch_fits(items: list[ScanItem], batch_size: int, world_size: int, data_dir: Path) -> None:
+    """Refuse a batch larger than a process's share of the training scans: the training loader
+    drops incomplete batches, so an epoch would take no step and keep the initial weights."""
+    scans = sum(item.partition == "train" for item in items)
+    per_process = -(-scans // world_size)
+    if batch_size > per_process:
+        share = f"{per_process} per process of the {scans}" if world_size > 1 else f"the {scans}"
+        raise Cov3dError(
+            f"--batch-size {batch_size} is larger than {share} readable training scans in {data_dir / 'train'}: "
+            f"an epoch would take no step. Use --batch-size {max(1, per_process)} or less."
+        )
 
 
 def check_same_dataset(run_dir: Path, fingerprint: str) -> None:

@@ -19,6 +19,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cov3d.errors import Cov3dError
+from cov3d.limits import WORKERS
 from cov3d.preprocess import VolumeCache
 from cov3d.scans import one_line
 
@@ -126,8 +127,7 @@ def preprocess_many(
     scans = select_shard(scan_dirs, shard)
     summary = PreprocessSummary()
     order = {scan: position for position, scan in enumerate(scans)}
-    if workers is not None and workers < 1:
-        raise Cov3dError(f"The number of workers must be at least 1, got {workers}.")
+    WORKERS.check("workers", workers)
     n_workers = min(workers or available_cpus(), len(scans))
 
     def record(scan: Path, outcome: tuple[str, str | None]) -> None:

@@ -1,0 +1,129 @@
+"""What an adversarial user tried: every case ends with its exit code, one line of error (never a
+traceback) and nothing of the user's changed; the other scans of a run go on.
+
+Validation comes before any data is read, so most tests here train nothing.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cov3d.cli import app
+from cov3d.errors import Cov3dError
+from cov3d.limits import DROPOUT, SEED, SMOOTHING, SYNTHETIC_SCANS
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def error_line(result, *fragments) -> str:
+    """The one 'Error:' line of a failed command, holding every fragment; no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+# Every numeric option is checked at the boundary, before any data is read.
+
+TRAIN_OPTIONS = [
+    ("--learning-rate", "nan"), ("--learning-rate", "-1"), ("--learning-rate", "0"), ("--learning-rate", "inf"),
+    ("--weight-decay", "-5"), ("--weight-decay", "nan"), ("--dropout", "1.0"), ("--dropout", "-0.1"),
+    ("--presence-smoothing", "1"), ("--severity-smoothing", "-0.1"), ("--severity-factor", "1.5"),
+    ("--epochs", "0"), ("--batch-size", "0"), ("--penultimate", "0"), ("--depth", "0"), ("--height", "0"),
+    ("--seed", str(2**64)), ("--seed", "-1"), ("--seed", str(2**32)), ("--workers", "0"), ("--loader-workers", "-1"),
+]
+
+
+@pytest.mark.parametrize(("option", "value"), TRAIN_OPTIONS)
+def test_train_refuses_a_number_out_of_range_before_reading_data(tmp_path, tiny_dataset, option, value):
+    result = invoke("train", "--directory", tiny_dataset, "--output-dir", tmp_path / "run", "--cache-dir",
+                    tmp_path / "cache", "--no-pretrained", option, value)
+    error_line(result, option, "must be")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_train_refuses_a_batch_larger_than_the_training_set(tmp_path, tiny_dataset):
+    scans = sum(1 for label in ("covid", "non-covid") for _ in (tiny_dataset / "train" / label).iterdir())
+    result = invoke("train", "--directory", tiny_dataset, "--output-dir", tmp_path / "run", "--cache-dir",
+                    tmp_path / "cache", "--no-pretrained", "--batch-size", scans + 1)
+    error_line(result, f"--batch-size {scans + 1}", f"{scans} readable training scans", "no step")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--seed", str(2**64)), ("--seed", "-1"), ("--batch-size", "0"), ("--mc-samples", "-1"), ("--workers", "-1"),
+])
+def test_infer_refuses_a_number_out_of_range(tmp_path, tiny_dataset, option, value):
+    result = invoke("infer", tiny_dataset / "test", "--model", tmp_path / "no-model", "--output",
+                    tmp_path / "preds.csv", "--cache-dir", tmp_path / "cache", option, value)
+    error_line(result, option, "must be")
+    assert not (tmp_path / "preds.csv").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--width", "0"), ("--depth", "-1"), ("--workers", "0")])
+def test_preprocess_refuses_a_number_out_of_range(tmp_path, tiny_dataset, option, value):
+    result = invoke("preprocess", tiny_dataset / "test", "--cache-dir", tmp_path / "cache", option, value)
+    error_line(result, option, "must be")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--seed", "-1"), ("--seed", str(2**64)), ("--depth-scale", "1e7"), ("--depth-scale", "nan"),
+    ("--depth-scale", "0"), ("--slice-size", "200000"), ("--slice-size", "4"), ("--scans", "6"), ("--scans", "7"),
+])
+def test_synthetic_refuses_a_number_out_of_range(tmp_path, option, value):
+    result = invoke("synthetic", tmp_path / "data", "--scans", 8, "--slice-size", 16, option, value)
+    error_line(result, option, "must be")
+    assert not (tmp_path / "data").exists()
+
+
+def test_synthetic_minimum_is_what_the_split_needs(tmp_path):
+    """The message's minimum is the smallest count that splits: one less cannot give validation 2 scans."""
+    from cov3d.synthetic import _split_sizes
+
+    line = error_line(invoke("synthetic", tmp_path / "data", "--scans", SYNTHETIC_SCANS.low - 1), "--scans")
+    assert f">= {SYNTHETIC_SCANS.low}" in line
+    assert min(_split_sizes(SYNTHETIC_SCANS.low, None).values()) >= 2
+    with pytest.raises(Cov3dError, match=f"at least {SYNTHETIC_SCANS.low} scans"):
+        _split_sizes(SYNTHETIC_SCANS.low - 1, None)
+
+
+@pytest.mark.parametrize(("option", "value"), [("--scans", "19"), ("--epochs", "0"), ("--seed", "-1"), ("--workers", "0")])
+def test_demo_refuses_a_number_out_of_range_before_generating(tmp_path, option, value):
+    error_line(invoke("demo", "--output", tmp_path / "demo", option, value), option, "must be")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_dropout_and_smoothing_have_one_range():
+    """The settings, the model, a model file's config and the loss all refuse 1.0 and take 0.99."""
+    from cov3d.loss import Cov3dLoss
+    from cov3d.model import build_model
+    from cov3d.modelfile import check_config
+    from cov3d.train import TrainSettings
+
+    assert DROPOUT.problem(1.0) and not DROPOUT.problem(0.99) and SMOOTHING.problem(1.0) and SEED.problem(2**32)
+    config = {"depth": 8, "height": 8, "width": 8, "outputs": 6, "penultimate": 4, "pool": "avg"}
+    with pytest.raises(Cov3dError, match="dropout"):
+        TrainSettings(dropout=1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        build_model(dropout=1.0)
+    with pytest.raises(Cov3dError, match="dropout"):
+        check_config({**config, "dropout": 1.0}, "config.json")
+    with pytest.raises(ValueError, match="smoothing"):
+        Cov3dLoss(presence_smoothing=1.0)
+    with pytest.raises(Cov3dError, match="smoothing"):
+        TrainSettings(severity_smoothing=1.0)
+    TrainSettings(dropout=0.99, presence_smoothing=0.99)
+    build_model(dropout=0.99, penultimate=4)
+    check_config({**config, "dropout": 0.99}, "config.json")
+    Cov3dLoss(presence_smoothing=0.99, severity_smoothing=0.99)
