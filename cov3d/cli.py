@@ -151,6 +151,7 @@ def prune_cache(
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Dataset folder with train/, validation/ and the two severity CSVs."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder for weights, config and metrics. Default: outputs/run-<time>."),
     depth: int = typer.Option(64, "--depth", help="Slices per scan after interpolation (paper: 64, 128 or 160)."),
@@ -176,16 +177,13 @@ def train(
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch (its data and settings are reused)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch, as it was started: data, settings, cache folder, device and precision come from its config.json; --directory, --cache-dir, --device, --precision and the worker options may be given again to override them."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
     from .train import TrainSettings, resume_training, train as run_training
 
     if resume is not None:
-        result = resume_training(
-            resume, cache_dir=cache_directory(cache_dir), device=device, precision=precision, workers=workers,
-            loader_workers=loader_workers, use_wandb=wandb,
-        )
+        result = resume_training(resume, **resume_overrides(ctx))
         typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
         return
     if directory is None:
@@ -205,6 +203,34 @@ def train(
         precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb,
     )
     typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
+
+
+RESUME_OVERRIDES = {
+    "directory": "data_dir", "cache_dir": "cache_dir", "device": "device", "precision": "precision",
+    "workers": "workers", "loader_workers": "loader_workers", "wandb": "use_wandb",
+}
+"""Options of 'train' that may be given again with --resume (the run's other settings cannot change),
+and the keyword argument of ``cov3d.train.train`` each becomes."""
+
+
+def given_by_user(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (on the command line or in its environment variable),
+    not left at its default. (Compared by name: typer may bring its own copy of click's enum.)"""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
+def resume_overrides(ctx: typer.Context) -> dict[str, object]:
+    """The runtime options given on the command line with --resume; one-line error for any other."""
+    given = [name for name in ctx.params if name != "resume" and given_by_user(ctx, name)]
+    for name in given:
+        if name not in RESUME_OVERRIDES:
+            option = next(param.opts[0] for param in ctx.command.params if param.name == name)
+            raise Cov3dError(
+                f"{option} cannot change when resuming: --resume {ctx.params['resume']} continues the run with the settings "
+                "in its config.json. Start a new run to change it."
+            )
+    return {RESUME_OVERRIDES[name]: ctx.params[name] for name in given}
 
 
 def format_scores(scores: dict[str, float]) -> str:

@@ -8,7 +8,7 @@ import math
 import secrets
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,8 +38,9 @@ from .loss import Cov3dLoss, class_weights, model_outputs
 from .metrics import task_metrics
 from .model import POOLS, build_model, load_kinetics_state_dict
 from .modelfile import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
-from .preprocess import VolumeCache
+from .preprocess import VolumeCache, default_cache_dir
 from .provenance import dataset_fingerprint, versions
+from .runconfig import read_run_config, recorded_settings, resumed_options
 from .run_figures import TrainingCurves, write_confusion_matrices
 from .runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from .workers import preprocess_many
@@ -256,6 +257,9 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
            loader_workers, use_wandb, resume, dist, arguments) -> TrainResult:
     seed_everything(settings.seed, torch_device)
     resume_state = load_resume_state(run_dir) if resume else None
+    first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
+    if first_epoch >= settings.epochs:
+        raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
     check_batch_fits(items, settings.batch_size, dist.world_size, data_dir)
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
@@ -292,9 +296,6 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
         pool=settings.pool, pretrained_weights=state_dict,
     )
-    first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
-    if first_epoch >= settings.epochs:
-        raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
     loss = Cov3dLoss(
@@ -356,7 +357,7 @@ def check_batch_fits(items: list[ScanItem], batch_size: int, world_size: int, da
 
 def check_same_dataset(run_dir: Path, fingerprint: str) -> None:
     """Refuse to resume on a dataset other than the one the run started with."""
-    recorded = json.loads((run_dir / CONFIG_FILE).read_text()).get("dataset_fingerprint")
+    recorded = read_run_config(run_dir).get("dataset_fingerprint")
     if recorded is not None and recorded != fingerprint:
         raise Cov3dError(
             f"{run_dir / CONFIG_FILE}: the dataset changed since this run started (scans, labels or slice counts); "
@@ -364,15 +365,23 @@ def check_same_dataset(run_dir: Path, fingerprint: str) -> None:
         )
 
 
-def resume_training(run_dir: Path, **options) -> TrainResult:
-    """Continue the run in `run_dir` with its recorded data folder and settings; `options` as for `train`."""
-    config_path = Path(run_dir) / CONFIG_FILE
-    if not config_path.is_file():
-        raise Cov3dError(f"{config_path} not found: --resume needs a run folder written by 'cov3d train'.")
-    config = json.loads(config_path.read_text())
-    settings = TrainSettings(**{f.name: config[f.name] for f in fields(TrainSettings)})
+def resume_training(run_dir: Path, **overrides) -> TrainResult:
+    """Continue the run in `run_dir` as it was started: its settings and its data folder, cache
+    folder, device, precision, workers and W&B logging from config.json (``cov3d.runconfig``).
+
+    `overrides` (keyword arguments of `train`, including ``data_dir``) replace recorded options;
+    each that differs is printed as one line.
+    """
+    config = read_run_config(run_dir)
+    settings = recorded_settings(config, run_dir, TrainSettings)
+    options, messages = resumed_options(config, overrides)
+    for message in messages:
+        print(message)
+    if options["cache_dir"] is None:
+        options["cache_dir"] = default_cache_dir()
     options.setdefault("pretrained", False)  # the weights come from the checkpoint
-    return train(Path(config["data_dir"]), Path(run_dir), settings, resume=True, **options)
+    data_dir = options.pop("data_dir")
+    return train(Path(data_dir), Path(run_dir), settings, resume=True, **options)
 
 
 def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
@@ -382,7 +391,7 @@ def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
     """
     import wandb
 
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    config = read_run_config(run_dir)
     run_id = config.get("wandb_id") or secrets.token_hex(WANDB_ID_BYTES)
     if "wandb_id" not in config:
         write_text_atomically(run_dir / CONFIG_FILE, json.dumps({**config, "wandb_id": run_id}, indent=2), NEW_RUN_REMEDY)

@@ -127,3 +127,26 @@ def test_dropout_and_smoothing_have_one_range():
     build_model(dropout=0.99, penultimate=4)
     check_config({**config, "dropout": 0.99}, "config.json")
     Cov3dLoss(presence_smoothing=0.99, severity_smoothing=0.99)
+
+
+# A resumed run is the run that was started (the exactness test is in test_resume.py).
+
+@pytest.mark.parametrize("text", ['{"depth": 8, "wid', "", "[1, 2]", '{"depth": 8, "width": 32}'])
+def test_resume_with_a_truncated_or_incomplete_config_is_one_line(tmp_path, text):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(text)
+    line = error_line(invoke("train", "--resume", run), str(run / "config.json"))
+    assert any(word in line for word in ("not valid JSON", "incomplete", "JSON object"))
+    assert (run / "config.json").read_text() == text and sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_resume_with_an_invalid_recorded_setting_is_one_line(tmp_path):
+    from dataclasses import asdict
+
+    from cov3d.train import TrainSettings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**asdict(TrainSettings()), "learning_rate": -1, "data_dir": str(tmp_path)}))
+    error_line(invoke("train", "--resume", run), str(run / "config.json"), "invalid setting", "--learning-rate")
