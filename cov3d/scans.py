@@ -20,6 +20,7 @@ read by ``cov3d.volumes``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -30,6 +31,9 @@ import numpy as np
 from PIL import Image
 
 from cov3d.errors import Cov3dError
+from cov3d.filekinds import LINK_LOOP, entry_is_dir, entry_is_file, special_file
+
+logger = logging.getLogger(__name__)
 
 SLICE_NAME = re.compile(r"^(\d+)\.jpe?g$", re.IGNORECASE)
 """Slice file names: ``<integer>.jpg`` (COV19-CT-DB); ``.jpeg`` and upper case are accepted too."""
@@ -108,7 +112,7 @@ def list_slices(scan_dir: Path) -> list[Path]:
     slices = []
     for entry in _entries(scan_dir):
         index = _slice_index(entry.name)
-        if index is not None and not entry.is_dir():
+        if index is not None and not entry_is_dir(entry):
             slices.append((index, entry.name))
     if not slices:
         raise Cov3dError(
@@ -137,6 +141,9 @@ def read_slice(path: Path, *, draft_size: tuple[int, int] | None = None) -> Imag
     Raises ``Cov3dError`` naming the file if it is empty, corrupt or unreadable.
     """
     path = Path(path)
+    kind = special_file(path)
+    if kind is not None:
+        raise Cov3dError(f"Cannot read CT slice {path}: it is {kind}, not a regular file. {READ_HINT}")
     try:
         image = Image.open(path)
         try:
@@ -206,7 +213,7 @@ def visible_files(folder: Path) -> list[Path]:
     """Visible regular files of ``folder``, sorted by name; empty if it cannot be read."""
     try:
         with os.scandir(folder) as entries:
-            return sorted(Path(e.path) for e in entries if e.is_file() and not e.name.startswith("."))
+            return sorted(Path(e.path) for e in entries if entry_is_file(e) and not e.name.startswith("."))
     except OSError:
         return []
 
@@ -239,7 +246,9 @@ def _search(root: Path, visited: set[Path]) -> list[Path]:
     found = []
     for entry in _entries(root):
         child = Path(entry.path)
-        if entry.is_dir() and not entry.name.startswith(".") and child.resolve() not in visited:
+        if not entry.name.startswith(".") and special_file(child) == LINK_LOOP:
+            logger.warning("Skipping %s: it is %s.", child, LINK_LOOP)
+        elif entry_is_dir(entry) and not entry.name.startswith(".") and child.resolve() not in visited:
             found.extend(_search(child, visited))
         elif is_nifti_file(child):
             found.append(child)

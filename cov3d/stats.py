@@ -23,6 +23,7 @@ from PIL import Image
 from .atomic import write_csv_atomically, write_text_atomically
 from .layout import ANSWER_KEY, PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_answer_key, read_severity_csv
 from .errors import Cov3dError
+from .filekinds import special_file
 from .scans import READ_ERRORS, SLICE_NAME, one_line, scan_number
 
 PARTITION_ORDER = ("train", "validation", "test")
@@ -70,6 +71,10 @@ def header_sizes(files: list[Path], warnings: list[str]) -> Counter:
     """Counts of (width, height) read from the image headers; unreadable files become warnings."""
     sizes: Counter = Counter()
     for path in files:
+        kind = special_file(path)
+        if kind is not None:
+            warnings.append(f"unreadable slice {path}: it is {kind}, not a regular file")
+            continue
         try:
             with Image.open(path) as image:
                 sizes[image.size] += 1

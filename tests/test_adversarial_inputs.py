@@ -4,11 +4,14 @@ traceback) and nothing of the user's changed; the other scans of a run go on.
 Validation comes before any data is read, so most tests here train nothing.
 """
 
+import csv
 import json
-import math
+import os
+import shutil
+import signal
+from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cov3d.cli import app
@@ -150,3 +153,71 @@ def test_resume_with_an_invalid_recorded_setting_is_one_line(tmp_path):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({**asdict(TrainSettings()), "learning_rate": -1, "data_dir": str(tmp_path)}))
     error_line(invoke("train", "--resume", run), str(run / "config.json"), "invalid setting", "--learning-rate")
+
+
+# Special files and symbolic link loops: skipped or refused per scan with a reason; the rest goes on.
+
+@pytest.fixture
+def no_hang():
+    """Fail (instead of blocking the suite forever) if a command hangs, e.g. opening a FIFO."""
+    def hung(*_):
+        raise TimeoutError("the command hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def odd_scans(tmp_path, tiny_dataset) -> dict[str, Path]:
+    """A copy of the tiny test split where one scan has a FIFO for a slice, one a slice linked to
+    itself, and the folder holds a self-looping link; the other scans are intact."""
+    root = tmp_path / "scans"
+    shutil.copytree(tiny_dataset / "test", root)
+    scans = sorted(p for p in root.iterdir() if p.is_dir())
+    fifo_scan, loop_scan = scans[0], scans[1]
+    first = min(fifo_scan.glob("*.jpg"))
+    first.unlink()
+    os.mkfifo(first)
+    loop_slice = min(loop_scan.glob("*.jpg"))
+    loop_slice.unlink()
+    loop_slice.symlink_to(loop_slice.name)
+    (root / "loop").symlink_to("loop")
+    return {"root": root, "fifo": fifo_scan, "loop": loop_scan, "intact": scans[2:]}
+
+
+def assert_failed_scans(result, odd_scans):
+    failures = [line for line in result.output.splitlines() if line.startswith("Failed")]
+    assert len(failures) == 2, result.output
+    assert str(odd_scans["fifo"]) in failures[0] and "FIFO (named pipe)" in failures[0]
+    assert str(odd_scans["loop"]) in failures[1] and "symbolic link" in failures[1]
+    assert "Traceback" not in result.output
+
+
+def test_preprocess_skips_special_files_and_link_loops(tmp_path, odd_scans, no_hang):
+    result = invoke("preprocess", odd_scans["root"], "--depth", 8, "--width", 32, "--cache-dir", tmp_path / "cache",
+                    "--workers", 1)
+    assert result.exit_code == 1
+    assert_failed_scans(result, odd_scans)
+    assert f"{len(odd_scans['intact'])} processed, 0 up to date, 2 failed." in result.output
+    assert len(list((tmp_path / "cache").glob("*/*.pt"))) == len(odd_scans["intact"])
+
+
+def test_infer_skips_special_files_and_link_loops(tmp_path, odd_scans, tiny_run, no_hang):
+    output = tmp_path / "preds.csv"
+    result = invoke("infer", odd_scans["root"], "--model", tiny_run, "--output", output, "--cache-dir",
+                    tmp_path / "cache", "--device", "cpu", "--workers", 0)
+    assert result.exit_code == 1
+    assert_failed_scans(result, odd_scans)
+    with output.open() as handle:
+        assert sorted(row["name"] for row in csv.DictReader(handle)) == sorted(p.name for p in odd_scans["intact"])
+
+
+def test_stats_reports_special_files_without_opening_them(tmp_path, odd_scans, no_hang):
+    result = invoke("stats", odd_scans["root"], "--output", tmp_path / "stats")
+    assert result.exit_code == 0, result.output
+    warnings = (tmp_path / "stats" / "warnings.txt").read_text()
+    assert "FIFO (named pipe)" in warnings and "symbolic link loop" in warnings
+    assert f"{len(odd_scans['intact']) + 2} scans" in result.output
