@@ -221,3 +221,73 @@ def test_stats_reports_special_files_without_opening_them(tmp_path, odd_scans, n
     warnings = (tmp_path / "stats" / "warnings.txt").read_text()
     assert "FIFO (named pipe)" in warnings and "symbolic link loop" in warnings
     assert f"{len(odd_scans['intact']) + 2} scans" in result.output
+
+
+# Label files: odd characters, encodings, missing fields and contradictions are one line naming file and line.
+
+@pytest.fixture
+def labelled_copy(tmp_path, tiny_dataset) -> Path:
+    """A copy of the tiny dataset whose label files a test may spoil."""
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "data"))
+
+
+def first_covid_scan(data: Path) -> str:
+    return min(p.name for p in (data / "train" / "covid").iterdir())
+
+
+@pytest.mark.parametrize(("rows", "fragments"), [
+    (["{name};\u00b2"], ["line 2", "'\u00b2'", "not 1, 2, 3 or 4"]),  # passes str.isdigit(), fails int()
+    (["{name};2", "{name};3"], ["line 3", "{name}", "listed twice"]),
+])
+def test_train_refuses_a_bad_severity_csv(tmp_path, labelled_copy, rows, fragments):
+    csv_path = labelled_copy / "train_partition_covid_categories.csv"
+    name = first_covid_scan(labelled_copy)
+    csv_path.write_text("Name;Category\n" + "".join(row.format(name=name) + "\n" for row in rows), encoding="utf-8")
+    before = csv_path.read_bytes()
+    result = invoke("train", "--directory", labelled_copy, "--output-dir", tmp_path / "run", "--cache-dir",
+                    tmp_path / "cache", "--no-pretrained")
+    error_line(result, str(csv_path), *(fragment.format(name=name) for fragment in fragments))
+    assert csv_path.read_bytes() == before and not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_severity_csv_may_repeat_a_name_with_the_same_category(labelled_copy):
+    from cov3d.layout import read_severity_csv
+
+    csv_path = labelled_copy / "train_partition_covid_categories.csv"
+    name = first_covid_scan(labelled_copy)
+    csv_path.write_text(f"Name;Category\n{name};2\n{name};2\n")
+    assert read_severity_csv(csv_path) == {name: 2}
+
+
+def test_stats_refuses_a_latin1_csv(tmp_path, labelled_copy):
+    csv_path = labelled_copy / "val_partition_covid_categories.csv"
+    csv_path.write_bytes("Name;Category\nct_scan_\xe9;2\n".encode("latin-1"))
+    error_line(invoke("stats", labelled_copy, "--output", tmp_path / "stats"), str(csv_path), "not UTF-8", "0xe9")
+    assert not (tmp_path / "stats").exists()
+
+
+@pytest.mark.parametrize(("row", "fragments"), [
+    ("{name};1", ["line 2", "expected 'Name;Covid;Category'"]),  # a missing field
+    ("{name};7;9", ["line 2", "Covid '7' and Category '9'"]),
+    ("{name};1;9", ["Category '9'"]),
+    ("{name};0;3", ["Covid '0' and Category '3'"]),
+    ("{name};x;1", ["Covid 'x'"]),
+])
+def test_stats_refuses_a_bad_answer_key(tmp_path, labelled_copy, row, fragments):
+    key = labelled_copy / "test_labels.csv"
+    name = min(p.name for p in (labelled_copy / "test").iterdir())
+    key.write_text("Name;Covid;Category\n" + row.format(name=name) + "\n")
+    error_line(invoke("stats", labelled_copy, "--output", tmp_path / "stats"), str(key), *fragments)
+    assert not (tmp_path / "stats").exists()
+
+
+def test_an_answer_key_row_listed_twice_differently_is_refused(labelled_copy):
+    from cov3d.layout import read_answer_key
+
+    key = labelled_copy / "test_labels.csv"
+    key.write_text("Name;Covid;Category\nct_scan_1;1;2\nct_scan_1;1;2\nct_scan_2;0;\n")
+    assert read_answer_key(key) == {"ct_scan_1": (1, 2), "ct_scan_2": (0, 0)}
+    key.write_text("Name;Covid;Category\nct_scan_1;1;2\nct_scan_1;0;0\n")
+    with pytest.raises(Cov3dError, match="line 3: ct_scan_1 is listed twice"):
+        read_answer_key(key)
+
