@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -234,7 +235,7 @@ def resume_overrides(ctx: typer.Context) -> dict[str, object]:
 
 
 def format_scores(scores: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+    return ", ".join(f"{name} {value:.4f}" if math.isfinite(value) else f"{name} none" for name, value in scores.items())
 
 
 @app.command()

@@ -68,8 +68,11 @@ def load_kinetics_state_dict(path: Path | None = None) -> dict[str, torch.Tensor
         raise PretrainedWeightsMissing(source if path is not None else None)
     try:
         state_dict = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise Cov3dError(f"Cannot read pretrained weights {source}: {error}") from error
+    except Exception:  # torch raises several types for corrupt or foreign files, with advice that does not apply here
+        raise Cov3dError(
+            f"Cannot read pretrained weights {source}: it is not a PyTorch state-dict file of tensors only "
+            f"(damaged, or another format). Give torchvision's r3d_18 Kinetics-400 file ({Path(urlparse(KINETICS_WEIGHTS.url).path).name})."
+        ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise Cov3dError(f"Pretrained weights {source} are not a state dict (a mapping of names to tensors).")
     return state_dict

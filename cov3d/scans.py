@@ -13,6 +13,8 @@ whatever the file holds:
 - 16-bit (``"I;16*"``) and 32-bit integer (``"I"``, which Pillow uses for 16-bit PNG/TIFF data):
   clipped to 0..65535 and scaled by 255 / 65535, the maximum of the 16-bit type, then rounded.
   (A file named ``.jpg`` may hold PNG/TIFF data; Pillow opens files by content.)
+- 32-bit float (``"F"``, e.g. a TIFF of Hounsfield units or of values in [0, 1]): refused with
+  its reason, since no fixed mapping to grey levels fits every such file (``UNSUPPORTED_MODES``).
 
 ``find_scans`` also finds DICOM series folders and NIfTI files (``.nii``, ``.nii.gz``); they are
 read by ``cov3d.volumes``.
@@ -49,6 +51,9 @@ MAX_8BIT = 255
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 """PIL modes holding 16-bit (or wider integer) gray values."""
+
+UNSUPPORTED_MODES = {"F": "32-bit float"}
+"""PIL modes that ``read_slice`` refuses (converting them to 8 bits would clip, e.g. to all black)."""
 
 READ_HINT = "Replace or delete the file (or leave the scan out) and run again."
 """What to do about an unreadable slice."""
@@ -147,6 +152,11 @@ def read_slice(path: Path, *, draft_size: tuple[int, int] | None = None) -> Imag
     try:
         image = Image.open(path)
         try:
+            if image.mode in UNSUPPORTED_MODES:
+                raise Cov3dError(
+                    f"Cannot read CT slice {path}: unsupported image mode {image.mode} ({UNSUPPORTED_MODES[image.mode]}); "
+                    "save the slices as 8- or 16-bit gray images."
+                )
             if draft_size is not None and image.format == "JPEG":
                 image.draft("L", draft_size)
             image.load()

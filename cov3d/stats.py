@@ -24,7 +24,7 @@ from .atomic import write_csv_atomically, write_text_atomically
 from .layout import ANSWER_KEY, PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_answer_key, read_severity_csv
 from .errors import Cov3dError
 from .filekinds import special_file
-from .scans import READ_ERRORS, SLICE_NAME, one_line, scan_number
+from .scans import READ_ERRORS, SLICE_NAME, UNSUPPORTED_MODES, one_line, scan_number
 
 PARTITION_ORDER = ("train", "validation", "test")
 """Column order of the tables (other partitions follow alphabetically), as in the paper's tables."""
@@ -78,6 +78,8 @@ def header_sizes(files: list[Path], warnings: list[str]) -> Counter:
         try:
             with Image.open(path) as image:
                 sizes[image.size] += 1
+                if image.mode in UNSUPPORTED_MODES:
+                    warnings.append(f"unsupported slice {path}: image mode {image.mode} ({UNSUPPORTED_MODES[image.mode]})")
         except READ_ERRORS as error:
             warnings.append(f"unreadable slice {path}: {one_line(error) or type(error).__name__}")
     return sizes

@@ -334,9 +334,11 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     write_confusion_matrices(run_dir, dls.valid, torch_device)
 
     digests = gather_strings(dist, parameter_digest(learner.model))
-    summary = {"best_scores": checkpoints.best, "best_epochs": checkpoints.best_epoch, "replica_digests": digests}
+    # A task never scored (no graded validation scan) has no best score: null, not -Infinity (not JSON).
+    best_scores = {name: value if math.isfinite(value) else None for name, value in checkpoints.best.items()}
+    summary = {"best_scores": best_scores, "best_epochs": checkpoints.best_epoch, "replica_digests": digests}
     if dist.is_main:
-        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2), resume_remedy(run_dir))
+        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False), resume_remedy(run_dir))
     if use_wandb and dist.is_main:
         finish_wandb(checkpoints)
     return TrainResult(run_dir, dict(checkpoints.best))

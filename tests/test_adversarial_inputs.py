@@ -291,3 +291,53 @@ def test_an_answer_key_row_listed_twice_differently_is_refused(labelled_copy):
     with pytest.raises(Cov3dError, match="line 3: ct_scan_1 is listed twice"):
         read_answer_key(key)
 
+
+# Images, weights and names that looked fine but were not.
+
+def test_a_float_tiff_named_jpg_fails_its_scan_with_the_reason(tmp_path, tiny_dataset):
+    import numpy as np
+    from PIL import Image
+
+    root = Path(shutil.copytree(tiny_dataset / "test", tmp_path / "scans"))
+    scans = sorted(p for p in root.iterdir() if p.is_dir())
+    slice_path = min(scans[0].glob("*.jpg"))
+    Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)).save(slice_path, format="TIFF")
+    result = invoke("preprocess", root, "--depth", 8, "--width", 32, "--cache-dir", tmp_path / "cache", "--workers", 1)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    failures = [line for line in result.output.splitlines() if line.startswith("Failed")]
+    assert len(failures) == 1 and str(slice_path) in failures[0] and "unsupported image mode F" in failures[0]
+    assert f"{len(scans) - 1} processed" in result.output
+
+
+def test_garbage_pretrained_weights_are_one_line(tmp_path, tiny_dataset):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(os.urandom(4096))
+    result = invoke("train", "--directory", tiny_dataset, "--output-dir", tmp_path / "run", "--cache-dir",
+                    tmp_path / "cache", "--pretrained-weights", weights)
+    line = error_line(result, str(weights), "not a PyTorch state-dict file")
+    assert "weights_only" not in result.output and len(result.output.strip().splitlines()) == 1, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_export_to_a_name_just_within_the_limit(tmp_path, tiny_run):
+    out = tmp_path / ("m" * (252 - len(".safetensors")) + ".safetensors")
+    result = invoke("export", tiny_run, out)
+    assert result.exit_code == 0, result.output
+    assert len(out.name) == 252 and out.stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file left
+
+
+def test_summary_is_valid_json_when_no_validation_scan_is_graded(tmp_path, labelled_copy):
+    (labelled_copy / "val_partition_covid_categories.csv").write_text("Name;Category\n")
+    run = tmp_path / "run"
+    result = invoke("train", "--directory", labelled_copy, "--output-dir", run, "--cache-dir", tmp_path / "cache",
+                    "--depth", 8, "--width", 32, "--epochs", 1, "--penultimate", 8, "--no-pretrained",
+                    "--workers", 1, "--device", "cpu", "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    summary = json.loads((run / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["best_scores"]["severity_f1"] is None and summary["best_scores"]["presence_f1"] is not None
+    assert "severity_f1 none" in result.output
