@@ -27,6 +27,12 @@ from cov3d.errors import Cov3dError, one_line
 TEMP_SUFFIX = ".tmp"
 """Suffix of a file being written; never read as the file itself."""
 
+TEMP_RANDOM_CHARS = 8
+"""Random characters ``tempfile.mkstemp`` puts between prefix and suffix."""
+
+DEFAULT_NAME_MAX = 255
+"""The longest file name where the file system does not say (most have 255 bytes)."""
+
 FULL_DISK_BYTES = 16 * 2**20
 """Free space under which a failed write is put down to a full disk (the failed write itself
 has taken what was left)."""
@@ -47,6 +53,18 @@ def _is_out_of_space(error: BaseException) -> bool:
     return not isinstance(error, OSError) or error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def temporary_prefix(path: Path) -> str:
+    """``.<name>.``, with the name cut short where the temporary name (prefix, mkstemp's
+    ``TEMP_RANDOM_CHARS`` random characters, ``TEMP_SUFFIX``) would pass the file system's limit
+    on a name: a file whose own name is just within it can still be written."""
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = DEFAULT_NAME_MAX
+    room = max(1, name_max - TEMP_RANDOM_CHARS - len(TEMP_SUFFIX) - 2)
+    return f".{os.fsencode(path.name)[:room].decode(errors='ignore')}."  # the limit counts bytes
+
+
 @contextlib.contextmanager
 def replaced_atomically(path: Path, remedy: str) -> Iterator[Path]:
     """A temporary path beside ``path`` (``.<name>.<random>.tmp``, so concurrent writers never
@@ -59,7 +77,7 @@ def replaced_atomically(path: Path, remedy: str) -> Iterator[Path]:
     """
     path = Path(path)
     try:
-        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path), suffix=TEMP_SUFFIX)
     except OSError as error:
         raise Cov3dError(
             f"Cannot write {path}: {one_line(error.strerror or error)}. Check that {path.parent} exists and can be written."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -40,7 +41,7 @@ def show_progress_messages() -> None:
 
 SIZE_NAMES = "small (64x128x128), medium (128x256x256) or large (160x320x320)"
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
-WorkersOption = typer.Option(None, "--workers", min=1, help="Parallel preprocessing processes. Default: all CPU cores.")
+WorkersOption = typer.Option(None, "--workers", help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 PrecisionOption = typer.Option("auto", "--precision", help=(
     "auto, fp32, bf16 or fp16 (CUDA only). auto: on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16, else fp32 "
@@ -75,17 +76,20 @@ def user_errors(command: Callable) -> Callable:
 
 def resolve_size(size: Optional[str], depth: Optional[int], height: Optional[int], width: Optional[int]) -> tuple[int, int, int]:
     """(D, H, W) from a size name or explicit numbers; H defaults to W, D to W / 2 (paper §3.1)."""
+    from cov3d.limits import OPTIONAL_SIZE
     from cov3d.preprocessing.preprocess import SIZES
 
+    for name, value in (("depth", depth), ("height", height), ("width", width)):
+        OPTIONAL_SIZE.check(name, value)
     if size is not None:
         if size not in SIZES:
             raise Cov3dError(f"Unknown size '{size}': choose {SIZE_NAMES}.")
-        if depth or height or width:
+        if (depth, height, width) != (None, None, None):
             raise Cov3dError("Give either --size or --depth/--height/--width, not both.")
         return SIZES[size]
-    width = width or SIZES["small"][2]
-    height = height or width
-    depth = depth or width // 2
+    width = width if width is not None else SIZES["small"][2]
+    height = height if height is not None else width
+    depth = depth if depth is not None else max(1, width // 2)
     return depth, height, width
 
 
@@ -113,9 +117,9 @@ def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
 def preprocess(
     data: list[Path] = typer.Argument(None, help="Scan folders, or folders that contain scan folders (searched recursively). Default: the current folder."),
     size: Optional[str] = typer.Option(None, "--size", help=f"Preset: {SIZE_NAMES}."),
-    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Slices after interpolation. Default: width / 2."),
-    height: Optional[int] = typer.Option(None, "--height", min=1, help="Slice height in pixels. Default: the width."),
-    width: Optional[int] = typer.Option(None, "--width", min=1, help="Slice width in pixels. Default: 128."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="Slices after interpolation. Default: width / 2."),
+    height: Optional[int] = typer.Option(None, "--height", help="Slice height in pixels. Default: the width."),
+    width: Optional[int] = typer.Option(None, "--width", help="Slice width in pixels. Default: 128."),
     cache_dir: Optional[Path] = CacheDirOption,
     workers: Optional[int] = WorkersOption,
     strict: bool = typer.Option(False, "--strict", help="Stop at the first scan that fails."),
@@ -124,12 +128,14 @@ def preprocess(
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
     from cov3d.dataset.scans import find_scans
+    from cov3d.limits import WORKERS
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.preprocessing.workers import preprocess_many
 
     depth, height, width = resolve_size(size, depth, height, width)
-    scans = find_scans(data or [Path(".")])
+    WORKERS.check("workers", workers)
     cache = VolumeCache(cache_directory(cache_dir), depth, height, width, fast_decode=fast_decode)
+    scans = find_scans(data or [Path(".")])
     summary = preprocess_many(scans, cache, workers=workers, strict=strict, shard=parse_shard(shard))
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -165,20 +171,21 @@ def prune_cache(
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Dataset folder with train/, validation/ and the two severity CSVs."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder for weights, config and metrics. Default: outputs/run-<time>."),
-    depth: int = typer.Option(64, "--depth", min=1, help="Slices per scan after interpolation (paper: 64, 128 or 160)."),
-    width: int = typer.Option(128, "--width", min=1, help="Slice width (paper: 128, 256 or 320)."),
-    height: Optional[int] = typer.Option(None, "--height", min=1, help="Slice height. Default: the width."),
-    epochs: int = typer.Option(40, "--epochs", min=1, help="Epochs of the 1cycle schedule (paper: 30, 40 or 50)."),
-    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Scans per batch (paper: 2)."),
+    depth: int = typer.Option(64, "--depth", help="Slices per scan after interpolation (paper: 64, 128 or 160)."),
+    width: int = typer.Option(128, "--width", help="Slice width (paper: 128, 256 or 320)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Slice height. Default: the width."),
+    epochs: int = typer.Option(40, "--epochs", help="Epochs of the 1cycle schedule (paper: 30, 40 or 50)."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Scans per batch (paper: 2)."),
     learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Maximum learning rate of 1cycle (paper: 1e-4)."),
     weight_decay: float = typer.Option(1e-5, "--weight-decay", help="Adam weight decay (paper: 1e-5)."),
-    severity_factor: float = typer.Option(0.5, "--severity-factor", min=0.0, max=1.0, help="lambda in eq. 6: 0 trains presence only, 1 severity only."),
-    presence_smoothing: float = typer.Option(0.1, "--presence-smoothing", min=0.0, max=0.5, help="Label smoothing eps_p for presence (paper: 0 or 0.1)."),
-    severity_smoothing: float = typer.Option(0.1, "--severity-smoothing", min=0.0, max=0.5, help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
-    penultimate: int = typer.Option(512, "--penultimate", min=1, help="Size of the head's hidden layer."),
-    dropout: float = typer.Option(0.5, "--dropout", min=0.0, max=1.0, help="Dropout after each ResNet layer and in the head."),
+    severity_factor: float = typer.Option(0.5, "--severity-factor", help="lambda in eq. 6: 0 trains presence only, 1 severity only."),
+    presence_smoothing: float = typer.Option(0.1, "--presence-smoothing", help="Label smoothing eps_p for presence (paper: 0 or 0.1)."),
+    severity_smoothing: float = typer.Option(0.1, "--severity-smoothing", help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
+    penultimate: int = typer.Option(512, "--penultimate", help="Size of the head's hidden layer."),
+    dropout: float = typer.Option(0.5, "--dropout", help="Dropout after each ResNet layer and in the head."),
     pool: str = typer.Option("avg", "--pool", help="Global pooling before the head: avg or max."),
     reflect: bool = typer.Option(True, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from Kinetics-400 weights (paper) or from scratch."),
@@ -186,20 +193,17 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Random seed: runs with the same seed on a CPU give identical metrics."),
     cache_dir: Optional[Path] = CacheDirOption,
     workers: Optional[int] = WorkersOption,
-    loader_workers: Optional[int] = typer.Option(None, "--loader-workers", min=0, help="Batch-loading processes per training process. Default: 0 on CPU, up to 4 per GPU."),
+    loader_workers: Optional[int] = typer.Option(None, "--loader-workers", help="Batch-loading processes per training process. Default: 0 on CPU, up to 4 per GPU."),
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch (its data and settings are reused)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch, as it was started: data, settings, cache folder, device and precision come from its config.json; --directory, --cache-dir, --device, --precision and the worker options may be given again to override them."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
     from cov3d.training.train import TrainSettings, resume_training, train as run_training
 
     if resume is not None:
-        result = resume_training(
-            resume, cache_dir=cache_directory(cache_dir), device=device, precision=precision, workers=workers,
-            loader_workers=loader_workers, use_wandb=wandb,
-        )
+        result = resume_training(resume, **resume_overrides(ctx))
         typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
         return
     if directory is None:
@@ -207,7 +211,7 @@ def train(
     if pretrained_weights is not None and not pretrained_weights.is_file():
         raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
     settings = TrainSettings(
-        depth=depth, height=height or width, width=width, epochs=epochs, batch_size=batch_size,
+        depth=depth, height=height if height is not None else width, width=width, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
         penultimate=penultimate, dropout=dropout, pool=pool, reflect=reflect, seed=seed,
@@ -221,8 +225,36 @@ def train(
     typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
 
 
+RESUME_OVERRIDES = {
+    "directory": "data_dir", "cache_dir": "cache_dir", "device": "device", "precision": "precision",
+    "workers": "workers", "loader_workers": "loader_workers", "wandb": "use_wandb",
+}
+"""Options of 'train' that may be given again with --resume (the run's other settings cannot change),
+and the keyword argument of ``cov3d.training.train.train`` each becomes."""
+
+
+def given_by_user(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (on the command line or in its environment variable),
+    not left at its default. (Compared by name: typer may bring its own copy of click's enum.)"""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
+def resume_overrides(ctx: typer.Context) -> dict[str, object]:
+    """The runtime options given on the command line with --resume; one-line error for any other."""
+    given = [name for name in ctx.params if name != "resume" and given_by_user(ctx, name)]
+    for name in given:
+        if name not in RESUME_OVERRIDES:
+            option = next(param.opts[0] for param in ctx.command.params if param.name == name)
+            raise Cov3dError(
+                f"{option} cannot change when resuming: --resume {ctx.params['resume']} continues the run with the settings "
+                "in its config.json. Start a new run to change it."
+            )
+    return {RESUME_OVERRIDES[name]: ctx.params[name] for name in given}
+
+
 def format_scores(scores: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+    return ", ".join(f"{name} {value:.4f}" if math.isfinite(value) else f"{name} none" for name, value in scores.items())
 
 
 @app.command()
@@ -232,21 +264,22 @@ def infer(
     model: list[Path] = typer.Option(..., "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them. Repeat for an ensemble (probabilities are averaged)."),
     output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV file for the predictions, written row by row."),
     submission_dir: Optional[Path] = typer.Option(None, "--submission-dir", help="Also write the competition files (covid.csv, non-covid.csv, mild.csv, ...)."),
-    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Scans per forward pass."),
-    mc_samples: int = typer.Option(0, "--mc-samples", min=0, help="Monte-Carlo dropout samples per model; adds covid_probability_std and severity_agreement columns. 0: off."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Scans per forward pass."),
+    mc_samples: int = typer.Option(0, "--mc-samples", help="Monte-Carlo dropout samples per model; adds covid_probability_std and severity_agreement columns. 0: off."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --output and predict only the other scans."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each scan with its sagittal reflection (paper) or not (twice as fast)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Background preprocessing processes (0: in the main process). Default: half the CPU cores, at least 1."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Background preprocessing processes (0: in the main process). Default: half the CPU cores, at least 1."),
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
 ):
     """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
     from cov3d.dataset.scans import find_scans
-    from cov3d.inference.infer import infer as run_inference
+    from cov3d.inference.infer import check_inference_options, infer as run_inference
     from cov3d.preprocessing.workers import available_cpus
 
+    check_inference_options(batch_size=batch_size, mc_samples=mc_samples, workers=workers, seed=seed)
     scan_dirs = find_scans(scans)
     summary = run_inference(
         scan_dirs, model, output, cache_dir=cache_directory(cache_dir), device=device,
@@ -278,10 +311,10 @@ def export(
 @user_errors
 def synthetic(
     output: Path = typer.Argument(..., help="Folder to write the dataset to (must not hold a dataset already)."),
-    scans: int = typer.Option(120, "--scans", min=4, help="Number of scans, all splits together."),
+    scans: int = typer.Option(120, "--scans", help="Number of scans, all splits together."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same files."),
     slice_size: int = typer.Option(128, "--slice-size", help="Slice width and height in pixels (real data: 512)."),
-    depth_scale: float = typer.Option(0.1, "--depth-scale", min=0.0, help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
+    depth_scale: float = typer.Option(0.1, "--depth-scale", help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
 ):
     """Write a synthetic chest-CT dataset in the COV19-CT-DB layout (train, validation, unlabelled test + answer key)."""
     from cov3d.synthetic.generator import generate_dataset
@@ -294,8 +327,8 @@ def synthetic(
 @user_errors
 def demo(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
-    scans: int = typer.Option(240, "--scans", min=20, help="Synthetic scans to generate."),
-    epochs: int = typer.Option(16, "--epochs", min=1, help="Training epochs."),
+    scans: int = typer.Option(240, "--scans", help="Synthetic scans to generate."),
+    epochs: int = typer.Option(16, "--epochs", help="Training epochs."),
     seed: int = typer.Option(0, "--seed", help="Random seed for the data and the training."),
     workers: Optional[int] = WorkersOption,
     device: str = DeviceOption,

@@ -43,8 +43,7 @@ def read_severity_csv(csv_path: Path) -> dict[str, int]:
         raise Cov3dError(
             f"Severity CSV not found: {csv_path}. Put the competition's CSV there, or train with --severity-factor 0."
         )
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle, delimiter=CSV_DELIMITER))
+    rows = _csv_rows(csv_path)
     if not rows or [cell.strip() for cell in rows[0][:2]] != ["Name", "Category"]:
         raise Cov3dError(f"{csv_path}: the first line must be the header 'Name;Category' (';'-delimited).")
     categories: dict[str, int] = {}
@@ -54,17 +53,56 @@ def read_severity_csv(csv_path: Path) -> dict[str, int]:
         if len(row) < 2:
             raise Cov3dError(f"{csv_path}, line {line_number}: expected 'Name;Category', got {';'.join(row)!r}.")
         name, category = row[0].strip(), row[1].strip()
-        if not category.isdigit() or int(category) not in SEVERITY_CATEGORIES:
+        if _small_integer(category) not in SEVERITY_CATEGORIES:
             raise Cov3dError(f"{csv_path}, line {line_number}: category {category!r} for {name} is not 1, 2, 3 or 4.")
+        _refuse_contradiction(csv_path, line_number, name, categories.get(name), int(category))
         categories[name] = int(category)
     return categories
 
 
 def read_answer_key(path: Path) -> dict[str, tuple[int, int]]:
-    """``Name;Covid;Category`` -> {name: (covid 0/1, category 0..4)}."""
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle, delimiter=CSV_DELIMITER))
+    """``Name;Covid;Category`` -> {name: (covid 0/1, category 0..4)}; category 0 (or empty) when
+    not graded, and always for covid 0. One-line errors name the file and line of a bad row."""
+    rows = _csv_rows(path)
+    if not rows or [cell.strip() for cell in rows[0][:3]] != ["Name", "Covid", "Category"]:
+        raise Cov3dError(f"{path}: the first line must be the header 'Name;Covid;Category' (';'-delimited).")
+    key: dict[str, tuple[int, int]] = {}
+    for line_number, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < 3:
+            raise Cov3dError(f"{path}, line {line_number}: expected 'Name;Covid;Category', got {';'.join(row)!r}.")
+        name, covid, category = row[0].strip(), _small_integer(row[1].strip()), _small_integer(row[2].strip() or "0")
+        if covid not in (0, 1) or category not in range(len(SEVERITY_CATEGORIES) + 1) or (covid == 0 and category):
+            raise Cov3dError(
+                f"{path}, line {line_number}: {name} has Covid {row[1].strip()!r} and Category {row[2].strip()!r}; "
+                "Covid must be 0 or 1 and Category 0..4 (0 when not graded, and for Covid 0)."
+            )
+        _refuse_contradiction(path, line_number, name, key.get(name), (covid, category))
+        key[name] = (covid, category)
+    return key
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    """The rows of a ';'-delimited UTF-8 CSV file (a byte-order mark is allowed)."""
     try:
-        return {row["Name"].strip(): (int(row["Covid"]), int(row["Category"] or 0)) for row in rows}
-    except (KeyError, ValueError, AttributeError):
-        raise Cov3dError(f"{path}: expected the header 'Name;Covid;Category' and integer columns.") from None
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return list(csv.reader(handle, delimiter=CSV_DELIMITER))
+    except UnicodeDecodeError as error:
+        raise Cov3dError(
+            f"{path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}): "
+            "save it as UTF-8 and run again."
+        ) from None
+
+
+def _small_integer(text: str) -> int | None:
+    """The value of ASCII digits (``'3'``, ``'03'``); ``None`` for anything else (``'²'``, ``'3.0'``, ``''``)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _refuse_contradiction(path: Path, line_number: int, name: str, earlier: object, value: object) -> None:
+    """A name listed twice must say the same both times."""
+    if earlier is not None and earlier != value:
+        raise Cov3dError(
+            f"{path}, line {line_number}: {name} is listed twice with different labels; keep one line for it."
+        )

@@ -13,6 +13,8 @@ whatever the file holds:
 - 16-bit (``"I;16*"``) and 32-bit integer (``"I"``, which Pillow uses for 16-bit PNG/TIFF data):
   clipped to 0..65535 and scaled by 255 / 65535, the maximum of the 16-bit type, then rounded.
   (A file named ``.jpg`` may hold PNG/TIFF data; Pillow opens files by content.)
+- 32-bit float (``"F"``, e.g. a TIFF of Hounsfield units or of values in [0, 1]): refused with
+  its reason, since no fixed mapping to grey levels fits every such file (``UNSUPPORTED_MODES``).
 
 ``find_scans`` also finds DICOM series folders and NIfTI files (``.nii``, ``.nii.gz``); they are
 read by ``cov3d.dataset.dicom_nifti``.
@@ -20,6 +22,7 @@ read by ``cov3d.dataset.dicom_nifti``.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -29,7 +32,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cov3d.dataset.filekinds import LINK_LOOP, entry_is_dir, entry_is_file, special_file
 from cov3d.errors import Cov3dError, one_line
+
+logger = logging.getLogger(__name__)
 
 SLICE_NAME = re.compile(r"^(\d+)\.jpe?g$", re.IGNORECASE)
 """Slice file names: ``<integer>.jpg`` (COV19-CT-DB); ``.jpeg`` and upper case are accepted too."""
@@ -45,6 +51,9 @@ MAX_8BIT = 255
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 """PIL modes holding 16-bit (or wider integer) gray values."""
+
+UNSUPPORTED_MODES = {"F": "32-bit float"}
+"""PIL modes that ``read_slice`` refuses (converting them to 8 bits would clip, e.g. to all black)."""
 
 READ_HINT = "Replace or delete the file (or leave the scan out) and run again."
 """What to do about an unreadable slice."""
@@ -103,7 +112,7 @@ def list_slices(scan_dir: Path) -> list[Path]:
     slices = []
     for entry in _entries(scan_dir):
         index = _slice_index(entry.name)
-        if index is not None and not entry.is_dir():
+        if index is not None and not entry_is_dir(entry):
             slices.append((index, entry.name))
     if not slices:
         raise Cov3dError(
@@ -132,9 +141,17 @@ def read_slice(path: Path, *, draft_size: tuple[int, int] | None = None) -> Imag
     Raises ``Cov3dError`` naming the file if it is empty, corrupt or unreadable.
     """
     path = Path(path)
+    kind = special_file(path)
+    if kind is not None:
+        raise Cov3dError(f"Cannot read CT slice {path}: it is {kind}, not a regular file. {READ_HINT}")
     try:
         image = Image.open(path)
         try:
+            if image.mode in UNSUPPORTED_MODES:
+                raise Cov3dError(
+                    f"Cannot read CT slice {path}: unsupported image mode {image.mode} ({UNSUPPORTED_MODES[image.mode]}); "
+                    "save the slices as 8- or 16-bit gray images."
+                )
             if draft_size is not None and image.format == "JPEG":
                 image.draft("L", draft_size)
             image.load()
@@ -201,7 +218,7 @@ def visible_files(folder: Path) -> list[Path]:
     """Visible regular files of ``folder``, sorted by name; empty if it cannot be read."""
     try:
         with os.scandir(folder) as entries:
-            return sorted(Path(e.path) for e in entries if e.is_file() and not e.name.startswith("."))
+            return sorted(Path(e.path) for e in entries if entry_is_file(e) and not e.name.startswith("."))
     except OSError:
         return []
 
@@ -234,7 +251,9 @@ def _search(root: Path, visited: set[Path]) -> list[Path]:
     found = []
     for entry in _entries(root):
         child = Path(entry.path)
-        if entry.is_dir() and not entry.name.startswith(".") and child.resolve() not in visited:
+        if not entry.name.startswith(".") and special_file(child) == LINK_LOOP:
+            logger.warning("Skipping %s: it is %s.", child, LINK_LOOP)
+        elif entry_is_dir(entry) and not entry.name.startswith(".") and child.resolve() not in visited:
             found.extend(_search(child, visited))
         elif is_nifti_file(child):
             found.append(child)

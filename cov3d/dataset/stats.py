@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from cov3d.atomic import write_csv_atomically, write_text_atomically
+from cov3d.dataset.filekinds import special_file
 from cov3d.dataset.layout import (
     ANSWER_KEY,
     PRESENCE_FOLDERS,
@@ -29,7 +30,7 @@ from cov3d.dataset.layout import (
     read_answer_key,
     read_severity_csv,
 )
-from cov3d.dataset.scans import READ_ERRORS, SLICE_NAME, scan_number
+from cov3d.dataset.scans import READ_ERRORS, SLICE_NAME, UNSUPPORTED_MODES, scan_number
 from cov3d.errors import Cov3dError, one_line
 
 PARTITION_ORDER = ("train", "validation", "test")
@@ -77,9 +78,15 @@ def header_sizes(files: list[Path], warnings: list[str]) -> Counter:
     """Counts of (width, height) read from the image headers; unreadable files become warnings."""
     sizes: Counter = Counter()
     for path in files:
+        kind = special_file(path)
+        if kind is not None:
+            warnings.append(f"unreadable slice {path}: it is {kind}, not a regular file")
+            continue
         try:
             with Image.open(path) as image:
                 sizes[image.size] += 1
+                if image.mode in UNSUPPORTED_MODES:
+                    warnings.append(f"unsupported slice {path}: image mode {image.mode} ({UNSUPPORTED_MODES[image.mode]})")
         except READ_ERRORS as error:
             warnings.append(f"unreadable slice {path}: {one_line(error) or type(error).__name__}")
     return sizes

@@ -23,6 +23,7 @@ from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
 from cov3d.inference.streaming import PredictionRows, SizeKey, StreamedScan, completed_paths, read_rows, volume_stream
+from cov3d.limits import COUNT, OPTIONAL_COUNT, SEED, SIZE
 from cov3d.model.files import ModelSource, expand_models, load_source
 from cov3d.model.metrics import PRESENCE_THRESHOLD
 from cov3d.preprocessing.cache import values_on
@@ -225,6 +226,14 @@ class InferenceSummary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
+def check_inference_options(*, batch_size: int, mc_samples: int, workers: int | None, seed: int) -> None:
+    """One-line ``Cov3dError`` for an option of ``infer`` out of range (``cov3d.limits``)."""
+    SIZE.check("batch_size", batch_size)
+    COUNT.check("mc_samples", mc_samples)
+    OPTIONAL_COUNT.check("workers", workers)
+    SEED.check("seed", seed)
+
+
 def infer(
     scan_dirs: Sequence[Path],
     models: Path | Sequence[Path],
@@ -252,8 +261,7 @@ def infer(
     ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
     Submission files, if asked for, cover every row of ``output``.
     """
-    if mc_samples < 0 or workers < 0 or batch_size < 1:
-        raise Cov3dError("mc_samples and workers must be >= 0 and batch_size >= 1.")
+    check_inference_options(batch_size=batch_size, mc_samples=mc_samples, workers=workers, seed=seed)
     torch_device = resolve_device(device)
     model_paths = [models] if isinstance(models, (str, Path)) else list(models)
     sources = [load_source(path) for path in expand_models(model_paths)]

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 
 from cov3d.atomic import write_bytes_atomically
 from cov3d.errors import Cov3dError, one_line
+from cov3d.limits import DROPOUT
 from cov3d.model.network import POOLS, build_model
 
 CONFIG_FILE = "config.json"
@@ -112,7 +113,7 @@ def check_config(config: object, where: Path) -> dict:
             raise Cov3dError(f"{where}: the model config lacks a valid '{key}'; re-export the run.")
     if min(config["depth"], config["height"], config["width"], config["outputs"], config["penultimate"]) < 1:
         raise Cov3dError(f"{where}: the model config has non-positive sizes; re-export the run.")
-    if config["pool"] not in POOLS or not 0 <= config["dropout"] < 1:
+    if config["pool"] not in POOLS or DROPOUT.problem(config["dropout"]):
         raise Cov3dError(f"{where}: the model config has an invalid pool or dropout; re-export the run.")
     return config
 

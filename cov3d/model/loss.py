@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_GROUPS
+from cov3d.limits import SMOOTHING
 
 N_SEVERITY_CLASSES = 5
 """Softmax classes of eq. 3: 0 = COVID negative, 1..4 = mild..critical."""
@@ -29,8 +30,8 @@ _FIRST_SEVERITY_GROUP = SEVERITY_GROUPS.index("mild")
 
 
 def _check_smoothing(smoothing: float, name: str) -> None:
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"{name} must satisfy 0 <= {name} < 1, got {smoothing}")
+    if SMOOTHING.problem(smoothing):
+        raise ValueError(f"{name} must be {SMOOTHING.describe()}, got {smoothing}")
 
 
 def presence_targets(has_covid: Tensor, smoothing: float) -> Tensor:

@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from cov3d.errors import Cov3dError
+from cov3d.limits import DROPOUT
 
 KINETICS_WEIGHTS = R3D_18_Weights.KINETICS400_V1
 """torchvision's Kinetics-400 weights for r3d_18 (paper sec. 3.2)."""
@@ -67,8 +68,11 @@ def load_kinetics_state_dict(path: Path | None = None) -> dict[str, torch.Tensor
         raise PretrainedWeightsMissing(source if path is not None else None)
     try:
         state_dict = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise Cov3dError(f"Cannot read pretrained weights {source}: {error}") from error
+    except Exception:  # torch raises several types for corrupt or foreign files, with advice that does not apply here
+        raise Cov3dError(
+            f"Cannot read pretrained weights {source}: it is not a PyTorch state-dict file of tensors only "
+            f"(damaged, or another format). Give torchvision's r3d_18 Kinetics-400 file ({Path(urlparse(KINETICS_WEIGHTS.url).path).name})."
+        ) from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise Cov3dError(f"Pretrained weights {source} are not a state dict (a mapping of names to tensors).")
     return state_dict
@@ -130,8 +134,8 @@ def build_model(
     """
     if outputs < 1 or penultimate < 1:
         raise ValueError(f"outputs and penultimate must be positive, got {outputs} and {penultimate}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must satisfy 0 <= dropout < 1, got {dropout}")
+    if DROPOUT.problem(dropout):
+        raise ValueError(f"dropout must be {DROPOUT.describe()}, got {dropout}")
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 

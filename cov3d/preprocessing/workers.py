@@ -19,6 +19,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cov3d.errors import Cov3dError, one_line
+from cov3d.limits import WORKERS
 from cov3d.preprocessing.preprocess import VolumeCache
 
 PROCESSED, SKIPPED, FAILED = "processed", "skipped", "failed"
@@ -125,8 +126,7 @@ def preprocess_many(
     scans = select_shard(scan_dirs, shard)
     summary = PreprocessSummary()
     order = {scan: position for position, scan in enumerate(scans)}
-    if workers is not None and workers < 1:
-        raise Cov3dError(f"The number of workers must be at least 1, got {workers}.")
+    WORKERS.check("workers", workers)
     n_workers = min(workers or available_cpus(), len(scans))
 
     def record(scan: Path, outcome: tuple[str, str | None]) -> None:

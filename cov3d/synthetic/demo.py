@@ -21,6 +21,19 @@ from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answ
 from cov3d.dataset.scans import find_scans
 from cov3d.errors import Cov3dError
 from cov3d.inference.infer import infer
+from cov3d.limits import (
+    DEMO_SCANS,
+    DEPTH_SCALE,
+    DROPOUT,
+    FRACTION,
+    LEARNING_RATE,
+    SEED,
+    SIZE,
+    SLICE_SIZE,
+    WORKERS,
+    check_fields,
+    limited,
+)
 from cov3d.model.metrics import macro_f1
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
@@ -35,19 +48,23 @@ SEVERITY_CODES = list(SEVERITY_CATEGORIES)
 class DemoSettings:
     """The demo's dataset and training sizes (chosen to finish in minutes on 2 CPU cores)."""
 
-    scans: int = 240
-    seed: int = 0
-    slice_size: int = 128
-    depth_scale: float = 0.1
-    annotated_fraction: float = 0.75
-    depth: int = 16
-    width: int = 64
-    epochs: int = 16
-    batch_size: int = 4
-    learning_rate: float = 3e-4
-    severity_factor: float = 0.5
-    penultimate: int = 128
-    dropout: float = 0.2
+    scans: int = limited(240, DEMO_SCANS)
+    seed: int = limited(0, SEED)
+    slice_size: int = limited(128, SLICE_SIZE)
+    depth_scale: float = limited(0.1, DEPTH_SCALE)
+    annotated_fraction: float = limited(0.75, FRACTION)
+    depth: int = limited(16, SIZE)
+    width: int = limited(64, SIZE)
+    epochs: int = limited(16, SIZE)
+    batch_size: int = limited(4, SIZE)
+    learning_rate: float = limited(3e-4, LEARNING_RATE)
+    severity_factor: float = limited(0.5, FRACTION)
+    penultimate: int = limited(128, SIZE)
+    dropout: float = limited(0.2, DROPOUT)
+
+    def __post_init__(self) -> None:
+        """Reject out-of-range settings (``cov3d.limits``) before anything is generated."""
+        check_fields(self)
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(
@@ -122,6 +139,8 @@ def run_demo(
     precision: str = "auto", console: Console | None = None,
 ) -> DemoReport:
     """Generate -> preprocess -> train -> infer -> score; everything is written under `output_dir`."""
+    WORKERS.check("workers", workers)
+    settings.train_settings()  # refuses what the training would refuse, before generating anything
     console = console or Console()
     report = DemoReport()
     data_dir, cache_dir = output_dir / "data", output_dir / "cache"

@@ -30,6 +30,7 @@ from cov3d.dataset.dicom_nifti import hu_to_uint8
 from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
 from cov3d.dataset.scans import scan_number
 from cov3d.errors import Cov3dError
+from cov3d.limits import DEPTH_SCALE, FRACTION, OPTIONAL_COUNT, SEED, SLICE_SIZE, SYNTHETIC_SCANS
 from cov3d.synthetic.phantom import render_phantom
 
 CLASS_FOLDERS = {bool(code): name for name, code in reversed(PRESENCE_FOLDERS.items())}  # covid first
@@ -115,7 +116,7 @@ def _split_sizes(scans: int, test_scans: int | None) -> dict[str, int]:
     if test < 0 or train < 2 or validation < 2:
         raise Cov3dError(
             f"cannot split {scans} synthetic scans ({test_scans=}) into train, validation and test: "
-            "use at least 6 scans and a smaller test_scans"
+            f"use at least {SYNTHETIC_SCANS.low} scans and a smaller test_scans"
         )
     return {"train": train, "validation": validation, TEST_FOLDER: test}
 
@@ -207,11 +208,13 @@ def generate_dataset(
     otherwise those paths must not exist. ``progress(done, total)`` is called after each scan.
     """
     out_dir = Path(out_dir)
-    if slice_size < 8 or depth_scale <= 0 or not 0 <= annotated_fraction <= 1 or not 0 <= mixed_size_fraction <= 1:
-        raise Cov3dError(
-            f"invalid synthetic dataset options ({slice_size=}, {depth_scale=}, {annotated_fraction=}, "
-            f"{mixed_size_fraction=}): use slice_size >= 8, depth_scale > 0 and fractions in [0, 1]"
-        )
+    SYNTHETIC_SCANS.check("scans", scans)
+    SEED.check("seed", seed)
+    SLICE_SIZE.check("slice_size", slice_size)
+    DEPTH_SCALE.check("depth_scale", depth_scale)
+    FRACTION.check("annotated_fraction", annotated_fraction)
+    FRACTION.check("mixed_size_fraction", mixed_size_fraction)
+    OPTIONAL_COUNT.check("test_scans", test_scans)
     sizes = _split_sizes(scans, test_scans)
     existing = [p for p in _outputs(out_dir) if p.exists()]
     if existing and not overwrite:
@@ -226,7 +229,13 @@ def generate_dataset(
     plans = _plan(rng, out_dir, sizes, annotated_fraction, depth_scale, slice_size, mixed_size_fraction)
     summary = SyntheticSummary(out_dir=out_dir, depths=[plan.depth for plan in plans])
     for done, plan in enumerate(plans, start=1):
-        _write_scan(plan, slice_size)
+        try:
+            _write_scan(plan, slice_size)
+        except MemoryError:
+            raise Cov3dError(
+                f"not enough memory to render {plan.folder} ({plan.depth} slices of {slice_size}x{slice_size}): "
+                "use a smaller --slice-size or --depth-scale"
+            ) from None
         if progress is not None:
             progress(done, len(plans))
 

@@ -9,7 +9,7 @@ import math
 import secrets
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,11 +25,24 @@ from safetensors.torch import save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically, write_text_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS
 from cov3d.errors import Cov3dError
+from cov3d.limits import (
+    DROPOUT,
+    FRACTION,
+    LEARNING_RATE,
+    LOADER_WORKERS,
+    SEED,
+    SIZE,
+    SMOOTHING,
+    WEIGHT_DECAY,
+    WORKERS,
+    check_fields,
+    limited,
+)
 from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
 from cov3d.model.loss import Cov3dLoss, class_weights, model_outputs
 from cov3d.model.metrics import task_metrics
 from cov3d.model.network import POOLS, build_model, load_kinetics_state_dict
-from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
 from cov3d.runtime import Precision, autocast, choose_precision, resolve_device, use_channels_last
 from cov3d.training.bf16_convs import checked_bf16_convs
@@ -55,6 +68,7 @@ from cov3d.training.distributed import (
 from cov3d.training.loaders import training_loaders
 from cov3d.training.provenance import dataset_fingerprint, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
+from cov3d.training.runconfig import read_run_config, recorded_settings, resumed_options
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +85,27 @@ WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a
 class TrainSettings:
     """Everything that defines a run; saved as config.json. Defaults follow the paper (§3.4, §3.5)."""
 
-    depth: int = 64
-    height: int = 128
-    width: int = 128
-    epochs: int = 40
-    batch_size: int = 2
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-5
-    severity_factor: float = 0.5
-    presence_smoothing: float = 0.1
-    severity_smoothing: float = 0.1
-    penultimate: int = 512
-    dropout: float = 0.5
+    depth: int = limited(64, SIZE)
+    height: int = limited(128, SIZE)
+    width: int = limited(128, SIZE)
+    epochs: int = limited(40, SIZE)
+    batch_size: int = limited(2, SIZE)
+    learning_rate: float = limited(1e-4, LEARNING_RATE)
+    weight_decay: float = limited(1e-5, WEIGHT_DECAY)
+    severity_factor: float = limited(0.5, FRACTION)
+    presence_smoothing: float = limited(0.1, SMOOTHING)
+    severity_smoothing: float = limited(0.1, SMOOTHING)
+    penultimate: int = limited(512, SIZE)
+    dropout: float = limited(0.5, DROPOUT)
     pool: str = "avg"
     reflect: bool = True
     fast_decode: bool = False
-    seed: int = 0
+    seed: int = limited(0, SEED)
 
     def __post_init__(self) -> None:
-        """Reject settings the model cannot be built with, before any data is read."""
-        if not 0.0 <= self.dropout < 1.0:
-            raise Cov3dError(f"dropout must satisfy 0 <= dropout < 1, got {self.dropout}.")
+        """Reject settings out of range (``cov3d.limits``) or that the model cannot be built with,
+        before any data is read."""
+        check_fields(self)
         if self.pool not in POOLS:
             raise Cov3dError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'.")
 
@@ -235,6 +249,8 @@ def train(
         "device": device, "precision": precision, "workers": workers, "loader_workers": loader_workers,
         "wandb": use_wandb, "command": sys.argv,
     }
+    WORKERS.check("workers", workers)
+    LOADER_WORKERS.check("loader_workers", loader_workers)
     dist = distributed_from_env()
     torch_device, started = start_distributed(dist, resolve_device(device))
     try:
@@ -278,7 +294,11 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         logger.info("Precision: %s on %s (%s)", precision.name, torch_device, precision.reason)
     seed_everything(settings.seed, torch_device)
     resume_state = load_resume_state(run_dir) if resume else None
+    first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
+    if first_epoch >= settings.epochs:
+        raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
+    check_batch_fits(items, settings.batch_size, dist.world_size, data_dir)
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
     cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
@@ -286,6 +306,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):
         raise Cov3dError(f"{data_dir}: training needs readable scans in both train/ and validation/.")
+    check_batch_fits(items, settings.batch_size, dist.world_size, data_dir)
     fingerprint = dataset_fingerprint(items)
     if resume_state is not None:
         check_same_dataset(run_dir, fingerprint)
@@ -313,9 +334,6 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
         pool=settings.pool, pretrained_weights=state_dict,
     )
-    first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
-    if first_epoch >= settings.epochs:
-        raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
     loss = Cov3dLoss(
@@ -357,17 +375,32 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     write_confusion_matrices(run_dir, dls.valid, torch_device)
 
     digests = gather_strings(dist, parameter_digest(learner.model))
-    summary = {"best_scores": checkpoints.best, "best_epochs": checkpoints.best_epoch, "replica_digests": digests}
+    # A task never scored (no graded validation scan) has no best score: null, not -Infinity (not JSON).
+    best_scores = {name: value if math.isfinite(value) else None for name, value in checkpoints.best.items()}
+    summary = {"best_scores": best_scores, "best_epochs": checkpoints.best_epoch, "replica_digests": digests}
     if dist.is_main:
-        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2), resume_remedy(run_dir))
+        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False), resume_remedy(run_dir))
     if use_wandb and dist.is_main:
         finish_wandb(checkpoints)
     return TrainResult(run_dir, dict(checkpoints.best))
 
 
+def check_batch_fits(items: list[TrainingItem], batch_size: int, world_size: int, data_dir: Path) -> None:
+    """Refuse a batch larger than a process's share of the training scans: the training loader
+    drops incomplete batches, so an epoch would take no step and keep the initial weights."""
+    scans = sum(item.partition == "train" for item in items)
+    per_process = -(-scans // world_size)
+    if batch_size > per_process:
+        share = f"{per_process} per process of the {scans}" if world_size > 1 else f"the {scans}"
+        raise Cov3dError(
+            f"--batch-size {batch_size} is larger than {share} readable training scans in {data_dir / 'train'}: "
+            f"an epoch would take no step. Use --batch-size {max(1, per_process)} or less."
+        )
+
+
 def check_same_dataset(run_dir: Path, fingerprint: str) -> None:
     """Refuse to resume on a dataset other than the one the run started with."""
-    recorded = json.loads((run_dir / CONFIG_FILE).read_text()).get("dataset_fingerprint")
+    recorded = read_run_config(run_dir).get("dataset_fingerprint")
     if recorded is not None and recorded != fingerprint:
         raise Cov3dError(
             f"{run_dir / CONFIG_FILE}: the dataset changed since this run started (scans, labels or slice counts); "
@@ -375,15 +408,23 @@ def check_same_dataset(run_dir: Path, fingerprint: str) -> None:
         )
 
 
-def resume_training(run_dir: Path, **options) -> TrainResult:
-    """Continue the run in `run_dir` with its recorded data folder and settings; `options` as for `train`."""
-    config_path = Path(run_dir) / CONFIG_FILE
-    if not config_path.is_file():
-        raise Cov3dError(f"{config_path} not found: --resume needs a run folder written by 'cov3d train'.")
-    config = json.loads(config_path.read_text())
-    settings = TrainSettings(**{f.name: config[f.name] for f in fields(TrainSettings)})
+def resume_training(run_dir: Path, **overrides) -> TrainResult:
+    """Continue the run in `run_dir` as it was started: its settings and its data folder, cache
+    folder, device, precision, workers and W&B logging from config.json (``cov3d.training.runconfig``).
+
+    `overrides` (keyword arguments of `train`, including ``data_dir``) replace recorded options;
+    each that differs is printed as one line.
+    """
+    config = read_run_config(run_dir)
+    settings = recorded_settings(config, run_dir, TrainSettings)
+    options, messages = resumed_options(config, overrides)
+    for message in messages:
+        print(message)
+    if options["cache_dir"] is None:
+        options["cache_dir"] = default_cache_dir()
     options.setdefault("pretrained", False)  # the weights come from the checkpoint
-    return train(Path(config["data_dir"]), Path(run_dir), settings, resume=True, **options)
+    data_dir = options.pop("data_dir")
+    return train(Path(data_dir), Path(run_dir), settings, resume=True, **options)
 
 
 def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
@@ -393,7 +434,7 @@ def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
     """
     import wandb
 
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    config = read_run_config(run_dir)
     run_id = config.get("wandb_id") or secrets.token_hex(WANDB_ID_BYTES)
     if "wandb_id" not in config:
         write_text_atomically(run_dir / CONFIG_FILE, json.dumps({**config, "wandb_id": run_id}, indent=2), NEW_RUN_REMEDY)

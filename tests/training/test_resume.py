@@ -98,12 +98,13 @@ def test_seeded_runs_match_exactly(uninterrupted, killed):
 
 
 def test_resume_ends_like_an_uninterrupted_run(uninterrupted, killed, small_dataset):
+    """Resumed with no option but --resume: precision (fp32 even where 'auto' means bf16), device, cache
+    folder and workers come from config.json, and the weights end bit for bit as uninterrupted."""
     result = subprocess.run(
-        CLI + ["train", "--resume", str(killed), "--cache-dir", str(killed.parent / "cache"), "--device", "cpu",
-               "--precision", "fp32", "--workers", "1"],
-        env=cli_env(), capture_output=True, text=True, timeout=KILL_TIMEOUT_S,
+        CLI + ["train", "--resume", str(killed)], env=cli_env(), capture_output=True, text=True, timeout=KILL_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "overriding" not in result.stdout
     assert len(metric_rows(killed)) == EPOCHS
     assert metric_rows(killed) == metric_rows(uninterrupted)
     assert json.loads((killed / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
@@ -115,6 +116,22 @@ def test_resume_refuses_a_finished_run(uninterrupted, tmp_path):
 
     with pytest.raises(Cov3dError, match="nothing to resume"):
         resume_training(uninterrupted, cache_dir=tmp_path, device="cpu", precision="fp32", workers=1)
+    assert not tmp_path.joinpath("8x32x32").exists()  # refused before reading any scan
+
+
+def test_resume_reports_each_override_and_refuses_new_settings(uninterrupted, tmp_path):
+    from typer.testing import CliRunner
+
+    from cov3d.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--resume", str(uninterrupted), "--precision", "bf16", "--workers", "1",
+                                      "--cache-dir", str(tmp_path / "other-cache")])
+    assert result.exit_code == 1 and "nothing to resume" in result.output and "Traceback" not in result.output
+    assert "overriding precision: recorded fp32, now bf16" in result.output
+    assert f"overriding cache-dir: recorded {uninterrupted.parent / 'cache-full'}, now {tmp_path / 'other-cache'}" in result.output
+    assert "workers" not in result.output  # given again unchanged: not an override
+    refused = CliRunner().invoke(app, ["train", "--resume", str(uninterrupted), "--epochs", "5"])
+    assert refused.exit_code == 1 and "--epochs cannot change when resuming" in refused.output
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
