@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cov3d.atomic import TEMP_SUFFIX, write_failure_reason
+from cov3d.atomic import TEMP_SUFFIX, file_mode, write_failure_reason
 from cov3d.errors import Cov3dError
 from cov3d.scans import one_line
 
@@ -199,6 +199,7 @@ def save_atomic(path: Path, entry: dict) -> None:
     try:
         with handle, _without_zip_checksums():
             torch.save(entry, handle)
+        os.chmod(temp, file_mode())  # NamedTemporaryFile makes it 0600: a shared cache must stay readable
         os.replace(temp, path)
     except BaseException as error:
         reason = write_failure_reason(error, path.parent) if isinstance(error, Exception) else None
