@@ -7,8 +7,8 @@ size. The cache lives in an explicit directory (``default_cache_dir``), never ne
   fast_decode, ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
 - **Entry.** Each file is ``torch.save`` of a plain dict of ints, strings and one tensor, so
   it loads with ``torch.load(..., weights_only=True)``: the parameters, the source path, a
-  fingerprint of the source (name, size and modification time of every slice file, so the entry
-  is rebuilt when a slice is added, removed, replaced or touched) and the volume
+  fingerprint of the source (name, size, modification and status-change time and inode of every
+  slice file, so the entry is rebuilt when a slice is added, removed, replaced or touched) and the volume
   ``(1, D, H, W)`` as uint8 grey levels with a CRC-32 of its bytes.
 - **uint8 levels.** A value v in [0, 1] is stored as the level round(255 v) and read back as
   level / 255 (``from_levels``): the 8-bit grid of the JPEG slices themselves.
@@ -81,7 +81,16 @@ def default_cache_dir() -> Path:
 
 
 def source_fingerprint(slices: Sequence[Path]) -> str:
-    """SHA-256 (hex) of the name, size and modification time (ns) of every slice file."""
+    """SHA-256 (hex) of the name, size, modification and status-change times (ns) and inode
+    number of every slice file.
+
+    A slice replaced by another file of the same size and modification time (``cp`` then
+    ``touch -d``, or a rename over it) still changes its status-change time (which only the
+    kernel sets) or its inode. Reading the slices' contents instead would catch the same
+    replacements at 30 ms per 300-slice scan (19 MB of JPEGs, from the page cache), against
+    0.9 ms for the stats: 4x a whole cache hit at small. A chmod or a new hard link also
+    changes the status-change time; the scan is then rebuilt once, needlessly but correctly.
+    """
     digest = hashlib.sha256()
     for path in slices:
         try:
@@ -91,7 +100,7 @@ def source_fingerprint(slices: Sequence[Path]) -> str:
                 f"Cannot read CT slice {path}: {one_line(error.strerror or error)}. "
                 "Fix the file or leave the scan out."
             ) from None
-        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\t{stat.st_ino}\n".encode())
     return digest.hexdigest()
 
 
