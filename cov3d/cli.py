@@ -129,7 +129,7 @@ def prune_cache(
     missing_scans: bool = typer.Option(False, "--missing-scans", help="Also remove entries whose scan folder or file no longer exists (not while a data drive is unmounted)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
 ):
-    """Free the cache of entries that can never be read again: older format versions, unreadable files, leftovers of killed writers."""
+    """Free the cache of entries that can never be read again: older format versions, damaged entries, leftovers of killed writers (only files that prove to be entries)."""
     from .cache import prune_cache as prune
 
     directory = cache_directory(cache_dir)
