@@ -27,6 +27,7 @@ CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tens
 WorkersOption = typer.Option(None, "--workers", min=1, help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 PrecisionOption = typer.Option("auto", "--precision", help="auto (bf16 where fast), fp32, bf16 or fp16 (CUDA only).")
+OverwriteOption = typer.Option(False, "--overwrite", help="Replace existing files that are not cov3d's earlier outputs of the same kind (never an input).")
 
 
 def fail(message: str) -> None:
@@ -297,11 +298,13 @@ def show(
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
+    overwrite: bool = OverwriteOption,
 ):
     """Draw the axial, sagittal and coronal mid-planes of scans, one row per scan, with label or prediction."""
     from .views import show_scans
 
-    titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision)
+    titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision,
+                        overwrite=overwrite)
     typer.echo(f"{len(titles)} scans -> {output}")
 
 
