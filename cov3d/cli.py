@@ -217,6 +217,7 @@ def infer(
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Scans per forward pass."),
     mc_samples: int = typer.Option(0, "--mc-samples", min=0, help="Monte-Carlo dropout samples per model; adds covid_probability_std and severity_agreement columns. 0: off."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --output and predict only the other scans."),
+    overwrite: bool = OverwriteOption,
     seed: int = typer.Option(0, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each scan with its sagittal reflection (paper) or not (twice as fast)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Background preprocessing processes (0: in the main process). Default: half the CPU cores, at least 1."),
@@ -234,6 +235,7 @@ def infer(
         scan_dirs, model, output, cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers if workers is not None else max(1, available_cpus() // 2), resume=resume, seed=seed, reflect=tta,
+        overwrite=overwrite,
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)

@@ -10,6 +10,7 @@ scan is predicted, so that an interrupted run keeps its rows and ``resume=True``
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .errors import Cov3dError
 from .layout import SEVERITY_LABELS
 from .metrics import PRESENCE_THRESHOLD
 from .modelfile import ModelSource, expand_models, load_source
+from .outputs import OutputFolder, check_output, has_header, real, refuse_inside, refuse_run_file, submission_name_problem
 from .preprocess import VolumeCache
 from .runtime import autocast, resolve_device, resolve_precision
 from .scans import scan_name, scan_number
@@ -198,11 +200,21 @@ def prediction_row(scan: Path, prediction: Prediction, uncertainty: bool = False
     return row
 
 
-def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> None:
-    """Competition files: one scan name per line, no header, sorted by the number in the name."""
+def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> list[Path]:
+    """Competition files: one scan name per line, no header, sorted by the number in the name.
+
+    A scan listed more than once (its path spelled differently) counts once, with its last row.
+    Raises ``Cov3dError`` for a name that cannot be one line of these files. Returns the files written.
+    """
+    unique = {real(Path(row["path"])): row for row in rows}
+    for row in unique.values():
+        problem = submission_name_problem(row["name"])
+        if problem is not None:
+            raise Cov3dError(f"Scan {row['path']!r} cannot be listed in a submission file: {problem}. Rename the scan.")
     submission_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[str]] = {label: [] for label in SUBMISSION_FILES}
-    for row in rows:
+    written = []
+    for row in unique.values():
         groups["covid" if row["covid"] == "1" else "non-covid"].append(row["name"])
         if row["severity"]:
             groups[row["severity"]].append(row["name"])
@@ -213,6 +225,8 @@ def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> No
         ordered = sorted(names, key=lambda name: (scan_number(name), name))
         write_text_atomically(submission_dir / SUBMISSION_FILES[label], "".join(f"{name}\n" for name in ordered),
                               "Free some space, then run the same command with --resume to write them again.")
+        written.append(submission_dir / SUBMISSION_FILES[label])
+    return written
 
 
 @dataclass
@@ -242,6 +256,7 @@ def infer(
     seed: int = 0,
     reflect: bool = True,
     on_row: Callable[[dict[str, str]], None] | None = None,
+    overwrite: bool = False,
 ) -> InferenceSummary:
     """Predict every scan with the ensemble of ``models`` (run folders, exported model files or
     folders of them) and write the CSV ``output`` row by row (``on_row`` is called after each).
@@ -251,18 +266,28 @@ def infer(
     ``resume``: keep the rows already in ``output`` and predict only the other scans.
     ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
     Submission files, if asked for, cover every row of ``output``.
+
+    Outputs are checked before anything is written (``check_outputs``). Scans are told apart by
+    their resolved paths, so a resumed run skips them however their paths are spelled. A scan
+    whose name cannot be written in a submission file is reported in ``failed`` and gets no row.
     """
     if mc_samples < 0 or workers < 0 or batch_size < 1:
         raise Cov3dError("mc_samples and workers must be >= 0 and batch_size >= 1.")
     torch_device = resolve_device(device)
-    model_paths = [models] if isinstance(models, (str, Path)) else list(models)
-    sources = [load_source(path) for path in expand_models(model_paths)]
+    model_paths = expand_models([models] if isinstance(models, (str, Path)) else list(models))
+    columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
+    submission = check_outputs(output, submission_dir, [*scan_dirs, *model_paths], resume=resume, overwrite=overwrite)
+    sources = [load_source(path) for path in model_paths]
     ensemble = Ensemble(sources, torch_device, resolve_precision(precision, torch_device), mc_samples, reflect)
     torch.manual_seed(seed)
-    columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
-    done = completed_paths(output, columns) if resume else set()
-    pending = [scan for scan in scan_dirs if str(scan) not in done]
+    done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
+    pending = [scan for scan in scan_dirs if real(scan) not in done]
     summary = InferenceSummary(resumed=len(scan_dirs) - len(pending))
+    for scan in pending:
+        problem = submission_name_problem(scan_name(scan))
+        if problem is not None:
+            summary.failed.append((scan, f"its name {scan_name(scan)!r} cannot be written in a submission file: {problem}. Rename the scan."))
+    pending = [scan for scan in pending if submission_name_problem(scan_name(scan)) is None]
     caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3]) for key in ensemble.size_keys}
 
     def predict(batch: list[ScanItem], rows_file: PredictionRows) -> None:
@@ -292,6 +317,34 @@ def infer(
                 bar.advance(task)
         if batch:
             predict(batch, rows_file)
-    if submission_dir is not None:
-        write_submission(read_rows(output), submission_dir)
+    if submission is not None:
+        submission.record(write_submission(read_rows(output), submission.folder))
     return summary
+
+
+PREDICTION_HEADERS = (CSV_COLUMNS, CSV_COLUMNS + UNCERTAINTY_COLUMNS)
+"""The header rows of cov3d's predictions CSVs (without and with Monte-Carlo dropout)."""
+
+
+def check_outputs(
+    output: Path, submission_dir: Path | None, inputs: Sequence[Path], *, resume: bool, overwrite: bool
+) -> OutputFolder | None:
+    """Refuse, before anything is written, a predictions CSV or submission folder that would
+    write over an input (scans, models) or a run's file, or over a file that is not cov3d's
+    earlier output of that kind (unless ``overwrite``); with ``resume`` an existing CSV is
+    continued instead (``completed_paths`` checks its header). Returns the submission folder."""
+    output = Path(output)
+    if resume and os.path.lexists(output):
+        refuse_inside(output, inputs)
+        refuse_run_file(output)
+    else:
+        check_output(output, kind="predictions CSV", is_own=lambda path: has_header(path, PREDICTION_HEADERS),
+                     overwrite=overwrite, inputs=inputs)
+    if submission_dir is None:
+        return None
+    folder = OutputFolder(submission_dir, kind="submission file", overwrite=overwrite, inputs=inputs,
+                          option="--submission-dir")
+    if real(output) in {real(folder.folder / name) for name in SUBMISSION_FILES.values()}:
+        raise Cov3dError(f"{output} is one of the submission files of {submission_dir}: give another --output.")
+    folder.claim(SUBMISSION_FILES.values())
+    return folder

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -281,7 +282,7 @@ class OutputFolder:
         ]
         if replaced:
             how = " (--overwrite)" if self.overwrite else ""
-            notice(f"Replacing earlier {self.kind} in {self.folder}{how}: {', '.join(replaced)}")
+            notice(f"Replacing earlier {self.kind}s in {self.folder}{how}: {', '.join(replaced)}")
 
     def record(self, paths: Iterable[Path]) -> None:
         """Record the digests of the files just written."""
@@ -291,3 +292,22 @@ class OutputFolder:
         files.update({Path(path).name: file_digest(Path(path)) for path in paths})
         write_text_atomically(self.folder / MANIFEST_FILE, json.dumps({"files": files}, indent=1, sort_keys=True),
                               f"Free some space or choose another {self.option}.")
+
+
+# Scan names in submission files ------------------------------------------------------------
+
+SUBMISSION_NAME_SEPARATORS = ",;\"/\\"
+"""Characters a scan name in a submission file must not hold: field and path separators, quotes."""
+
+
+def submission_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be written as one line of a submission file, or ``None`` if it can:
+    empty, or holding a line break, another control character or a separator."""
+    if not name.strip():
+        return "it is empty"
+    for character in name:
+        if unicodedata.category(character) in ("Cc", "Cf", "Zl", "Zp"):
+            return f"it holds the control character {character!r}"
+        if character in SUBMISSION_NAME_SEPARATORS:
+            return f"it holds the separator {character!r}"
+    return None
