@@ -56,6 +56,11 @@ class Prediction:
         return self.covid_probability >= PRESENCE_THRESHOLD
 
     @property
+    def finite(self) -> bool:
+        """Whether every model gave finite outputs for the scan (else it is no prediction at all)."""
+        return math.isfinite(self.covid_probability)
+
+    @property
     def severity(self) -> str:
         if self.severity_probabilities is None:
             return ""
@@ -106,7 +111,8 @@ class RunPredictor:
         return torch.stack(outputs).mean(dim=0)
 
     def _sample(self, volumes: torch.Tensor) -> torch.Tensor:
-        """One prediction (B, 5): [P(covid), P(mild..critical | covid)], severity NaN without severity weights."""
+        """One prediction (B, 5): [P(covid), P(mild..critical | covid)], severity NaN without severity weights;
+        P(covid) NaN for a scan whose model outputs were not finite (``Prediction.finite``)."""
         presence = self._probabilities(self.presence_model, volumes) if self.presence_model else None
         severity = self._probabilities(self.severity_model, volumes) if self.severity_model else None
         if presence is not None:
@@ -117,6 +123,11 @@ class RunPredictor:
             given_covid = severity[:, 2:6] / severity[:, 2:6].sum(dim=1, keepdim=True)
         else:
             given_covid = torch.full((volumes.shape[0], len(SEVERITY_LABELS)), math.nan)
+        finite = torch.isfinite(covid)
+        for outputs in (presence, severity):
+            if outputs is not None:
+                finite &= torch.isfinite(outputs).all(dim=1)
+        covid = torch.where(finite, covid, math.nan)  # P(covid) is never NaN otherwise: the scan failed
         return torch.cat([covid[:, None], given_covid.to(covid.device)], dim=1).cpu()
 
     def samples(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -269,7 +280,8 @@ def infer(
 
     Outputs are checked before anything is written (``check_outputs``). Scans are told apart by
     their resolved paths, so a resumed run skips them however their paths are spelled. A scan
-    whose name cannot be written in a submission file is reported in ``failed`` and gets no row.
+    whose name cannot be written in a submission file, or whose prediction is not finite, is
+    reported in ``failed`` and gets no row.
     """
     if mc_samples < 0 or workers < 0 or batch_size < 1:
         raise Cov3dError("mc_samples and workers must be >= 0 and batch_size >= 1.")
@@ -294,6 +306,10 @@ def infer(
         levels = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}
         rows = []
         for item, prediction in zip(batch, ensemble.predict(levels)):
+            if not prediction.finite:
+                summary.failed.append((item.scan, "the model gave a non-finite prediction (NaN or infinity); "
+                                                  "check the scan, the model's weights, or try --precision fp32."))
+                continue
             rows.append(prediction_row(item.scan, prediction, uncertainty=mc_samples > 0))
             summary.predicted += 1
             summary.covid += prediction.covid

@@ -34,7 +34,7 @@ from .layout import PRESENCE_CLASSES, SEVERITY_GROUPS, SEVERITY_LABELS
 from .loss import Cov3dLoss, class_weights, model_outputs
 from .metrics import task_metrics
 from .model import POOLS, build_model, load_kinetics_state_dict
-from .modelfile import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
+from .modelfile import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE, non_finite_tensor
 from .preprocess import VolumeCache
 from .provenance import dataset_fingerprint, versions
 from .run_figures import TrainingCurves, write_confusion_matrices
@@ -94,7 +94,8 @@ class TrainResult:
 
 
 class BestCheckpoints(Callback):
-    """After each epoch, save the weights (safetensors) whenever a monitored F1 improves."""
+    """After each epoch, save the weights (safetensors) whenever a monitored F1 improves; weights
+    with a NaN or infinite value (a diverged run) are never kept, whatever their scores."""
 
     order = 70  # after the Recorder has computed the epoch's metrics
 
@@ -106,6 +107,10 @@ class BestCheckpoints(Callback):
     def after_epoch(self) -> None:
         names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
         values = dict(zip(names, self.recorder.log[1:]))
+        diverged = non_finite_tensor(unwrap(self.model).state_dict())
+        if diverged is not None:  # its scores mean nothing, and its weights must never be "best"
+            print(f"Epoch {self.first_epoch + self.epoch}: non-finite weights ({diverged}); not kept as best.")
+            return
         for name in self.monitored:
             value = float(values.get(name, math.nan))
             if not math.isnan(value) and value > self.best[name]:
@@ -323,6 +328,11 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         learner.create_opt()
         load_optimizer_state(learner.opt, resume_state["optimizer"])
     learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
+    if all(math.isinf(value) for value in checkpoints.best.values()):
+        raise Cov3dError(
+            f"{run_dir}: every epoch ended with non-finite weights (NaN or infinity), so no best weights were kept. "
+            "Train again with --precision fp32 or a lower --learning-rate."
+        )
     write_confusion_matrices(run_dir, dls.valid, torch_device)
 
     digests = gather_strings(dist, parameter_digest(learner.model))

@@ -162,6 +162,10 @@ def show_scans(
                 path, predictor.size, predictor.fast_decode, cache_dir or default_cache_dir(), torch.from_numpy(view.volume)
             )[None]
             prediction = predictor.predict(volume)[0]
+            if not prediction.finite:
+                parts.append("no prediction (the model's output is not finite)")
+                titles.append("  |  ".join(parts))
+                continue
             guess = "covid" if prediction.covid else "non-covid"
             if prediction.covid and prediction.severity:
                 guess += f", {prediction.severity}"
