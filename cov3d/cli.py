@@ -173,6 +173,7 @@ def train(
     precision: str = PrecisionOption,
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch (its data and settings are reused)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --output-dir (its files are removed first)."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
     from .train import TrainSettings, resume_training, train as run_training
@@ -198,7 +199,7 @@ def train(
     result = run_training(
         directory, run_dir, settings, cache_dir=cache_directory(cache_dir),
         pretrained_weights=pretrained_weights, pretrained=pretrained, device=device,
-        precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb,
+        precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb, overwrite=overwrite,
     )
     typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
 

@@ -311,3 +311,37 @@ def submission_name_problem(name: str) -> str | None:
         if character in SUBMISSION_NAME_SEPARATORS:
             return f"it holds the separator {character!r}"
     return None
+
+
+# Run folders of 'cov3d train' --------------------------------------------------------------
+
+
+def check_new_run(run_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> list[Path]:
+    """Refuse to start a run in ``run_dir`` if it lies inside the data read, is itself a scan
+    folder, or already holds a run's files, unless ``overwrite`` (then those files are returned,
+    for ``remove_run_files`` to delete before the new run writes anything)."""
+    from .scans import is_scan
+
+    run_dir = Path(run_dir)
+    refuse_inside(run_dir, inputs, "run folder")
+    if os.path.lexists(run_dir) and not run_dir.is_dir():
+        raise Cov3dError(f"{run_dir} exists and is not a folder: give a folder for the run (--output-dir).")
+    if run_dir.is_dir() and is_scan(run_dir):
+        raise Cov3dError(f"{run_dir} is a CT scan folder: give another --output-dir for the run.")
+    existing = existing_run_files(run_dir)
+    if existing and not overwrite:
+        names = ", ".join(path.name for path in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise Cov3dError(
+            f"{run_dir} already holds a cov3d run ({names}): continue it with 'cov3d train --resume {run_dir}', "
+            "give another --output-dir, or --overwrite to replace it."
+        )
+    return existing
+
+
+def remove_run_files(run_dir: Path, files: Sequence[Path]) -> None:
+    """Delete an earlier run's files (``check_new_run`` with ``overwrite``), so that no weights of
+    other settings stay beside the new run's; say so in one line."""
+    for path in files:
+        Path(path).unlink(missing_ok=True)
+    if files:
+        notice(f"Replacing the earlier run in {run_dir} (--overwrite): removed {', '.join(Path(p).name for p in files)}")

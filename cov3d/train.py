@@ -35,6 +35,7 @@ from .loss import Cov3dLoss, class_weights, model_outputs
 from .metrics import task_metrics
 from .model import POOLS, build_model, load_kinetics_state_dict
 from .modelfile import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE, non_finite_tensor
+from .outputs import check_new_run, remove_run_files
 from .preprocess import VolumeCache
 from .provenance import dataset_fingerprint, versions
 from .run_figures import TrainingCurves, write_confusion_matrices
@@ -204,11 +205,14 @@ def train(
     loader_workers: int | None = None,
     use_wandb: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train Cov3d on `data_dir` (COV19-CT-DB layout) and write the run to `run_dir`.
 
     With `resume`, continue the run in `run_dir` from its last end-of-epoch checkpoint. Launched by
     torchrun, every process trains on its shard of the data and only rank 0 writes files.
+    A new run refuses a `run_dir` that holds a run already (``cov3d.outputs.check_new_run``),
+    unless `overwrite`: the earlier run's files are then removed before the first is written.
     """
     arguments = {
         "data_dir": str(Path(data_dir).resolve()), "run_dir": str(Path(run_dir).resolve()), "cache_dir": str(cache_dir),
@@ -224,7 +228,7 @@ def train(
                 Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
                 pretrained=pretrained, torch_device=torch_device, dtype=resolve_precision(precision, torch_device),
                 workers=workers, loader_workers=loader_workers, use_wandb=use_wandb, resume=resume, dist=dist,
-                arguments=arguments,
+                arguments=arguments, overwrite=overwrite,
             )
     finally:
         stop_distributed(started)
@@ -253,10 +257,11 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 
 def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretrained, torch_device, dtype, workers,
-           loader_workers, use_wandb, resume, dist, arguments) -> TrainResult:
+           loader_workers, use_wandb, resume, dist, arguments, overwrite=False) -> TrainResult:
     seed_everything(settings.seed, torch_device)
     resume_state = load_resume_state(run_dir) if resume else None
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
+    earlier_run = [] if resume_state is not None else check_new_run(run_dir, overwrite=overwrite, inputs=[item.path for item in items])
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
     cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
@@ -271,6 +276,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     presence_weights = class_weights(presence_counts(train_items))
     severity_weights = class_weights(severity_group_counts(train_items))
     if dist.is_main and resume_state is None:
+        remove_run_files(run_dir, earlier_run)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, settings, {
             "data_dir": str(data_dir.resolve()),
