@@ -251,11 +251,12 @@ def infer(
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by 'cov3d train' (or a model file to re-export)."),
     out: Path = typer.Argument(..., help="The model file to write (.safetensors), or an existing folder to write it in."),
+    overwrite: bool = OverwriteOption,
 ):
     """Pack a run's config and weights into one safe, shareable model file (safetensors, no pickle)."""
     from .modelfile import export_model
 
-    written = export_model(run_dir, out)
+    written = export_model(run_dir, out, overwrite=overwrite)
     typer.echo(f"Model written to {written} ({written.stat().st_size / 2**20:.1f} MiB).")
 
 
@@ -316,13 +317,15 @@ def show(
 def stats(
     data: Path = typer.Argument(..., help="Dataset folder (train/, validation/, test/ and the severity CSVs) or a folder of scans."),
     output: Path = typer.Option(Path("stats"), "--output", "-o", help="Folder for the tables (CSV) and the depth histogram."),
+    overwrite: bool = OverwriteOption,
 ):
     """Count scans, slices, sizes and labels (paper Fig. 1, Tables 1-2) from file names and image headers."""
-    from .stats import dataset_stats, print_stats, write_stats
+    from .stats import check_stats_output, dataset_stats, print_stats, write_stats
 
     result = dataset_stats(data)
+    folder = check_stats_output(result, output, overwrite=overwrite)
     print_stats(result)
-    write_stats(result, output)
+    write_stats(result, output, folder=folder)
     typer.echo(f"{len(result.scans)} scans, {len(result.warnings)} warnings -> {output}")
 
 
@@ -334,9 +337,10 @@ def explain(
     output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-gradcam.pt and .png."),
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
+    overwrite: bool = OverwriteOption,
 ):
     """3D Grad-CAM of the COVID-19 presence prediction (last residual block), shown through its peak."""
     from .explain import explain as run_explain
 
-    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device)
+    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, overwrite=overwrite)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

@@ -236,12 +236,25 @@ def expand_models(paths: list[Path]) -> list[Path]:
     return models
 
 
-def export_model(source: Path, out: Path) -> Path:
+def is_export_file(path: Path) -> bool:
+    """Whether ``path`` is a model file written by ``cov3d export`` (its metadata names the
+    format; only the header is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == EXPORT_FORMAT
+    except Exception:  # noqa: BLE001 - anything that safetensors cannot open is not one
+        return False
+
+
+def export_model(source: Path, out: Path, *, overwrite: bool = False) -> Path:
     """Write the run folder (or model file) ``source`` as one shareable model file.
 
     ``out``: a ``.safetensors`` path, or an existing folder (the file is then named after the run).
-    Returns the path written.
+    It is never ``source`` or inside it, nor a run's file; an existing file is replaced only if it
+    is an exported model file, or with ``overwrite``. Returns the path written.
     """
+    from .outputs import check_output
+
     model = load_source(source)
     for task in model.states:
         model.build(task)  # refuses a config that does not match the weights
@@ -250,6 +263,8 @@ def export_model(source: Path, out: Path) -> Path:
         out = out / f"{model.path.name.removesuffix(MODEL_SUFFIX)}{MODEL_SUFFIX}"
     if out.suffix.lower() != MODEL_SUFFIX:
         raise Cov3dError(f"{out}: the exported model file must end with {MODEL_SUFFIX}.")
+    check_output(out, kind="exported model", is_own=is_export_file, overwrite=overwrite, inputs=[model.path],
+                 option="output file")
     config = {key: value for key, value in model.config.items() if key not in PRIVATE_CONFIG_KEYS}
     config_text = json.dumps(config, sort_keys=True)
     tensors = {f"{task}/{key}": tensor.contiguous() for task, state in model.states.items() for key, tensor in state.items()}
