@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import functools
 import io
 import os
 import shutil
@@ -36,6 +37,26 @@ DEFAULT_NAME_MAX = 255
 FULL_DISK_BYTES = 16 * 2**20
 """Free space under which a failed write is put down to a full disk (the failed write itself
 has taken what was left)."""
+
+
+@functools.cache
+def file_mode() -> int:
+    """The mode ``open`` gives a new file: 0o666 less the process's umask, read once.
+
+    Temporary files (``mkstemp``) are created 0600, so each is given this mode before it is
+    renamed into place. The umask is read from ``/proc/self/status`` where Linux has it, since
+    ``os.umask`` can only be read by setting it, which other threads would see for a moment.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_failure_reason(error: BaseException, folder: Path) -> str | None:
@@ -69,7 +90,7 @@ def temporary_prefix(path: Path) -> str:
 def replaced_atomically(path: Path, remedy: str) -> Iterator[Path]:
     """A temporary path beside ``path`` (``.<name>.<random>.tmp``, so concurrent writers never
     share one) for the block to write; when the block ends the file is flushed to disk and
-    renamed over ``path``.
+    renamed over ``path``, with the mode a new file gets under the user's umask (``file_mode``).
 
     On any error the temporary file is removed. A full disk becomes a one-line ``Cov3dError``
     naming ``path`` and ending with ``remedy``; another failure of the disk (read-only, no
@@ -86,6 +107,7 @@ def replaced_atomically(path: Path, remedy: str) -> Iterator[Path]:
     temp = Path(name)
     try:
         yield temp
+        os.chmod(temp, file_mode())
         with temp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)

@@ -47,6 +47,7 @@ PrecisionOption = typer.Option("auto", "--precision", help=(
     "auto, fp32, bf16 or fp16 (CUDA only). auto: on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16, else fp32 "
     "(emulated bf16 is slower); on a GPU, bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 "
     "with a gradient scaler (V100, T4). The choice is printed and kept in the run's config.json."))
+OverwriteOption = typer.Option(False, "--overwrite", help="Replace existing files that are not cov3d's earlier outputs of the same kind (never an input).")
 
 
 def fail(message: str) -> None:
@@ -154,7 +155,7 @@ def prune_cache(
     missing_scans: bool = typer.Option(False, "--missing-scans", help="Also remove entries whose scan folder or file no longer exists (not while a data drive is unmounted)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
 ):
-    """Free the cache of entries that can never be read again: older format versions, unreadable files, leftovers of killed writers."""
+    """Free the cache of entries that can never be read again: older format versions, damaged entries, leftovers of killed writers (only files that prove to be entries)."""
     from cov3d.preprocessing.cache import prune_cache as prune
 
     directory = cache_directory(cache_dir)
@@ -198,6 +199,7 @@ def train(
     precision: str = PrecisionOption,
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch, as it was started: data, settings, cache folder, device and precision come from its config.json; --directory, --cache-dir, --device, --precision and the worker options may be given again to override them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --output-dir (its files are removed first)."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
     from cov3d.training.train import TrainSettings, resume_training, train as run_training
@@ -220,7 +222,7 @@ def train(
     result = run_training(
         directory, run_dir, settings, cache_dir=cache_directory(cache_dir),
         pretrained_weights=pretrained_weights, pretrained=pretrained, device=device,
-        precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb,
+        precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb, overwrite=overwrite,
     )
     typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
 
@@ -267,6 +269,7 @@ def infer(
     batch_size: int = typer.Option(2, "--batch-size", help="Scans per forward pass."),
     mc_samples: int = typer.Option(0, "--mc-samples", help="Monte-Carlo dropout samples per model; adds covid_probability_std and severity_agreement columns. 0: off."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --output and predict only the other scans."),
+    overwrite: bool = OverwriteOption,
     seed: int = typer.Option(0, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each scan with its sagittal reflection (paper) or not (twice as fast)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Background preprocessing processes (0: in the main process). Default: half the CPU cores, at least 1."),
@@ -285,6 +288,7 @@ def infer(
         scan_dirs, model, output, cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers if workers is not None else max(1, available_cpus() // 2), resume=resume, seed=seed, reflect=tta,
+        overwrite=overwrite,
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -299,11 +303,12 @@ def infer(
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by 'cov3d train' (or a model file to re-export)."),
     out: Path = typer.Argument(..., help="The model file to write (.safetensors), or an existing folder to write it in."),
+    overwrite: bool = OverwriteOption,
 ):
     """Pack a run's config and weights into one safe, shareable model file (safetensors, no pickle)."""
     from cov3d.model.files import export_model
 
-    written = export_model(run_dir, out)
+    written = export_model(run_dir, out, overwrite=overwrite)
     typer.echo(f"Model written to {written} ({written.stat().st_size / 2**20:.1f} MiB).")
 
 
@@ -349,11 +354,13 @@ def show(
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
+    overwrite: bool = OverwriteOption,
 ):
     """Draw the axial, sagittal and coronal mid-planes of scans, one row per scan, with label or prediction."""
     from cov3d.inference.views import show_scans
 
-    titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision)
+    titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision,
+                        overwrite=overwrite)
     typer.echo(f"{len(titles)} scans -> {output}")
 
 
@@ -362,13 +369,15 @@ def show(
 def stats(
     data: Path = typer.Argument(..., help="Dataset folder (train/, validation/, test/ and the severity CSVs) or a folder of scans."),
     output: Path = typer.Option(Path("stats"), "--output", "-o", help="Folder for the tables (CSV) and the depth histogram."),
+    overwrite: bool = OverwriteOption,
 ):
     """Count scans, slices, sizes and labels (paper Fig. 1, Tables 1-2) from file names and image headers."""
-    from cov3d.dataset.stats import dataset_stats, print_stats, write_stats
+    from cov3d.dataset.stats import check_stats_output, dataset_stats, print_stats, write_stats
 
     result = dataset_stats(data)
+    folder = check_stats_output(result, output, overwrite=overwrite)
     print_stats(result)
-    write_stats(result, output)
+    write_stats(result, output, folder=folder)
     typer.echo(f"{len(result.scans)} scans, {len(result.warnings)} warnings -> {output}")
 
 
@@ -380,9 +389,10 @@ def explain(
     output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-gradcam.pt and .png."),
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
+    overwrite: bool = OverwriteOption,
 ):
     """3D Grad-CAM of the COVID-19 presence prediction (last residual block), shown through its peak."""
     from cov3d.inference.explain import explain as run_explain
 
-    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device)
+    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, overwrite=overwrite)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

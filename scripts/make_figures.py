@@ -71,7 +71,8 @@ def main() -> None:
         train(data, run, settings, cache_dir=cache, pretrained=False, device="cpu", precision="fp32")
 
         args.output.mkdir(parents=True, exist_ok=True)
-        show_scans(example_scans(data), args.output / "scans.png", run_dir=run, cache_dir=cache, device="cpu")
+        show_scans(example_scans(data), args.output / "scans.png", run_dir=run, cache_dir=cache, device="cpu",
+                   overwrite=True)  # its own figure, re-saved below without cov3d's metadata
         shutil.copy(paths["histogram"], args.output / "depth-histogram.png")
         shutil.copy(run / CURVES_FILE, args.output / CURVES_FILE)
         for stem in CONFUSION_STEM.values():

@@ -63,13 +63,13 @@ def test_prune_cache_lists_then_removes(tmp_path, tiny_dataset):
     assert invoke("preprocess", tiny_dataset / "test", "--depth", 4, "--width", 16, "--cache-dir", cache).exit_code == 0
     entries = sorted(cache.glob("*/*.pt"))
     damaged = entries[0]
-    damaged.write_bytes(b"")
+    damaged.write_bytes(damaged.read_bytes()[:2048])  # torn: starts like an entry, cannot be read
     preview = invoke("prune-cache", "--cache-dir", cache, "--dry-run")
     assert preview.exit_code == 0, preview.output
-    assert f"Would remove {damaged}: unreadable" in preview.output
+    assert f"Would remove {damaged}: damaged entry" in preview.output
     assert f"1 file to remove (0.0 MiB), {len(entries) - 1} entries kept." in preview.output and damaged.exists()
     result = invoke("prune-cache", "--cache-dir", cache)
-    assert result.exit_code == 0 and f"Removed {damaged}: unreadable" in result.output and not damaged.exists()
+    assert result.exit_code == 0 and f"Removed {damaged}: damaged entry" in result.output and not damaged.exists()
     assert_one_line_error(invoke("prune-cache", "--cache-dir", tmp_path / "elsewhere"), "elsewhere", "not found")
 
 

@@ -180,15 +180,32 @@ def _write_table(path: Path, table: dict[str, dict[str, int | None]], partitions
     write_csv_atomically(path, [[first, *partitions], *rows], WRITE_REMEDY)
 
 
-def write_stats(stats: DatasetStats, output_dir: Path) -> dict[str, Path]:
-    """Write the CSVs and the histogram to ``output_dir``; returns {what: path}."""
+STATS_FILES = {
+    "partitions": "partitions.csv", "severity": "severity.csv", "scans": "scans.csv",
+    "slice_sizes": "slice-sizes.csv", "histogram": "depth-histogram.png", "warnings": "warnings.txt",
+}
+
+
+def check_stats_output(stats: DatasetStats, output_dir: Path, *, overwrite: bool = False):
+    """The output folder, checked before anything is written (``cov3d.outputs.OutputFolder``): never
+    inside a scan folder; existing files only if unchanged since cov3d wrote them, or ``overwrite``."""
+    from cov3d.outputs import OutputFolder
+
+    folder = OutputFolder(output_dir, kind="stats file", overwrite=overwrite, inputs=[scan.path for scan in stats.scans])
+    folder.claim(STATS_FILES.values())
+    return folder
+
+
+def write_stats(stats: DatasetStats, output_dir: Path, *, overwrite: bool = False, folder=None) -> dict[str, Path]:
+    """Write the CSVs and the histogram to ``output_dir``; returns {what: path}.
+
+    ``folder``: the result of ``check_stats_output``, if the caller checked already."""
     from cov3d.viz.figures import depth_histogram, save_figure
 
+    folder = folder if folder is not None else check_stats_output(stats, output_dir, overwrite=overwrite)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: output_dir / file for name, file in (
-        ("partitions", "partitions.csv"), ("severity", "severity.csv"), ("scans", "scans.csv"),
-        ("slice_sizes", "slice-sizes.csv"), ("histogram", "depth-histogram.png"), ("warnings", "warnings.txt"))}
+    paths = {name: output_dir / file for name, file in STATS_FILES.items()}
     _write_table(paths["partitions"], stats.presence_table, stats.partitions, "covid")
     _write_table(paths["severity"], stats.severity_table, stats.partitions, "severity")
     scan_rows = [
@@ -202,6 +219,7 @@ def write_stats(stats: DatasetStats, output_dir: Path) -> dict[str, Path]:
     write_text_atomically(paths["warnings"], "".join(f"{warning}\n" for warning in stats.warnings), WRITE_REMEDY)
     depths = {p: [s.depth for s in stats.scans if s.partition == p] for p in stats.partitions}
     save_figure(depth_histogram(depths), paths["histogram"])
+    folder.record(paths.values())
     return paths
 
 

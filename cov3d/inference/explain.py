@@ -103,15 +103,19 @@ def explain(
     *,
     cache_dir: Path | None = None,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> dict[str, Path | float | tuple[int, int, int]]:
     """Grad-CAM of a scan folder or tensor file with a run's best-presence weights (best-severity
     for lambda = 1 runs); writes ``<name>-gradcam.pt`` and ``<name>-gradcam.png`` to ``output_dir``.
 
-    Returns the two paths, P(covid) from the score and the peak voxel (z, y, x).
+    Returns the two paths, P(covid) from the score and the peak voxel (z, y, x). The outputs are
+    checked first: never inside the scan or the run, and existing files only if unchanged since
+    cov3d wrote them (``cov3d.outputs.OutputFolder``), or with ``overwrite``.
     """
     from cov3d.atomic import replaced_atomically
     from cov3d.inference.views import load_tensor_file, model_volume
     from cov3d.model.files import load_source
+    from cov3d.outputs import OutputFolder
     from cov3d.preprocessing.preprocess import default_cache_dir
     from cov3d.runtime import resolve_device
     from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
@@ -131,6 +135,8 @@ def explain(
         name = recorded.name if recorded is not None else scan.stem
     else:
         volume, name = None, scan.name
+    folder = OutputFolder(output_dir, kind="Grad-CAM file", overwrite=overwrite, inputs=[scan, run_dir])
+    folder.claim([f"{name}{CAM_SUFFIX}.pt", f"{name}{CAM_SUFFIX}.png"])
     volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume)
     cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only)
     probability = float(torch.sigmoid(torch.tensor(score)))
@@ -143,4 +149,5 @@ def explain(
         torch.save(cam.contiguous(), temp)
     title = f"{name}: P(covid) = {probability:.2f}"
     image_path = save_figure(gradcam_overlay(volume[0].cpu().numpy(), cam.numpy(), title), output_dir / f"{name}{CAM_SUFFIX}.png")
+    folder.record([tensor_path, image_path])
     return {"tensor": tensor_path, "image": image_path, "probability": probability, "peak": peak}

@@ -10,6 +10,7 @@ scan is predicted, so that an interrupted run keeps its rows and ``resume=True``
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,15 @@ from cov3d.inference.streaming import PredictionRows, SizeKey, StreamedScan, com
 from cov3d.limits import COUNT, OPTIONAL_COUNT, SEED, SIZE
 from cov3d.model.files import ModelSource, expand_models, load_source
 from cov3d.model.metrics import PRESENCE_THRESHOLD
+from cov3d.outputs import (
+    OutputFolder,
+    check_output,
+    has_header,
+    real,
+    refuse_inside,
+    refuse_run_file,
+    submission_name_problem,
+)
 from cov3d.preprocessing.cache import values_on
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.runtime import autocast, resolve_device, resolve_precision
@@ -53,6 +63,11 @@ class Prediction:
     @property
     def covid(self) -> bool:
         return self.covid_probability >= PRESENCE_THRESHOLD
+
+    @property
+    def finite(self) -> bool:
+        """Whether every model gave finite outputs for the scan (else it is no prediction at all)."""
+        return math.isfinite(self.covid_probability)
 
     @property
     def severity(self) -> str:
@@ -105,7 +120,8 @@ class RunPredictor:
         return torch.stack(outputs).mean(dim=0)
 
     def _sample(self, volumes: torch.Tensor) -> torch.Tensor:
-        """One prediction (B, 5): [P(covid), P(mild..critical | covid)], severity NaN without severity weights."""
+        """One prediction (B, 5): [P(covid), P(mild..critical | covid)], severity NaN without severity weights;
+        P(covid) NaN for a scan whose model outputs were not finite (``Prediction.finite``)."""
         presence = self._probabilities(self.presence_model, volumes) if self.presence_model else None
         severity = self._probabilities(self.severity_model, volumes) if self.severity_model else None
         if presence is not None:
@@ -116,6 +132,11 @@ class RunPredictor:
             given_covid = severity[:, 2:6] / severity[:, 2:6].sum(dim=1, keepdim=True)
         else:
             given_covid = torch.full((volumes.shape[0], len(SEVERITY_LABELS)), math.nan)
+        finite = torch.isfinite(covid)
+        for outputs in (presence, severity):
+            if outputs is not None:
+                finite &= torch.isfinite(outputs).all(dim=1)
+        covid = torch.where(finite, covid, math.nan)  # P(covid) is never NaN otherwise: the scan failed
         return torch.cat([covid[:, None], given_covid.to(covid.device)], dim=1).cpu()
 
     def samples(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -199,11 +220,21 @@ def prediction_row(scan: Path, prediction: Prediction, uncertainty: bool = False
     return row
 
 
-def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> None:
-    """Competition files: one scan name per line, no header, sorted by the number in the name."""
+def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> list[Path]:
+    """Competition files: one scan name per line, no header, sorted by the number in the name.
+
+    A scan listed more than once (its path spelled differently) counts once, with its last row.
+    Raises ``Cov3dError`` for a name that cannot be one line of these files. Returns the files written.
+    """
+    unique = {real(Path(row["path"])): row for row in rows}
+    for row in unique.values():
+        problem = submission_name_problem(row["name"])
+        if problem is not None:
+            raise Cov3dError(f"Scan {row['path']!r} cannot be listed in a submission file: {problem}. Rename the scan.")
     submission_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[str]] = {label: [] for label in SUBMISSION_FILES}
-    for row in rows:
+    written = []
+    for row in unique.values():
         groups["covid" if row["covid"] == "1" else "non-covid"].append(row["name"])
         if row["severity"]:
             groups[row["severity"]].append(row["name"])
@@ -214,6 +245,8 @@ def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> No
         ordered = sorted(names, key=lambda name: (scan_number(name), name))
         write_text_atomically(submission_dir / SUBMISSION_FILES[label], "".join(f"{name}\n" for name in ordered),
                               "Free some space, then run the same command with --resume to write them again.")
+        written.append(submission_dir / SUBMISSION_FILES[label])
+    return written
 
 
 @dataclass
@@ -251,6 +284,7 @@ def infer(
     seed: int = 0,
     reflect: bool = True,
     on_row: Callable[[dict[str, str]], None] | None = None,
+    overwrite: bool = False,
 ) -> InferenceSummary:
     """Predict every scan with the ensemble of ``models`` (run folders, exported model files or
     folders of them) and write the CSV ``output`` row by row (``on_row`` is called after each).
@@ -260,23 +294,38 @@ def infer(
     ``resume``: keep the rows already in ``output`` and predict only the other scans.
     ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
     Submission files, if asked for, cover every row of ``output``.
+
+    Outputs are checked before anything is written (``check_outputs``). Scans are told apart by
+    their resolved paths, so a resumed run skips them however their paths are spelled. A scan
+    whose name cannot be written in a submission file, or whose prediction is not finite, is
+    reported in ``failed`` and gets no row.
     """
     check_inference_options(batch_size=batch_size, mc_samples=mc_samples, workers=workers, seed=seed)
     torch_device = resolve_device(device)
-    model_paths = [models] if isinstance(models, (str, Path)) else list(models)
-    sources = [load_source(path) for path in expand_models(model_paths)]
+    model_paths = expand_models([models] if isinstance(models, (str, Path)) else list(models))
+    columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
+    submission = check_outputs(output, submission_dir, [*scan_dirs, *model_paths], resume=resume, overwrite=overwrite)
+    sources = [load_source(path) for path in model_paths]
     ensemble = Ensemble(sources, torch_device, resolve_precision(precision, torch_device), mc_samples, reflect)
     torch.manual_seed(seed)
-    columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
-    done = completed_paths(output, columns) if resume else set()
-    pending = [scan for scan in scan_dirs if str(scan) not in done]
+    done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
+    pending = [scan for scan in scan_dirs if real(scan) not in done]
     summary = InferenceSummary(resumed=len(scan_dirs) - len(pending))
+    for scan in pending:
+        problem = submission_name_problem(scan_name(scan))
+        if problem is not None:
+            summary.failed.append((scan, f"its name {scan_name(scan)!r} cannot be written in a submission file: {problem}. Rename the scan."))
+    pending = [scan for scan in pending if submission_name_problem(scan_name(scan)) is None]
     caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3]) for key in ensemble.size_keys}
 
     def predict(batch: list[StreamedScan], rows_file: PredictionRows) -> None:
         levels = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}
         rows = []
         for item, prediction in zip(batch, ensemble.predict(levels)):
+            if not prediction.finite:
+                summary.failed.append((item.scan, "the model gave a non-finite prediction (NaN or infinity); "
+                                                  "check the scan, the model's weights, or try --precision fp32."))
+                continue
             rows.append(prediction_row(item.scan, prediction, uncertainty=mc_samples > 0))
             summary.predicted += 1
             summary.covid += prediction.covid
@@ -300,6 +349,34 @@ def infer(
                 bar.advance(task)
         if batch:
             predict(batch, rows_file)
-    if submission_dir is not None:
-        write_submission(read_rows(output), submission_dir)
+    if submission is not None:
+        submission.record(write_submission(read_rows(output), submission.folder))
     return summary
+
+
+PREDICTION_HEADERS = (CSV_COLUMNS, CSV_COLUMNS + UNCERTAINTY_COLUMNS)
+"""The header rows of cov3d's predictions CSVs (without and with Monte-Carlo dropout)."""
+
+
+def check_outputs(
+    output: Path, submission_dir: Path | None, inputs: Sequence[Path], *, resume: bool, overwrite: bool
+) -> OutputFolder | None:
+    """Refuse, before anything is written, a predictions CSV or submission folder that would
+    write over an input (scans, models) or a run's file, or over a file that is not cov3d's
+    earlier output of that kind (unless ``overwrite``); with ``resume`` an existing CSV is
+    continued instead (``completed_paths`` checks its header). Returns the submission folder."""
+    output = Path(output)
+    if resume and os.path.lexists(output):
+        refuse_inside(output, inputs)
+        refuse_run_file(output)
+    else:
+        check_output(output, kind="predictions CSV", is_own=lambda path: has_header(path, PREDICTION_HEADERS),
+                     overwrite=overwrite, inputs=inputs)
+    if submission_dir is None:
+        return None
+    folder = OutputFolder(submission_dir, kind="submission file", overwrite=overwrite, inputs=inputs,
+                          option="--submission-dir")
+    if real(output) in {real(folder.folder / name) for name in SUBMISSION_FILES.values()}:
+        raise Cov3dError(f"{output} is one of the submission files of {submission_dir}: give another --output.")
+    folder.claim(SUBMISSION_FILES.values())
+    return folder

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cov3d.errors import Cov3dError, one_line
+from cov3d.outputs import csv_header
 from cov3d.preprocessing.preprocess import VolumeCache, scan_sources
 from cov3d.preprocessing.workers import init_worker, pool_context
 
@@ -80,22 +81,22 @@ def volume_stream(scans: Sequence[Path], caches: dict[SizeKey, VolumeCache], wor
 def completed_paths(output: Path, columns: Sequence[str]) -> set[str]:
     """Paths of the scans already in the CSV ``output`` (empty if it does not exist).
 
-    A last line without its newline (a run killed while writing) is cut off the file first.
-    Raises ``Cov3dError`` if the file has other columns.
+    Raises ``Cov3dError``, before touching the file, unless its first line is exactly the header
+    of ``columns`` (a cov3d predictions CSV of this kind). Then a last line without its newline
+    (a run killed while writing) is cut off the file.
     """
     if not output.is_file() or output.stat().st_size == 0:
         return set()
+    if csv_header(output) != tuple(columns):
+        raise Cov3dError(
+            f"{output} is not a cov3d predictions CSV or has other columns than this run writes (was --mc-samples different?): "
+            "give another --output, or run without --resume."
+        )
     data = output.read_bytes()
     if not data.endswith(b"\n"):
         os.truncate(output, data.rfind(b"\n") + 1)
     with output.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is not None and tuple(reader.fieldnames) != tuple(columns):
-            raise Cov3dError(
-                f"{output} has other columns than this run writes (was --mc-samples different?): "
-                "give another --output or run without --resume."
-            )
-        return {row["path"] for row in reader}
+        return {row["path"] for row in csv.DictReader(handle)}
 
 
 def open_rows(output: Path, columns: Sequence[str], resume: bool) -> tuple[IO[str], csv.DictWriter]:
@@ -106,6 +107,7 @@ def open_rows(output: Path, columns: Sequence[str], resume: bool) -> tuple[IO[st
     writer = csv.DictWriter(handle, fieldnames=list(columns))
     if not append:
         writer.writeheader()
+        handle.flush()  # a run killed before its first row still leaves a file that is recognisably cov3d's
     return handle, writer
 
 

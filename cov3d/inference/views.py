@@ -130,11 +130,18 @@ def show_scans(
     cache_dir: Path | None = None,
     device: str = "auto",
     precision: str = "auto",
+    overwrite: bool = False,
 ) -> list[str]:
-    """Write the mid-plane figure of ``paths`` to ``output``; returns the row titles."""
+    """Write the mid-plane figure of ``paths`` to ``output``; returns the row titles.
+
+    ``output`` may replace an earlier cov3d figure, or with ``overwrite`` any file, but never an
+    input (``cov3d.outputs.check_figure``).
+    """
+    from cov3d.outputs import check_figure
     from cov3d.preprocessing.preprocess import default_cache_dir
 
     scan_paths = expand_paths(paths)
+    check_figure(output, overwrite=overwrite, inputs=[*scan_paths, *([run_dir] if run_dir is not None else [])])
     views = [load_view(path) for path in scan_paths]
     titles = []
     predictor = None
@@ -155,6 +162,10 @@ def show_scans(
                 path, predictor.size, predictor.fast_decode, cache_dir or default_cache_dir(), torch.from_numpy(view.volume)
             )[None]
             prediction = predictor.predict(volume)[0]
+            if not prediction.finite:
+                parts.append("no prediction (the model's output is not finite)")
+                titles.append("  |  ".join(parts))
+                continue
             guess = "covid" if prediction.covid else "non-covid"
             if prediction.covid and prediction.severity:
                 guess += f", {prediction.severity}"

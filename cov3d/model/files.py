@@ -15,7 +15,7 @@ Two sources are accepted, both safetensors (tensors and JSON text only, no code)
 Pickle-based files (``torch.save`` checkpoints, fastai ``Learner.export`` files: ``.pth``, ``.pt``,
 ``.pkl`` ...) are refused by name and by content (pickle opcode or zip signature at the start),
 before anything is read from them. A config that does not match its weights (keys or shapes)
-is refused too.
+is refused too, and so are weights with a NaN or infinite value (a diverged run), naming the file.
 """
 
 from __future__ import annotations
@@ -118,6 +118,24 @@ def check_config(config: object, where: Path) -> dict:
     return config
 
 
+def non_finite_tensor(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` with a NaN or infinite value, or ``None``."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return key
+    return None
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``Cov3dError`` naming ``path`` if any of its weights is NaN or infinite (a diverged run)."""
+    key = non_finite_tensor(state)
+    if key is not None:
+        raise Cov3dError(
+            f"{path} holds non-finite weights (NaN or infinity, in {key}): the training diverged; "
+            "cov3d never predicts with them. Re-train (e.g. with --precision fp32 or a lower --learning-rate)."
+        )
+
+
 def _load_run(run_dir: Path) -> ModelSource:
     """A run folder: config.json and the safetensors weights present."""
     config_path = run_dir / CONFIG_FILE
@@ -136,6 +154,7 @@ def _load_run(run_dir: Path) -> ModelSource:
                 states[task] = load_file(str(path))
             except (SafetensorError, OSError) as error:
                 raise Cov3dError(f"Cannot load weights {path}: {str(error).splitlines()[0]}. Restore or re-train the run.") from None
+            _refuse_non_finite(states[task], path)
     if not states:
         raise Cov3dError(f"{run_dir} holds no weights ({', '.join(CHECKPOINTS.values())}); train it first.")
     return ModelSource(run_dir, check_config(config, config_path), states)
@@ -181,6 +200,8 @@ def _load_export(path: Path) -> ModelSource:
         raise Cov3dError(f"{refuse}: its config is not valid JSON; re-export the run.") from None
     if not states:
         raise Cov3dError(f"{refuse}: it holds no weights; re-export the run.")
+    for state in states.values():
+        _refuse_non_finite(state, path)
     return ModelSource(path, check_config(config, path), states)
 
 
@@ -215,12 +236,25 @@ def expand_models(paths: list[Path]) -> list[Path]:
     return models
 
 
-def export_model(source: Path, out: Path) -> Path:
+def is_export_file(path: Path) -> bool:
+    """Whether ``path`` is a model file written by ``cov3d export`` (its metadata names the
+    format; only the header is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == EXPORT_FORMAT
+    except Exception:  # noqa: BLE001 - anything that safetensors cannot open is not one
+        return False
+
+
+def export_model(source: Path, out: Path, *, overwrite: bool = False) -> Path:
     """Write the run folder (or model file) ``source`` as one shareable model file.
 
     ``out``: a ``.safetensors`` path, or an existing folder (the file is then named after the run).
-    Returns the path written.
+    It is never ``source`` or inside it, nor a run's file; an existing file is replaced only if it
+    is an exported model file, or with ``overwrite``. Returns the path written.
     """
+    from .outputs import check_output
+
     model = load_source(source)
     for task in model.states:
         model.build(task)  # refuses a config that does not match the weights
@@ -229,6 +263,8 @@ def export_model(source: Path, out: Path) -> Path:
         out = out / f"{model.path.name.removesuffix(MODEL_SUFFIX)}{MODEL_SUFFIX}"
     if out.suffix.lower() != MODEL_SUFFIX:
         raise Cov3dError(f"{out}: the exported model file must end with {MODEL_SUFFIX}.")
+    check_output(out, kind="exported model", is_own=is_export_file, overwrite=overwrite, inputs=[model.path],
+                 option="output file")
     config = {key: value for key, value in model.config.items() if key not in PRIVATE_CONFIG_KEYS}
     config_text = json.dumps(config, sort_keys=True)
     tensors = {f"{task}/{key}": tensor.contiguous() for task, state in model.states.items() for key, tensor in state.items()}

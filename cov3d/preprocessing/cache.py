@@ -7,8 +7,8 @@ size. The cache lives in an explicit directory (``default_cache_dir``), never ne
   fast_decode, ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
 - **Entry.** Each file is ``torch.save`` of a plain dict of ints, strings and one tensor, so
   it loads with ``torch.load(..., weights_only=True)``: the parameters, the source path, a
-  fingerprint of the source (name, size and modification time of every slice file, so the entry
-  is rebuilt when a slice is added, removed, replaced or touched) and the volume
+  fingerprint of the source (name, size, modification and status-change time and inode of every
+  slice file, so the entry is rebuilt when a slice is added, removed, replaced or touched) and the volume
   ``(1, D, H, W)`` as uint8 grey levels with a CRC-32 of its bytes.
 - **uint8 levels.** A value v in [0, 1] is stored as the level round(255 v) and read back as
   level / 255 (``from_levels``): the 8-bit grid of the JPEG slices themselves.
@@ -23,8 +23,9 @@ size. The cache lives in an explicit directory (``default_cache_dir``), never ne
 - **Validation.** An entry that is truncated, unreadable, of another format version, shape,
   dtype, parameters, source or fingerprint, or whose CRC does not match, counts as missing.
 - **Pruning.** A stale entry is overwritten when its scan is read again, but entries of an older
-  format version, of scans that were moved or deleted, unreadable files and temporary files of
-  killed writers would stay forever: ``prune_cache`` removes them (``cov3d prune-cache``).
+  format version, of scans that were moved or deleted, damaged entries and temporary files of
+  killed writers would stay forever: ``prune_cache`` removes them (``cov3d prune-cache``), and
+  only files whose first bytes prove them entries (``looks_like_entry``), never on a name alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
 import time
 import zlib
@@ -44,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cov3d.atomic import TEMP_SUFFIX, write_failure_reason
+from cov3d.atomic import TEMP_SUFFIX, file_mode, write_failure_reason
 from cov3d.errors import Cov3dError, one_line
 
 CACHE_FORMAT_VERSION = 2
@@ -80,7 +82,16 @@ def default_cache_dir() -> Path:
 
 
 def source_fingerprint(slices: Sequence[Path]) -> str:
-    """SHA-256 (hex) of the name, size and modification time (ns) of every slice file."""
+    """SHA-256 (hex) of the name, size, modification and status-change times (ns) and inode
+    number of every slice file.
+
+    A slice replaced by another file of the same size and modification time (``cp`` then
+    ``touch -d``, or a rename over it) still changes its status-change time (which only the
+    kernel sets) or its inode. Reading the slices' contents instead would catch the same
+    replacements at 30 ms per 300-slice scan (19 MB of JPEGs, from the page cache), against
+    0.9 ms for the stats: 4x a whole cache hit at small. A chmod or a new hard link also
+    changes the status-change time; the scan is then rebuilt once, needlessly but correctly.
+    """
     digest = hashlib.sha256()
     for path in slices:
         try:
@@ -90,7 +101,7 @@ def source_fingerprint(slices: Sequence[Path]) -> str:
                 f"Cannot read CT slice {path}: {one_line(error.strerror or error)}. "
                 "Fix the file or leave the scan out."
             ) from None
-        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}\t{stat.st_ctime_ns}\t{stat.st_ino}\n".encode())
     return digest.hexdigest()
 
 
@@ -198,6 +209,7 @@ def save_cache_entry(path: Path, entry: dict) -> None:
     try:
         with handle, _without_zip_checksums():
             torch.save(entry, handle)
+        os.chmod(temp, file_mode())  # NamedTemporaryFile makes it 0600: a shared cache must stay readable
         os.replace(temp, path)
     except BaseException as error:
         reason = write_failure_reason(error, path.parent) if isinstance(error, Exception) else None
@@ -258,23 +270,54 @@ ENTRY_FILE = re.compile(rf"[A-Za-z0-9._-]+-[0-9a-f]{{{KEY_HEX_CHARS}}}\.pt")
 """Names of entry files (``entry_path``); temporary files are ``.<entry file>.<random>.tmp``."""
 
 
+ZIP_RECORD = b"PK\x03\x04"
+"""Start of a zip local file record: ``torch.save`` writes a zip archive."""
+ENTRY_PICKLE_START = b"\x80\x02}"
+"""``torch.save``'s pickle (protocol 2) of a dict."""
+ENTRY_KEYS = (b"depth", b"format", b"source", b"fingerprint", b"volume")
+"""Keys every entry's dict has had (format 1 and 2), as pickled short strings."""
+ENTRY_HEADER_BYTES = 64 * 1024
+"""Bytes read to recognise an entry: its first record holds the dict without the volume."""
+
+
+def looks_like_entry(path: Path) -> bool:
+    """Whether the file starts like a cov3d cache entry (also a truncated one): a ``torch.save``
+    zip whose first record is ``<archive>/data.pkl``, stored, holding a pickled dict with the
+    entry's keys, the first being ``depth``. Anything else (a pickle, a text file, another zip,
+    an empty file) is not one, whatever its name."""
+    with open(path, "rb") as handle:
+        start = handle.read(ENTRY_HEADER_BYTES)
+    if len(start) < 30 or not start.startswith(ZIP_RECORD):
+        return False
+    method, name_size, extra_size = struct.unpack("<H", start[8:10])[0], *struct.unpack("<HH", start[26:30])
+    name = start[30:30 + name_size]
+    record = start[30 + name_size + extra_size:]
+    if method != 0 or not name.endswith(b"/data.pkl") or not record.startswith(ENTRY_PICKLE_START):
+        return False
+    keys = [b"X" + struct.pack("<I", len(key)) + key for key in ENTRY_KEYS]
+    return record.find(keys[0]) == len(ENTRY_PICKLE_START) + 3 and all(key in record for key in keys)
+
+
 def _prune_reason(path: Path, missing_scans: bool, now: float) -> str | None:
     """Why the file ``path`` of a size folder can go, or ``None`` to keep it.
 
-    Only files named like cov3d's entries and their temporary files are considered, and only
-    dicts that carry an entry's ``format`` and ``source``: anything else in the folder is kept.
+    Only files named like cov3d's entries and their temporary files are considered, and of
+    those only the ones whose first bytes prove them entries (``looks_like_entry``): anything
+    else in the folder is kept, whatever its name.
     """
     if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX):
         if not ENTRY_FILE.fullmatch(path.name[1:].rsplit(".", 2)[0]):
             return None
         stale = now - path.stat().st_mtime > STALE_TEMP_SECONDS
-        return "temporary file of a killed writer" if stale else None  # else: being written now
-    if not ENTRY_FILE.fullmatch(path.name):
+        if not stale:  # being written now
+            return None
+        return "temporary file of a killed writer" if looks_like_entry(path) else None
+    if not ENTRY_FILE.fullmatch(path.name) or not looks_like_entry(path):
         return None
     try:  # mmap: reads the small header records, not the volume
         entry = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - an entry-named file that cannot be read is a damaged entry
-        return "unreadable"
+    except Exception:  # noqa: BLE001 - a file that starts like an entry but cannot be read is a damaged entry
+        return "damaged entry"
     if not isinstance(entry, dict) or "format" not in entry or "source" not in entry:
         return None
     if entry["format"] != CACHE_FORMAT_VERSION:
@@ -287,8 +330,9 @@ def _prune_reason(path: Path, missing_scans: bool, now: float) -> str | None:
 def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool = False) -> PruneSummary:
     """Remove the entries under ``cache_dir`` that can never be read again.
 
-    Only size folders and files named like entries are looked at (a wrong ``cache_dir`` loses
-    nothing else). Always: entries of another format version, unreadable entry files and
+    Only size folders and files named like entries whose first bytes prove them entries are
+    looked at (a wrong ``cache_dir`` loses nothing else). Always: entries of another format
+    version, damaged entries and
     temporary files older than ``STALE_TEMP_SECONDS``. With ``missing_scans``, also entries whose scan folder or file no
     longer exists (leave it off while a data drive is unmounted). With ``dry_run``, only report.
     Size folders left empty are removed. Raises ``Cov3dError`` if ``cache_dir`` is not a folder.
@@ -305,7 +349,7 @@ def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool =
             except FileNotFoundError:  # moved into place or removed by a concurrent writer
                 continue
             if reason is None:
-                if ENTRY_FILE.fullmatch(path.name):
+                if path.is_file() and ENTRY_FILE.fullmatch(path.name) and looks_like_entry(path):
                     summary.kept += 1
                 continue
             if not dry_run:

@@ -173,7 +173,7 @@ def run_demo(
     console.rule("3/4 Training (from scratch, 1cycle)")
     report.run_dir = output_dir / "run"
     train(data_dir, report.run_dir, settings.train_settings(), cache_dir=cache_dir, pretrained=False,
-          device=device, precision=precision, workers=workers)
+          device=device, precision=precision, workers=workers, overwrite=True)  # the demo's own run, as its data
     step_done("train")
 
     console.rule("4/4 Inference with reflection averaging")
@@ -182,7 +182,7 @@ def run_demo(
     by_path = {}
     for name, split_scans in splits.items():
         infer([s.path for s in split_scans], report.run_dir, outputs[name], cache_dir=cache_dir,
-              device=device, precision=precision, on_row=lambda row: by_path.update({row["path"]: row}))
+              device=device, precision=precision, on_row=lambda row: by_path.update({row["path"]: row}), overwrite=True)
     baseline = baseline_scores(labelled(items, "train"), splits, cache)
     for name, split_scans in splits.items():
         report.scores[f"cov3d {name}"] = score_rows(split_scans, by_path)

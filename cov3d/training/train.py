@@ -38,10 +38,11 @@ from cov3d.limits import (
     check_fields,
     limited,
 )
-from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
+from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE, non_finite_tensor
 from cov3d.model.loss import Cov3dLoss, class_weights, model_outputs
 from cov3d.model.metrics import task_metrics
 from cov3d.model.network import POOLS, build_model, load_kinetics_state_dict
+from cov3d.outputs import check_new_run, remove_run_files
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
 from cov3d.runtime import Precision, autocast, choose_precision, resolve_device, use_channels_last
@@ -124,7 +125,8 @@ class TrainResult:
 
 
 class BestCheckpoints(Callback):
-    """After each epoch, save the weights (safetensors) whenever a monitored F1 improves."""
+    """After each epoch, save the weights (safetensors) whenever a monitored F1 improves; weights
+    with a NaN or infinite value (a diverged run) are never kept, whatever their scores."""
 
     order = 70  # after the Recorder has computed the epoch's metrics
 
@@ -136,6 +138,10 @@ class BestCheckpoints(Callback):
     def after_epoch(self) -> None:
         names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
         values = dict(zip(names, self.recorder.log[1:]))
+        diverged = non_finite_tensor(unwrap(self.model).state_dict())
+        if diverged is not None:  # its scores mean nothing, and its weights must never be "best"
+            print(f"Epoch {self.first_epoch + self.epoch}: non-finite weights ({diverged}); not kept as best.")
+            return
         for name in self.monitored:
             value = float(values.get(name, math.nan))
             if not math.isnan(value) and value > self.best[name]:
@@ -237,11 +243,14 @@ def train(
     loader_workers: int | None = None,
     use_wandb: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train Cov3d on `data_dir` (COV19-CT-DB layout) and write the run to `run_dir`.
 
     With `resume`, continue the run in `run_dir` from its last end-of-epoch checkpoint. Launched by
     torchrun, every process trains on its shard of the data and only rank 0 writes files.
+    A new run refuses a `run_dir` that holds a run already (``cov3d.outputs.check_new_run``),
+    unless `overwrite`: the earlier run's files are then removed before the first is written.
     """
     arguments = {
         "data_dir": str(Path(data_dir).resolve()), "run_dir": str(Path(run_dir).resolve()), "cache_dir": str(cache_dir),
@@ -259,7 +268,7 @@ def train(
                 Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
                 pretrained=pretrained, torch_device=torch_device, precision=choose_precision(precision, torch_device),
                 workers=workers, loader_workers=loader_workers, use_wandb=use_wandb, resume=resume, dist=dist,
-                arguments=arguments,
+                arguments=arguments, overwrite=overwrite,
             )
     finally:
         stop_distributed(started)
@@ -288,7 +297,7 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 
 def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretrained, torch_device, precision: Precision,
-           workers, loader_workers, use_wandb, resume, dist, arguments) -> TrainResult:
+           workers, loader_workers, use_wandb, resume, dist, arguments, overwrite=False) -> TrainResult:
     dtype = precision.dtype
     if dist.is_main:
         logger.info("Precision: %s on %s (%s)", precision.name, torch_device, precision.reason)
@@ -299,6 +308,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
     check_batch_fits(items, settings.batch_size, dist.world_size, data_dir)
+    earlier_run = [] if resume_state is not None else check_new_run(run_dir, overwrite=overwrite, inputs=[item.path for item in items])
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
     cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
@@ -314,6 +324,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     presence_weights = class_weights(presence_counts(train_items))
     severity_weights = class_weights(severity_group_counts(train_items))
     if dist.is_main and resume_state is None:
+        remove_run_files(run_dir, earlier_run)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, settings, {
             "data_dir": str(data_dir.resolve()),
@@ -372,6 +383,11 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         learner.create_opt()
         load_optimizer_state(learner.opt, resume_state["optimizer"])
     learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
+    if all(math.isinf(value) for value in checkpoints.best.values()):
+        raise Cov3dError(
+            f"{run_dir}: every epoch ended with non-finite weights (NaN or infinity), so no best weights were kept. "
+            "Train again with --precision fp32 or a lower --learning-rate."
+        )
     write_confusion_matrices(run_dir, dls.valid, torch_device)
 
     digests = gather_strings(dist, parameter_digest(learner.model))

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from cov3d.atomic import replaced_atomically  # noqa: E402
 from cov3d.errors import Cov3dError  # noqa: E402
+from cov3d.outputs import figure_metadata  # noqa: E402
 
 DPI = 100
 """Pixels per inch of every saved figure (sizes below are in inches)."""
@@ -86,7 +87,8 @@ def _panel_grid(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
 
 def save_figure(fig: Figure, output: Path) -> Path:
     """Write ``fig`` to ``output`` (at ``DPI``, exact figure size, all or nothing; PNG unless the
-    suffix names another format matplotlib writes) and close it."""
+    suffix names another format matplotlib writes) and close it. PNG, PDF, SVG and PostScript
+    figures carry cov3d's marker in their metadata (``cov3d.outputs.figure_metadata``)."""
     output = Path(output)
     image_format = output.suffix.lstrip(".").lower() or "png"
     try:
@@ -95,7 +97,7 @@ def save_figure(fig: Figure, output: Path) -> Path:
             raise Cov3dError(f"{output}: cannot write .{image_format} images; end the name with .png (or {', '.join('.' + name for name in sorted(formats))}).")
         output.parent.mkdir(parents=True, exist_ok=True)
         with replaced_atomically(output, "Free some space or choose another output folder.") as temp:
-            fig.savefig(temp, dpi=DPI, format=image_format)
+            fig.savefig(temp, dpi=DPI, format=image_format, metadata=figure_metadata(image_format))
     finally:
         plt.close(fig)
     return output

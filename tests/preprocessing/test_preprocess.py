@@ -498,21 +498,25 @@ def test_prune_removes_only_what_can_never_be_read(tmp_path: Path, cache_dir: Pa
     entry = torch.load(cache.path_for(kept_scan), weights_only=True)
     folder = cache.path_for(kept_scan).parent
     torch.save({**entry, "format": 1, "volume": entry["volume"].half() / 255}, folder / "ct_scan_1-0123456789abcdef.pt")
-    (folder / "ct_scan_3-fedcba9876543210.pt").write_bytes(b"not a zip")
+    complete = cache.path_for(kept_scan).read_bytes()
+    (folder / "ct_scan_3-fedcba9876543210.pt").write_bytes(complete[:-64])  # a torn entry
     old_temp = folder / f".{cache.path_for(kept_scan).name}.k2j4x9.tmp"
     new_temp = folder / f".{cache.path_for(kept_scan).name}.p7q1z3.tmp"
     foreign_temp = folder / ".notes.tmp"
-    for temp in (old_temp, new_temp, foreign_temp):
-        temp.write_bytes(b"half")
+    for temp in (old_temp, new_temp):
+        temp.write_bytes(complete[:-64])
+    foreign_temp.write_bytes(b"half")
     for temp in (old_temp, foreign_temp):
         os.utime(temp, (time.time() - 2 * cache_module.STALE_TEMP_SECONDS,) * 2)
     # Not cov3d's, so never touched, even in a size folder: a wrong --cache-dir loses nothing.
     (folder / "notes.txt").write_text("the user's")
     torch.save(torch.zeros(2), folder / "weights.pt")
     torch.save({"weight": torch.zeros(2)}, folder / "resnet-0123456789abcdef.pt")
+    (folder / "ct_scan_5-0123456789abcdef.pt").write_bytes(b"not a zip")  # named like an entry, but not one
     (cache_dir / "models").mkdir()
     (cache_dir / "models" / "ct_scan_4-0123456789abcdef.pt").write_bytes(b"not a zip")
     foreign = [folder / "notes.txt", folder / "weights.pt", folder / "resnet-0123456789abcdef.pt", foreign_temp,
+               folder / "ct_scan_5-0123456789abcdef.pt",
                cache_dir / "models" / "ct_scan_4-0123456789abcdef.pt"]
     for path in gone_scan.iterdir():
         path.unlink()
@@ -525,18 +529,18 @@ def test_prune_removes_only_what_can_never_be_read(tmp_path: Path, cache_dir: Pa
     assert all(path.exists() for path, _ in preview.removed)
     reasons = dict((path.name, reason) for path, reason in preview.removed)
     assert reasons["ct_scan_1-0123456789abcdef.pt"].startswith("format 1")
-    assert reasons["ct_scan_3-fedcba9876543210.pt"] == "unreadable"
+    assert reasons["ct_scan_3-fedcba9876543210.pt"] == "damaged entry"
 
     pruned = cache_module.prune_cache(cache_dir)
     assert [path for path, _ in pruned.removed] == [path for path, _ in preview.removed]
     assert not any(path.exists() for path, _ in pruned.removed)
-    assert pruned.kept == 4 and new_temp.exists() and all(path.exists() for path in foreign)
+    assert pruned.kept == 3 and new_temp.exists() and all(path.exists() for path in foreign)
     assert pruned.freed_bytes > 0
     assert cache.load(kept_scan) is not None
 
     gone = cache_module.prune_cache(cache_dir, missing_scans=True)
     assert sorted(reason for _, reason in gone.removed) == ["its scan is gone"] * 2
-    assert gone.kept == 2 and cache.load(kept_scan) is not None and all(path.exists() for path in foreign)
+    assert gone.kept == 1 and cache.load(kept_scan) is not None and all(path.exists() for path in foreign)
     assert not other_size.path_for(kept_scan).parent.exists()  # its only entry went: folder removed
 
 
