@@ -1,4 +1,4 @@
-"""Regenerate the README's example figures from synthetic data (``docs/figures/``).
+"""Regenerate the example figures of docs/figures.md from synthetic data (``docs/figures/``).
 
 1. ``cov3d.synthetic.generator.generate_dataset``: a small COV19-CT-DB-style dataset;
 2. ``cov3d stats``: depth histogram (paper Fig. 1) and Tables 1-2;
@@ -29,9 +29,9 @@ from cov3d.training.train import TrainSettings, train
 
 FIGURES = Path("docs/figures")
 MAX_FIGURE_BYTES = 300_000
-"""README figures stay small."""
+"""The documentation's figures stay small."""
 PALETTE_COLOURS = 256
-"""README figures are stored as 8-bit palette PNGs (about a third of the RGBA size)."""
+"""The documentation's figures are stored as 8-bit palette PNGs (about a third of the RGBA size)."""
 
 
 def example_scans(data: Path) -> list[Path]:
