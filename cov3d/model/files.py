@@ -253,7 +253,7 @@ def export_model(source: Path, out: Path, *, overwrite: bool = False) -> Path:
     It is never ``source`` or inside it, nor a run's file; an existing file is replaced only if it
     is an exported model file, or with ``overwrite``. Returns the path written.
     """
-    from .outputs import check_output
+    from cov3d.outputs import check_output
 
     model = load_source(source)
     for task in model.states:
