@@ -347,9 +347,10 @@ def explain(
     output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-gradcam.pt and .png."),
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
+    precision: str = PrecisionOption,
 ):
     """3D Grad-CAM of the COVID-19 presence prediction (last residual block), shown through its peak."""
     from cov3d.inference.explain import explain as run_explain
 
-    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device)
+    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")
