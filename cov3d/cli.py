@@ -390,9 +390,11 @@ def explain(
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     overwrite: bool = OverwriteOption,
+    precision: str = PrecisionOption,
 ):
     """3D Grad-CAM of the COVID-19 presence prediction (last residual block), shown through its peak."""
     from cov3d.inference.explain import explain as run_explain
 
-    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, overwrite=overwrite)
+    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
+                         overwrite=overwrite)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

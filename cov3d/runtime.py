@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +32,54 @@ class Precision:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """Turn 'auto' | 'cpu' | 'cuda' (or 'cuda:N') into a device, checking that it exists."""
+    """Turn 'auto' | 'cpu' | 'cuda' (or 'cuda:N') into a device, checking that it exists.
+
+    A GPU comes back with its index ('cuda' is the current GPU) and becomes torch's current CUDA
+    device: whatever asks "the current GPU" (bf16 support, the saved CUDA RNG state, the pinned-memory
+    thread of the loaders, ``torch.cuda.*`` calls without a device) then means the one chosen.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise Cov3dError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
-        return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
-    raise Cov3dError(f"Unknown device '{name}'; choose one of {', '.join(DEVICES)}.")
+    if not name.startswith("cuda"):
+        raise Cov3dError(f"Unknown device '{name}'; choose one of {', '.join(DEVICES)} (or cuda:N).")
+    if not torch.cuda.is_available():
+        raise Cov3dError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise Cov3dError(f"Unknown device '{name}'; use cuda or cuda:N.") from error
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        raise Cov3dError(f"--device {name}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1}).")
+    torch.cuda.set_device(device)
+    return device
+
+
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+"""cuBLAS workspace setting under which its kernels are deterministic (CUDA >= 10.2)."""
+
+
+def reproducible_kernels(device: torch.device) -> str:
+    """Make torch pick deterministic kernels on `device`, and say how far that makes runs reproducible.
+
+    Deterministic cuDNN algorithms (no autotuning), ``torch.use_deterministic_algorithms`` (warning
+    about operations that have no deterministic kernel rather than failing) and, on GPUs, cuBLAS's
+    deterministic workspace (``CUBLAS_WORKSPACE_CONFIG``, unless already set). Training and
+    ``scripts/benchmark_train.py`` both call this, so benchmarks time the kernels training runs.
+    """
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+        return ("deterministic cuDNN and cuBLAS kernels: the same seed on the same GPU model, number of processes "
+                "and software versions gives the same run, except through an operation torch warns has no "
+                "deterministic CUDA kernel")
+    return "deterministic kernels: the same seed and number of threads gives the same run"
 
 
 def cpu_bf16_features() -> list[str]:

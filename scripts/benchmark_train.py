@@ -9,7 +9,8 @@ trains r3d_18 (Cov3d head, combined loss, batch size 2 by default) on it four wa
 each in fp32 and in bf16/channels-last. Samples/s counts training batches after `--warmup` batches
 (validation is not timed); with `--repeats N` every measurement is repeated N times, the loops in
 alternating order, and the best is kept (on a shared machine the minimum time is the least disturbed). With `--device cuda` it also reports the peak GPU memory of a bf16 step
-at the large size (160x320x320) for batch sizes 2, 4 and 8. Not a test: no asserts.
+at the large size (160x320x320) for batch sizes 2, 4 and 8, through the same fastai path. Seeding and
+deterministic kernels are those of `cov3d train` (``seed_everything``). Not a test: no asserts.
 
     python scripts/benchmark_train.py                       # small size, CPU
     python scripts/benchmark_train.py --size 32x64x64       # a quick check
@@ -25,7 +26,8 @@ import time
 from pathlib import Path
 
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 
@@ -34,13 +36,13 @@ from cov3d.model.metrics import task_metrics
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import SIZES, VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.runtime import autocast, resolve_device, use_channels_last
+from cov3d.runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.training.data import collect_items, presence_counts, severity_group_counts
 from cov3d.training.distributed import Distributed
 from cov3d.training.loaders import training_loaders
-from cov3d.training.train import TrainSettings, precision_callbacks
+from cov3d.training.train import TrainSettings, precision_callbacks, seed_everything
 
 VALIDATION_SHARE = 0.2  # synthetic.py puts about a fifth of the labelled scans in validation/
 MEMORY_BATCH_SIZES = (2, 4, 8)
@@ -84,8 +86,9 @@ def make_dataset(work: Path, size: tuple[int, int, int], batches: int, batch_siz
 
 
 def parts(items, cache, settings: TrainSettings, device: torch.device):
-    """Loaders, a freshly seeded model and the combined loss, as `cov3d train` builds them."""
-    torch.manual_seed(settings.seed)
+    """Loaders, a freshly seeded model and the combined loss, as `cov3d train` builds them (with its
+    seeding and deterministic kernels, so the timings are those of training)."""
+    seed_everything(settings.seed, device)
     train_items = [item for item in items if item.partition == "train"]
     dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=True, device=device, workers=0,
                            dist=Distributed())
@@ -133,20 +136,31 @@ def bare_loop(items, cache, settings, device, dtype, warmup: int) -> float:
     return timed / (time.perf_counter() - start)
 
 
-def peak_memory(device: torch.device, size: tuple[int, int, int], batch_size: int) -> float:
-    """Peak GiB allocated by one bf16 channels-last training step on random volumes."""
+class FirstStepOnly(Callback):
+    """End the fit after its first training batch (forward, backward and optimiser step)."""
+
+    order = 100
+
+    def after_batch(self) -> None:
+        if self.training:
+            raise CancelFitException()
+
+
+def peak_memory(items, cache, settings: TrainSettings, device: torch.device, dtype: torch.dtype | None) -> float:
+    """Peak GiB allocated on `device` by the first training step of the Learner as `cov3d train` builds it
+    (loaders, precision callbacks, channels-last, loss, Adam: its state is created in that step)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    model = build_model(outputs=6).to(device).to(memory_format=torch.channels_last_3d)
-    opt = Adam(list(model.parameters()), lr=1e-4)
-    volume = torch.rand(batch_size, 1, *size, device=device).contiguous(memory_format=torch.channels_last_3d)
-    with autocast(device, torch.bfloat16):
-        prediction = model(volume)
-    prediction.float().sum().backward()
-    opt.step()
+    dls, model, loss = parts(items, cache, settings, device)
+    callbacks = [OneCycleSchedule(settings.learning_rate, 1), *precision_callbacks(device, dtype), FirstStepOnly()]
+    learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
+                      wd=settings.weight_decay, cbs=callbacks)
+    learner.remove_cb(ProgressCallback)
+    learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, opt, volume, prediction
+    del learner, model, dls
+    torch.cuda.empty_cache()
     return peak
 
 
@@ -190,9 +204,13 @@ def main() -> None:
         overhead = results[precision, "bare"] / results[precision, "fastai"] - 1
         print(f"fastai loop overhead vs bare ({precision}): {overhead * 100:+.1f}%")
     if device.type == "cuda":
-        for batch_size in MEMORY_BATCH_SIZES:
-            print(f"peak GPU memory, large {SIZES['large']}, batch {batch_size}: "
-                  f"{peak_memory(device, SIZES['large'], batch_size):.2f} GiB")
+        dtype = resolve_precision("auto", device)
+        with tempfile.TemporaryDirectory() as work:
+            items, cache = make_dataset(Path(work), SIZES["large"], 1, max(MEMORY_BATCH_SIZES))
+            for batch_size in MEMORY_BATCH_SIZES:
+                large = TrainSettings(*SIZES["large"], batch_size=batch_size, epochs=1)
+                print(f"peak GPU memory of a training step (fastai, autocast {dtype}), large {SIZES['large']}, "
+                      f"batch {batch_size}: {peak_memory(items, cache, large, device, dtype):.2f} GiB")
 
 
 if __name__ == "__main__":

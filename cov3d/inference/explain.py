@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models.video.resnet import BasicBlock
 
 from cov3d.errors import Cov3dError
+from cov3d.runtime import autocast
 
 CAM_SUFFIX = "-gradcam"
 """Output names: ``<scan name>-gradcam.pt`` (tensor (D, H, W) in [0, 1]) and ``.png``."""
@@ -71,21 +72,37 @@ def upsample_aligned(cam: torch.Tensor, size: tuple[int, int, int]) -> torch.Ten
 
 
 def grad_cam(model: nn.Module, volume: torch.Tensor, *, severity_only: bool = False,
-             layer: nn.Module | None = None) -> tuple[torch.Tensor, float]:
+             layer: nn.Module | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
     """Grad-CAM of one volume (1, D, H, W) -> (map (D, H, W) float32 in [0, 1], presence score).
 
-    ``layer`` defaults to ``last_block(model)``. The model is put in eval mode; its parameters
-    are left untouched (gradients are taken with respect to the activations only).
+    ``layer`` defaults to ``last_block(model)``; ``dtype`` is the autocast dtype of the forward pass
+    (None: fp32). The model is put in eval mode; its parameters are left untouched (gradients are
+    taken with respect to the activations only).
+
+    Only the part of the forward pass after ``layer`` records an autograd graph: everything up to
+    it runs without one (its activations are freed as it goes), and a hook on ``layer`` turns its
+    output into the leaf the gradient is taken for and switches recording on for the rest (the head).
+    At the large size (160 x 320 x 320) a full graph of r3d_18 would hold every activation of the
+    backbone, 10-20 GB in fp32; this way the peak is that of inference.
     """
     model.eval()
     layer = layer if layer is not None else last_block(model)
     captured: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+
+    def start_graph(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        leaf = output.detach().requires_grad_(True)
+        captured.append(leaf)
+        torch.set_grad_enabled(True)  # until the surrounding no_grad block ends: the head records its graph
+        return leaf
+
+    handle = layer.register_forward_hook(start_graph)
     try:
-        with torch.enable_grad():
+        with torch.no_grad(), autocast(volume.device, dtype):
             logits = model(volume[None].float())
+            if not captured:
+                raise ValueError("Grad-CAM: the chosen layer did not run in the forward pass.")
             score = presence_score(logits.float(), severity_only)[0]
-            (gradients,) = torch.autograd.grad(score, captured[0])
+        (gradients,) = torch.autograd.grad(score, captured[0])
     finally:
         handle.remove()
     activations = captured[0].detach()[0].float()  # (C, d, h, w)
@@ -104,9 +121,11 @@ def explain(
     cache_dir: Path | None = None,
     device: str = "auto",
     overwrite: bool = False,
+    precision: str = "auto",
 ) -> dict[str, Path | float | tuple[int, int, int]]:
     """Grad-CAM of a scan folder or tensor file with a run's best-presence weights (best-severity
     for lambda = 1 runs); writes ``<name>-gradcam.pt`` and ``<name>-gradcam.png`` to ``output_dir``.
+    The forward pass runs under the autocast dtype of ``precision`` (``cov3d.runtime.choose_precision``).
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x). The outputs are
     checked first: never inside the scan or the run, and existing files only if unchanged since
@@ -117,7 +136,7 @@ def explain(
     from cov3d.model.files import load_source
     from cov3d.outputs import OutputFolder
     from cov3d.preprocessing.preprocess import default_cache_dir
-    from cov3d.runtime import resolve_device
+    from cov3d.runtime import resolve_device, resolve_precision
     from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
 
     source = load_source(run_dir)
@@ -138,7 +157,8 @@ def explain(
     folder = OutputFolder(output_dir, kind="Grad-CAM file", overwrite=overwrite, inputs=[scan, run_dir])
     folder.claim([f"{name}{CAM_SUFFIX}.pt", f"{name}{CAM_SUFFIX}.png"])
     volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume)
-    cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only)
+    dtype = resolve_precision(precision, torch_device)
+    cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only, dtype=dtype)
     probability = float(torch.sigmoid(torch.tensor(score)))
     peak = peak_voxel(cam.numpy())
 

@@ -70,13 +70,15 @@ def _update_one(cache: VolumeCache, scan_dir: Path) -> tuple[str, str | None]:
         return FAILED, f"Unexpected {type(error).__name__} while preprocessing {scan_dir}: {one_line(error)}."
 
 
-def pool_context() -> multiprocessing.context.BaseContext:
-    """``forkserver`` where available: one server process imports this module once and forks
-    each worker from it (cheap on many-core nodes, and safe: the server has no threads);
-    otherwise ``spawn``. Never plain ``fork`` of a process whose torch may hold threads."""
+def pool_context(*preload: str) -> multiprocessing.context.BaseContext:
+    """``forkserver`` where available: one server process imports this module (and the modules in
+    `preload`) once and forks each worker from it (cheap on many-core nodes, and safe: the server
+    has no threads and has never touched CUDA); otherwise ``spawn``. Never plain ``fork`` of a
+    process whose torch may hold threads or an initialised CUDA context. The server starts with
+    the first pool that needs it; later `preload` lists only matter before that."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["__main__", __name__])
+        context.set_forkserver_preload(["__main__", __name__, *preload])
         return context
     return multiprocessing.get_context("spawn")
 

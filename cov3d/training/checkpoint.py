@@ -9,6 +9,7 @@ previous or the new checkpoint, never a torn one.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,41 @@ def optimizer_state(opt) -> dict[str, Any]:
     }
 
 
+def state_like(value: Any, param: torch.Tensor) -> Any:
+    """A saved optimiser-state value placed like its parameter: tensors on the parameter's device,
+    floating-point ones also in its dtype (Adam's averages are made with ``zeros_like(grad)``)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_floating_point():
+        return value.to(device=param.device, dtype=param.dtype)
+    return value.to(param.device)
+
+
 def load_optimizer_state(opt, state: dict[str, Any]) -> None:
-    """Load `optimizer_state` output into a fastai optimiser, moving tensors to each parameter's device."""
+    """Load `optimizer_state` output into a fastai optimiser, placing each tensor like its parameter.
+
+    Call it once the model is where it trains (fastai moves it in place at the start of ``fit``):
+    state loaded earlier would stay on the CPU while the gradients come from the GPU.
+    """
     params = [p for p, *_ in opt.all_params()]
-    moved = [
-        {key: value.to(param.device) if isinstance(value, torch.Tensor) else value for key, value in s.items()}
-        for param, s in zip(params, state["state"])
-    ]
-    opt.load_state_dict({"state": moved, "hypers": state["hypers"]})
+    if len(params) != len(state["state"]):
+        raise Cov3dError(f"The checkpoint's optimiser state has {len(state['state'])} parameters, the model "
+                         f"{len(params)}: it was written by another model; start a new run without --resume.")
+    placed = [{key: state_like(value, param) for key, value in s.items()} for param, s in zip(params, state["state"])]
+    opt.load_state_dict({"state": placed, "hypers": state["hypers"]})
+
+
+def misplaced_optimizer_state(opt) -> list[str]:
+    """Optimiser-state tensors that are not on their parameter's device (or, floating, in its dtype)."""
+    misplaced = []
+    for index, (param, *_) in enumerate(opt.all_params()):
+        for key, value in opt.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor) and (
+                value.device != param.device or (value.is_floating_point() and value.dtype != param.dtype)
+            ):
+                misplaced.append(f"parameter {index} '{key}': {value.device}/{value.dtype}, "
+                                 f"parameter {param.device}/{param.dtype}")
+    return misplaced
 
 
 def resume_remedy(run_dir: Path) -> str:
@@ -116,35 +144,55 @@ def load_resume_state(run_dir: Path) -> dict[str, Any]:
 class TrainingState(Callback):
     """Write checkpoint.pth after every epoch (main process only); when resuming, restore the loop's state.
 
-    Restored at `before_fit`, after fastai's Recorder and MixedPrecision have set themselves up: the
-    smoothed training loss, the fp16 loss scale, the RNG states and the training loader's shuffling
-    generator, so the next epoch draws exactly what it would have drawn in an uninterrupted run.
+    Restored at `before_fit`, after fastai has moved the model to its device (in place) and created
+    the optimiser, and after its Recorder and MixedPrecision have set themselves up: the optimiser
+    state (placed like each parameter), the smoothed training loss, the fp16 loss scale, the RNG
+    states and the training loader's shuffling generator, so the next epoch draws exactly what it
+    would have drawn in an uninterrupted run.
+
+    Under DDP every process draws from its own seeds (dropout, reflections): `gather` collects each
+    process's RNG states after every epoch (all processes call it) and the checkpoint keeps them all
+    (``replica_rng``, by rank), so each process of a resumed run continues its own streams. Resumed
+    with more processes than were saved, the new ranks derive theirs from rank 0's.
     """
 
     order = 90  # after BestCheckpoints (70) and MetricsLog (65): the checkpoint records their results
 
-    def __init__(self, path: Path, best, first_epoch: int, resume_state: dict[str, Any] | None, write: bool):
+    def __init__(self, path: Path, best, first_epoch: int, resume_state: dict[str, Any] | None, write: bool,
+                 gather: Callable[[Any], list] | None = None, rank: int = 0):
         self.path, self.best, self.first_epoch = Path(path), best, first_epoch
         self.resume_state, self.write = resume_state, write
+        self.gather, self.rank = gather or (lambda value: [value]), rank
 
     def before_fit(self) -> None:
         if self.resume_state is None:
             return
+        load_optimizer_state(self.opt, self.resume_state["optimizer"])
         smooth = self.resume_state["smooth_loss"]
         self.recorder.smooth_loss.count = smooth["count"]
         self.recorder.smooth_loss.val = smooth["value"].to(self.recorder.smooth_loss.val.device)
         self.dls.train.rng.setstate(unpack_python_state(self.resume_state["train_loader_rng"]))
-        set_rng_states(self.resume_state["rng"])
+        replicas = self.resume_state.get("replica_rng") or [self.resume_state["rng"]]
+        if self.rank < len(replicas):
+            set_rng_states(replicas[self.rank])
+        else:
+            from cov3d.training.distributed import seed_replica
+
+            set_rng_states(replicas[0])
+            seed_replica(int(torch.randint(2**62, ())), self.rank)
         scaler = getattr(self.learn, "scaler", None)  # fastai MixedPrecision's GradScaler (fp16 on CUDA)
         if scaler is not None and self.resume_state["grad_scaler"]:
             scaler.load_state_dict(self.resume_state["grad_scaler"])
 
     def after_epoch(self) -> None:
+        replica_rng = self.gather(rng_states())
         if self.write:
-            save_resume_state(self.path, self.state())
+            save_resume_state(self.path, self.state(replica_rng))
 
-    def state(self) -> dict[str, Any]:
-        """Everything the next epoch depends on, after the epoch `first_epoch + self.epoch`."""
+    def state(self, replica_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything the next epoch depends on, after the epoch `first_epoch + self.epoch`
+        (`replica_rng`: every process's RNG states, by rank; default this process's)."""
+        replica_rng = replica_rng or [rng_states()]
         model = unwrap(self.model)
         smooth = self.recorder.smooth_loss
         return {
@@ -155,7 +203,8 @@ class TrainingState(Callback):
             "best": {name: float(value) for name, value in self.best.best.items()},
             "best_epoch": dict(self.best.best_epoch),
             "smooth_loss": {"count": int(smooth.count), "value": torch.as_tensor(smooth.val).detach().cpu()},
-            "rng": rng_states(),
+            "rng": replica_rng[0],
+            "replica_rng": replica_rng,
             "train_loader_rng": pack_python_state(self.dls.train.rng.getstate()),
             "grad_scaler": scaler.state_dict() if (scaler := getattr(self.learn, "scaler", None)) is not None else {},
         }

@@ -109,17 +109,20 @@ class SagittalReflection(RandTransform):
         return volume.flip(-1)
 
 
-class VolumeLoader:
+class VolumeLoader(Transform):
     """Picklable getter: TrainingItem -> cached uint8 levels (1, D, H, W) as a TensorCT.
 
     Items stay uint8 (a quarter of float32's bytes) through the loader processes, pinned
     memory and the copy to the device; ``LevelsToValues`` turns batches into values there.
+    A Transform subclass rather than a plain callable object: fasttransform wraps such objects
+    in a local function, which cannot be pickled to loader workers started by a fork server.
     """
 
     def __init__(self, cache: VolumeCache):
+        super().__init__()
         self.cache = cache
 
-    def __call__(self, item: TrainingItem) -> TensorCT:
+    def encodes(self, item):  # untyped: every item is a TrainingItem; no return annotation (fastcore would cast)
         return TensorCT(self.cache.checked_levels(item.path))
 
 

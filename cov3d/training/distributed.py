@@ -1,19 +1,32 @@
 """Data-parallel training with PyTorch DDP, launched by `torchrun` (one process per GPU, or CPU processes).
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR/PORT) for every process; without them
-training runs in a single process. Each process trains on its own shard of every epoch's shuffled
-training order, DDP averages the gradients, and every process validates the whole validation set
-(identical weights give identical metrics). Only the main process (rank 0) writes files.
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE (and MASTER_ADDR/PORT) for every
+process; without them training runs in a single process. Each process trains on its own shard of
+every epoch's shuffled training order, DDP averages the gradients, and every process validates the
+whole validation set (identical weights give identical metrics). Only the main process (rank 0)
+writes files.
+
+Two process groups: the default one (nccl on GPUs, gloo on CPUs) carries DDP's gradient all-reduces
+with ``TRAINING_TIMEOUT``; a gloo group on the host carries the coordination around work that rank 0
+does alone (preprocessing and checking the cache, which can take hours at the large size) with
+``MAIN_ONLY_TIMEOUT`` (``$COV3D_DDP_WAIT_MINUTES``), so that the other ranks can wait for it without
+hitting NCCL's timeout. (If rank 0 fails, torchrun stops the others at once: the long wait costs nothing.)
+
+Shuffling is identical in every process (the loaders are built before any per-process seeding);
+dropout masks and reflections are drawn from per-process seeds (``replica_seed``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from datetime import timedelta
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 from fastai.callback.core import Callback
@@ -25,6 +38,15 @@ from cov3d.training.checkpoint import unwrap
 T = TypeVar("T")
 CPU_BACKEND = "gloo"
 CUDA_BACKEND = "nccl"
+TRAINING_TIMEOUT = timedelta(minutes=30)
+"""Timeout of the default group's collectives (DDP's gradient all-reduces): room for rank 0 to write a
+checkpoint to a slow shared file system between epochs while the others wait in the next all-reduce."""
+MAIN_ONLY_TIMEOUT = timedelta(hours=12)
+"""How long the other ranks wait while rank 0 alone preprocesses and checks the cache."""
+WAIT_MINUTES_ENV = "COV3D_DDP_WAIT_MINUTES"
+"""Environment variable that overrides ``MAIN_ONLY_TIMEOUT`` (in minutes)."""
+
+_host_group: Any = None  # the gloo group for coordination (see the module docstring), while DDP runs
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,7 @@ class Distributed:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -45,12 +68,20 @@ class Distributed:
 
 
 def distributed_from_env() -> Distributed:
-    """Read torchrun's RANK, LOCAL_RANK and WORLD_SIZE environment variables."""
+    """Read torchrun's RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE (processes on this node)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     return Distributed(
         rank=int(os.environ.get("RANK", 0)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        world_size=world_size,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
     )
+
+
+def main_only_timeout() -> timedelta:
+    """``MAIN_ONLY_TIMEOUT``, or ``$COV3D_DDP_WAIT_MINUTES`` minutes."""
+    minutes = os.environ.get(WAIT_MINUTES_ENV)
+    return timedelta(minutes=float(minutes)) if minutes else MAIN_ONLY_TIMEOUT
 
 
 def start_distributed(dist: Distributed, device: torch.device) -> tuple[torch.device, bool]:
@@ -60,34 +91,67 @@ def start_distributed(dist: Distributed, device: torch.device) -> tuple[torch.de
     """
     if not dist.enabled:
         return device, False
+    global _host_group
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    if torch_dist.is_initialized():
-        return device, False
-    torch_dist.init_process_group(backend=CUDA_BACKEND if device.type == "cuda" else CPU_BACKEND, init_method="env://")
-    return device, True
+    started = not torch_dist.is_initialized()
+    if started:
+        torch_dist.init_process_group(backend=CUDA_BACKEND if device.type == "cuda" else CPU_BACKEND,
+                                      init_method="env://", timeout=TRAINING_TIMEOUT)
+    _host_group = torch_dist.new_group(backend=CPU_BACKEND, timeout=main_only_timeout())
+    return device, started
 
 
 def stop_distributed(started: bool) -> None:
     """Leave the process group if `start_distributed` started it."""
+    global _host_group
+    if _host_group is not None and torch_dist.is_initialized():
+        torch_dist.destroy_process_group(_host_group)
+    _host_group = None
     if started and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
 
 def barrier(dist: Distributed) -> None:
+    """Wait for every process, on the host group (no NCCL timeout while one process works alone)."""
     if dist.enabled:
-        torch_dist.barrier()
+        torch_dist.barrier(group=_host_group)
 
 
-def main_first(dist: Distributed, work: Callable[[], T]) -> T:
-    """Run `work` in the main process, then in the others (e.g. filling a shared cache once)."""
-    if dist.is_main:
-        result = work()
-        barrier(dist)
-        return result
-    barrier(dist)
-    return work()
+def run_on_main(dist: Distributed, work: Callable[[], T]) -> T:
+    """Run `work` in the main process only and give every process its result (e.g. filling and checking a
+    shared cache once: the others neither repeat the check nor time out while they wait)."""
+    if not dist.enabled:
+        return work()
+    result = [work() if dist.is_main else None]
+    torch_dist.broadcast_object_list(result, src=0, group=_host_group)
+    return result[0]
+
+
+def gather_objects(dist: Distributed, value: T) -> list[T]:
+    """`value` (picklable) from every process, in rank order (just [value] without DDP)."""
+    if not dist.enabled:
+        return [value]
+    values: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(values, value, group=_host_group)
+    return values
+
+
+def replica_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank`'s own draws (dropout, reflections, loader workers): `seed` itself on rank 0,
+    as in a single process, and independent streams from NumPy's ``SeedSequence`` on the other ranks."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence(seed % 2**63, spawn_key=(rank,)).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+def seed_replica(seed: int, rank: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU) with ``replica_seed(seed, rank)``."""
+    own = replica_seed(seed, rank)
+    random.seed(own)
+    np.random.seed(own % 2**32)
+    torch.manual_seed(own)
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -101,11 +165,7 @@ def parameter_digest(model: torch.nn.Module) -> str:
 
 def gather_strings(dist: Distributed, value: str) -> list[str]:
     """`value` from every process, in rank order (just [value] without DDP)."""
-    if not dist.enabled:
-        return [value]
-    values: list[str | None] = [None] * dist.world_size
-    torch_dist.all_gather_object(values, value)
-    return [str(v) for v in values]
+    return [str(v) for v in gather_objects(dist, value)]
 
 
 class ShardedDL(TfmdDL):

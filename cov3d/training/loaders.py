@@ -5,23 +5,44 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from fastai.data.core import DataLoaders
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.load import _FakeLoader
 from fasttransform import Transform
 
 from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.preprocessing.workers import available_cpus
+from cov3d.preprocessing.workers import available_cpus, pool_context
 from cov3d.training.data import TrainingItem, build_datablock
 from cov3d.training.distributed import Distributed, ShardedDL
 
 CUDA_LOADER_WORKERS = 4
 """Default loader processes per GPU: a cached large volume (16 MB of uint8) loads in tens of ms, a step takes hundreds."""
+WORKER_PRELOAD = ("cov3d.training.data",)
+"""Modules the loader workers' fork server imports once (fastai and the DataBlock's transforms)."""
 
 
 def default_loader_workers(device: torch.device, processes_per_node: int = 1) -> int:
-    """0 on CPUs (workers would compete with the model for cores); on GPUs up to 4 per process, leaving a core free."""
+    """0 on CPUs (workers would compete with the model for cores); on GPUs up to 4 per training process,
+    leaving each process a core: `processes_per_node` is torchrun's LOCAL_WORLD_SIZE (1 without DDP)."""
     if device.type != "cuda":
         return 0
-    return max(0, min(CUDA_LOADER_WORKERS, available_cpus() // processes_per_node - 1))
+    return max(0, min(CUDA_LOADER_WORKERS, available_cpus() // max(1, processes_per_node) - 1))
+
+
+class ForkServerLoader(_FakeLoader):
+    """fastai's inner loader with worker processes started from a fork server (``pool_context``)
+    instead of forked from the training process, which by then holds CUDA and OpenMP threads."""
+
+    @property
+    def multiprocessing_context(self):
+        return pool_context(*WORKER_PRELOAD) if self.num_workers > 0 else None
+
+
+def use_fork_server(loader: TfmdDL) -> TfmdDL:
+    """Give `loader` a ``ForkServerLoader`` (same settings); returns it."""
+    inner = loader.fake_l
+    loader.fake_l = ForkServerLoader(inner.d, inner.pin_memory, inner.num_workers, inner.timeout,
+                                     inner.persistent_workers, inner.pin_memory_device)
+    return loader
 
 
 class AsyncToDevice(Transform):
@@ -52,8 +73,9 @@ def training_loaders(
     Batches are collated by `workers` processes (default: `default_loader_workers`) into pinned
     memory on CUDA and copied to the device by `AsyncToDevice`, so the copy overlaps the GPU's work.
     Workers are not persistent: each epoch seeds them from the torch RNG, which a resumed run restores.
+    They start from a fork server, never forked from this process (``ForkServerLoader``).
     """
-    workers = default_loader_workers(device, max(1, torch.cuda.device_count())) if workers is None else workers
+    workers = default_loader_workers(device, dist.local_world_size) if workers is None else workers
     block = build_datablock(cache, reflect=reflect)
     block.batch_tfms = [*block.batch_tfms, AsyncToDevice(device)]
     dls = block.dataloaders(
@@ -63,4 +85,6 @@ def training_loaders(
         loader.device = None  # the loader's own copy would block; AsyncToDevice does it instead
     if dist.enabled:
         dls.loaders[0] = dls.train.new(cls=ShardedDL, rank=dist.rank, world_size=dist.world_size)
+    for loader in dls.loaders:
+        use_fork_server(loader)
     return dls

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -45,13 +46,19 @@ from cov3d.model.network import POOLS, build_model, load_kinetics_state_dict
 from cov3d.outputs import check_new_run, remove_run_files
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.runtime import Precision, autocast, choose_precision, resolve_device, use_channels_last
+from cov3d.runtime import (
+    Precision,
+    autocast,
+    choose_precision,
+    reproducible_kernels,
+    resolve_device,
+    use_channels_last,
+)
 from cov3d.training.bf16_convs import checked_bf16_convs
 from cov3d.training.callbacks import FiniteGuard, MetricsLog, OneCycleSchedule, WandbLog
 from cov3d.training.checkpoint import (
     RESUME_FILE,
     TrainingState,
-    load_optimizer_state,
     load_resume_state,
     resume_remedy,
     unwrap,
@@ -60,9 +67,10 @@ from cov3d.training.data import TrainingItem, collect_items, presence_counts, se
 from cov3d.training.distributed import (
     DDPTrainer,
     distributed_from_env,
-    gather_strings,
-    main_first,
+    gather_objects,
     parameter_digest,
+    run_on_main,
+    seed_replica,
     start_distributed,
     stop_distributed,
 )
@@ -289,19 +297,20 @@ def kept_determinism_flags() -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
 
 
-def seed_everything(seed: int, device: torch.device) -> None:
-    """Seed Python, NumPy and torch; deterministic cuDNN, and deterministic kernels on CPUs."""
-    set_seed(seed, reproducible=True)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
+def seed_everything(seed: int, device: torch.device) -> str:
+    """Seed Python, NumPy and torch and switch to deterministic kernels; returns how reproducible that makes
+    the run on `device` (``cov3d.runtime.reproducible_kernels``)."""
+    set_seed(seed)
+    return reproducible_kernels(device)
 
 
 def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretrained, torch_device, precision: Precision,
            workers, loader_workers, use_wandb, resume, dist, arguments, overwrite=False) -> TrainResult:
     dtype = precision.dtype
+    reproducibility = seed_everything(settings.seed, torch_device)
     if dist.is_main:
         logger.info("Precision: %s on %s (%s)", precision.name, torch_device, precision.reason)
-    seed_everything(settings.seed, torch_device)
+        logger.info("Reproducibility: %s", reproducibility)
     resume_state = load_resume_state(run_dir) if resume else None
     first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
     if first_epoch >= settings.epochs:
@@ -312,7 +321,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
     cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
-    items = main_first(dist, lambda: prepare_volumes(items, cache, workers))
+    items = run_on_main(dist, lambda: prepare_volumes(items, cache, workers))
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):
         raise Cov3dError(f"{data_dir}: training needs readable scans in both train/ and validation/.")
@@ -345,6 +354,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
         pool=settings.pool, pretrained_weights=state_dict,
     )
+    if dist.enabled:  # after the loaders (same shuffling everywhere) and the model (same initial weights)
+        seed_replica(settings.seed, dist.rank)
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
     loss = Cov3dLoss(
@@ -360,7 +371,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     callbacks = [
         OneCycleSchedule(settings.learning_rate, settings.epochs, first_epoch), checkpoints,
         MetricsLog(run_dir / METRICS_FILE, first_epoch, dist.is_main),
-        TrainingState(run_dir / RESUME_FILE, checkpoints, first_epoch, resume_state, dist.is_main),
+        TrainingState(run_dir / RESUME_FILE, checkpoints, first_epoch, resume_state, dist.is_main,
+                      gather=lambda value: gather_objects(dist, value), rank=dist.rank),
         *precision_callbacks(torch_device, dtype), TrainingCurves(run_dir),
         FiniteGuard(run_dir=run_dir, epochs=settings.epochs, first_epoch=first_epoch, precision=precision.name,
                     learning_rate=settings.learning_rate, check_gradients=dtype != torch.float16,
@@ -379,24 +391,22 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if not dist.is_main:
         learner.remove_cb(ProgressCallback)
         learner.logger = noop
-    if resume_state is not None:
-        learner.create_opt()
-        load_optimizer_state(learner.opt, resume_state["optimizer"])
     learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
     if all(math.isinf(value) for value in checkpoints.best.values()):
         raise Cov3dError(
             f"{run_dir}: every epoch ended with non-finite weights (NaN or infinity), so no best weights were kept. "
             "Train again with --precision fp32 or a lower --learning-rate."
         )
+    replicas = gather_objects(dist, replica_record(learner, dls))  # the last collective: rank 0 then works alone
+    if not dist.is_main:
+        return TrainResult(run_dir, dict(checkpoints.best))
     write_confusion_matrices(run_dir, dls.valid, torch_device)
-
-    digests = gather_strings(dist, parameter_digest(learner.model))
     # A task never scored (no graded validation scan) has no best score: null, not -Infinity (not JSON).
     best_scores = {name: value if math.isfinite(value) else None for name, value in checkpoints.best.items()}
-    summary = {"best_scores": best_scores, "best_epochs": checkpoints.best_epoch, "replica_digests": digests}
-    if dist.is_main:
-        write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False), resume_remedy(run_dir))
-    if use_wandb and dist.is_main:
+    summary = {"best_scores": best_scores, "best_epochs": checkpoints.best_epoch,
+               **{f"replica_{key}": [replica[key] for replica in replicas] for key in replicas[0]}}
+    write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False), resume_remedy(run_dir))
+    if use_wandb:
         finish_wandb(checkpoints)
     return TrainResult(run_dir, dict(checkpoints.best))
 
@@ -412,6 +422,13 @@ def check_batch_fits(items: list[TrainingItem], batch_size: int, world_size: int
             f"--batch-size {batch_size} is larger than {share} readable training scans in {data_dir / 'train'}: "
             f"an epoch would take no step. Use --batch-size {max(1, per_process)} or less."
         )
+
+
+def replica_record(learner: Learner, dls) -> dict[str, str | int]:
+    """What summary.json lists per process: the SHA-256 of its final weights (equal when the replicas stayed in
+    sync), its own seed (different under DDP) and a digest of its shuffler (equal: one shuffled order, sharded)."""
+    shuffler = hashlib.sha256(repr(dls.train.rng.getstate()).encode()).hexdigest()[:16]
+    return {"digests": parameter_digest(learner.model), "seeds": torch.initial_seed(), "shufflers": shuffler}
 
 
 def check_same_dataset(run_dir: Path, fingerprint: str) -> None:

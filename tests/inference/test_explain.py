@@ -145,3 +145,36 @@ def test_explain_command_writes_tensor_and_overlay(tmp_path, tiny_dataset, tiny_
     assert 0.0 <= float(cam.min()) and float(cam.max()) == pytest.approx(1.0)
     pixels = assert_size(out / f"{scan.name}-gradcam.png", 720, 275)
     assert_panels_differ(pixels, rows=1, columns=3, right=0.9)  # the colour bar takes the right tenth
+
+
+def test_grad_cam_records_a_graph_only_after_the_hooked_layer():
+    """Up to the last block nothing keeps an autograd graph (the large size would need 10-20 GB for it);
+    the head does, so the gradient still flows; the caller's grad mode is left as it was."""
+    torch.manual_seed(0)
+    model = build_model(outputs=6, penultimate=8)
+    recorded: dict[str, bool] = {}
+
+    def record(name: str):
+        def hook(_module, _inputs, output) -> None:
+            recorded.setdefault(name, output.requires_grad)
+        return hook
+
+    hooks = [module.register_forward_hook(record(name))
+             for name, module in model.named_modules() if name in ("stem", "layer1", "layer3", "layer4.0", "fc")]
+    with torch.no_grad():
+        cam, _ = grad_cam(model, torch.rand(1, 16, 32, 32))
+        assert not torch.is_grad_enabled()
+    for hook in hooks:
+        hook.remove()
+    assert recorded == {"stem": False, "layer1": False, "layer3": False, "layer4.0": False, "fc": True}
+    assert float(cam.max()) == pytest.approx(1.0)
+
+
+def test_grad_cam_under_bf16_autocast_agrees_with_fp32():
+    torch.manual_seed(0)
+    model = TinyVideoResNet().eval()
+    volume = torch.rand(1, 6, 8, 8)
+    reference, score = grad_cam(model, volume)
+    reduced, reduced_score = grad_cam(model, volume, dtype=torch.bfloat16)
+    assert float((reduced - reference).abs().max()) < 0.05
+    assert reduced_score == pytest.approx(score, abs=0.05)

@@ -15,7 +15,7 @@ from fastai.data.core import TfmdDL
 
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.checkpoint import load_resume_state
-from cov3d.training.distributed import Distributed, ShardedDL, distributed_from_env, gather_strings, main_first
+from cov3d.training.distributed import Distributed, ShardedDL, distributed_from_env, gather_strings, run_on_main
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = 2
@@ -57,6 +57,17 @@ def test_replicas_end_with_identical_weights(ddp_run):
     assert digests[0] == state_digest(load_resume_state(run)["model"])
 
 
+def test_replicas_share_the_shuffling_but_not_their_seeds(ddp_run):
+    """One shuffled order (sharded), but each process its own dropout masks and reflections; the checkpoint
+    keeps every process's random states so that a resumed run continues each of them."""
+    run, _ = ddp_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(set(summary["replica_shufflers"])) == 1
+    assert len(set(summary["replica_seeds"])) == PROCESSES and summary["replica_seeds"][0] == 0
+    replica_rng = load_resume_state(run)["replica_rng"]
+    assert len(replica_rng) == PROCESSES and not torch.equal(replica_rng[0]["torch"], replica_rng[1]["torch"])
+
+
 def test_outputs_are_written_once(ddp_run):
     run, result = ddp_run
     with (run / "metrics.csv").open() as handle:
@@ -93,9 +104,9 @@ def test_shards_split_one_shuffled_order():
 
 
 def test_single_process_defaults(monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     dist = distributed_from_env()
     assert dist == Distributed() and dist.is_main and not dist.enabled
     assert gather_strings(dist, "x") == ["x"]
-    assert main_first(dist, lambda: 42) == 42
+    assert run_on_main(dist, lambda: 42) == 42

@@ -13,11 +13,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+from torch import nn
 
 from cov3d.errors import Cov3dError
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
-from cov3d.training.checkpoint import RESUME_FILE, load_resume_state, rng_states, save_resume_state, set_rng_states
+from cov3d.training.checkpoint import (
+    RESUME_FILE,
+    TrainingState,
+    load_optimizer_state,
+    load_resume_state,
+    misplaced_optimizer_state,
+    rng_states,
+    save_resume_state,
+    set_rng_states,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-c", "from cov3d.cli import app; app()"]
@@ -155,3 +169,72 @@ def test_one_cycle_schedule_matches_fastai_formula():
     assert lr(0.0) == pytest.approx(4e-6) and lr(0.25) == pytest.approx(1e-4) and lr(1.0) == pytest.approx(1e-9)
     schedule.epoch, schedule.iter, schedule.n_iter = 0, 5, 10  # absolute epoch 1, batch 5 of 10
     assert schedule.position() == pytest.approx(15 / 40)
+
+
+class _Best:
+    """What TrainingState reads from BestCheckpoints."""
+
+    best: dict = {}
+    best_epoch: dict = {}
+
+
+class _MoveModel(Callback):
+    """Stands in for fastai moving the model to the GPU at the start of fit (in place, after the optimiser
+    exists): here the parameters become float64, a change the optimiser state must follow too."""
+
+    order = -5  # right after TrainEvalCallback (-10), which is where fastai moves the model
+
+    def before_fit(self) -> None:
+        self.learn.model.double()
+
+
+class _Linear(nn.Linear):
+    """Takes its input in its own dtype, whatever the model was converted to."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
+def _tiny_learner(cbs) -> Learner:
+    torch.manual_seed(0)
+    data = [(torch.randn(3), torch.randn(1)) for _ in range(8)]
+    dls = DataLoaders.from_dsets(data[:6], data[6:], bs=3, device=torch.device("cpu"))
+    return Learner(dls, _Linear(3, 1), loss_func=lambda pred, target: ((pred.float() - target) ** 2).mean(),
+                   opt_func=Adam, cbs=cbs)
+
+
+def test_resumed_optimizer_state_follows_the_model_to_its_device(tmp_path):
+    """After --resume every Adam state tensor is placed like its parameter, although the model is only moved
+    (in place) once fit has started; state loaded before fit, as train() once did, is left behind."""
+    first = _tiny_learner([TrainingState(tmp_path / RESUME_FILE, _Best(), 0, None, write=True)])
+    first.fit(1, lr=1e-2)
+    saved = load_resume_state(tmp_path)
+    assert all(value.dtype == torch.float32 for s in saved["optimizer"]["state"] for value in s.values()
+               if isinstance(value, torch.Tensor) and value.is_floating_point())
+
+    early = _tiny_learner([_MoveModel()])
+    early.create_opt()
+    load_optimizer_state(early.opt, saved["optimizer"])  # the old order: state placed like the CPU float32 model
+    early.fit(1, lr=1e-2)
+    assert misplaced_optimizer_state(early.opt)  # left behind; on a GPU: "Expected all tensors to be on the same device"
+
+    resumed = _tiny_learner([_MoveModel(), TrainingState(tmp_path / "again.pth", _Best(), 1, saved, write=False)])
+    resumed.fit(1, lr=1e-2)
+    assert next(resumed.model.parameters()).dtype == torch.float64
+    assert misplaced_optimizer_state(resumed.opt) == []
+    assert len(resumed.opt.state) == 2 and all(s["step"] > saved["optimizer"]["state"][0]["step"]
+                                               for s in resumed.opt.state.values())
+
+
+def test_optimizer_state_is_placed_on_each_parameters_device():
+    """State saved on the CPU goes to the device of each parameter (the meta device stands in for a GPU)."""
+    opt = Adam(list(nn.Linear(3, 1, device="meta").parameters()), lr=1e-3)
+    cpu_state = {"state": [{"grad_avg": torch.ones(1, 3), "sqr_avg": torch.ones(1, 3), "step": 3},
+                           {"grad_avg": torch.ones(1), "sqr_avg": torch.ones(1), "step": 3}],
+                 "hypers": [dict(opt.hypers[0])]}
+    load_optimizer_state(opt, cpu_state)
+    assert misplaced_optimizer_state(opt) == []
+    assert {value.device.type for s in opt.state.values() for value in s.values()
+            if isinstance(value, torch.Tensor)} == {"meta"}
+    with pytest.raises(Cov3dError, match="another model"):
+        load_optimizer_state(opt, {"state": cpu_state["state"][:1], "hypers": cpu_state["hypers"]})
