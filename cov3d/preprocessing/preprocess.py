@@ -21,11 +21,10 @@
 
 ``fast_decode=True`` lets libjpeg downscale in the DCT domain (``Image.draft``) to the smallest
 power-of-two reduction (1/2, 1/4, 1/8) still at least H×W before the bicubic resize. For
-512×512 slices it changes nothing at large (320 > 512/2, identical output) and at small and
-medium almost halves the time per scan. Measured with ``scripts/benchmark_preprocess.py`` on
-synthetic 512×512 CT-like stacks, its volumes differ from the normal path by at most 0.051
-(mean 0.0030) at small and at most 0.063 (mean 0.0037) at medium, on the [0, 1] scale, i.e.
-about 1 grey level on average and 16 at worst (near sharp edges); bounded in the tests.
+512×512 slices it changes nothing at large (320 > 512/2, identical output); at small and medium
+it decodes less and its volumes differ slightly from the normal path, most near sharp edges
+(bounded in the tests; timings and differences measured with ``scripts/benchmark_preprocess.py``
+are in docs/benchmarks.md).
 
 DICOM series folders and NIfTI files are read by ``cov3d.dataset.dicom_nifti`` as 8-bit slices (HU through
 the lung window) and then follow steps 1-3 like JPEG slices.
@@ -128,7 +127,7 @@ def _weight_bands(n_slices: int, depth: int, scale: float) -> tuple[tuple[slice,
     than about 2e-6 on the [0, 1] scale (a two-thousandth of an 8-bit grey level) and leaves each
     row group a band of about 22 + ROW_GROUP * n / depth slices instead of all n. Dropping them
     also avoids float32 subnormal numbers, which would make the product several times slower.
-    Cached per (n, depth, scale): building it for 1,201 slices takes a few tenths of a second.
+    Cached per (n, depth, scale): building it for a long scan costs more than applying it.
     """
     matrix = depth_interpolation_matrix(n_slices, depth)
     matrix[np.abs(matrix) < WEIGHT_TOLERANCE] = 0.0
