@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -55,16 +57,55 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+SETTING = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")
+"""A setting named in a library message: `name` or `name=value` (``cov3d.errors``)."""
+OPTION_ALIASES = {"data_dir": "directory", "use_wandb": "wandb", "output_dir": "output", "reflect": "tta", "models": "model"}
+"""Library names of settings whose option is spelt otherwise, where the command has no option of the name itself."""
+
+
+def spellings(command: Callable) -> dict[str, tuple[str, str]]:
+    """Parameter name -> (option, its negative or the option again) of a command function;
+    an argument is spelt as its metavar (``OUTPUT``)."""
+    spelt = {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        info = parameter.default
+        if isinstance(info, typer.models.ArgumentInfo):
+            spelt[name] = (name.upper(), name.upper())
+        elif isinstance(info, typer.models.OptionInfo):
+            flag = next(declared for declared in info.param_decls if declared.startswith("--"))
+            positive, _, negative = flag.partition("/")
+            spelt[name] = (positive, negative or positive)
+    return spelt
+
+
+def phrase(message: str, command: Callable) -> str:
+    """A library message with the settings it names spelt as ``command``'s options:
+    `learning_rate` -> --learning-rate, `precision=fp32` -> --precision fp32, `pretrained=False`
+    -> --no-pretrained. A setting the command has no option for keeps its Python name."""
+    options = spellings(command)
+
+    def spelt(match: re.Match) -> str:
+        name, value = match.groups()
+        option = options.get(name) or options.get(OPTION_ALIASES.get(name, ""))
+        if option is None:
+            return match.group(0).strip("`")
+        if value == "False":
+            return option[1]
+        return option[0] if value in (None, "True") else f"{option[0]} {value.strip(chr(34) + chr(39))}"
+
+    return SETTING.sub(spelt, message)
+
+
 def user_errors(command: Callable) -> Callable:
-    """Show Cov3dError, and any OSError (a folder that cannot be made, a full disk), as a single
-    line (no traceback) and exit non-zero."""
+    """Show Cov3dError (its settings spelt as this command's options), and any OSError (a folder
+    that cannot be made, a full disk), as a single line (no traceback) and exit non-zero."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except Cov3dError as error:
-            fail(str(error))
+            fail(phrase(str(error), command))
         except OSError as error:
             from cov3d.errors import one_line
 

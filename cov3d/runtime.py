@@ -36,7 +36,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise Cov3dError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+            raise Cov3dError(f"`device={name}` was asked for but no CUDA GPU is visible; use `device=cpu` or auto.")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")
@@ -65,7 +65,7 @@ def choose_precision(precision: str, device: torch.device) -> Precision:
         return Precision(None, "asked for")
     if precision == "fp16":
         if device.type != "cuda":
-            raise Cov3dError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU.")
+            raise Cov3dError("`precision=fp16` needs a CUDA GPU; use bf16 or fp32 on a CPU.")
         return Precision(torch.float16, "asked for")
     if precision == "bf16":
         return Precision(torch.bfloat16, "asked for")

@@ -172,7 +172,7 @@ def size_counts(scans: list[ScanStats]) -> list[tuple[str, int, int]]:
     return [(f"{w}x{h}", holders[(w, h)], n) for (w, h), n in slices.most_common()]
 
 
-WRITE_REMEDY = "Free some space or choose another --output folder."
+WRITE_REMEDY = "Free some space or choose another `output` folder."
 
 
 def _write_table(path: Path, table: dict[str, dict[str, int | None]], partitions: list[str], first: str) -> None:

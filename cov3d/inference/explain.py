@@ -139,7 +139,7 @@ def explain(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tensor_path = output_dir / f"{name}{CAM_SUFFIX}.pt"
-    with replaced_atomically(tensor_path, "Free some space or choose another --output folder.") as temp:
+    with replaced_atomically(tensor_path, "Free some space or choose another `output_dir`.") as temp:
         torch.save(cam.contiguous(), temp)
     title = f"{name}: P(covid) = {probability:.2f}"
     image_path = save_figure(gradcam_overlay(volume[0].cpu().numpy(), cam.numpy(), title), output_dir / f"{name}{CAM_SUFFIX}.png")

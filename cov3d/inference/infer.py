@@ -162,7 +162,7 @@ class Ensemble:
         reflect: bool = True,
     ):
         if not sources:
-            raise Cov3dError("No model given: pass --model with a run folder or a file made by 'cov3d export'.")
+            raise Cov3dError("No model given: pass `models` with a run folder or a file made by 'cov3d export'.")
         self.members = [RunPredictor(source, device, dtype, mc_samples, reflect) for source in sources]
         self.device = device
 
@@ -213,7 +213,7 @@ def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> No
             continue
         ordered = sorted(names, key=lambda name: (scan_number(name), name))
         write_text_atomically(submission_dir / SUBMISSION_FILES[label], "".join(f"{name}\n" for name in ordered),
-                              "Free some space, then run the same command with --resume to write them again.")
+                              "Free some space, then run the same command with `resume` to write them again.")
 
 
 @dataclass

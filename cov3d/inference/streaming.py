@@ -92,8 +92,8 @@ def completed_paths(output: Path, columns: Sequence[str]) -> set[str]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is not None and tuple(reader.fieldnames) != tuple(columns):
             raise Cov3dError(
-                f"{output} has other columns than this run writes (was --mc-samples different?): "
-                "give another --output or run without --resume."
+                f"{output} has other columns than this run writes (was `mc_samples` different?): "
+                "give another `output` or run without `resume`."
             )
         return {row["path"] for row in reader}
 

@@ -122,7 +122,7 @@ def _load_run(run_dir: Path) -> ModelSource:
     """A run folder: config.json and the safetensors weights present."""
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
-        raise Cov3dError(f"{run_dir} is not a cov3d run: {CONFIG_FILE} is missing. Give the --output-dir of 'cov3d train'.")
+        raise Cov3dError(f"{run_dir} is not a cov3d run: {CONFIG_FILE} is missing. Give a run folder written by 'cov3d train'.")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -74,7 +74,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
-NEW_RUN_REMEDY = "Free some space or choose another --output-dir."
+NEW_RUN_REMEDY = "Free some space or choose another `output_dir`."
 CHECKPOINTS = {f"{task}_f1": name for task, name in TASK_CHECKPOINTS.items()}
 """The best weights of each monitored metric (the files ``cov3d.model.files`` reads)."""
 WANDB_PROJECT = "cov3d"
@@ -393,8 +393,8 @@ def check_batch_fits(items: list[TrainingItem], batch_size: int, world_size: int
     if batch_size > per_process:
         share = f"{per_process} per process of the {scans}" if world_size > 1 else f"the {scans}"
         raise Cov3dError(
-            f"--batch-size {batch_size} is larger than {share} readable training scans in {data_dir / 'train'}: "
-            f"an epoch would take no step. Use --batch-size {max(1, per_process)} or less."
+            f"`batch_size={batch_size}` is larger than {share} readable training scans in {data_dir / 'train'}: "
+            f"an epoch would take no step. Use `batch_size={max(1, per_process)}` or less."
         )
 
 
