@@ -15,7 +15,7 @@ _EXPORTS = {
     "find_scans": "cov3d.dataset.scans",
     "read_severity_csv": "cov3d.dataset.layout",
     "dataset_stats": "cov3d.dataset.stats",
-    "print_stats": "cov3d.dataset.stats",
+    "stats_report": "cov3d.dataset.stats",
     "write_stats": "cov3d.dataset.stats",
     # preprocessing
     "SIZES": "cov3d.preprocessing.preprocess",

@@ -405,10 +405,14 @@ def stats(
     output: Path = typer.Option(Path("stats"), "--output", "-o", help="Folder for the tables (CSV) and the depth histogram."),
 ):
     """Count scans, slices, sizes and labels (paper Fig. 1, Tables 1-2) from file names and image headers."""
-    from cov3d.dataset.stats import dataset_stats, print_stats, write_stats
+    from rich.console import Console
+
+    from cov3d.dataset.stats import dataset_stats, stats_report, write_stats
 
     result = dataset_stats(data)
-    print_stats(result)
+    console = Console()
+    for item in stats_report(result):
+        console.print(item)
     write_stats(result, output)
     typer.echo(f"{len(result.scans)} scans, {len(result.warnings)} warnings -> {output}")
 

@@ -205,7 +205,7 @@ def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int 
     summary = preprocess_many([item.path for item in items], cache, workers=workers)
     failed = {Path(path) for path, _ in summary.failed}
     for path, reason in summary.failed:
-        print(f"Skipping {path}: {reason}")
+        logger.warning("Skipping %s: %s", path, reason)
     return [item for item in items if item.path not in failed]
 
 
@@ -413,13 +413,13 @@ def resume_training(run_dir: Path, **overrides) -> TrainResult:
     folder, device, precision, workers and W&B logging from config.json (``cov3d.training.runconfig``).
 
     `overrides` (keyword arguments of `train`, including ``data_dir``) replace recorded options;
-    each that differs is printed as one line.
+    each that differs is logged as one line.
     """
     config = read_run_config(run_dir)
     settings = recorded_settings(config, run_dir, TrainSettings)
     options, messages = resumed_options(config, overrides)
     for message in messages:
-        print(message)
+        logger.info(message)
     if options["cache_dir"] is None:
         options["cache_dir"] = default_cache_dir()
     options.setdefault("pretrained", False)  # the weights come from the checkpoint
