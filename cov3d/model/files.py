@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT
-from cov3d.model.network import POOLS, build_model
+from cov3d.model.network import build_model
+from cov3d.settings import POOLS, VolumeShape
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}
@@ -66,13 +67,14 @@ class ModelSource:
     states: dict[str, dict[str, torch.Tensor]]
 
     @property
-    def size(self) -> tuple[int, int, int]:
-        """Input volume size (D, H, W)."""
-        return self.config["depth"], self.config["height"], self.config["width"]
+    def shape(self) -> VolumeShape:
+        """The input volumes' shape (config keys depth, height, width and fast_decode)."""
+        return VolumeShape.from_config(self.config)
 
     @property
-    def fast_decode(self) -> bool:
-        return bool(self.config.get("fast_decode", False))
+    def size(self) -> tuple[int, int, int]:
+        """The input volumes' (D, H, W)."""
+        return self.shape.dims
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
