@@ -15,8 +15,13 @@ _EXPORTS = {
     "find_scans": "cov3d.dataset.scans",
     "read_severity_csv": "cov3d.dataset.layout",
     "dataset_stats": "cov3d.dataset.stats",
-    "print_stats": "cov3d.dataset.stats",
+    "stats_report": "cov3d.dataset.stats",
     "write_stats": "cov3d.dataset.stats",
+    # settings
+    "VolumeShape": "cov3d.settings",
+    "PRESETS": "cov3d.settings",
+    "TrainSettings": "cov3d.settings",
+    "DemoSettings": "cov3d.settings",
     # preprocessing
     "SIZES": "cov3d.preprocessing.preprocess",
     "preprocess_scan": "cov3d.preprocessing.preprocess",
@@ -29,7 +34,6 @@ _EXPORTS = {
     "export_model": "cov3d.model.files",
     "load_source": "cov3d.model.files",
     # training
-    "TrainSettings": "cov3d.training.train",
     "train": "cov3d.training.train",
     "resume_training": "cov3d.training.train",
     # inference
@@ -38,7 +42,6 @@ _EXPORTS = {
     "show_scans": "cov3d.inference.views",
     # synthetic data
     "generate_dataset": "cov3d.synthetic.generator",
-    "DemoSettings": "cov3d.synthetic.demo",
     "run_demo": "cov3d.synthetic.demo",
 }
 """Public name -> the module that defines it."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -14,7 +16,17 @@ from typing import Optional
 
 import typer
 
-from cov3d.errors import Cov3dError
+from cov3d.errors import BaselineNotBeaten, Cov3dError
+from cov3d.settings import (
+    DEMO_SHAPE,
+    INFER_BATCH_SIZE,
+    INFER_SEED,
+    PRESET_NAMES,
+    SMALL,
+    DemoSettings,
+    TrainSettings,
+    VolumeShape,
+)
 
 # Libraries that cov3d imports (fastai, via torch.jit) warn about their own internals on every run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
@@ -39,7 +51,8 @@ def show_progress_messages() -> None:
     logger.propagate = False
 
 
-SIZE_NAMES = "small (64x128x128), medium (128x256x256) or large (160x320x320)"
+TRAIN_DEFAULTS, DEMO_DEFAULTS = TrainSettings(), DemoSettings()
+"""The library's defaults, which the options below show and pass on."""
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
@@ -56,16 +69,55 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+SETTING = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")
+"""A setting named in a library message: `name` or `name=value` (``cov3d.errors``)."""
+OPTION_ALIASES = {"data_dir": "directory", "use_wandb": "wandb", "output_dir": "output", "reflect": "tta", "models": "model"}
+"""Library names of settings whose option is spelt otherwise, where the command has no option of the name itself."""
+
+
+def spellings(command: Callable) -> dict[str, tuple[str, str]]:
+    """Parameter name -> (option, its negative or the option again) of a command function;
+    an argument is spelt as its metavar (``OUTPUT``)."""
+    spelt = {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        info = parameter.default
+        if isinstance(info, typer.models.ArgumentInfo):
+            spelt[name] = (name.upper(), name.upper())
+        elif isinstance(info, typer.models.OptionInfo):
+            flag = next(declared for declared in info.param_decls if declared.startswith("--"))
+            positive, _, negative = flag.partition("/")
+            spelt[name] = (positive, negative or positive)
+    return spelt
+
+
+def phrase(message: str, command: Callable) -> str:
+    """A library message with the settings it names spelt as ``command``'s options:
+    `learning_rate` -> --learning-rate, `precision=fp32` -> --precision fp32, `pretrained=False`
+    -> --no-pretrained. A setting the command has no option for keeps its Python name."""
+    options = spellings(command)
+
+    def spelt(match: re.Match) -> str:
+        name, value = match.groups()
+        option = options.get(name) or options.get(OPTION_ALIASES.get(name, ""))
+        if option is None:
+            return match.group(0).strip("`")
+        if value == "False":
+            return option[1]
+        return option[0] if value in (None, "True") else f"{option[0]} {value.strip(chr(34) + chr(39))}"
+
+    return SETTING.sub(spelt, message)
+
+
 def user_errors(command: Callable) -> Callable:
-    """Show Cov3dError, and any OSError (a folder that cannot be made, a full disk), as a single
-    line (no traceback) and exit non-zero."""
+    """Show Cov3dError (its settings spelt as this command's options), and any OSError (a folder
+    that cannot be made, a full disk), as a single line (no traceback) and exit non-zero."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except Cov3dError as error:
-            fail(str(error))
+            fail(phrase(str(error), command))
         except OSError as error:
             from cov3d.errors import one_line
 
@@ -75,23 +127,14 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def resolve_size(size: Optional[str], depth: Optional[int], height: Optional[int], width: Optional[int]) -> tuple[int, int, int]:
-    """(D, H, W) from a size name or explicit numbers; H defaults to W, D to W / 2 (paper §3.1)."""
-    from cov3d.limits import OPTIONAL_SIZE
-    from cov3d.preprocessing.preprocess import SIZES
+def size_option(default: str) -> typer.Option:
+    return typer.Option(None, "--size", help=f"{PRESET_NAMES}. Default: {default}, or what --depth/--height/--width give.")
 
-    for name, value in (("depth", depth), ("height", height), ("width", width)):
-        OPTIONAL_SIZE.check(name, value)
-    if size is not None:
-        if size not in SIZES:
-            raise Cov3dError(f"Unknown size '{size}': choose {SIZE_NAMES}.")
-        if (depth, height, width) != (None, None, None):
-            raise Cov3dError("Give either --size or --depth/--height/--width, not both.")
-        return SIZES[size]
-    width = width if width is not None else SIZES["small"][2]
-    height = height if height is not None else width
-    depth = depth if depth is not None else max(1, width // 2)
-    return depth, height, width
+
+DepthOption = typer.Option(None, "--depth", help="Slices per scan after interpolation. Default: width / 2 (paper: 64, 128 or 160).")
+HeightOption = typer.Option(None, "--height", help="Slice height in pixels. Default: the width.")
+WidthOption = typer.Option(None, "--width", help=f"Slice width in pixels. Default: {SMALL.width} (paper: 128, 256 or 320).")
+FastDecodeOption = typer.Option(False, "--fast-decode", help="Decode JPEGs at reduced scale (faster, slightly different values; cached apart).")
 
 
 def cache_directory(cache_dir: Optional[Path]) -> Path:
@@ -117,15 +160,15 @@ def parse_shard(shard: Optional[str]) -> Optional[tuple[int, int]]:
 @user_errors
 def preprocess(
     data: list[Path] = typer.Argument(None, help="Scan folders, or folders that contain scan folders (searched recursively). Default: the current folder."),
-    size: Optional[str] = typer.Option(None, "--size", help=f"Preset: {SIZE_NAMES}."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="Slices after interpolation. Default: width / 2."),
-    height: Optional[int] = typer.Option(None, "--height", help="Slice height in pixels. Default: the width."),
-    width: Optional[int] = typer.Option(None, "--width", help="Slice width in pixels. Default: 128."),
+    size: Optional[str] = size_option("small"),
+    depth: Optional[int] = DepthOption,
+    height: Optional[int] = HeightOption,
+    width: Optional[int] = WidthOption,
     cache_dir: Optional[Path] = CacheDirOption,
     workers: Optional[int] = WorkersOption,
     strict: bool = typer.Option(False, "--strict", help="Stop at the first scan that fails."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Process only part I of N (e.g. 0/4), for cluster job arrays."),
-    fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at reduced scale (faster, slightly different values)."),
+    fast_decode: bool = FastDecodeOption,
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
     from cov3d.dataset.scans import find_scans
@@ -133,15 +176,15 @@ def preprocess(
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.preprocessing.workers import preprocess_many
 
-    depth, height, width = resolve_size(size, depth, height, width)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode)
     WORKERS.check("workers", workers)
-    cache = VolumeCache(cache_directory(cache_dir), depth, height, width, fast_decode=fast_decode)
+    cache = VolumeCache.for_shape(cache_directory(cache_dir), shape)
     scans = find_scans(data or [Path(".")])
     summary = preprocess_many(scans, cache, workers=workers, strict=strict, shard=parse_shard(shard))
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
     typer.echo(
-        f"{depth}x{height}x{width} in {cache.cache_dir}: {summary.processed} processed, "
+        f"{shape.folder_name} in {cache.cache_dir}: {summary.processed} processed, "
         f"{summary.skipped} up to date, {len(summary.failed)} failed."
     )
     if summary.failed:
@@ -175,23 +218,25 @@ def train(
     ctx: typer.Context,
     directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Dataset folder with train/, validation/ and the two severity CSVs."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder for weights, config and metrics. Default: outputs/run-<time>."),
-    depth: int = typer.Option(64, "--depth", help="Slices per scan after interpolation (paper: 64, 128 or 160)."),
-    width: int = typer.Option(128, "--width", help="Slice width (paper: 128, 256 or 320)."),
-    height: Optional[int] = typer.Option(None, "--height", help="Slice height. Default: the width."),
-    epochs: int = typer.Option(40, "--epochs", help="Epochs of the 1cycle schedule (paper: 30, 40 or 50)."),
-    batch_size: int = typer.Option(2, "--batch-size", help="Scans per batch (paper: 2)."),
-    learning_rate: float = typer.Option(1e-4, "--learning-rate", help="Maximum learning rate of 1cycle (paper: 1e-4)."),
-    weight_decay: float = typer.Option(1e-5, "--weight-decay", help="Adam weight decay (paper: 1e-5)."),
-    severity_factor: float = typer.Option(0.5, "--severity-factor", help="lambda in eq. 6: 0 trains presence only, 1 severity only."),
-    presence_smoothing: float = typer.Option(0.1, "--presence-smoothing", help="Label smoothing eps_p for presence (paper: 0 or 0.1)."),
-    severity_smoothing: float = typer.Option(0.1, "--severity-smoothing", help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
-    penultimate: int = typer.Option(512, "--penultimate", help="Size of the head's hidden layer."),
-    dropout: float = typer.Option(0.5, "--dropout", help="Dropout after each ResNet layer and in the head."),
-    pool: str = typer.Option("avg", "--pool", help="Global pooling before the head: avg or max."),
-    reflect: bool = typer.Option(True, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
+    size: Optional[str] = size_option("small"),
+    depth: Optional[int] = DepthOption,
+    width: Optional[int] = WidthOption,
+    height: Optional[int] = HeightOption,
+    fast_decode: bool = FastDecodeOption,
+    epochs: int = typer.Option(TRAIN_DEFAULTS.epochs, "--epochs", help="Epochs of the 1cycle schedule (paper: 30, 40 or 50)."),
+    batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, "--batch-size", help="Scans per batch (paper: 2)."),
+    learning_rate: float = typer.Option(TRAIN_DEFAULTS.learning_rate, "--learning-rate", help="Maximum learning rate of 1cycle (paper: 1e-4)."),
+    weight_decay: float = typer.Option(TRAIN_DEFAULTS.weight_decay, "--weight-decay", help="Adam weight decay (paper: 1e-5)."),
+    severity_factor: float = typer.Option(TRAIN_DEFAULTS.severity_factor, "--severity-factor", help="lambda in eq. 6: 0 trains presence only, 1 severity only."),
+    presence_smoothing: float = typer.Option(TRAIN_DEFAULTS.presence_smoothing, "--presence-smoothing", help="Label smoothing eps_p for presence (paper: 0 or 0.1)."),
+    severity_smoothing: float = typer.Option(TRAIN_DEFAULTS.severity_smoothing, "--severity-smoothing", help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
+    penultimate: int = typer.Option(TRAIN_DEFAULTS.penultimate, "--penultimate", help="Size of the head's hidden layer."),
+    dropout: float = typer.Option(TRAIN_DEFAULTS.dropout, "--dropout", help="Dropout after each ResNet layer and in the head."),
+    pool: str = typer.Option(TRAIN_DEFAULTS.pool, "--pool", help="Global pooling before the head: avg or max."),
+    reflect: bool = typer.Option(TRAIN_DEFAULTS.reflect, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from Kinetics-400 weights (paper) or from scratch."),
     pretrained_weights: Optional[Path] = typer.Option(None, "--pretrained-weights", help="A torchvision r3d_18 Kinetics-400 state-dict file."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: runs with the same seed on a CPU give identical metrics."),
+    seed: int = typer.Option(TRAIN_DEFAULTS.seed, "--seed", help="Random seed: runs with the same seed on a CPU give identical metrics."),
     cache_dir: Optional[Path] = CacheDirOption,
     workers: Optional[int] = WorkersOption,
     loader_workers: Optional[int] = typer.Option(None, "--loader-workers", help="Batch-loading processes per training process. Default: 0 on CPU, up to 4 per GPU."),
@@ -202,7 +247,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --output-dir (its files are removed first)."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
-    from cov3d.training.train import TrainSettings, resume_training, train as run_training
+    from cov3d.training.train import resume_training, train as run_training
 
     if resume is not None:
         result = resume_training(resume, **resume_overrides(ctx))
@@ -212,8 +257,9 @@ def train(
         raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
     if pretrained_weights is not None and not pretrained_weights.is_file():
         raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode)
     settings = TrainSettings(
-        depth=depth, height=height if height is not None else width, width=width, epochs=epochs, batch_size=batch_size,
+        depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
         penultimate=penultimate, dropout=dropout, pool=pool, reflect=reflect, seed=seed,
@@ -266,11 +312,11 @@ def infer(
     model: list[Path] = typer.Option(..., "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them. Repeat for an ensemble (probabilities are averaged)."),
     output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV file for the predictions, written row by row."),
     submission_dir: Optional[Path] = typer.Option(None, "--submission-dir", help="Also write the competition files (covid.csv, non-covid.csv, mild.csv, ...)."),
-    batch_size: int = typer.Option(2, "--batch-size", help="Scans per forward pass."),
+    batch_size: int = typer.Option(INFER_BATCH_SIZE, "--batch-size", help="Scans per forward pass."),
     mc_samples: int = typer.Option(0, "--mc-samples", help="Monte-Carlo dropout samples per model; adds covid_probability_std and severity_agreement columns. 0: off."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --output and predict only the other scans."),
     overwrite: bool = OverwriteOption,
-    seed: int = typer.Option(0, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
+    seed: int = typer.Option(INFER_SEED, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each scan with its sagittal reflection (paper) or not (twice as fast)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Background preprocessing processes (0: in the main process). Default: half the CPU cores, at least 1."),
     cache_dir: Optional[Path] = CacheDirOption,
@@ -280,15 +326,13 @@ def infer(
     """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
     from cov3d.dataset.scans import find_scans
     from cov3d.inference.infer import check_inference_options, infer as run_inference
-    from cov3d.preprocessing.workers import available_cpus
 
     check_inference_options(batch_size=batch_size, mc_samples=mc_samples, workers=workers, seed=seed)
     scan_dirs = find_scans(scans)
     summary = run_inference(
         scan_dirs, model, output, cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
-        workers=workers if workers is not None else max(1, available_cpus() // 2), resume=resume, seed=seed, reflect=tta,
-        overwrite=overwrite,
+        workers=workers, resume=resume, seed=seed, reflect=tta, overwrite=overwrite,
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -332,17 +376,48 @@ def synthetic(
 @user_errors
 def demo(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
-    scans: int = typer.Option(240, "--scans", help="Synthetic scans to generate."),
-    epochs: int = typer.Option(16, "--epochs", help="Training epochs."),
-    seed: int = typer.Option(0, "--seed", help="Random seed for the data and the training."),
+    scans: int = typer.Option(DEMO_DEFAULTS.scans, "--scans", help="Synthetic scans to generate."),
+    epochs: int = typer.Option(DEMO_DEFAULTS.epochs, "--epochs", help="Training epochs."),
+    seed: int = typer.Option(DEMO_DEFAULTS.seed, "--seed", help="Random seed for the data and the training."),
+    size: Optional[str] = size_option(f"{DEMO_SHAPE} (the demo's own, to train in minutes on a CPU)"),
+    depth: Optional[int] = DepthOption,
+    height: Optional[int] = HeightOption,
+    width: Optional[int] = WidthOption,
+    fast_decode: bool = FastDecodeOption,
     workers: Optional[int] = WorkersOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
 ):
     """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
-    from cov3d.synthetic.demo import DemoSettings, run_demo
+    from cov3d.synthetic.demo import run_demo
 
-    run_demo(output, DemoSettings(scans=scans, epochs=epochs, seed=seed), workers=workers, device=device, precision=precision)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, default=DEMO_SHAPE)
+    settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, depth=shape.depth, height=shape.height,
+                            width=shape.width, fast_decode=shape.fast_decode)
+    try:
+        report = run_demo(output, settings, workers=workers, device=device, precision=precision)
+    except BaselineNotBeaten as error:
+        print_demo_report(error.report)
+        raise
+    print_demo_report(report)
+
+
+def print_demo_report(report) -> None:
+    """The demo's score table (macro F1 per task and split) and the time of each step."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Macro F1 on the synthetic data")
+    table.add_column("model / split")
+    table.add_column("presence", justify="right")
+    table.add_column("severity", justify="right")
+    for name, scores in report.scores.items():
+        table.add_row(name, f"{scores['presence_f1']:.3f}", f"{scores['severity_f1']:.3f}")
+    console = Console()
+    console.print(table)
+    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
+    console.print(f"Time: {steps}; total {sum(report.seconds.values()):.0f} s")
+    console.print(f"Run: {report.run_dir}   Test predictions: {report.predictions}")
 
 
 @app.command()
@@ -351,6 +426,13 @@ def show(
     scans: list[Path] = typer.Argument(..., help="Scan folders (or folders of them) and cached tensor files (.pt)."),
     output: Path = typer.Option(Path("scans.png"), "--output", "-o", help="PNG file for the figure."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder: add its prediction to each row."),
+    size: Optional[str] = typer.Option(None, "--size", help=(
+        f"Show scan folders as preprocessed at {PRESET_NAMES} (from the cache, as training reads them). "
+        "Default: at 256x256 with their own slices (at most 256), or what --depth/--height/--width give.")),
+    depth: Optional[int] = DepthOption,
+    height: Optional[int] = HeightOption,
+    width: Optional[int] = WidthOption,
+    fast_decode: bool = FastDecodeOption,
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
@@ -359,8 +441,10 @@ def show(
     """Draw the axial, sagittal and coronal mid-planes of scans, one row per scan, with label or prediction."""
     from cov3d.inference.views import show_scans
 
+    preprocessed = size is not None or (depth, height, width) != (None, None, None) or fast_decode
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode) if preprocessed else None
     titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision,
-                        overwrite=overwrite)
+                        shape=shape, overwrite=overwrite)
     typer.echo(f"{len(titles)} scans -> {output}")
 
 
@@ -372,11 +456,15 @@ def stats(
     overwrite: bool = OverwriteOption,
 ):
     """Count scans, slices, sizes and labels (paper Fig. 1, Tables 1-2) from file names and image headers."""
-    from cov3d.dataset.stats import check_stats_output, dataset_stats, print_stats, write_stats
+    from rich.console import Console
+
+    from cov3d.dataset.stats import check_stats_output, dataset_stats, stats_report, write_stats
 
     result = dataset_stats(data)
     folder = check_stats_output(result, output, overwrite=overwrite)
-    print_stats(result)
+    console = Console()
+    for item in stats_report(result):
+        console.print(item)
     write_stats(result, output, folder=folder)
     typer.echo(f"{len(result.scans)} scans, {len(result.warnings)} warnings -> {output}")
 

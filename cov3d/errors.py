@@ -1,4 +1,14 @@
-"""Errors that the command line shows to the user as a single line."""
+"""Errors that the command line shows to the user as a single line.
+
+A message names the settings it is about by their Python names in backticks, alone or with a value:
+`` `learning_rate` ``, `` `precision=fp32` ``, `` `pretrained=False` ``. That is how a Python caller
+passes them; the command line shows each as its option (``--learning-rate``, ``--precision fp32``,
+``--no-pretrained``; ``cov3d.cli.phrase``). Errors that carry data keep it in fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class Cov3dError(Exception):
@@ -19,6 +29,23 @@ class Cov3dError(Exception):
 def one_line(text: object) -> str:
     """``str(text)`` with all whitespace runs (newlines included) collapsed to single spaces."""
     return " ".join(str(text).split())
+
+
+class OptionOutOfRange(Cov3dError):
+    """The setting ``option`` (its Python name, e.g. ``learning_rate``) got ``value``, which breaks
+    ``rule`` (in words: 'a finite number > 0'); ``limit`` is the ``cov3d.limits.Limit``."""
+
+    def __init__(self, option: str, value: Any, rule: str, limit: Any = None):
+        self.option, self.value, self.rule, self.limit = option, value, rule, limit
+        super().__init__(f"`{option}` must be {rule}, got {value!r}.")
+
+
+class BaselineNotBeaten(Cov3dError):
+    """The demo's model scored no better than the trivial baseline; ``report`` holds all its scores."""
+
+    def __init__(self, message: str, report: Any):
+        super().__init__(message)
+        self.report = report
 
 
 class NonFiniteTraining(Cov3dError):

@@ -4,8 +4,9 @@ A ``Limit`` says what a value must be (a whole number or a finite number, and it
 settings objects declare their fields with ``limited(default, LIMIT)`` and check them all with
 ``check_fields`` when they are made; functions that take plain arguments (inference, the synthetic
 data writer, preprocessing) check them with ``Limit.check`` on entry. The command line relies on
-these checks and repeats no range. A value outside its range is a one-line ``Cov3dError`` naming
-the option (``--learning-rate``), the rule and the value.
+these checks and repeats no range. A value outside its range is an ``OptionOutOfRange`` error that
+carries the setting's name (``learning_rate``, shown as ``--learning-rate`` by the command line),
+the rule and the value.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cov3d.errors import Cov3dError
+from cov3d.errors import OptionOutOfRange
 
 LIMIT_KEY = "limit"
 """Key of a field's ``Limit`` in its dataclass metadata."""
@@ -63,10 +64,9 @@ class Limit:
         return self.high is not None and (value >= self.high if self.high_open else value > self.high)
 
     def check(self, name: str, value: Any) -> Any:
-        """``value`` if it keeps this limit, else a one-line ``Cov3dError`` for the option ``name``."""
+        """``value`` if it keeps this limit, else ``OptionOutOfRange`` for the setting ``name``."""
         if self.problem(value):
-            option = option_name(name)
-            raise Cov3dError(f"{option} must be {self.describe()}, got {value!r}.")
+            raise OptionOutOfRange(name, value, self.describe(), self)
         return value
 
 

@@ -104,7 +104,7 @@ def choose_precision(precision: str, device: torch.device) -> Precision:
         return Precision(None, "asked for")
     if precision == "fp16":
         if device.type != "cuda":
-            raise Cov3dError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on a CPU.")
+            raise Cov3dError("`precision=fp16` needs a CUDA GPU; use bf16 or fp32 on a CPU.")
         return Precision(torch.float16, "asked for")
     if precision == "bf16":
         return Precision(torch.bfloat16, "asked for")

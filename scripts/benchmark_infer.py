@@ -78,7 +78,7 @@ def main() -> None:
         results = {}
         for reflect in (True, False):
             ensemble = Ensemble([load_source(run)], torch.device("cpu"), None, reflect=reflect)
-            key = ensemble.size_keys[0]
+            key = ensemble.shapes[0]
             batches = [volumes[i:i + args.batch_size] for i in range(0, len(volumes), args.batch_size)]
             model_s, _ = timed(lambda: [ensemble.predict({key: torch.stack(batch)}) for batch in batches])
             label = "tta" if reflect else "no-tta"

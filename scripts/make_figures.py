@@ -19,9 +19,10 @@ import tempfile
 from pathlib import Path
 
 from PIL import Image
+from rich.console import Console
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
-from cov3d.dataset.stats import dataset_stats, print_stats, write_stats
+from cov3d.dataset.stats import dataset_stats, stats_report, write_stats
 from cov3d.inference.explain import explain
 from cov3d.inference.views import show_scans
 from cov3d.training.run_figures import CONFUSION_STEM, CURVES_FILE
@@ -63,7 +64,9 @@ def main() -> None:
         data, run, cache = work / "data", work / "run", work / "cache"
         generate_dataset(data, scans=args.scans, seed=args.seed, slice_size=128, depth_scale=0.2)
         stats = dataset_stats(data)
-        print_stats(stats)
+        console = Console()
+        for item in stats_report(stats):
+            console.print(item)
         paths = write_stats(stats, work / "stats")
 
         settings = TrainSettings(depth=16, height=32, width=32, epochs=args.epochs, penultimate=32,

@@ -41,7 +41,7 @@ def read_severity_csv(csv_path: Path) -> dict[str, int]:
     """Read a `Name;Category` CSV into {scan name: category 1..4}; one-line errors for malformed files."""
     if not csv_path.is_file():
         raise Cov3dError(
-            f"Severity CSV not found: {csv_path}. Put the competition's CSV there, or train with --severity-factor 0."
+            f"Severity CSV not found: {csv_path}. Put the competition's CSV there, or train with `severity_factor=0`."
         )
     rows = _csv_rows(csv_path)
     if not rows or [cell.strip() for cell in rows[0][:2]] != ["Name", "Category"]:

@@ -172,7 +172,7 @@ def size_counts(scans: list[ScanStats]) -> list[tuple[str, int, int]]:
     return [(f"{w}x{h}", holders[(w, h)], n) for (w, h), n in slices.most_common()]
 
 
-WRITE_REMEDY = "Free some space or choose another --output folder."
+WRITE_REMEDY = "Free some space or choose another `output` folder."
 
 
 def _write_table(path: Path, table: dict[str, dict[str, int | None]], partitions: list[str], first: str) -> None:
@@ -223,12 +223,13 @@ def write_stats(stats: DatasetStats, output_dir: Path, *, overwrite: bool = Fals
     return paths
 
 
-def print_stats(stats: DatasetStats) -> None:
-    """Print Tables 1 and 2, the slice sizes, the depth range and the warnings as rich tables."""
-    from rich.console import Console
+def stats_report(stats: DatasetStats) -> list:
+    """Tables 1 and 2, the slice sizes, the depth range and the warnings, as rich renderables
+    (tables and lines) for the caller to print."""
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    report: list = []
     for title, table, first in (
         ("Table 1: scans per partition", stats.presence_table, "COVID-19"),
         ("Table 2: severity annotations per partition", stats.severity_table, "severity"),
@@ -239,14 +240,15 @@ def print_stats(stats: DatasetStats) -> None:
             shown.add_column(partition, justify="right")
         for row, counts in table.items():
             shown.add_row(row, *("–" if counts[p] is None else f"{counts[p]:,}" for p in stats.partitions))
-        console.print(shown)
+        report.append(shown)
     sizes = Table(title="Slice sizes")
     for column in ("size", "scans", "slices"):
         sizes.add_column(column, justify="right")
     for size, scans, slices in size_counts(stats.scans):
         sizes.add_row(size, f"{scans:,}", f"{slices:,}")
-    console.print(sizes)
+    report.append(sizes)
     depths = sorted(scan.depth for scan in stats.scans)
-    console.print(f"Depth: {depths[0]} to {depths[-1]} slices, median {depths[len(depths) // 2]}, {len(depths)} scans.")
+    report.append(Text(f"Depth: {depths[0]} to {depths[-1]} slices, median {depths[len(depths) // 2]}, {len(depths)} scans."))
     for warning in stats.warnings:
-        console.print(f"[yellow]Warning:[/yellow] {warning}", highlight=False)
+        report.append(Text.assemble(("Warning:", "yellow"), f" {warning}"))
+    return report

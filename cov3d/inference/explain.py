@@ -156,7 +156,7 @@ def explain(
         volume, name = None, scan.name
     folder = OutputFolder(output_dir, kind="Grad-CAM file", overwrite=overwrite, inputs=[scan, run_dir])
     folder.claim([f"{name}{CAM_SUFFIX}.pt", f"{name}{CAM_SUFFIX}.png"])
-    volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume)
+    volume = model_volume(scan, source.shape, cache_dir or default_cache_dir(), volume)
     dtype = resolve_precision(precision, torch_device)
     cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only, dtype=dtype)
     probability = float(torch.sigmoid(torch.tensor(score)))
@@ -165,7 +165,7 @@ def explain(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tensor_path = output_dir / f"{name}{CAM_SUFFIX}.pt"
-    with replaced_atomically(tensor_path, "Free some space or choose another --output folder.") as temp:
+    with replaced_atomically(tensor_path, "Free some space or choose another `output_dir`.") as temp:
         torch.save(cam.contiguous(), temp)
     title = f"{name}: P(covid) = {probability:.2f}"
     image_path = save_figure(gradcam_overlay(volume[0].cpu().numpy(), cam.numpy(), title), output_dir / f"{name}{CAM_SUFFIX}.png")

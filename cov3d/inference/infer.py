@@ -23,7 +23,7 @@ from cov3d.atomic import write_text_atomically
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
-from cov3d.inference.streaming import PredictionRows, SizeKey, StreamedScan, completed_paths, read_rows, volume_stream
+from cov3d.inference.streaming import PredictionRows, StreamedScan, completed_paths, read_rows, volume_stream
 from cov3d.limits import COUNT, OPTIONAL_COUNT, SEED, SIZE
 from cov3d.model.files import ModelSource, expand_models, load_source
 from cov3d.model.metrics import PRESENCE_THRESHOLD
@@ -38,7 +38,9 @@ from cov3d.outputs import (
 )
 from cov3d.preprocessing.cache import values_on
 from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.preprocessing.workers import available_cpus
 from cov3d.runtime import autocast, resolve_device, resolve_precision
+from cov3d.settings import INFER_BATCH_SIZE, INFER_SEED, VolumeShape
 
 CSV_COLUMNS = (
     "name", "path", "covid_probability", "covid", "severity",
@@ -92,14 +94,10 @@ class RunPredictor:
         self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True
     ):
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
-        self.size, self.fast_decode = source.size, source.fast_decode
+        self.shape = source.shape
         self.samples_per_scan = max(1, mc_samples)
         self.presence_model = self._load("presence", mc_samples > 0)
         self.severity_model = self._load("severity", mc_samples > 0)
-
-    @property
-    def size_key(self) -> SizeKey:
-        return (*self.size, self.fast_decode)
 
     def _load(self, task: str, mc_dropout: bool) -> torch.nn.Module | None:
         model = self.source.build(task)
@@ -183,22 +181,22 @@ class Ensemble:
         reflect: bool = True,
     ):
         if not sources:
-            raise Cov3dError("No model given: pass --model with a run folder or a file made by 'cov3d export'.")
+            raise Cov3dError("No model given: pass `models` with a run folder or a file made by 'cov3d export'.")
         self.members = [RunPredictor(source, device, dtype, mc_samples, reflect) for source in sources]
         self.device = device
 
     @property
-    def size_keys(self) -> list[SizeKey]:
-        """The distinct input sizes (D, H, W, fast_decode) of the members."""
-        return list(dict.fromkeys(member.size_key for member in self.members))
+    def shapes(self) -> list[VolumeShape]:
+        """The distinct input shapes of the members."""
+        return list(dict.fromkeys(member.shape for member in self.members))
 
-    def predict(self, levels: dict[SizeKey, torch.Tensor]) -> list[Prediction]:
-        """Stored uint8 levels (B, 1, D, H, W) for every size key -> one Prediction per scan.
+    def predict(self, levels: dict[VolumeShape, torch.Tensor]) -> list[Prediction]:
+        """Stored uint8 levels (B, 1, D, H, W) for every input shape -> one Prediction per scan.
 
-        Each size's batch goes to the device once and becomes values there (``values_on``).
+        Each shape's batch goes to the device once and becomes values there (``values_on``).
         """
-        volumes = {key: values_on(batch, self.device) for key, batch in levels.items()}
-        return combine(torch.cat([member.samples(volumes[member.size_key]) for member in self.members]))
+        volumes = {shape: values_on(batch, self.device) for shape, batch in levels.items()}
+        return combine(torch.cat([member.samples(volumes[member.shape]) for member in self.members]))
 
 
 def prediction_row(scan: Path, prediction: Prediction, uncertainty: bool = False) -> dict[str, str]:
@@ -259,8 +257,14 @@ class InferenceSummary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
+def default_workers() -> int:
+    """Background preprocessing processes of ``infer`` when not given: half the CPU cores, at least 1
+    (the other half runs the model)."""
+    return max(1, available_cpus() // 2)
+
+
 def check_inference_options(*, batch_size: int, mc_samples: int, workers: int | None, seed: int) -> None:
-    """One-line ``Cov3dError`` for an option of ``infer`` out of range (``cov3d.limits``)."""
+    """``OptionOutOfRange`` for an option of ``infer`` out of range (``cov3d.limits``)."""
     SIZE.check("batch_size", batch_size)
     COUNT.check("mc_samples", mc_samples)
     OPTIONAL_COUNT.check("workers", workers)
@@ -275,13 +279,13 @@ def infer(
     cache_dir: Path,
     device: str = "auto",
     precision: str = "auto",
-    batch_size: int = 2,
+    batch_size: int = INFER_BATCH_SIZE,
     submission_dir: Path | None = None,
     progress: bool = True,
     mc_samples: int = 0,
-    workers: int = 0,
+    workers: int | None = None,
     resume: bool = False,
-    seed: int = 0,
+    seed: int = INFER_SEED,
     reflect: bool = True,
     on_row: Callable[[dict[str, str]], None] | None = None,
     overwrite: bool = False,
@@ -290,7 +294,8 @@ def infer(
     folders of them) and write the CSV ``output`` row by row (``on_row`` is called after each).
 
     ``mc_samples`` > 0: Monte-Carlo dropout with that many samples per model (seeded by ``seed``),
-    adding UNCERTAINTY_COLUMNS. ``workers``: background preprocessing processes (0: none).
+    adding UNCERTAINTY_COLUMNS. ``workers``: background preprocessing processes (0: none;
+    ``None``: ``default_workers()``).
     ``resume``: keep the rows already in ``output`` and predict only the other scans.
     ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
     Submission files, if asked for, cover every row of ``output``.
@@ -301,6 +306,7 @@ def infer(
     reported in ``failed`` and gets no row.
     """
     check_inference_options(batch_size=batch_size, mc_samples=mc_samples, workers=workers, seed=seed)
+    workers = default_workers() if workers is None else workers
     torch_device = resolve_device(device)
     model_paths = expand_models([models] if isinstance(models, (str, Path)) else list(models))
     columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
@@ -316,10 +322,10 @@ def infer(
         if problem is not None:
             summary.failed.append((scan, f"its name {scan_name(scan)!r} cannot be written in a submission file: {problem}. Rename the scan."))
     pending = [scan for scan in pending if submission_name_problem(scan_name(scan)) is None]
-    caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3]) for key in ensemble.size_keys}
+    caches = {shape: VolumeCache.for_shape(cache_dir, shape) for shape in ensemble.shapes}
 
     def predict(batch: list[StreamedScan], rows_file: PredictionRows) -> None:
-        levels = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}
+        levels = {shape: torch.stack([item.volumes[shape] for item in batch]) for shape in caches}
         rows = []
         for item, prediction in zip(batch, ensemble.predict(levels)):
             if not prediction.finite:

@@ -4,7 +4,7 @@ that is written row by row and can be resumed.
 ``volume_stream`` yields one ``StreamedScan`` per scan, in order, while ``workers`` processes read and
 preprocess the next scans (torch ``DataLoader`` with ``forkserver`` workers, each holding at most
 ``PREFETCH_PER_WORKER`` scans, so memory does not depend on the number of scans). Each scan is
-preprocessed once per distinct input size, through that size's ``VolumeCache``.
+preprocessed once per distinct input shape (``cov3d.settings.VolumeShape``), through that shape's ``VolumeCache``.
 """
 
 from __future__ import annotations
@@ -24,27 +24,26 @@ from cov3d.errors import Cov3dError, one_line
 from cov3d.outputs import csv_header
 from cov3d.preprocessing.preprocess import VolumeCache, scan_sources
 from cov3d.preprocessing.workers import init_worker, pool_context
+from cov3d.settings import VolumeShape
 
-SizeKey = tuple[int, int, int, bool]
-"""An input size: (depth, height, width, fast_decode)."""
 PREFETCH_PER_WORKER = 2
 """Scans each worker prepares ahead of the model."""
 
 
 @dataclass
 class StreamedScan:
-    """One scan's stored uint8 levels ``{size: (1, D, H, W)}`` (a quarter of float32's bytes to
+    """One scan's stored uint8 levels ``{shape: (1, D, H, W)}`` (a quarter of float32's bytes to
     pass from a worker), or the reason it failed."""
 
     scan: Path
-    volumes: dict[SizeKey, torch.Tensor] | None
+    volumes: dict[VolumeShape, torch.Tensor] | None
     error: str | None = None
 
 
 class ScanVolumes(Dataset):
     """Scans -> ``StreamedScan`` (a failing scan gives its error instead of raising)."""
 
-    def __init__(self, scans: Sequence[Path], caches: dict[SizeKey, VolumeCache]):
+    def __init__(self, scans: Sequence[Path], caches: dict[VolumeShape, VolumeCache]):
         self.scans, self.caches = [Path(scan) for scan in scans], caches
 
     def __len__(self) -> int:
@@ -54,7 +53,7 @@ class ScanVolumes(Dataset):
         scan = self.scans[index]
         try:
             sources = scan_sources(scan)  # listed once for all sizes (a DICOM series reads every header)
-            return StreamedScan(scan, {key: cache.levels(scan, sources) for key, cache in self.caches.items()})
+            return StreamedScan(scan, {shape: cache.levels(scan, sources) for shape, cache in self.caches.items()})
         except Cov3dError as error:
             return StreamedScan(scan, None, one_line(error))
         except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others
@@ -66,7 +65,7 @@ def _single(item: StreamedScan) -> StreamedScan:
     return item
 
 
-def volume_stream(scans: Sequence[Path], caches: dict[SizeKey, VolumeCache], workers: int = 0) -> Iterator[StreamedScan]:
+def volume_stream(scans: Sequence[Path], caches: dict[VolumeShape, VolumeCache], workers: int = 0) -> Iterator[StreamedScan]:
     """``StreamedScan`` for each scan in order; ``workers`` = 0 reads them in this process."""
     dataset = ScanVolumes(scans, caches)
     if workers == 0 or len(dataset) == 0:

@@ -1,7 +1,8 @@
 """`cov3d show`: the axial, sagittal and coronal mid-planes of scans, one row per scan (paper Fig. 2).
 
 A scan is a folder of JPEG slices or a cached tensor file (``cov3d.preprocessing.cache`` entries, or a plain
-tensor ``(1, D, H, W)`` / ``(D, H, W)`` in [0, 1]). Each row is titled with the scan's name and,
+tensor ``(1, D, H, W)`` / ``(D, H, W)`` in [0, 1]). A scan folder is shown at ``DISPLAY_SIZE``, or, given a
+``VolumeShape``, as preprocessed to it (from the cache, as training reads it). Each row is titled with the scan's name and,
 when the scan lies in the dataset layout ``<partition>/<covid|non-covid>/<scan>``, its label and
 the severity from the partition's CSV; with a run folder, also the model's prediction.
 """
@@ -22,6 +23,7 @@ from cov3d.dataset.scans import find_scans, list_slices
 from cov3d.errors import Cov3dError, one_line
 from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
 from cov3d.preprocessing.preprocess import preprocess_scan
+from cov3d.settings import VolumeShape
 from cov3d.viz.figures import save_figure, slice_views
 
 DISPLAY_SIZE = 256
@@ -57,15 +59,22 @@ def load_tensor_file(path: Path) -> tuple[torch.Tensor, Path | None]:
     return (from_levels(volume) if volume.dtype == STORAGE_DTYPE else volume.float()), source
 
 
-def load_view(path: Path, size: int = DISPLAY_SIZE) -> ViewedScan:
-    """Read a scan folder (resized to ``size`` x ``size``, at most ``size`` slices) or a tensor file."""
+def load_view(path: Path, size: int = DISPLAY_SIZE, *, shape: VolumeShape | None = None,
+              cache_dir: Path | None = None) -> ViewedScan:
+    """Read a tensor file, or a scan folder: resized to ``size`` x ``size`` with at most ``size``
+    slices, or with ``shape`` the cached volume of that shape in ``cache_dir``."""
     path = Path(path)
     if path.is_file():
         volume, source = load_tensor_file(path)
         name = source.name if source is not None else path.stem
         return ViewedScan(name, volume.numpy(), source)
-    depth = min(len(list_slices(path)), size)
-    volume = preprocess_scan(path, depth, size, size)[0]
+    if shape is not None:
+        from cov3d.preprocessing.preprocess import VolumeCache
+
+        volume = VolumeCache.for_shape(cache_dir, shape).get(path)[0]
+    else:
+        depth = min(len(list_slices(path)), size)
+        volume = preprocess_scan(path, depth, size, size)[0]
     return ViewedScan(path.name, volume.numpy(), path)
 
 
@@ -107,19 +116,17 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
     return expanded
 
 
-def model_volume(
-    path: Path, size: tuple[int, int, int], fast_decode: bool, cache_dir: Path, volume: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The (1, D, H, W) input a run of ``size`` expects: from the cache for a scan folder; for a
+def model_volume(path: Path, shape: VolumeShape, cache_dir: Path, volume: torch.Tensor | None = None) -> torch.Tensor:
+    """The (1, D, H, W) input a run of ``shape`` expects: from the cache for a scan folder; for a
     tensor file its volume (D, H, W) (``volume`` if already read, else read from ``path``),
     resampled trilinearly and clipped to [0, 1]."""
     from cov3d.preprocessing.preprocess import VolumeCache
 
     if Path(path).is_dir():
-        return VolumeCache(cache_dir, *size, fast_decode=fast_decode).get(path)
+        return VolumeCache.for_shape(cache_dir, shape).get(path)
     if volume is None:
         volume = load_tensor_file(path)[0]
-    return F.interpolate(volume[None, None], size=size, mode="trilinear", align_corners=False)[0].clamp(0, 1)
+    return F.interpolate(volume[None, None], size=shape.dims, mode="trilinear", align_corners=False)[0].clamp(0, 1)
 
 
 def show_scans(
@@ -131,18 +138,21 @@ def show_scans(
     device: str = "auto",
     precision: str = "auto",
     overwrite: bool = False,
+    shape: VolumeShape | None = None,
 ) -> list[str]:
     """Write the mid-plane figure of ``paths`` to ``output``; returns the row titles.
 
     ``output`` may replace an earlier cov3d figure, or with ``overwrite`` any file, but never an
-    input (``cov3d.outputs.check_figure``).
+    input (``cov3d.outputs.check_figure``). ``shape``: show scan folders as preprocessed to it (see
+    the module docstring).
     """
     from cov3d.outputs import check_figure
     from cov3d.preprocessing.preprocess import default_cache_dir
 
+    cache_dir = cache_dir or default_cache_dir()
     scan_paths = expand_paths(paths)
     check_figure(output, overwrite=overwrite, inputs=[*scan_paths, *([run_dir] if run_dir is not None else [])])
-    views = [load_view(path) for path in scan_paths]
+    views = [load_view(path, shape=shape, cache_dir=cache_dir) for path in scan_paths]
     titles = []
     predictor = None
     if run_dir is not None:
@@ -158,9 +168,7 @@ def show_scans(
         if label:
             parts.append(label)
         if predictor is not None:
-            volume = model_volume(
-                path, predictor.size, predictor.fast_decode, cache_dir or default_cache_dir(), torch.from_numpy(view.volume)
-            )[None]
+            volume = model_volume(path, predictor.shape, cache_dir, torch.from_numpy(view.volume))[None]
             prediction = predictor.predict(volume)[0]
             if not prediction.finite:
                 parts.append("no prediction (the model's output is not finite)")

@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT
-from cov3d.model.network import POOLS, build_model
+from cov3d.model.network import build_model
+from cov3d.settings import POOLS, VolumeShape
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}
@@ -66,13 +67,14 @@ class ModelSource:
     states: dict[str, dict[str, torch.Tensor]]
 
     @property
-    def size(self) -> tuple[int, int, int]:
-        """Input volume size (D, H, W)."""
-        return self.config["depth"], self.config["height"], self.config["width"]
+    def shape(self) -> VolumeShape:
+        """The input volumes' shape (config keys depth, height, width and fast_decode)."""
+        return VolumeShape.from_config(self.config)
 
     @property
-    def fast_decode(self) -> bool:
-        return bool(self.config.get("fast_decode", False))
+    def size(self) -> tuple[int, int, int]:
+        """The input volumes' (D, H, W)."""
+        return self.shape.dims
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
@@ -140,7 +142,7 @@ def _load_run(run_dir: Path) -> ModelSource:
     """A run folder: config.json and the safetensors weights present."""
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
-        raise Cov3dError(f"{run_dir} is not a cov3d run: {CONFIG_FILE} is missing. Give the --output-dir of 'cov3d train'.")
+        raise Cov3dError(f"{run_dir} is not a cov3d run: {CONFIG_FILE} is missing. Give a run folder written by 'cov3d train'.")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -23,6 +23,7 @@ from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from cov3d.errors import Cov3dError
 from cov3d.limits import DROPOUT
+from cov3d.settings import POOLS
 
 KINETICS_WEIGHTS = R3D_18_Weights.KINETICS400_V1
 """torchvision's Kinetics-400 weights for r3d_18 (paper sec. 3.2)."""
@@ -35,7 +36,6 @@ INPUT_CHANNELS = 1
 CLASSIFIER_PREFIX = "fc."
 """Keys of the 400-way Kinetics classifier, replaced by the Cov3d head."""
 RESIDUAL_LAYERS = ("layer1", "layer2", "layer3", "layer4")
-POOLS = ("avg", "max")
 
 
 class PretrainedWeightsMissing(Cov3dError):

@@ -1,7 +1,7 @@
 """Storage format of the preprocessed-volume cache (used by ``cov3d.preprocessing.preprocess.VolumeCache``).
 
-Layout: ``<cache_dir>/<D>x<H>x<W>[-fast]/<scan folder name>-<key>.pt``, one file per scan and
-size. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
+Layout: ``<cache_dir>/<D>x<H>x<W>[-fast]/<scan folder name>-<key>.pt`` (the folder is the
+``cov3d.settings.VolumeShape``'s ``folder_name``), one file per scan and shape. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
 
 - **Key.** ``key`` is a hash of the preprocessing parameters (depth, height, width,
   fast_decode, ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
@@ -48,6 +48,7 @@ import torch
 
 from cov3d.atomic import TEMP_SUFFIX, file_mode, write_failure_reason
 from cov3d.errors import Cov3dError, one_line
+from cov3d.settings import SHAPE_FOLDER, VolumeShape
 
 CACHE_FORMAT_VERSION = 2
 """Bump when the preprocessing or the entry layout changes: older entries are then rebuilt."""
@@ -105,18 +106,13 @@ def source_fingerprint(slices: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def entry_path(cache_dir: Path, params: dict[str, int], scan_dir: Path) -> Path:
-    """Where the entry of ``scan_dir`` for the preprocessing ``params`` lives.
-
-    ``params`` holds ``depth``, ``height``, ``width`` and ``fast_decode`` (0/1).
-    """
+def entry_path(cache_dir: Path, shape: VolumeShape, scan_dir: Path) -> Path:
+    """Where the entry of ``scan_dir`` preprocessed to ``shape`` lives."""
     source = str(Path(scan_dir).resolve())
-    keyed = json.dumps({**params, "format": CACHE_FORMAT_VERSION, "source": source}, sort_keys=True)
+    keyed = json.dumps({**shape.cache_params, "format": CACHE_FORMAT_VERSION, "source": source}, sort_keys=True)
     key = hashlib.sha256(keyed.encode()).hexdigest()[:KEY_HEX_CHARS]
-    size = f"{params['depth']}x{params['height']}x{params['width']}"
-    folder = size + ("-fast" if params["fast_decode"] else "")
     name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(source).name)[:MAX_NAME_CHARS] or "scan"
-    return Path(cache_dir) / folder / f"{name}-{key}.pt"
+    return Path(cache_dir) / shape.folder_name / f"{name}-{key}.pt"
 
 
 def checksum(volume: torch.Tensor) -> int:
@@ -153,13 +149,13 @@ def values_on(levels: torch.Tensor, device: torch.device) -> torch.Tensor:
     return levels.to(device, non_blocking=True).float().div_(divisor)
 
 
-def make_entry(levels: torch.Tensor, params: dict[str, int], scan_dir: Path, fingerprint: str) -> dict:
+def make_entry(levels: torch.Tensor, shape: VolumeShape, scan_dir: Path, fingerprint: str) -> dict:
     """The dict stored for a volume of uint8 levels ``(1, D, H, W)`` (see the module docstring)."""
     if levels.dtype != STORAGE_DTYPE:
         raise TypeError(f"cache entries store {STORAGE_DTYPE} levels, got {levels.dtype}")
     stored = levels.contiguous()
     return {
-        **params,
+        **shape.cache_params,
         "format": CACHE_FORMAT_VERSION,
         "source": str(Path(scan_dir).resolve()),
         "fingerprint": fingerprint,
@@ -222,7 +218,7 @@ def save_cache_entry(path: Path, entry: dict) -> None:
 
 
 def load_valid_volume(
-    path: Path, params: dict[str, int], scan_dir: Path, fingerprint: str | None
+    path: Path, shape: VolumeShape, scan_dir: Path, fingerprint: str | None
 ) -> torch.Tensor | None:
     """The stored uint8 levels ``(1, D, H, W)`` of a valid, current entry; ``None`` if the
     entry is missing, damaged or stale (see the module docstring).
@@ -237,7 +233,7 @@ def load_valid_volume(
     if not isinstance(entry, dict):
         return None
     expected = {
-        **params,
+        **shape.cache_params,
         "format": CACHE_FORMAT_VERSION,
         "source": str(Path(scan_dir).resolve()),
     }
@@ -246,8 +242,7 @@ def load_valid_volume(
     if any(entry.get(name) != value for name, value in expected.items()):
         return None
     volume = entry.get("volume")
-    shape = (1, params["depth"], params["height"], params["width"])
-    if not isinstance(volume, torch.Tensor) or volume.dtype != STORAGE_DTYPE or tuple(volume.shape) != shape:
+    if not isinstance(volume, torch.Tensor) or volume.dtype != STORAGE_DTYPE or tuple(volume.shape) != (1, *shape.dims):
         return None
     if entry.get("crc32") != checksum(volume):
         return None
@@ -262,9 +257,6 @@ class PruneSummary:
     kept: int = 0
     freed_bytes: int = 0
 
-
-SIZE_FOLDER = re.compile(r"\d+x\d+x\d+(-fast)?")
-"""Names of the cache's size folders (``entry_path``)."""
 
 ENTRY_FILE = re.compile(rf"[A-Za-z0-9._-]+-[0-9a-f]{{{KEY_HEX_CHARS}}}\.pt")
 """Names of entry files (``entry_path``); temporary files are ``.<entry file>.<random>.tmp``."""
@@ -339,9 +331,9 @@ def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool =
     """
     cache_dir = Path(cache_dir).expanduser()
     if not cache_dir.is_dir():
-        raise Cov3dError(f"Cache directory not found: {cache_dir}. Give the folder passed as --cache-dir.")
+        raise Cov3dError(f"Cache directory not found: {cache_dir}. Give the folder passed as `cache_dir`.")
     summary, now = PruneSummary(), time.time()
-    for folder in sorted(path for path in cache_dir.iterdir() if path.is_dir() and SIZE_FOLDER.fullmatch(path.name)):
+    for folder in sorted(path for path in cache_dir.iterdir() if path.is_dir() and SHAPE_FOLDER.fullmatch(path.name)):
         for path in sorted(folder.iterdir()):
             try:
                 reason = _prune_reason(path, missing_scans, now) if path.is_file() else None

@@ -21,11 +21,10 @@
 
 ``fast_decode=True`` lets libjpeg downscale in the DCT domain (``Image.draft``) to the smallest
 power-of-two reduction (1/2, 1/4, 1/8) still at least H×W before the bicubic resize. For
-512×512 slices it changes nothing at large (320 > 512/2, identical output) and at small and
-medium almost halves the time per scan. Measured with ``scripts/benchmark_preprocess.py`` on
-synthetic 512×512 CT-like stacks, its volumes differ from the normal path by at most 0.051
-(mean 0.0030) at small and at most 0.063 (mean 0.0037) at medium, on the [0, 1] scale, i.e.
-about 1 grey level on average and 16 at worst (near sharp edges); bounded in the tests.
+512×512 slices it changes nothing at large (320 > 512/2, identical output); at small and medium
+it decodes less and its volumes differ slightly from the normal path, most near sharp edges
+(bounded in the tests; timings and differences measured with ``scripts/benchmark_preprocess.py``
+are in docs/benchmarks.md).
 
 DICOM series folders and NIfTI files are read by ``cov3d.dataset.dicom_nifti`` as 8-bit slices (HU through
 the lung window) and then follow steps 1-3 like JPEG slices.
@@ -59,6 +58,7 @@ from cov3d.preprocessing.cache import (
     save_cache_entry,
     source_fingerprint,
 )
+from cov3d.settings import PRESETS, VolumeShape
 
 __all__ = [
     "SIZES",
@@ -71,12 +71,8 @@ __all__ = [
     "scan_sources",
 ]
 
-SIZES: dict[str, tuple[int, int, int]] = {
-    "small": (64, 128, 128),
-    "medium": (128, 256, 256),
-    "large": (160, 320, 320),
-}
-"""Named volume sizes (depth, height, width) of the paper, section 3.1 (D = W / 2)."""
+SIZES: dict[str, tuple[int, int, int]] = {name: shape.dims for name, shape in PRESETS.items()}
+"""The presets of ``cov3d.settings.PRESETS`` as (depth, height, width), for unpacking into ``preprocess_scan``."""
 
 MATMUL_BLOCK_BYTES = 4 * 2**20
 """Float32 bytes of stack columns per block of the depth product (about a core's L2 cache)."""
@@ -128,7 +124,7 @@ def _weight_bands(n_slices: int, depth: int, scale: float) -> tuple[tuple[slice,
     than about 2e-6 on the [0, 1] scale (a two-thousandth of an 8-bit grey level) and leaves each
     row group a band of about 22 + ROW_GROUP * n / depth slices instead of all n. Dropping them
     also avoids float32 subnormal numbers, which would make the product several times slower.
-    Cached per (n, depth, scale): building it for 1,201 slices takes a few tenths of a second.
+    Cached per (n, depth, scale): building it for a long scan costs more than applying it.
     """
     matrix = depth_interpolation_matrix(n_slices, depth)
     matrix[np.abs(matrix) < WEIGHT_TOLERANCE] = 0.0
@@ -209,33 +205,32 @@ def preprocess_scan(
 
 
 class VolumeCache:
-    """Preprocessed volumes of one size, stored in ``cache_dir`` (format: ``cov3d.preprocessing.cache``)."""
+    """Preprocessed volumes of one shape, stored in ``cache_dir`` (format: ``cov3d.preprocessing.cache``).
+
+    ``VolumeCache(cache_dir, depth, height, width, fast_decode=...)`` or
+    ``VolumeCache.for_shape(cache_dir, shape)``; ``shape`` is the ``cov3d.settings.VolumeShape``.
+    """
 
     def __init__(self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False):
         _check_size(depth, height, width)
         self.cache_dir = Path(cache_dir).expanduser()
-        self.depth, self.height, self.width = depth, height, width
-        self.fast_decode = fast_decode
+        self.shape = VolumeShape(depth, height, width, fast_decode)
+
+    @classmethod
+    def for_shape(cls, cache_dir: Path, shape: VolumeShape) -> VolumeCache:
+        return cls(cache_dir, *shape.dims, fast_decode=shape.fast_decode)
 
     def __repr__(self) -> str:
-        return (
-            f"VolumeCache({str(self.cache_dir)!r}, {self.depth}, {self.height}, {self.width}, "
-            f"fast_decode={self.fast_decode})"
-        )
-
-    @property
-    def params(self) -> dict[str, int]:
-        """The preprocessing parameters that key an entry."""
-        return {"depth": self.depth, "height": self.height, "width": self.width, "fast_decode": int(self.fast_decode)}
+        return f"VolumeCache.for_shape({str(self.cache_dir)!r}, {self.shape!r})"
 
     def path_for(self, scan_dir: Path) -> Path:
         """The cache file of ``scan_dir`` (which need not exist)."""
-        return entry_path(self.cache_dir, self.params, Path(scan_dir))
+        return entry_path(self.cache_dir, self.shape, Path(scan_dir))
 
     def _stored(self, scan_dir: Path, sources: ScanSources) -> tuple[torch.Tensor | None, str]:
         """The stored uint8 levels if current (else ``None``) and the source fingerprint."""
         fingerprint = source_fingerprint(sources.files)
-        return load_valid_volume(self.path_for(scan_dir), self.params, scan_dir, fingerprint), fingerprint
+        return load_valid_volume(self.path_for(scan_dir), self.shape, scan_dir, fingerprint), fingerprint
 
     def _fetch(self, scan_dir: Path, sources: ScanSources | None = None) -> tuple[torch.Tensor, bool]:
         """The uint8 levels (1, D, H, W), loaded or built and stored, and whether they were built."""
@@ -243,8 +238,8 @@ class VolumeCache:
         stored, fingerprint = self._stored(scan_dir, sources)
         if stored is not None:
             return stored, False
-        volume = _preprocess_slices(sources, self.depth, self.height, self.width, self.fast_decode, levels=True)
-        entry = make_entry(volume, self.params, scan_dir, fingerprint)
+        volume = _preprocess_slices(sources, *self.shape.dims, self.shape.fast_decode, levels=True)
+        entry = make_entry(volume, self.shape, scan_dir, fingerprint)
         save_cache_entry(self.path_for(scan_dir), entry)
         return entry["volume"], True
 
@@ -266,7 +261,7 @@ class VolumeCache:
         This is what a training loader reads on every item of every epoch.
         """
         scan_dir = Path(scan_dir)
-        stored = load_valid_volume(self.path_for(scan_dir), self.params, scan_dir, fingerprint=None)
+        stored = load_valid_volume(self.path_for(scan_dir), self.shape, scan_dir, fingerprint=None)
         return self.levels(scan_dir) if stored is None else stored
 
     def update(self, scan_dir: Path) -> bool:

@@ -142,7 +142,7 @@ def preprocess_many(
         else:
             summary.skipped += 1
 
-    size = f"{cache.depth}×{cache.height}×{cache.width}"
+    size = "×".join(map(str, cache.shape.dims))
     with _progress_bar(progress and bool(scans), len(scans), f"Preprocessing {size}") as advance:
         if n_workers <= 1:
             for scan in scans:

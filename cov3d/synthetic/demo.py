@@ -2,11 +2,13 @@
 
 The demo keeps the paper's method (loss, schedule, reflection, checkpoints) but shrinks the problem so
 that it fits a laptop: fewer and thinner synthetic scans, small volumes, no Kinetics weights (they
-cannot be assumed offline), a larger batch and learning rate to train from scratch in a few epochs.
+cannot be assumed offline), a larger batch and learning rate to train from scratch in a few epochs
+(``cov3d.settings.DemoSettings``). Each step is logged (``logging``); the caller shows the report.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,65 +16,24 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
-from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
 from cov3d.dataset.scans import find_scans
-from cov3d.errors import Cov3dError
+from cov3d.errors import BaselineNotBeaten
 from cov3d.inference.infer import infer
-from cov3d.limits import (
-    DEMO_SCANS,
-    DEPTH_SCALE,
-    DROPOUT,
-    FRACTION,
-    LEARNING_RATE,
-    SEED,
-    SIZE,
-    SLICE_SIZE,
-    WORKERS,
-    check_fields,
-    limited,
-)
+from cov3d.limits import WORKERS
 from cov3d.model.metrics import macro_f1
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
+from cov3d.settings import DemoSettings
 from cov3d.synthetic.generator import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
 from cov3d.training.data import TrainingItem, collect_items
-from cov3d.training.train import TrainSettings, train
+from cov3d.training.train import train
+
+logger = logging.getLogger(__name__)
 
 SEVERITY_CODES = list(SEVERITY_CATEGORIES)
-
-
-@dataclass
-class DemoSettings:
-    """The demo's dataset and training sizes (chosen to finish in minutes on 2 CPU cores)."""
-
-    scans: int = limited(240, DEMO_SCANS)
-    seed: int = limited(0, SEED)
-    slice_size: int = limited(128, SLICE_SIZE)
-    depth_scale: float = limited(0.1, DEPTH_SCALE)
-    annotated_fraction: float = limited(0.75, FRACTION)
-    depth: int = limited(16, SIZE)
-    width: int = limited(64, SIZE)
-    epochs: int = limited(16, SIZE)
-    batch_size: int = limited(4, SIZE)
-    learning_rate: float = limited(3e-4, LEARNING_RATE)
-    severity_factor: float = limited(0.5, FRACTION)
-    penultimate: int = limited(128, SIZE)
-    dropout: float = limited(0.2, DROPOUT)
-
-    def __post_init__(self) -> None:
-        """Reject out-of-range settings (``cov3d.limits``) before anything is generated."""
-        check_fields(self)
-
-    def train_settings(self) -> TrainSettings:
-        return TrainSettings(
-            depth=self.depth, height=self.width, width=self.width, epochs=self.epochs,
-            batch_size=self.batch_size, learning_rate=self.learning_rate,
-            severity_factor=self.severity_factor, penultimate=self.penultimate, dropout=self.dropout,
-            seed=self.seed,
-        )
 
 
 @dataclass
@@ -138,10 +99,13 @@ def run_demo(
     output_dir: Path, settings: DemoSettings, *, workers: int | None = None, device: str = "auto",
     precision: str = "auto", console: Console | None = None,
 ) -> DemoReport:
-    """Generate -> preprocess -> train -> infer -> score; everything is written under `output_dir`."""
+    """Generate -> preprocess -> train -> infer -> score; everything is written under `output_dir`.
+
+    Each step is logged; ``console`` shows the progress bars. Returns the scores and times.
+    """
     WORKERS.check("workers", workers)
     settings.train_settings()  # refuses what the training would refuse, before generating anything
-    console = console or Console()
+    console = console or Console(stderr=True)
     report = DemoReport()
     data_dir, cache_dir = output_dir / "data", output_dir / "cache"
     clock = time.perf_counter()
@@ -149,10 +113,10 @@ def run_demo(
     def step_done(name: str) -> None:
         nonlocal clock
         report.seconds[name] = time.perf_counter() - clock
-        console.print(f"[green]✓[/green] {name} ({report.seconds[name]:.0f} s)")
+        logger.info("✓ %s (%.0f s)", name, report.seconds[name])
         clock = time.perf_counter()
 
-    console.rule("1/4 Generating synthetic chest CT scans")
+    logger.info("1/4 Generating synthetic chest CT scans")
     with Progress(console=console) as bar:
         task = bar.add_task("Generating", total=settings.scans)
         generate_dataset(
@@ -163,32 +127,31 @@ def run_demo(
         )
     step_done("generate")
 
-    console.rule(f"2/4 Preprocessing to {settings.depth}x{settings.width}x{settings.width}")
+    logger.info("2/4 Preprocessing to %s", settings.shape)
     items = collect_items(data_dir)
     splits = {"validation": labelled(items, "validation"), "test": labelled_test_split(data_dir)}
-    cache = VolumeCache(cache_dir, settings.depth, settings.width, settings.width)
+    cache = VolumeCache.for_shape(cache_dir, settings.shape)
     preprocess_many([i.path for i in items] + [s.path for s in splits["test"]], cache, workers=workers)
     step_done("preprocess")
 
-    console.rule("3/4 Training (from scratch, 1cycle)")
+    logger.info("3/4 Training (from scratch, 1cycle)")
     report.run_dir = output_dir / "run"
     train(data_dir, report.run_dir, settings.train_settings(), cache_dir=cache_dir, pretrained=False,
           device=device, precision=precision, workers=workers, overwrite=True)  # the demo's own run, as its data
     step_done("train")
 
-    console.rule("4/4 Inference with reflection averaging")
+    logger.info("4/4 Inference with reflection averaging")
     report.predictions = output_dir / "preds.csv"
     outputs = {"test": report.predictions, "validation": output_dir / "validation-preds.csv"}
     by_path = {}
     for name, split_scans in splits.items():
-        infer([s.path for s in split_scans], report.run_dir, outputs[name], cache_dir=cache_dir,
+        infer([s.path for s in split_scans], report.run_dir, outputs[name], cache_dir=cache_dir, workers=0,
               device=device, precision=precision, on_row=lambda row: by_path.update({row["path"]: row}), overwrite=True)
     baseline = baseline_scores(labelled(items, "train"), splits, cache)
     for name, split_scans in splits.items():
         report.scores[f"cov3d {name}"] = score_rows(split_scans, by_path)
         report.scores[f"baseline {name}"] = baseline[name]
     step_done("infer")
-    print_report(report, console)
     check_beats_baseline(report)
     return report
 
@@ -197,22 +160,10 @@ def check_beats_baseline(report: DemoReport) -> None:
     """Refuse a demo whose model is no better than the mean-intensity baseline on validation presence F1."""
     model, baseline = report.scores["cov3d validation"]["presence_f1"], report.scores["baseline validation"]["presence_f1"]
     if not model > baseline:
-        raise Cov3dError(
+        raise BaselineNotBeaten(
             f"The demo's model did not beat the mean-intensity baseline on validation presence macro F1 "
             f"({model:.3f} vs {baseline:.3f}), so training failed; see {report.run_dir / 'metrics.csv'} and "
-            "try again with --precision fp32."
+            "try again with `precision=fp32`.",
+            report,
         )
 
-
-def print_report(report: DemoReport, console: Console) -> None:
-    """The score table (macro F1 per task and split) and the time of each step."""
-    table = Table(title="Macro F1 on the synthetic data")
-    table.add_column("model / split")
-    table.add_column("presence", justify="right")
-    table.add_column("severity", justify="right")
-    for name, scores in report.scores.items():
-        table.add_row(name, f"{scores['presence_f1']:.3f}", f"{scores['severity_f1']:.3f}")
-    console.print(table)
-    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
-    console.print(f"Time: {steps}; total {sum(report.seconds.values()):.0f} s")
-    console.print(f"Run: {report.run_dir}   Test predictions: {report.predictions}")

@@ -234,7 +234,7 @@ def generate_dataset(
         except MemoryError:
             raise Cov3dError(
                 f"not enough memory to render {plan.folder} ({plan.depth} slices of {slice_size}x{slice_size}): "
-                "use a smaller --slice-size or --depth-scale"
+                "use a smaller `slice_size` or `depth_scale`"
             ) from None
         if progress is not None:
             progress(done, len(plans))

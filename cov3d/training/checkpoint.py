@@ -131,13 +131,13 @@ def load_resume_state(run_dir: Path) -> dict[str, Any]:
     """Read `run_dir/checkpoint.pth` (tensors and plain values only); one-line errors if absent or damaged."""
     path = Path(run_dir) / RESUME_FILE
     if not path.is_file():
-        raise Cov3dError(f"{path} not found: --resume needs a run folder written by 'cov3d train' (after its first epoch).")
+        raise Cov3dError(f"{path} not found: `resume` needs a run folder written by 'cov3d train' (after its first epoch).")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged files
-        raise Cov3dError(f"Cannot read {path} ({error}); start a new run without --resume.") from error
+        raise Cov3dError(f"Cannot read {path} ({error}); start a new run without `resume`.") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise Cov3dError(f"{path} is not a cov3d checkpoint (format {CHECKPOINT_FORMAT}); start a new run without --resume.")
+        raise Cov3dError(f"{path} is not a cov3d checkpoint (format {CHECKPOINT_FORMAT}); start a new run without `resume`.")
     return state
 
 

@@ -15,7 +15,7 @@ from cov3d.training.data import TrainingItem, build_datablock
 from cov3d.training.distributed import Distributed, ShardedDL
 
 CUDA_LOADER_WORKERS = 4
-"""Default loader processes per GPU: a cached large volume (16 MB of uint8) loads in tens of ms, a step takes hundreds."""
+"""Default loader processes per GPU: loading a cached volume takes a small part of a training step (docs/benchmarks.md)."""
 WORKER_PRELOAD = ("cov3d.training.data",)
 """Modules the loader workers' fork server imports once (fastai and the DataBlock's transforms)."""
 

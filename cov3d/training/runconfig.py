@@ -31,7 +31,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     """The JSON object in ``run_dir``/config.json; one-line ``Cov3dError`` if it is missing or damaged."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        raise Cov3dError(f"{path} not found: --resume needs a run folder written by 'cov3d train'.")
+        raise Cov3dError(f"{path} not found: `resume` needs a run folder written by 'cov3d train'.")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

@@ -26,34 +26,16 @@ from safetensors.torch import save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically, write_text_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS
 from cov3d.errors import Cov3dError
-from cov3d.limits import (
-    DROPOUT,
-    FRACTION,
-    LEARNING_RATE,
-    LOADER_WORKERS,
-    SEED,
-    SIZE,
-    SMOOTHING,
-    WEIGHT_DECAY,
-    WORKERS,
-    check_fields,
-    limited,
-)
+from cov3d.limits import LOADER_WORKERS, WORKERS
 from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE, non_finite_tensor
-from cov3d.model.loss import Cov3dLoss, class_weights, model_outputs
+from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.metrics import task_metrics
-from cov3d.model.network import POOLS, build_model, load_kinetics_state_dict
+from cov3d.model.network import build_model, load_kinetics_state_dict
 from cov3d.outputs import check_new_run, remove_run_files
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.runtime import (
-    Precision,
-    autocast,
-    choose_precision,
-    reproducible_kernels,
-    resolve_device,
-    use_channels_last,
-)
+from cov3d.runtime import Precision, autocast, choose_precision, reproducible_kernels, resolve_device, use_channels_last
+from cov3d.settings import TrainSettings
 from cov3d.training.bf16_convs import checked_bf16_convs
 from cov3d.training.callbacks import FiniteGuard, MetricsLog, OneCycleSchedule, WandbLog
 from cov3d.training.checkpoint import (
@@ -83,45 +65,11 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
-NEW_RUN_REMEDY = "Free some space or choose another --output-dir."
+NEW_RUN_REMEDY = "Free some space or choose another `output_dir`."
 CHECKPOINTS = {f"{task}_f1": name for task, name in TASK_CHECKPOINTS.items()}
 """The best weights of each monitored metric (the files ``cov3d.model.files`` reads)."""
 WANDB_PROJECT = "cov3d"
 WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
-
-
-@dataclass
-class TrainSettings:
-    """Everything that defines a run; saved as config.json. Defaults follow the paper (§3.4, §3.5)."""
-
-    depth: int = limited(64, SIZE)
-    height: int = limited(128, SIZE)
-    width: int = limited(128, SIZE)
-    epochs: int = limited(40, SIZE)
-    batch_size: int = limited(2, SIZE)
-    learning_rate: float = limited(1e-4, LEARNING_RATE)
-    weight_decay: float = limited(1e-5, WEIGHT_DECAY)
-    severity_factor: float = limited(0.5, FRACTION)
-    presence_smoothing: float = limited(0.1, SMOOTHING)
-    severity_smoothing: float = limited(0.1, SMOOTHING)
-    penultimate: int = limited(512, SIZE)
-    dropout: float = limited(0.5, DROPOUT)
-    pool: str = "avg"
-    reflect: bool = True
-    fast_decode: bool = False
-    seed: int = limited(0, SEED)
-
-    def __post_init__(self) -> None:
-        """Reject settings out of range (``cov3d.limits``) or that the model cannot be built with,
-        before any data is read."""
-        check_fields(self)
-        if self.pool not in POOLS:
-            raise Cov3dError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'.")
-
-    @property
-    def outputs(self) -> int:
-        """Logits of the model (``cov3d.model.loss.model_outputs``)."""
-        return model_outputs(self.severity_factor)
 
 
 @dataclass
@@ -219,7 +167,7 @@ def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int 
     summary = preprocess_many([item.path for item in items], cache, workers=workers)
     failed = {Path(path) for path, _ in summary.failed}
     for path, reason in summary.failed:
-        print(f"Skipping {path}: {reason}")
+        logger.warning("Skipping %s: %s", path, reason)
     return [item for item in items if item.path not in failed]
 
 
@@ -320,7 +268,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     earlier_run = [] if resume_state is not None else check_new_run(run_dir, overwrite=overwrite, inputs=[item.path for item in items])
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
-    cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
+    cache = VolumeCache.for_shape(cache_dir, settings.shape)
     items = run_on_main(dist, lambda: prepare_volumes(items, cache, workers))
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):
@@ -419,8 +367,8 @@ def check_batch_fits(items: list[TrainingItem], batch_size: int, world_size: int
     if batch_size > per_process:
         share = f"{per_process} per process of the {scans}" if world_size > 1 else f"the {scans}"
         raise Cov3dError(
-            f"--batch-size {batch_size} is larger than {share} readable training scans in {data_dir / 'train'}: "
-            f"an epoch would take no step. Use --batch-size {max(1, per_process)} or less."
+            f"`batch_size={batch_size}` is larger than {share} readable training scans in {data_dir / 'train'}: "
+            f"an epoch would take no step. Use `batch_size={max(1, per_process)}` or less."
         )
 
 
@@ -446,13 +394,13 @@ def resume_training(run_dir: Path, **overrides) -> TrainResult:
     folder, device, precision, workers and W&B logging from config.json (``cov3d.training.runconfig``).
 
     `overrides` (keyword arguments of `train`, including ``data_dir``) replace recorded options;
-    each that differs is printed as one line.
+    each that differs is logged as one line.
     """
     config = read_run_config(run_dir)
     settings = recorded_settings(config, run_dir, TrainSettings)
     options, messages = resumed_options(config, overrides)
     for message in messages:
-        print(message)
+        logger.info(message)
     if options["cache_dir"] is None:
         options["cache_dir"] = default_cache_dir()
     options.setdefault("pretrained", False)  # the weights come from the checkpoint

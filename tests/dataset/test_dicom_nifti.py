@@ -100,7 +100,8 @@ def test_same_volume_and_prediction_as_the_jpeg_folder(series, tiny_run, tmp_pat
         assert float((volume - jpeg.flip(1)).abs().max()) > 0.2  # the slice order matters
         assert float((volume - volumes["ct_scan_2"]).abs().max()) < 1e-6
 
-    infer(find_scans([root]), tiny_run, tmp_path / "p.csv", cache_dir=tmp_path / "cache", device="cpu", precision="fp32", progress=False)
+    infer(find_scans([root]), tiny_run, tmp_path / "p.csv", cache_dir=tmp_path / "cache", device="cpu", precision="fp32",
+          progress=False, workers=0)
     with (tmp_path / "p.csv").open() as handle:
         rows = {row["name"]: row for row in csv.DictReader(handle)}
     assert sorted(rows) == ["ct_scan_1", "ct_scan_2", "ct_scan_3", "ct_scan_4"]

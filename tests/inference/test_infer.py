@@ -28,7 +28,7 @@ def predictions(tiny_run, tiny_dataset, module_dir):
     scans = find_scans([tiny_dataset / "test"])
     summary = infer(
         scans, tiny_run, out / "preds.csv", cache_dir=out / "cache", device="cpu", precision="fp32",
-        submission_dir=out / "submission", progress=False,
+        submission_dir=out / "submission", progress=False, workers=0,
     )
     return out, scans, read_csv(out / "preds.csv"), summary.failed
 
@@ -90,7 +90,7 @@ def make_run(folder, size, *, seed, outputs=6, tasks=("presence", "severity")):
 
 
 def run_infer(scans, models, out, name, **options):
-    infer(scans, models, out / name, cache_dir=out / "cache", device="cpu", precision="fp32", progress=False, **options)
+    infer(scans, models, out / name, cache_dir=out / "cache", device="cpu", precision="fp32", progress=False, workers=0, **options)
     return read_csv(out / name)
 
 
@@ -101,7 +101,7 @@ def test_ensemble_of_two_sizes_is_the_mean_of_its_members(tiny_dataset, tmp_path
     scans = find_scans([tiny_dataset / "test"])
     runs = [make_run(tmp_path / "a", (4, 16, 16), seed=1), make_run(tmp_path / "b", (2, 24, 24), seed=2, tasks=("severity",))]
     built = []
-    monkeypatch.setattr(VolumeCache, "_fetch", lambda self, scan, sources=None, original=VolumeCache._fetch: built.append((self.depth, scan)) or original(self, scan, sources))
+    monkeypatch.setattr(VolumeCache, "_fetch", lambda self, scan, sources=None, original=VolumeCache._fetch: built.append((self.shape.depth, scan)) or original(self, scan, sources))
     both = run_infer(scans, runs, tmp_path, "both.csv", batch_size=2)  # batches of 2 and 1
     assert sorted(built) == sorted((depth, scan) for depth in (4, 2) for scan in scans)  # each scan once per size
     alone = [run_infer(scans, model, tmp_path, f"{i}.csv", batch_size=3) for i, model in enumerate(runs)]
@@ -173,7 +173,7 @@ def test_full_disk_while_writing_predictions_names_the_csv_and_resume_finishes(t
 
     scans = find_scans([tiny_dataset / "test"])
     output = tmp_path / "preds.csv"
-    options = dict(cache_dir=tmp_path / "cache", device="cpu", precision="fp32", progress=False, batch_size=1)
+    options = dict(cache_dir=tmp_path / "cache", device="cpu", precision="fp32", progress=False, batch_size=1, workers=0)
     monkeypatch.setattr(streaming_module, "open_rows", open_rows_on_a_nearly_full_disk)
     with pytest.raises(Cov3dError) as error:
         infer(scans, tiny_run, output, **options)

@@ -51,6 +51,7 @@ def read_csv(path):
 
 
 def run(scans, model, output, **options):
+    options.setdefault("workers", 0)
     return infer(scans, model, output, cache_dir=output.parent / "cache", device="cpu", precision="fp32", progress=False, **options)
 
 

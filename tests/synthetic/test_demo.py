@@ -4,12 +4,16 @@ import math
 
 from rich.console import Console
 
+from cov3d.errors import BaselineNotBeaten
 from cov3d.synthetic.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
 
 
 def test_demo_runs_every_step_and_scores_both_splits(tmp_path):
     settings = DemoSettings(scans=24, slice_size=32, depth_scale=0.05, depth=8, width=32, epochs=1, penultimate=8)
-    report = run_demo(tmp_path, settings, workers=1, device="cpu", precision="fp32", console=Console(quiet=True))
+    try:
+        report = run_demo(tmp_path, settings, workers=1, device="cpu", precision="fp32", console=Console(quiet=True))
+    except BaselineNotBeaten as error:  # one epoch on 24 tiny scans need not beat it; every step still ran
+        report = error.report
     assert set(report.seconds) == {"generate", "preprocess", "train", "infer"}
     assert set(report.scores) == {"cov3d validation", "baseline validation", "cov3d test", "baseline test"}
     for scores in report.scores.values():
