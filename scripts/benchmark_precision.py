@@ -7,7 +7,7 @@ which runs the kernel probes, is reported apart) and the worst gradient of layer
 distance from the fp32 gradient (bf16 rounding gives about 0.01-0.5 on an untrained network; the
 broken kernel gives up to 1e36). Not a test: no asserts.
 
-    python scripts/benchmark_precision.py                      # the demo's size: 16x64x64, batch 4
+    python scripts/benchmark_precision.py                      # the demo's volume size and batch
     python scripts/benchmark_precision.py --size 64x128x128 --batch-size 2
 """
 
