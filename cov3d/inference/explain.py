@@ -131,7 +131,7 @@ def explain(
         name = recorded.name if recorded is not None else scan.stem
     else:
         volume, name = None, scan.name
-    volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume)
+    volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume, source.warp)
     cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only)
     probability = float(torch.sigmoid(torch.tensor(score)))
     peak = peak_voxel(cam.numpy())

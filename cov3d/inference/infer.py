@@ -76,14 +76,14 @@ class RunPredictor:
         self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True
     ):
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
-        self.size, self.fast_decode = source.size, source.fast_decode
+        self.size, self.fast_decode, self.warp = source.size, source.fast_decode, source.warp
         self.samples_per_scan = max(1, mc_samples)
         self.presence_model = self._load("presence", mc_samples > 0)
         self.severity_model = self._load("severity", mc_samples > 0)
 
     @property
     def size_key(self) -> SizeKey:
-        return (*self.size, self.fast_decode)
+        return (*self.size, self.fast_decode, self.warp)
 
     def _load(self, task: str, mc_dropout: bool) -> torch.nn.Module | None:
         model = self.source.build(task)
@@ -167,7 +167,7 @@ class Ensemble:
 
     @property
     def size_keys(self) -> list[SizeKey]:
-        """The distinct input sizes (D, H, W, fast_decode) of the members."""
+        """The distinct input sizes and preprocessing (D, H, W, fast_decode, warp) of the members."""
         return list(dict.fromkeys(member.size_key for member in self.members))
 
     def predict(self, levels: dict[SizeKey, torch.Tensor]) -> list[Prediction]:
@@ -263,7 +263,7 @@ def infer(
     done = completed_paths(output, columns) if resume else set()
     pending = [scan for scan in scan_dirs if str(scan) not in done]
     summary = InferenceSummary(resumed=len(scan_dirs) - len(pending))
-    caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3]) for key in ensemble.size_keys}
+    caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3], warp=key[4]) for key in ensemble.size_keys}
 
     def predict(batch: list[StreamedScan], rows_file: PredictionRows) -> None:
         levels = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}

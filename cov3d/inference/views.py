@@ -108,15 +108,17 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
 
 
 def model_volume(
-    path: Path, size: tuple[int, int, int], fast_decode: bool, cache_dir: Path, volume: torch.Tensor | None = None
+    path: Path, size: tuple[int, int, int], fast_decode: bool, cache_dir: Path, volume: torch.Tensor | None = None,
+    warp: float = 0.0,
 ) -> torch.Tensor:
-    """The (1, D, H, W) input a run of ``size`` expects: from the cache for a scan folder; for a
+    """The (1, D, H, W) input a run of ``size`` expects: from the cache for a scan folder (preprocessed
+    with the run's ``fast_decode`` and ``warp``); for a
     tensor file its volume (D, H, W) (``volume`` if already read, else read from ``path``),
     resampled trilinearly and clipped to [0, 1]."""
     from cov3d.preprocessing.preprocess import VolumeCache
 
     if Path(path).is_dir():
-        return VolumeCache(cache_dir, *size, fast_decode=fast_decode).get(path)
+        return VolumeCache(cache_dir, *size, fast_decode=fast_decode, warp=warp).get(path)
     if volume is None:
         volume = load_tensor_file(path)[0]
     return F.interpolate(volume[None, None], size=size, mode="trilinear", align_corners=False)[0].clamp(0, 1)
@@ -152,7 +154,8 @@ def show_scans(
             parts.append(label)
         if predictor is not None:
             volume = model_volume(
-                path, predictor.size, predictor.fast_decode, cache_dir or default_cache_dir(), torch.from_numpy(view.volume)
+                path, predictor.size, predictor.fast_decode, cache_dir or default_cache_dir(), torch.from_numpy(view.volume),
+                predictor.warp,
             )[None]
             prediction = predictor.predict(volume)[0]
             guess = "covid" if prediction.covid else "non-covid"

@@ -1,10 +1,11 @@
 """Storage format of the preprocessed-volume cache (used by ``cov3d.preprocessing.preprocess.VolumeCache``).
 
-Layout: ``<cache_dir>/<D>x<H>x<W>[-fast]/<scan folder name>-<key>.pt``, one file per scan and
+Layout: ``<cache_dir>/<D>x<H>x<W>[-fast][-warp<f>]/<scan folder name>-<key>.pt``, one file per scan and
 size. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
 
 - **Key.** ``key`` is a hash of the preprocessing parameters (depth, height, width,
-  fast_decode, ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
+  fast_decode, the warp factor when there is one, ``CACHE_FORMAT_VERSION``) and the scan's absolute
+  (resolved) path.
 - **Entry.** Each file is ``torch.save`` of a plain dict of ints, strings and one tensor, so
   it loads with ``torch.load(..., weights_only=True)``: the parameters, the source path, a
   fingerprint of the source (name, size and modification time of every slice file, so the entry
@@ -94,16 +95,17 @@ def source_fingerprint(slices: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def entry_path(cache_dir: Path, params: dict[str, int], scan_dir: Path) -> Path:
+def entry_path(cache_dir: Path, params: dict[str, int | float], scan_dir: Path) -> Path:
     """Where the entry of ``scan_dir`` for the preprocessing ``params`` lives.
 
-    ``params`` holds ``depth``, ``height``, ``width`` and ``fast_decode`` (0/1).
+    ``params`` holds ``depth``, ``height``, ``width`` and ``fast_decode`` (0/1), and ``warp`` (> 0) for a
+    warped volume.
     """
     source = str(Path(scan_dir).resolve())
     keyed = json.dumps({**params, "format": CACHE_FORMAT_VERSION, "source": source}, sort_keys=True)
     key = hashlib.sha256(keyed.encode()).hexdigest()[:KEY_HEX_CHARS]
     size = f"{params['depth']}x{params['height']}x{params['width']}"
-    folder = size + ("-fast" if params["fast_decode"] else "")
+    folder = size + ("-fast" if params["fast_decode"] else "") + (f"-warp{params['warp']:g}" if params.get("warp") else "")
     name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(source).name)[:MAX_NAME_CHARS] or "scan"
     return Path(cache_dir) / folder / f"{name}-{key}.pt"
 
@@ -142,7 +144,7 @@ def values_on(levels: torch.Tensor, device: torch.device) -> torch.Tensor:
     return levels.to(device, non_blocking=True).float().div_(divisor)
 
 
-def make_entry(levels: torch.Tensor, params: dict[str, int], scan_dir: Path, fingerprint: str) -> dict:
+def make_entry(levels: torch.Tensor, params: dict[str, int | float], scan_dir: Path, fingerprint: str) -> dict:
     """The dict stored for a volume of uint8 levels ``(1, D, H, W)`` (see the module docstring)."""
     if levels.dtype != STORAGE_DTYPE:
         raise TypeError(f"cache entries store {STORAGE_DTYPE} levels, got {levels.dtype}")
@@ -210,7 +212,7 @@ def save_cache_entry(path: Path, entry: dict) -> None:
 
 
 def load_valid_volume(
-    path: Path, params: dict[str, int], scan_dir: Path, fingerprint: str | None
+    path: Path, params: dict[str, int | float], scan_dir: Path, fingerprint: str | None
 ) -> torch.Tensor | None:
     """The stored uint8 levels ``(1, D, H, W)`` of a valid, current entry; ``None`` if the
     entry is missing, damaged or stale (see the module docstring).
@@ -251,7 +253,7 @@ class PruneSummary:
     freed_bytes: int = 0
 
 
-SIZE_FOLDER = re.compile(r"\d+x\d+x\d+(-fast)?")
+SIZE_FOLDER = re.compile(r"\d+x\d+x\d+(-fast)?(-warp[0-9.e-]+)?")
 """Names of the cache's size folders (``entry_path``)."""
 
 ENTRY_FILE = re.compile(rf"[A-Za-z0-9._-]+-[0-9a-f]{{{KEY_HEX_CHARS}}}\.pt")
