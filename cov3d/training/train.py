@@ -25,11 +25,11 @@ from safetensors.torch import save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically, write_text_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS
 from cov3d.errors import Cov3dError
-from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
-from cov3d.model.loss import Cov3dLoss, class_weights, model_outputs
+from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE, with_legacy_defaults
+from cov3d.model.loss import DEFAULT_PRESENCE_AVERAGING, PRESENCE_AVERAGING, Cov3dLoss, class_weights, model_outputs
 from cov3d.model.metrics import task_metrics
-from cov3d.model.network import POOLS, build_model, load_kinetics_state_dict
-from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.model.network import DEFAULT_FINAL_BIAS, DEFAULT_POOL, POOLS, build_model, load_kinetics_state_dict
+from cov3d.preprocessing.preprocess import VolumeCache, check_warp
 from cov3d.preprocessing.workers import preprocess_many
 from cov3d.runtime import Precision, autocast, choose_precision, resolve_device, use_channels_last
 from cov3d.training.bf16_convs import checked_bf16_convs
@@ -69,7 +69,9 @@ WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a
 
 @dataclass
 class TrainSettings:
-    """Everything that defines a run; saved as config.json. Defaults follow the paper (§3.4, §3.5)."""
+    """Everything that defines a run; saved as config.json. Defaults follow the paper (§3.4, §3.5) and,
+    where it is silent (pool, final_bias, presence_averaging), the original code at the paper's time;
+    ``warp`` (the original's cubic coordinate warp, not in the paper) is off. See docs/faithfulness.md."""
 
     depth: int = 64
     height: int = 128
@@ -83,9 +85,12 @@ class TrainSettings:
     severity_smoothing: float = 0.1
     penultimate: int = 512
     dropout: float = 0.5
-    pool: str = "avg"
+    pool: str = DEFAULT_POOL
+    final_bias: bool = DEFAULT_FINAL_BIAS
+    presence_averaging: str = DEFAULT_PRESENCE_AVERAGING
     reflect: bool = True
     fast_decode: bool = False
+    warp: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -94,6 +99,11 @@ class TrainSettings:
             raise Cov3dError(f"dropout must satisfy 0 <= dropout < 1, got {self.dropout}.")
         if self.pool not in POOLS:
             raise Cov3dError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'.")
+        if self.presence_averaging not in PRESENCE_AVERAGING:
+            raise Cov3dError(
+                f"presence averaging must be one of {', '.join(PRESENCE_AVERAGING)}, got '{self.presence_averaging}'."
+            )
+        check_warp(self.warp)
 
     @property
     def outputs(self) -> int:
@@ -273,7 +283,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
-    cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
+    cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode,
+                        warp=settings.warp)
     items = main_first(dist, lambda: prepare_volumes(items, cache, workers))
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):
@@ -303,7 +314,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
                            device=torch_device, workers=loader_workers, dist=dist)
     model = build_model(
         outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
-        pool=settings.pool, pretrained_weights=state_dict,
+        pool=settings.pool, final_bias=settings.final_bias, pretrained_weights=state_dict,
     )
     first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
     if first_epoch >= settings.epochs:
@@ -313,7 +324,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     loss = Cov3dLoss(
         severity_factor=settings.severity_factor, presence_smoothing=settings.presence_smoothing,
         severity_smoothing=settings.severity_smoothing, presence_weights=presence_weights,
-        severity_weights=severity_weights,
+        severity_weights=severity_weights, presence_averaging=settings.presence_averaging,
     )
     metrics = task_metrics(settings.severity_factor)
     checkpoints = BestCheckpoints(run_dir, [m.name for m in metrics if m.name in CHECKPOINTS], first_epoch, dist.is_main)
@@ -368,13 +379,20 @@ def check_same_dataset(run_dir: Path, fingerprint: str) -> None:
         )
 
 
+def settings_from_config(config: dict) -> TrainSettings:
+    """The settings recorded in a run's config.json; keys that older runs lack take the value their
+    code used (``cov3d.model.files.LEGACY_CONFIG``)."""
+    config = with_legacy_defaults(config)
+    return TrainSettings(**{f.name: config[f.name] for f in fields(TrainSettings)})
+
+
 def resume_training(run_dir: Path, **options) -> TrainResult:
     """Continue the run in `run_dir` with its recorded data folder and settings; `options` as for `train`."""
     config_path = Path(run_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise Cov3dError(f"{config_path} not found: --resume needs a run folder written by 'cov3d train'.")
     config = json.loads(config_path.read_text())
-    settings = TrainSettings(**{f.name: config[f.name] for f in fields(TrainSettings)})
+    settings = settings_from_config(config)
     options.setdefault("pretrained", False)  # the weights come from the checkpoint
     return train(Path(config["data_dir"]), Path(run_dir), settings, resume=True, **options)
 
