@@ -69,17 +69,31 @@ def enable_mc_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+TASKS = ("presence", "severity")
+
+
 class RunPredictor:
-    """The models of one run or model file: presence from the best-presence weights, severity from the best-severity ones."""
+    """The models of one run or model file: presence from the best-presence weights, severity from the
+    best-severity ones; ``tasks`` limits it to one of the two (e.g. a presence member of an ensemble
+    whose severity comes from other runs)."""
 
     def __init__(
-        self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True
+        self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True,
+        tasks: Sequence[str] = TASKS,
     ):
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
         self.size, self.fast_decode, self.warp = source.size, source.fast_decode, source.warp
         self.samples_per_scan = max(1, mc_samples)
-        self.presence_model = self._load("presence", mc_samples > 0)
-        self.severity_model = self._load("severity", mc_samples > 0)
+        self.tasks = tuple(tasks)
+        if "severity" in self.tasks and source.config.get("outputs", 6) < 6:
+            raise Cov3dError(f"{source.path} has no severity output (trained with lambda = 0): it cannot predict severity.")
+        wants_presence = "presence" in self.tasks
+        self.presence_model = self._load("presence", mc_samples > 0) if wants_presence else None
+        # Severity weights also give P(covid) = sum of s_1..s_4 when a run has no presence weights (lambda = 1).
+        needs_severity = "severity" in self.tasks or (wants_presence and self.presence_model is None)
+        self.severity_model = self._load("severity", mc_samples > 0) if needs_severity else None
+        if "severity" in self.tasks and self.severity_model is None:
+            raise Cov3dError(f"{source.path} holds no severity weights: it cannot predict severity.")
 
     @property
     def size_key(self) -> SizeKey:
@@ -104,17 +118,20 @@ class RunPredictor:
         return torch.stack(outputs).mean(dim=0)
 
     def _sample(self, volumes: torch.Tensor) -> torch.Tensor:
-        """One prediction (B, 5): [P(covid), P(mild..critical | covid)], severity NaN without severity weights."""
+        """One prediction (B, 5): [P(covid), P(mild..critical | covid)], NaN for a task this member does not predict."""
+        batch = volumes.shape[0]
         presence = self._probabilities(self.presence_model, volumes) if self.presence_model else None
         severity = self._probabilities(self.severity_model, volumes) if self.severity_model else None
-        if presence is not None:
+        if "presence" not in self.tasks:
+            covid = torch.full((batch,), math.nan, device=volumes.device)
+        elif presence is not None:
             covid = presence[:, 0]
         else:  # lambda = 1 runs: P(covid) = sum of the four severity classes (paper, after eq. 3)
             covid = severity[:, 2:6].sum(dim=1)
-        if severity is not None and severity.shape[1] == 6:
+        if "severity" in self.tasks and severity is not None and severity.shape[1] == 6:
             given_covid = severity[:, 2:6] / severity[:, 2:6].sum(dim=1, keepdim=True)
         else:
-            given_covid = torch.full((volumes.shape[0], len(SEVERITY_LABELS)), math.nan)
+            given_covid = torch.full((batch, len(SEVERITY_LABELS)), math.nan)
         return torch.cat([covid[:, None], given_covid.to(covid.device)], dim=1).cpu()
 
     def samples(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -130,12 +147,14 @@ class RunPredictor:
 def combine(samples: torch.Tensor) -> list[Prediction]:
     """Predictions (N, B, 5) of N models or Monte-Carlo samples -> one Prediction per scan.
 
-    P(covid) and P(severity | covid) are the means over the N (severity over those that have it);
-    the spread is the standard deviation of P(covid) over the N, and the agreement the share of
-    the N whose most likely severity is the final one.
+    P(covid) and P(severity | covid) are the means over the N that predict them (NaN marks a task a
+    model does not predict); the spread is the standard deviation of P(covid) over those N, and the
+    agreement the share of the N with a severity whose most likely severity is the final one.
     """
     covid = samples[..., 0]
     severity = samples[..., 1:]
+    mean_covid = torch.nanmean(covid, dim=0)
+    spread = torch.nanmean((covid - mean_covid) ** 2, dim=0).sqrt()
     has_severity = ~torch.isnan(severity[..., 0])
     mean_severity = torch.nanmean(severity, dim=0)
     votes = torch.nan_to_num(severity, nan=-1.0).argmax(dim=-1)
@@ -144,9 +163,9 @@ def combine(samples: torch.Tensor) -> list[Prediction]:
     for i in range(samples.shape[1]):
         known = bool(has_severity[:, i].any())
         predictions.append(Prediction(
-            float(covid[:, i].mean()),
+            float(mean_covid[i]),
             mean_severity[i].tolist() if known else None,
-            float(covid[:, i].std(correction=0)),
+            float(spread[i]),
             float(agreement[i]) if known else None,
         ))
     return predictions
@@ -154,15 +173,25 @@ def combine(samples: torch.Tensor) -> list[Prediction]:
 
 class Ensemble:
     """Several models (runs or model files), possibly of different input sizes; probabilities are
-    averaged over the models (paper §4: the submission's ensemble) and their Monte-Carlo samples."""
+    averaged over the models (paper §4: the submission's ensemble) and their Monte-Carlo samples.
+
+    ``sources`` predict both tasks; ``presence_sources`` only presence and ``severity_sources`` only
+    severity (the paper submitted different models for the two tasks). Without any model for
+    presence, P(covid) is the severity models' sum of s_1..s_4 (as for a lambda = 1 run).
+    """
 
     def __init__(
         self, sources: Sequence[ModelSource], device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0,
-        reflect: bool = True,
+        reflect: bool = True, *, presence_sources: Sequence[ModelSource] = (),
+        severity_sources: Sequence[ModelSource] = (),
     ):
-        if not sources:
+        if not (sources or presence_sources or severity_sources):
             raise Cov3dError("No model given: pass --model with a run folder or a file made by 'cov3d export'.")
-        self.members = [RunPredictor(source, device, dtype, mc_samples, reflect) for source in sources]
+        severity_tasks = ("severity",) if sources or presence_sources else TASKS
+        members = [(source, TASKS) for source in sources]
+        members += [(source, ("presence",)) for source in presence_sources]
+        members += [(source, severity_tasks) for source in severity_sources]
+        self.members = [RunPredictor(source, device, dtype, mc_samples, reflect, tasks) for source, tasks in members]
         self.device = device
 
     @property
@@ -230,6 +259,8 @@ def infer(
     models: Path | Sequence[Path],
     output: Path,
     *,
+    presence_models: Sequence[Path] = (),
+    severity_models: Sequence[Path] = (),
     cache_dir: Path,
     device: str = "auto",
     precision: str = "auto",
@@ -246,6 +277,10 @@ def infer(
     """Predict every scan with the ensemble of ``models`` (run folders, exported model files or
     folders of them) and write the CSV ``output`` row by row (``on_row`` is called after each).
 
+    ``presence_models`` and ``severity_models`` add models for one task only: P(covid) is the mean
+    over ``models`` and ``presence_models``, the severity the mean over ``models`` and
+    ``severity_models`` (see ``Ensemble``). ``models`` may then be empty.
+
     ``mc_samples`` > 0: Monte-Carlo dropout with that many samples per model (seeded by ``seed``),
     adding UNCERTAINTY_COLUMNS. ``workers``: background preprocessing processes (0: none).
     ``resume``: keep the rows already in ``output`` and predict only the other scans.
@@ -256,8 +291,14 @@ def infer(
         raise Cov3dError("mc_samples and workers must be >= 0 and batch_size >= 1.")
     torch_device = resolve_device(device)
     model_paths = [models] if isinstance(models, (str, Path)) else list(models)
-    sources = [load_source(path) for path in expand_models(model_paths)]
-    ensemble = Ensemble(sources, torch_device, resolve_precision(precision, torch_device), mc_samples, reflect)
+
+    def sources_of(paths: Sequence[Path]) -> list[ModelSource]:
+        return [load_source(path) for path in expand_models(list(paths))]
+
+    ensemble = Ensemble(
+        sources_of(model_paths), torch_device, resolve_precision(precision, torch_device), mc_samples, reflect,
+        presence_sources=sources_of(presence_models), severity_sources=sources_of(severity_models),
+    )
     torch.manual_seed(seed)
     columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
     done = completed_paths(output, columns) if resume else set()
