@@ -42,6 +42,9 @@ SIZE_NAMES = "small (64x128x128), medium (128x256x256) or large (160x320x320)"
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", min=1, help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+WarpOption = typer.Option(0.0, "--warp", help=(
+    "Cubic coordinate warp factor f (u -> f u^3 + (1 - f) u along width, height and depth) that the original code "
+    "applied by default with 0.5; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key."))
 PrecisionOption = typer.Option("auto", "--precision", help=(
     "auto, fp32, bf16 or fp16 (CUDA only). auto: on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16, else fp32 "
     "(emulated bf16 is slower); on a GPU, bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 "
@@ -121,6 +124,7 @@ def preprocess(
     strict: bool = typer.Option(False, "--strict", help="Stop at the first scan that fails."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Process only part I of N (e.g. 0/4), for cluster job arrays."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at reduced scale (faster, slightly different values)."),
+    warp: float = WarpOption,
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
     from cov3d.dataset.scans import find_scans
@@ -129,7 +133,7 @@ def preprocess(
 
     depth, height, width = resolve_size(size, depth, height, width)
     scans = find_scans(data or [Path(".")])
-    cache = VolumeCache(cache_directory(cache_dir), depth, height, width, fast_decode=fast_decode)
+    cache = VolumeCache(cache_directory(cache_dir), depth, height, width, fast_decode=fast_decode, warp=warp)
     summary = preprocess_many(scans, cache, workers=workers, strict=strict, shard=parse_shard(shard))
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -179,7 +183,12 @@ def train(
     severity_smoothing: float = typer.Option(0.1, "--severity-smoothing", min=0.0, max=0.5, help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
     penultimate: int = typer.Option(512, "--penultimate", min=1, help="Size of the head's hidden layer."),
     dropout: float = typer.Option(0.5, "--dropout", min=0.0, max=1.0, help="Dropout after each ResNet layer and in the head."),
-    pool: str = typer.Option("avg", "--pool", help="Global pooling before the head: avg or max."),
+    pool: str = typer.Option("max", "--pool", help="Global pooling before the head: max (the original code) or avg (torchvision's)."),
+    final_bias: bool = typer.Option(False, "--final-bias/--no-final-bias", help="A bias in the last linear layer (the original code had none)."),
+    presence_averaging: str = typer.Option("batch", "--presence-averaging", help=(
+        "How the weighted presence terms of a batch are averaged: batch (1/B sum w l, the original code) or "
+        "weighted (sum w l / sum w). Severity terms are always averaged over their weights.")),
+    warp: float = WarpOption,
     reflect: bool = typer.Option(True, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from Kinetics-400 weights (paper) or from scratch."),
     pretrained_weights: Optional[Path] = typer.Option(None, "--pretrained-weights", help="A torchvision r3d_18 Kinetics-400 state-dict file."),
@@ -210,7 +219,8 @@ def train(
         depth=depth, height=height or width, width=width, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
-        penultimate=penultimate, dropout=dropout, pool=pool, reflect=reflect, seed=seed,
+        penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
+        presence_averaging=presence_averaging, reflect=reflect, warp=warp, seed=seed,
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     result = run_training(
@@ -229,7 +239,9 @@ def format_scores(scores: dict[str, float]) -> str:
 @user_errors
 def infer(
     scans: list[Path] = typer.Argument(..., help="Scans (JPEG slice folders, DICOM series folders, NIfTI files) or folders that contain them."),
-    model: list[Path] = typer.Option(..., "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them. Repeat for an ensemble (probabilities are averaged)."),
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them, for both tasks. Repeat for an ensemble (probabilities are averaged)."),
+    presence_model: Optional[list[Path]] = typer.Option(None, "--presence-model", help="Like --model, for COVID-19 presence only (its best-presence weights). Repeatable."),
+    severity_model: Optional[list[Path]] = typer.Option(None, "--severity-model", help="Like --model, for severity only (its best-severity weights). Repeatable."),
     output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV file for the predictions, written row by row."),
     submission_dir: Optional[Path] = typer.Option(None, "--submission-dir", help="Also write the competition files (covid.csv, non-covid.csv, mild.csv, ...)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Scans per forward pass."),
@@ -247,9 +259,12 @@ def infer(
     from cov3d.inference.infer import infer as run_inference
     from cov3d.preprocessing.workers import available_cpus
 
+    if not (model or presence_model or severity_model):
+        raise Cov3dError("Give --model (both tasks), or --presence-model and/or --severity-model.")
     scan_dirs = find_scans(scans)
     summary = run_inference(
-        scan_dirs, model, output, cache_dir=cache_directory(cache_dir), device=device,
+        scan_dirs, model or [], output, presence_models=presence_model or [], severity_models=severity_model or [],
+        cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers if workers is not None else max(1, available_cpus() // 2), resume=resume, seed=seed, reflect=tta,
     )
@@ -300,11 +315,13 @@ def demo(
     workers: Optional[int] = WorkersOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
+    warp: float = WarpOption,
 ):
     """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
     from cov3d.synthetic.demo import DemoSettings, run_demo
 
-    run_demo(output, DemoSettings(scans=scans, epochs=epochs, seed=seed), workers=workers, device=device, precision=precision)
+    settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, warp=warp)
+    run_demo(output, settings, workers=workers, device=device, precision=precision)
 
 
 @app.command()

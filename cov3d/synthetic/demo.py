@@ -48,13 +48,14 @@ class DemoSettings:
     severity_factor: float = 0.5
     penultimate: int = 128
     dropout: float = 0.2
+    warp: float = 0.0
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(
             depth=self.depth, height=self.width, width=self.width, epochs=self.epochs,
             batch_size=self.batch_size, learning_rate=self.learning_rate,
             severity_factor=self.severity_factor, penultimate=self.penultimate, dropout=self.dropout,
-            seed=self.seed,
+            warp=self.warp, seed=self.seed,
         )
 
 
@@ -147,7 +148,7 @@ def run_demo(
     console.rule(f"2/4 Preprocessing to {settings.depth}x{settings.width}x{settings.width}")
     items = collect_items(data_dir)
     splits = {"validation": labelled(items, "validation"), "test": labelled_test_split(data_dir)}
-    cache = VolumeCache(cache_dir, settings.depth, settings.width, settings.width)
+    cache = VolumeCache(cache_dir, settings.depth, settings.width, settings.width, warp=settings.warp)
     preprocess_many([i.path for i in items] + [s.path for s in splits["test"]], cache, workers=workers)
     step_done("preprocess")
 
