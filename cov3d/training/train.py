@@ -52,6 +52,7 @@ from cov3d.training.distributed import (
     start_distributed,
     stop_distributed,
 )
+from cov3d.training.evaluation import kept_weights_scores
 from cov3d.training.loaders import training_loaders
 from cov3d.training.provenance import dataset_fingerprint, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
@@ -361,7 +362,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     write_confusion_matrices(run_dir, dls.valid, torch_device)
 
     digests = gather_strings(dist, parameter_digest(learner.model))
-    summary = {"best_scores": checkpoints.best, "best_epochs": checkpoints.best_epoch, "replica_digests": digests}
+    summary = {"best_scores": checkpoints.best, "best_epochs": checkpoints.best_epoch,
+               "tta_scores": kept_weights_scores(run_dir, dls.valid, torch_device), "replica_digests": digests}
     if dist.is_main:
         write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2), resume_remedy(run_dir))
     if use_wandb and dist.is_main:
