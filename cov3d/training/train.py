@@ -102,7 +102,7 @@ class TrainSettings:
             raise Cov3dError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'.")
         if self.presence_averaging not in PRESENCE_AVERAGING:
             raise Cov3dError(
-                f"presence averaging must be one of {', '.join(PRESENCE_AVERAGING)}, got '{self.presence_averaging}'."
+                f"presence-averaging must be one of {', '.join(PRESENCE_AVERAGING)}, got '{self.presence_averaging}'."
             )
         check_warp(self.warp)
 
