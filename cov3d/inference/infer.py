@@ -85,15 +85,11 @@ class RunPredictor:
         self.size, self.fast_decode, self.warp = source.size, source.fast_decode, source.warp
         self.samples_per_scan = max(1, mc_samples)
         self.tasks = tuple(tasks)
-        if "severity" in self.tasks and source.config.get("outputs", 6) < 6:
-            raise Cov3dError(f"{source.path} has no severity output (trained with lambda = 0): it cannot predict severity.")
         wants_presence = "presence" in self.tasks
         self.presence_model = self._load("presence", mc_samples > 0) if wants_presence else None
         # Severity weights also give P(covid) = sum of s_1..s_4 when a run has no presence weights (lambda = 1).
         needs_severity = "severity" in self.tasks or (wants_presence and self.presence_model is None)
         self.severity_model = self._load("severity", mc_samples > 0) if needs_severity else None
-        if "severity" in self.tasks and self.severity_model is None:
-            raise Cov3dError(f"{source.path} holds no severity weights: it cannot predict severity.")
 
     @property
     def size_key(self) -> SizeKey:
@@ -187,6 +183,9 @@ class Ensemble:
     ):
         if not (sources or presence_sources or severity_sources):
             raise Cov3dError("No model given: pass --model with a run folder or a file made by 'cov3d export'.")
+        for source in severity_sources:
+            if "severity" not in source.states or source.config["outputs"] < 6:
+                raise Cov3dError(f"{source.path} has no severity weights (a lambda = 0 run?): it cannot be a severity model.")
         severity_tasks = ("severity",) if sources or presence_sources else TASKS
         members = [(source, TASKS) for source in sources]
         members += [(source, ("presence",)) for source in presence_sources]
