@@ -135,6 +135,12 @@ def test_separate_models_for_presence_and_severity(tiny_dataset, tmp_path):
         assert float(two_presence[i]["covid_probability"]) == pytest.approx(mean, abs=2e-6)
         assert [two_presence[i][column] for column in severity] == [alone["c"][i][column] for column in severity]
         assert only_severity[i] == alone["c"][i]  # P(covid) = s_1 + ... + s_4 of the severity model
+    # by hand: P(covid) of the lambda = 1 run is s_1 + ... + s_4, averaged over the scan and its reflection
+    model = load_source(c).build("severity")
+    volume = VolumeCache(tmp_path / "cache", 2, 24, 24).get(scans[0])[None]
+    with torch.no_grad():
+        expected = sum(torch.softmax(model(view)[0, 1:], dim=0)[1:].sum() for view in (volume, volume.flip(-1))) / 2
+    assert float(only_severity[0]["covid_probability"]) == pytest.approx(float(expected), abs=1e-5)
     covid = (tmp_path / "submission" / "covid.csv").read_text().split()
     assert sorted(covid) == sorted(row["name"] for row in split if row["covid"] == "1")
     assert sum(len((tmp_path / "submission" / f"{s}.csv").read_text().split())
