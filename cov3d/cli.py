@@ -56,6 +56,9 @@ TRAIN_DEFAULTS, DEMO_DEFAULTS = TrainSettings(), DemoSettings()
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+WarpOption = typer.Option(TRAIN_DEFAULTS.warp, "--warp", help=(
+    "Cubic coordinate warp factor f (u -> f u^3 + (1 - f) u along width, height and depth) that the original code "
+    "applied by default with 0.5; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key."))
 PrecisionOption = typer.Option("auto", "--precision", help=(
     "auto, fp32, bf16 or fp16 (CUDA only). auto: on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16, else fp32 "
     "(emulated bf16 is slower); on a GPU, bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 "
@@ -169,6 +172,7 @@ def preprocess(
     strict: bool = typer.Option(False, "--strict", help="Stop at the first scan that fails."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Process only part I of N (e.g. 0/4), for cluster job arrays."),
     fast_decode: bool = FastDecodeOption,
+    warp: float = WarpOption,
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
     from cov3d.dataset.scans import find_scans
@@ -176,7 +180,7 @@ def preprocess(
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.preprocessing.workers import preprocess_many
 
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp)
     WORKERS.check("workers", workers)
     cache = VolumeCache.for_shape(cache_directory(cache_dir), shape)
     scans = find_scans(data or [Path(".")])
@@ -232,7 +236,12 @@ def train(
     severity_smoothing: float = typer.Option(TRAIN_DEFAULTS.severity_smoothing, "--severity-smoothing", help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
     penultimate: int = typer.Option(TRAIN_DEFAULTS.penultimate, "--penultimate", help="Size of the head's hidden layer."),
     dropout: float = typer.Option(TRAIN_DEFAULTS.dropout, "--dropout", help="Dropout after each ResNet layer and in the head."),
-    pool: str = typer.Option(TRAIN_DEFAULTS.pool, "--pool", help="Global pooling before the head: avg or max."),
+    pool: str = typer.Option(TRAIN_DEFAULTS.pool, "--pool", help="Global pooling before the head: max (the original code) or avg (torchvision's)."),
+    final_bias: bool = typer.Option(TRAIN_DEFAULTS.final_bias, "--final-bias/--no-final-bias", help="A bias in the last linear layer (the original code had none)."),
+    presence_averaging: str = typer.Option(TRAIN_DEFAULTS.presence_averaging, "--presence-averaging", help=(
+        "How the weighted presence terms of a batch are averaged: batch (1/B sum w l, the original code) or "
+        "weighted (sum w l / sum w). Severity terms are always averaged over their weights.")),
+    warp: float = WarpOption,
     reflect: bool = typer.Option(TRAIN_DEFAULTS.reflect, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from Kinetics-400 weights (paper) or from scratch."),
     pretrained_weights: Optional[Path] = typer.Option(None, "--pretrained-weights", help="A torchvision r3d_18 Kinetics-400 state-dict file."),
@@ -257,12 +266,13 @@ def train(
         raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
     if pretrained_weights is not None and not pretrained_weights.is_file():
         raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp)
     settings = TrainSettings(
         depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
-        penultimate=penultimate, dropout=dropout, pool=pool, reflect=reflect, seed=seed,
+        penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
+        presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, seed=seed,
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     result = run_training(
@@ -309,7 +319,9 @@ def format_scores(scores: dict[str, float]) -> str:
 @user_errors
 def infer(
     scans: list[Path] = typer.Argument(..., help="Scans (JPEG slice folders, DICOM series folders, NIfTI files) or folders that contain them."),
-    model: list[Path] = typer.Option(..., "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them. Repeat for an ensemble (probabilities are averaged)."),
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them, for both tasks. Repeat for an ensemble (probabilities are averaged)."),
+    presence_model: Optional[list[Path]] = typer.Option(None, "--presence-model", help="Like --model, for COVID-19 presence only (its best-presence weights). Repeatable."),
+    severity_model: Optional[list[Path]] = typer.Option(None, "--severity-model", help="Like --model, for severity only (its best-severity weights). Repeatable."),
     output: Path = typer.Option(Path("predictions.csv"), "--output", "-o", help="CSV file for the predictions, written row by row."),
     submission_dir: Optional[Path] = typer.Option(None, "--submission-dir", help="Also write the competition files (covid.csv, non-covid.csv, mild.csv, ...)."),
     batch_size: int = typer.Option(INFER_BATCH_SIZE, "--batch-size", help="Scans per forward pass."),
@@ -327,10 +339,13 @@ def infer(
     from cov3d.dataset.scans import find_scans
     from cov3d.inference.infer import check_inference_options, infer as run_inference
 
+    if not (model or presence_model or severity_model):
+        raise Cov3dError("Give --model (both tasks), or --presence-model and/or --severity-model.")
     check_inference_options(batch_size=batch_size, mc_samples=mc_samples, workers=workers, seed=seed)
     scan_dirs = find_scans(scans)
     summary = run_inference(
-        scan_dirs, model, output, cache_dir=cache_directory(cache_dir), device=device,
+        scan_dirs, model or [], output, presence_models=presence_model or [], severity_models=severity_model or [],
+        cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers, resume=resume, seed=seed, reflect=tta, overwrite=overwrite,
     )
@@ -387,13 +402,14 @@ def demo(
     workers: Optional[int] = WorkersOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
+    warp: float = WarpOption,
 ):
     """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
     from cov3d.synthetic.demo import run_demo
 
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, default=DEMO_SHAPE)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, default=DEMO_SHAPE)
     settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, depth=shape.depth, height=shape.height,
-                            width=shape.width, fast_decode=shape.fast_decode)
+                            width=shape.width, fast_decode=shape.fast_decode, warp=shape.warp)
     try:
         report = run_demo(output, settings, workers=workers, device=device, precision=precision)
     except BaselineNotBeaten as error:

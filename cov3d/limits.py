@@ -115,6 +115,9 @@ DROPOUT = BELOW_ONE
 """A dropout probability: 0 <= p < 1 (1 would zero every feature)."""
 SMOOTHING = BELOW_ONE
 """Label smoothing eps: 0 <= eps < 1 (1 would leave no weight on the true class)."""
+WARP = BELOW_ONE
+"""The cubic coordinate warp factor f: 0 (off) <= f < 1, where u -> f u^3 + (1 - f) u maps [-1, 1]
+one-to-one onto itself."""
 
 SYNTHETIC_SCANS = Limit(whole=True, low=8)
 """Scans of a synthetic dataset: validation gets round(20 %) of them and needs 2, so at least 8."""

@@ -30,19 +30,25 @@ from cov3d.limits import (
     SIZE,
     SLICE_SIZE,
     SMOOTHING,
+    WARP,
     WEIGHT_DECAY,
     check_fields,
     limited,
 )
 
-SHAPE_FOLDER = re.compile(r"(\d+)x(\d+)x(\d+)(-fast)?")
-"""``VolumeShape.folder_name``: ``DxHxW``, with ``-fast`` for fast-decoded volumes."""
+SHAPE_FOLDER = re.compile(r"(\d+)x(\d+)x(\d+)(-fast)?(?:-warp([0-9.e-]+))?")
+"""``VolumeShape.folder_name``: ``DxHxW``, with ``-fast`` for fast-decoded volumes and ``-warp<f>``
+for warped ones."""
+ORIGINAL_WARP = 0.5
+"""The warp factor the original code (rbturnbull/cov3d at c562971, the paper's time) applied by
+default; the paper does not describe the warp, so cov3d's default is 0 (off)."""
 
 
 @dataclass(frozen=True)
 class VolumeShape:
-    """A preprocessed volume's size (1, ``depth``, ``height``, ``width``) and whether its JPEG
-    slices were decoded at reduced scale (``fast_decode``, see ``cov3d.preprocessing.preprocess``).
+    """A preprocessed volume's size (1, ``depth``, ``height``, ``width``), whether its JPEG slices
+    were decoded at reduced scale (``fast_decode``) and the factor of the original code's cubic
+    coordinate warp (``warp``, 0: off); see ``cov3d.preprocessing.preprocess``.
 
     Hashable: inference keys the volumes of an ensemble's different inputs by it.
     """
@@ -51,9 +57,11 @@ class VolumeShape:
     height: int = field(metadata={LIMIT_KEY: SIZE})
     width: int = field(metadata={LIMIT_KEY: SIZE})
     fast_decode: bool = False
+    warp: float = field(default=0.0, metadata={LIMIT_KEY: WARP})
 
     def __post_init__(self) -> None:
         check_fields(self)
+        object.__setattr__(self, "warp", float(self.warp))
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -62,35 +70,44 @@ class VolumeShape:
 
     @property
     def folder_name(self) -> str:
-        """``DxHxW``, plus ``-fast`` with ``fast_decode``: the cache's folder of this shape."""
-        return f"{self.depth}x{self.height}x{self.width}" + ("-fast" if self.fast_decode else "")
+        """``DxHxW``, plus ``-fast`` with ``fast_decode`` and ``-warp<f>`` with a warp: the cache's
+        folder of this shape."""
+        fast = "-fast" if self.fast_decode else ""
+        warp = f"-warp{self.warp:g}" if self.warp else ""
+        return f"{self.depth}x{self.height}x{self.width}{fast}{warp}"
 
     def __str__(self) -> str:
         return self.folder_name
 
     @property
-    def cache_params(self) -> dict[str, int]:
-        """The preprocessing parameters that key a cache entry (``fast_decode`` as 0/1)."""
-        return {"depth": self.depth, "height": self.height, "width": self.width, "fast_decode": int(self.fast_decode)}
+    def cache_params(self) -> dict[str, int | float]:
+        """The preprocessing parameters that key a cache entry (``fast_decode`` as 0/1; ``warp``
+        only when there is one, so that entries made before the option existed stay valid)."""
+        params: dict[str, int | float] = {
+            "depth": self.depth, "height": self.height, "width": self.width, "fast_decode": int(self.fast_decode),
+        }
+        if self.warp:
+            params["warp"] = self.warp
+        return params
 
     @classmethod
-    def from_size(cls, name: str, *, fast_decode: bool = False) -> VolumeShape:
+    def from_size(cls, name: str, *, fast_decode: bool = False, warp: float = 0.0) -> VolumeShape:
         """The preset ``name`` (``small``, ``medium`` or ``large``)."""
         if name not in PRESETS:
             raise Cov3dError(f"Unknown size '{name}': choose {PRESET_NAMES}.")
-        return cls(*PRESETS[name].dims, fast_decode=fast_decode)
+        return cls(*PRESETS[name].dims, fast_decode=fast_decode, warp=warp)
 
     @classmethod
     def from_width(cls, width: int, depth: int | None = None, height: int | None = None, *,
-                   fast_decode: bool = False) -> VolumeShape:
+                   fast_decode: bool = False, warp: float = 0.0) -> VolumeShape:
         """``width`` with ``height`` (default: the width) and ``depth`` (default: width / 2, paper §3.1)."""
         height = width if height is None else height
         depth = max(1, width // 2) if depth is None else depth
-        return cls(depth, height, width, fast_decode)
+        return cls(depth, height, width, fast_decode, warp)
 
     @classmethod
     def from_options(cls, size: str | None = None, depth: int | None = None, height: int | None = None,
-                     width: int | None = None, *, fast_decode: bool = False,
+                     width: int | None = None, *, fast_decode: bool = False, warp: float = 0.0,
                      default: VolumeShape | None = None) -> VolumeShape:
         """The shape of a command's options: the preset ``size``, or the numbers given (width
         default: small's, then ``from_width``), or ``default`` (small) when none is given."""
@@ -100,16 +117,17 @@ class VolumeShape:
         if size is not None:
             if numbers:
                 raise Cov3dError("Give either `size` or `depth`/`height`/`width`, not both.")
-            return cls.from_size(size, fast_decode=fast_decode)
+            return cls.from_size(size, fast_decode=fast_decode, warp=warp)
         if not numbers:
-            return cls(*(default or SMALL).dims, fast_decode=fast_decode)
-        return cls.from_width(SMALL.width if width is None else width, depth, height, fast_decode=fast_decode)
+            return cls(*(default or SMALL).dims, fast_decode=fast_decode, warp=warp)
+        return cls.from_width(SMALL.width if width is None else width, depth, height, fast_decode=fast_decode, warp=warp)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> VolumeShape:
-        """The shape recorded in a run's config.json (keys depth, height, width, fast_decode;
-        runs written before fast decoding existed lack the last)."""
-        return cls(config["depth"], config["height"], config["width"], bool(config.get("fast_decode", False)))
+        """The shape recorded in a run's config.json (keys depth, height, width, fast_decode, warp;
+        runs written before fast decoding or the warp existed lack those: off)."""
+        return cls(config["depth"], config["height"], config["width"], bool(config.get("fast_decode", False)),
+                   float(config.get("warp", 0.0)))
 
 
 PRESETS = {
@@ -125,13 +143,24 @@ PRESET_NAMES = f"{', '.join(_NAMED[:-1])} or {_NAMED[-1]}"
 
 POOLS = ("avg", "max")
 """Global pooling before the model's head."""
+DEFAULT_POOL = "max"
+"""Global max pooling (``AdaptiveMaxPool3d``), as the original code at the paper's time; the paper
+does not say. Runs recorded without a pool used torchvision's average pooling."""
+DEFAULT_FINAL_BIAS = False
+"""The original code's last linear layer had no bias at the paper's time."""
+PRESENCE_AVERAGING = ("batch", "weighted")
+"""How the weighted presence terms of a batch are averaged: over the batch size, 1/B sum w l (the
+original code), or over their weights, sum w l / sum w."""
+DEFAULT_PRESENCE_AVERAGING = "batch"
 
 
 @dataclass
 class TrainSettings:
-    """Everything that defines a run; saved as config.json. Defaults follow the paper (§3.4, §3.5).
+    """Everything that defines a run; saved as config.json. Defaults follow the paper (§3.4, §3.5)
+    and, where it is silent (pool, final_bias, presence_averaging), the original code at the paper's
+    time; ``warp`` (the original's coordinate warp, not in the paper) is off. See docs/faithfulness.md.
 
-    The volume shape is kept as the fields depth, height, width and fast_decode (config.json's
+    The volume shape is kept as the fields depth, height, width, fast_decode and warp (config.json's
     keys); ``shape`` gives them as one value.
     """
 
@@ -147,9 +176,12 @@ class TrainSettings:
     severity_smoothing: float = limited(0.1, SMOOTHING)
     penultimate: int = limited(512, SIZE)
     dropout: float = limited(0.5, DROPOUT)
-    pool: str = "avg"
+    pool: str = DEFAULT_POOL
+    final_bias: bool = DEFAULT_FINAL_BIAS
+    presence_averaging: str = DEFAULT_PRESENCE_AVERAGING
     reflect: bool = True
     fast_decode: bool = False
+    warp: float = limited(0.0, WARP)
     seed: int = limited(0, SEED)
 
     def __post_init__(self) -> None:
@@ -158,10 +190,14 @@ class TrainSettings:
         check_fields(self)
         if self.pool not in POOLS:
             raise Cov3dError(f"`pool` must be one of {', '.join(POOLS)}, got '{self.pool}'.")
+        if self.presence_averaging not in PRESENCE_AVERAGING:
+            raise Cov3dError(
+                f"`presence_averaging` must be one of {', '.join(PRESENCE_AVERAGING)}, got '{self.presence_averaging}'."
+            )
 
     @property
     def shape(self) -> VolumeShape:
-        return VolumeShape(self.depth, self.height, self.width, self.fast_decode)
+        return VolumeShape(self.depth, self.height, self.width, self.fast_decode, self.warp)
 
     @property
     def outputs(self) -> int:
@@ -191,6 +227,7 @@ class DemoSettings:
     width: int = limited(DEMO_SHAPE.width, SIZE)
     height: int | None = limited(None, OPTIONAL_SIZE)
     fast_decode: bool = False
+    warp: float = limited(0.0, WARP)
     epochs: int = limited(16, SIZE)
     batch_size: int = limited(4, SIZE)
     learning_rate: float = limited(3e-4, LEARNING_RATE)
@@ -204,13 +241,14 @@ class DemoSettings:
 
     @property
     def shape(self) -> VolumeShape:
-        return VolumeShape(self.depth, self.width if self.height is None else self.height, self.width, self.fast_decode)
+        height = self.width if self.height is None else self.height
+        return VolumeShape(self.depth, height, self.width, self.fast_decode, self.warp)
 
     def train_settings(self) -> TrainSettings:
         shape = self.shape
         return TrainSettings(
             depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode,
-            epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            warp=shape.warp, epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
             severity_factor=self.severity_factor, penultimate=self.penultimate, dropout=self.dropout,
             seed=self.seed,
         )

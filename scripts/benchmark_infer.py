@@ -42,7 +42,8 @@ def make_run(folder: Path, size: tuple[int, int, int]) -> Path:
     """An untrained run folder at ``size`` with presence and severity weights."""
     folder.mkdir(parents=True)
     depth, height, width = size
-    config = {"depth": depth, "height": height, "width": width, "outputs": 6, "penultimate": 512, "dropout": 0.5, "pool": "avg"}
+    config = {"depth": depth, "height": height, "width": width, "outputs": 6, "penultimate": 512, "dropout": 0.5,
+              "pool": "max", "final_bias": False}
     (folder / "config.json").write_text(json.dumps(config))
     for name in CHECKPOINTS.values():
         state = build_model(outputs=6).state_dict()

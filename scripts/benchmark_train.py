@@ -92,9 +92,11 @@ def parts(items, cache, settings: TrainSettings, device: torch.device):
     train_items = [item for item in items if item.partition == "train"]
     dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=True, device=device, workers=0,
                            dist=Distributed())
-    model = build_model(outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout)
+    model = build_model(outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
+                        pool=settings.pool, final_bias=settings.final_bias)
     loss = Cov3dLoss(severity_factor=settings.severity_factor, presence_weights=class_weights(presence_counts(train_items)),
-                     severity_weights=class_weights(severity_group_counts(train_items)))
+                     severity_weights=class_weights(severity_group_counts(train_items)),
+                     presence_averaging=settings.presence_averaging)
     return dls, model, loss.to(device)
 
 

@@ -46,7 +46,8 @@ def test_train_without_severity_csv(tmp_path):
     assert_one_line_error(invoke("train", "--directory", tmp_path, "--no-pretrained"), "train_partition_covid_categories.csv")
 
 
-@pytest.mark.parametrize(("option", "value"), [("--dropout", "1.0"), ("--pool", "median")])
+@pytest.mark.parametrize(("option", "value"), [
+    ("--dropout", "1.0"), ("--pool", "median"), ("--presence-averaging", "mean"), ("--warp", "1.5")])
 def test_train_rejects_unbuildable_settings_before_reading_data(tmp_path, tiny_dataset, option, value):
     result = invoke("train", "--directory", tiny_dataset, "--cache-dir", tmp_path / "cache", option, value)
     assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output
@@ -98,6 +99,24 @@ def test_preprocess_then_infer(tmp_path, tiny_dataset, tiny_run):
     with output.open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == sum(1 for p in (tiny_dataset / "test").iterdir() if p.is_dir())
+
+
+def test_infer_with_separate_presence_and_severity_models(tmp_path, tiny_dataset, tiny_run):
+    output, submission = tmp_path / "preds.csv", tmp_path / "submission"
+    result = invoke("infer", tiny_dataset / "test", "--presence-model", tiny_run, "--severity-model", tiny_run,
+                    "--output", output, "--submission-dir", submission, "--cache-dir", tmp_path / "cache", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (submission / "covid.csv").is_file() and (submission / "mild.csv").is_file()
+    assert_one_line_error(invoke("infer", tiny_dataset / "test"), "--presence-model")
+
+
+def test_preprocess_with_the_original_warp(tmp_path, tiny_dataset):
+    cache = tmp_path / "cache"
+    result = invoke("preprocess", tiny_dataset / "test", "--depth", 4, "--width", 16, "--warp", 0.5,
+                    "--cache-dir", cache, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert [folder.name for folder in cache.iterdir()] == ["4x16x16-warp0.5"]
+    assert_one_line_error(invoke("preprocess", tiny_dataset / "test", "--warp", 1, "--cache-dir", cache), "warp")
 
 
 def test_train_command_end_to_end(tmp_path, tiny_dataset):

@@ -70,6 +70,16 @@ def test_every_command_parses_with_the_row_settings():
             setting.depth, setting.width, setting.reflect, setting.epochs)
         assert (params["severity_factor"], params["presence_smoothing"], params["severity_smoothing"]) == (
             setting.severity_factor, setting.presence_smoothing, setting.severity_smoothing)
+        # where the paper is silent: the original code's choices, pinned; no warp unless asked for
+        assert (params["pool"], params["final_bias"], params["presence_averaging"], params["warp"]) == (
+            "max", False, "batch", 0.0)
+
+
+def test_warp_switch_adds_the_original_warp():
+    result = CliRunner().invoke(table3.app, ["commands", "1", "14", "--warp", "--output-root", "warped"])
+    lines = result.output.splitlines()
+    assert len(lines) == 2
+    assert all(parse_train(shlex.split(line)[1:])["warp"] == 0.5 for line in lines)
 
 
 def test_subsets_and_overrides():
@@ -80,6 +90,12 @@ def test_subsets_and_overrides():
     params = parse_train(shlex.split(lines[0])[1:])
     assert params["epochs"] == 1 and params["pretrained"] is False  # the last value wins
     assert CliRunner().invoke(table3.app, ["commands", "29"]).exit_code != 0
+
+
+def test_a_failing_run_exits_non_zero(tmp_path):
+    result = CliRunner().invoke(table3.app, ["run", "1", "--directory", str(tmp_path / "missing"),
+                                             "--output-root", str(tmp_path)])
+    assert result.exit_code != 0
 
 
 def test_one_epoch_tiny_run_of_one_setting_and_collect(tmp_path):
@@ -95,8 +111,58 @@ def test_one_epoch_tiny_run_of_one_setting_and_collect(tmp_path):
     assert (config["severity_factor"], config["reflect"], config["epochs"], config["depth"]) == (0.5, False, 1, 8)
     best = json.loads((run / "summary.json").read_text())["best_scores"]
 
+    tta = json.loads((run / "summary.json").read_text())["tta_scores"]
+    assert set(tta) == {"presence_f1", "severity_f1"}
+
     table = CliRunner().invoke(table3.app, ["collect", "--output-root", str(tmp_path)]).output.splitlines()
     assert len(table) == 3  # header, rule, one run
     cells = [cell.strip() for cell in table[2].strip("|").split("|")]
     assert cells[0] == "26" and cells[3] == "No"
-    assert cells[8:] == [f"{best['presence_f1']:.4f}", f"{best['severity_f1']:.4f}", "0.8973", "0.6143"]
+    assert cells[8:] == [f"{best['presence_f1']:.4f}", f"{best['severity_f1']:.4f}",
+                         f"{tta['presence_f1']:.4f}", f"{tta['severity_f1']:.4f}", "0.8973", "0.6143"]
+
+    # the paper's submissions from this one-run grid: five folders of competition files
+    result = CliRunner().invoke(table3.app, [
+        "submission", str(tmp_path / "data" / "validation"), "--output-root", str(tmp_path),
+        "--submission-root", str(tmp_path / "subs"), f"--extra=--device cpu --precision fp32 --cache-dir {tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    folders = sorted(path.name for path in (tmp_path / "subs").iterdir())
+    assert folders == [f"submission-{k}" for k in range(1, 5)] + ["submission-5-ensemble"]
+    for folder in folders:
+        assert (tmp_path / "subs" / folder / "covid.csv").is_file() and (tmp_path / "subs" / folder / "mild.csv").is_file()
+        assert json.loads((tmp_path / "subs" / folder / "models.json").read_text())["presence"] == [26]
+
+
+def fake_grid(root: Path, scores: dict[int, tuple[float | None, float | None]]) -> None:
+    """summary.json files of finished runs: {setting ID: (best presence F1, best severity F1)}."""
+    for setting_id, (presence, severity) in scores.items():
+        folder = root / f"table3-{setting_id}"
+        folder.mkdir(parents=True)
+        best = {k: v for k, v in (("presence_f1", presence), ("severity_f1", severity)) if v is not None}
+        tta = {k: v - 0.01 for k, v in best.items()}
+        (folder / "summary.json").write_text(json.dumps({"best_scores": best, "tta_scores": tta}))
+
+
+def test_submission_plan_takes_the_four_best_of_each_task(tmp_path):
+    # IDs 4 (lambda = 0) and 28 (lambda = 1) train one task each; the ranks follow the scores, not the IDs
+    fake_grid(tmp_path, {1: (0.90, 0.40), 4: (0.95, None), 5: (0.91, 0.60), 14: (0.88, 0.75), 16: (0.70, 0.65),
+                         28: (None, 0.70), 3: (0.89, 0.30)})
+    plan = table3.submission_plan(table3.collected_results(tmp_path))
+    assert [name for name, _, _ in plan] == ["submission-1", "submission-2", "submission-3", "submission-4",
+                                             "submission-5-ensemble"]
+    assert [[r.setting.id for r in presence] for _, presence, _ in plan] == [[4], [5], [1], [3], [4, 5, 1, 3]]
+    assert [[r.setting.id for r in severity] for _, _, severity in plan] == [[14], [28], [16], [5], [14, 28, 16, 5]]
+
+    result = CliRunner().invoke(table3.app, ["submission", "TEST1", "--severity-test", "TEST2", "--output-root",
+                                             str(tmp_path), "--submission-root", "subs", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = [shlex.split(line) for line in result.output.splitlines()]
+    assert len(lines) == 10  # per submission: task 1 on TEST1 with presence models, task 2 on TEST2 with severity models
+    first, second = lines[0], lines[1]
+    assert first[:3] == ["cov3d", "infer", "TEST1"] and "--severity-model" not in first
+    assert first[first.index("--presence-model") + 1] == str(tmp_path / "table3-4")
+    assert first[first.index("--submission-dir") + 1] == "subs/submission-1/task1"
+    assert second[:3] == ["cov3d", "infer", "TEST2"] and "--presence-model" not in second
+    assert second[second.index("--severity-model") + 1] == str(tmp_path / "table3-14")
+    assert lines[-1].count("--severity-model") == 4
+    assert not Path("subs").exists()

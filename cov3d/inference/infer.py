@@ -87,17 +87,27 @@ def enable_mc_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+TASKS = ("presence", "severity")
+
+
 class RunPredictor:
-    """The models of one run or model file: presence from the best-presence weights, severity from the best-severity ones."""
+    """The models of one run or model file: presence from the best-presence weights, severity from the
+    best-severity ones; ``tasks`` limits it to one of the two (e.g. a presence member of an ensemble
+    whose severity comes from other runs)."""
 
     def __init__(
-        self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True
+        self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True,
+        tasks: Sequence[str] = TASKS,
     ):
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
         self.shape = source.shape
         self.samples_per_scan = max(1, mc_samples)
-        self.presence_model = self._load("presence", mc_samples > 0)
-        self.severity_model = self._load("severity", mc_samples > 0)
+        self.tasks = tuple(tasks)
+        wants_presence = "presence" in self.tasks
+        self.presence_model = self._load("presence", mc_samples > 0) if wants_presence else None
+        # Severity weights also give P(covid) = sum of s_1..s_4 when a run has no presence weights (lambda = 1).
+        needs_severity = "severity" in self.tasks or (wants_presence and self.presence_model is None)
+        self.severity_model = self._load("severity", mc_samples > 0) if needs_severity else None
 
     def _load(self, task: str, mc_dropout: bool) -> torch.nn.Module | None:
         model = self.source.build(task)
@@ -118,23 +128,27 @@ class RunPredictor:
         return torch.stack(outputs).mean(dim=0)
 
     def _sample(self, volumes: torch.Tensor) -> torch.Tensor:
-        """One prediction (B, 5): [P(covid), P(mild..critical | covid)], severity NaN without severity weights;
-        P(covid) NaN for a scan whose model outputs were not finite (``Prediction.finite``)."""
+        """One prediction (B, 5): [P(covid), P(mild..critical | covid)], NaN for a task this member does
+        not predict (severity also without severity weights); P(covid) infinite for a scan whose model
+        outputs were not finite, which ``combine`` keeps (``Prediction.finite``)."""
+        batch = volumes.shape[0]
         presence = self._probabilities(self.presence_model, volumes) if self.presence_model else None
         severity = self._probabilities(self.severity_model, volumes) if self.severity_model else None
-        if presence is not None:
+        if "presence" not in self.tasks:
+            covid = torch.full((batch,), math.nan, device=volumes.device)
+        elif presence is not None:
             covid = presence[:, 0]
         else:  # lambda = 1 runs: P(covid) = sum of the four severity classes (paper, after eq. 3)
             covid = severity[:, 2:6].sum(dim=1)
-        if severity is not None and severity.shape[1] == 6:
+        if "severity" in self.tasks and severity is not None and severity.shape[1] == 6:
             given_covid = severity[:, 2:6] / severity[:, 2:6].sum(dim=1, keepdim=True)
         else:
-            given_covid = torch.full((volumes.shape[0], len(SEVERITY_LABELS)), math.nan)
-        finite = torch.isfinite(covid)
+            given_covid = torch.full((batch, len(SEVERITY_LABELS)), math.nan)
+        finite = torch.ones(batch, dtype=torch.bool, device=covid.device)
         for outputs in (presence, severity):
             if outputs is not None:
                 finite &= torch.isfinite(outputs).all(dim=1)
-        covid = torch.where(finite, covid, math.nan)  # P(covid) is never NaN otherwise: the scan failed
+        covid = torch.where(finite, covid, math.inf)  # never infinite otherwise: the scan failed
         return torch.cat([covid[:, None], given_covid.to(covid.device)], dim=1).cpu()
 
     def samples(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -150,12 +164,14 @@ class RunPredictor:
 def combine(samples: torch.Tensor) -> list[Prediction]:
     """Predictions (N, B, 5) of N models or Monte-Carlo samples -> one Prediction per scan.
 
-    P(covid) and P(severity | covid) are the means over the N (severity over those that have it);
-    the spread is the standard deviation of P(covid) over the N, and the agreement the share of
-    the N whose most likely severity is the final one.
+    P(covid) and P(severity | covid) are the means over the N that predict them (NaN marks a task a
+    model does not predict; an infinite P(covid), a failed scan, stays infinite); the spread is the standard deviation of P(covid) over those N, and the
+    agreement the share of the N with a severity whose most likely severity is the final one.
     """
     covid = samples[..., 0]
     severity = samples[..., 1:]
+    mean_covid = torch.nanmean(covid, dim=0)
+    spread = torch.nanmean((covid - mean_covid) ** 2, dim=0).sqrt()
     has_severity = ~torch.isnan(severity[..., 0])
     mean_severity = torch.nanmean(severity, dim=0)
     votes = torch.nan_to_num(severity, nan=-1.0).argmax(dim=-1)
@@ -164,9 +180,9 @@ def combine(samples: torch.Tensor) -> list[Prediction]:
     for i in range(samples.shape[1]):
         known = bool(has_severity[:, i].any())
         predictions.append(Prediction(
-            float(covid[:, i].mean()),
+            float(mean_covid[i]),
             mean_severity[i].tolist() if known else None,
-            float(covid[:, i].std(correction=0)),
+            float(spread[i]),
             float(agreement[i]) if known else None,
         ))
     return predictions
@@ -174,20 +190,33 @@ def combine(samples: torch.Tensor) -> list[Prediction]:
 
 class Ensemble:
     """Several models (runs or model files), possibly of different input sizes; probabilities are
-    averaged over the models (paper §4: the submission's ensemble) and their Monte-Carlo samples."""
+    averaged over the models (paper §4: the submission's ensemble) and their Monte-Carlo samples.
+
+    ``sources`` predict both tasks; ``presence_sources`` only presence and ``severity_sources`` only
+    severity (the paper submitted different models for the two tasks). Without any model for
+    presence, P(covid) is the severity models' sum of s_1..s_4 (as for a lambda = 1 run).
+    """
 
     def __init__(
         self, sources: Sequence[ModelSource], device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0,
-        reflect: bool = True,
+        reflect: bool = True, *, presence_sources: Sequence[ModelSource] = (),
+        severity_sources: Sequence[ModelSource] = (),
     ):
-        if not sources:
+        if not (sources or presence_sources or severity_sources):
             raise Cov3dError("No model given: pass `models` with a run folder or a file made by 'cov3d export'.")
-        self.members = [RunPredictor(source, device, dtype, mc_samples, reflect) for source in sources]
+        for source in severity_sources:
+            if "severity" not in source.states or source.config["outputs"] < 6:
+                raise Cov3dError(f"{source.path} has no severity weights (a lambda = 0 run?): it cannot be a severity model.")
+        severity_tasks = ("severity",) if sources or presence_sources else TASKS
+        members = [(source, TASKS) for source in sources]
+        members += [(source, ("presence",)) for source in presence_sources]
+        members += [(source, severity_tasks) for source in severity_sources]
+        self.members = [RunPredictor(source, device, dtype, mc_samples, reflect, tasks) for source, tasks in members]
         self.device = device
 
     @property
     def shapes(self) -> list[VolumeShape]:
-        """The distinct input shapes of the members."""
+        """The distinct input shapes of the members (size, fast decoding and warp)."""
         return list(dict.fromkeys(member.shape for member in self.members))
 
     def predict(self, levels: dict[VolumeShape, torch.Tensor]) -> list[Prediction]:
@@ -276,6 +305,8 @@ def infer(
     models: Path | Sequence[Path],
     output: Path,
     *,
+    presence_models: Sequence[Path] = (),
+    severity_models: Sequence[Path] = (),
     cache_dir: Path,
     device: str = "auto",
     precision: str = "auto",
@@ -293,6 +324,10 @@ def infer(
     """Predict every scan with the ensemble of ``models`` (run folders, exported model files or
     folders of them) and write the CSV ``output`` row by row (``on_row`` is called after each).
 
+    ``presence_models`` and ``severity_models`` add models for one task only: P(covid) is the mean
+    over ``models`` and ``presence_models``, the severity the mean over ``models`` and
+    ``severity_models`` (see ``Ensemble``). ``models`` may then be empty.
+
     ``mc_samples`` > 0: Monte-Carlo dropout with that many samples per model (seeded by ``seed``),
     adding UNCERTAINTY_COLUMNS. ``workers``: background preprocessing processes (0: none;
     ``None``: ``default_workers()``).
@@ -309,10 +344,15 @@ def infer(
     workers = default_workers() if workers is None else workers
     torch_device = resolve_device(device)
     model_paths = expand_models([models] if isinstance(models, (str, Path)) else list(models))
+    presence_paths, severity_paths = expand_models(list(presence_models)), expand_models(list(severity_models))
     columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
-    submission = check_outputs(output, submission_dir, [*scan_dirs, *model_paths], resume=resume, overwrite=overwrite)
-    sources = [load_source(path) for path in model_paths]
-    ensemble = Ensemble(sources, torch_device, resolve_precision(precision, torch_device), mc_samples, reflect)
+    submission = check_outputs(output, submission_dir, [*scan_dirs, *model_paths, *presence_paths, *severity_paths],
+                               resume=resume, overwrite=overwrite)
+    ensemble = Ensemble(
+        [load_source(path) for path in model_paths], torch_device, resolve_precision(precision, torch_device),
+        mc_samples, reflect, presence_sources=[load_source(path) for path in presence_paths],
+        severity_sources=[load_source(path) for path in severity_paths],
+    )
     torch.manual_seed(seed)
     done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
     pending = [scan for scan in scan_dirs if real(scan) not in done]

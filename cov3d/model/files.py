@@ -55,6 +55,14 @@ REQUIRED_CONFIG = {
     "depth": int, "height": int, "width": int, "outputs": int, "penultimate": int,
     "dropout": (int, float), "pool": str,
 }
+LEGACY_CONFIG = {"final_bias": True, "presence_averaging": "weighted", "warp": 0.0}
+"""What runs made before these keys were recorded used: a last linear layer with a bias, presence
+terms averaged over their weights, no warp. A config without a key is read with this value."""
+
+
+def with_legacy_defaults(config: dict) -> dict:
+    """``config`` with the keys of ``LEGACY_CONFIG`` it lacks filled in (see there); not modified in place."""
+    return {**LEGACY_CONFIG, **config}
 
 
 @dataclass
@@ -76,6 +84,11 @@ class ModelSource:
         """The input volumes' (D, H, W)."""
         return self.shape.dims
 
+    @property
+    def warp(self) -> float:
+        """The cubic coordinate warp the model was trained with (0: none)."""
+        return float(self.config["warp"])
+
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
         if task not in self.states:
@@ -83,7 +96,7 @@ class ModelSource:
         config = self.config
         model = build_model(
             outputs=config["outputs"], penultimate=config["penultimate"], dropout=float(config["dropout"]),
-            pool=config["pool"],
+            pool=config["pool"], final_bias=config["final_bias"],
         )
         try:
             model.load_state_dict(self.states[task], strict=True)
@@ -107,9 +120,11 @@ def _refuse_pickle(path: Path) -> None:
 
 
 def check_config(config: object, where: Path) -> dict:
-    """``config`` if it has every field needed to rebuild the model, else ``Cov3dError``."""
+    """``config`` (with ``LEGACY_CONFIG`` for keys that older runs lack) if it has every field needed
+    to rebuild the model and preprocess its input, else ``Cov3dError``."""
     if not isinstance(config, dict):
         raise Cov3dError(f"{where}: the model config is not a JSON object; re-export the run.")
+    config = with_legacy_defaults(config)
     for key, kind in REQUIRED_CONFIG.items():
         if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
             raise Cov3dError(f"{where}: the model config lacks a valid '{key}'; re-export the run.")
@@ -117,6 +132,11 @@ def check_config(config: object, where: Path) -> dict:
         raise Cov3dError(f"{where}: the model config has non-positive sizes; re-export the run.")
     if config["pool"] not in POOLS or DROPOUT.problem(config["dropout"]):
         raise Cov3dError(f"{where}: the model config has an invalid pool or dropout; re-export the run.")
+    warp = config["warp"]
+    if not isinstance(config["final_bias"], bool) or isinstance(warp, bool) or not isinstance(warp, (int, float)):
+        raise Cov3dError(f"{where}: the model config has an invalid final_bias or warp; re-export the run.")
+    if not 0 <= warp < 1:
+        raise Cov3dError(f"{where}: the model config has a warp outside [0, 1); re-export the run.")
     return config
 
 

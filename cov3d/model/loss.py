@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_GROUPS
 from cov3d.limits import SMOOTHING
+from cov3d.settings import DEFAULT_PRESENCE_AVERAGING, PRESENCE_AVERAGING
 
 N_SEVERITY_CLASSES = 5
 """Softmax classes of eq. 3: 0 = COVID negative, 1..4 = mild..critical."""
@@ -126,6 +127,11 @@ def _weighted_mean(losses: Tensor, weights: Tensor) -> Tensor:
     return (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
 
 
+def _batch_mean(losses: Tensor, weights: Tensor) -> Tensor:
+    """1/B sum w_i l_i over the B rows of the batch (0 for an empty batch)."""
+    return (weights * losses).sum() / max(losses.numel(), 1)
+
+
 def model_outputs(severity_factor: float) -> int:
     """Logits the model produces: the presence logit alone when lambda = 0, else it and z_0..z_4."""
     return PRESENCE_OUTPUTS if severity_factor == 0.0 else OUTPUTS
@@ -136,7 +142,13 @@ class Cov3dLoss(nn.Module):
 
     l_covid is the weighted BCE of eq. 2 with smoothed targets; l_severity is the weighted cross
     entropy of eq. 4 (negative and annotated scans, neighbour smoothing) or eq. 5 (positive scans
-    without a grade, no smoothing). Each task's loss is the weighted mean over the batch.
+    without a grade, no smoothing).
+
+    The paper does not say how the weighted terms of a batch are combined. By default they are
+    combined as in the original code at the paper's time: presence terms over the batch size,
+    1/B sum w_i l_i (so the class weights still count in a batch whose scans share a class), severity
+    terms over their weights, sum w_i l_i / sum w_i. ``presence_averaging="weighted"`` averages the
+    presence terms over their weights as well.
     """
 
     def __init__(
@@ -147,8 +159,12 @@ class Cov3dLoss(nn.Module):
         severity_smoothing: float = 0.1,
         presence_weights: Sequence[float] | Tensor | None = None,
         severity_weights: Sequence[float] | Tensor | None = None,
+        presence_averaging: str = DEFAULT_PRESENCE_AVERAGING,
     ) -> None:
         super().__init__()
+        if presence_averaging not in PRESENCE_AVERAGING:
+            raise ValueError(f"presence_averaging must be one of {PRESENCE_AVERAGING}, got {presence_averaging!r}")
+        self.presence_averaging = presence_averaging
         if not 0.0 <= severity_factor <= 1.0:
             raise ValueError(f"severity_factor (lambda) must lie in [0, 1], got {severity_factor}")
         _check_smoothing(presence_smoothing, "presence_smoothing")
@@ -169,13 +185,14 @@ class Cov3dLoss(nn.Module):
         return model_outputs(self.severity_factor)
 
     def presence_loss(self, presence_logit: Tensor, has_covid: Tensor) -> Tensor:
-        """Weighted mean of eq. 2. presence_logit, has_covid: (B,). Returns a scalar."""
+        """Batch average of eq. 2 (``presence_averaging``). presence_logit, has_covid: (B,). Returns a scalar."""
         x = presence_logit.float()
         y = presence_targets(has_covid, self.presence_smoothing)
         # log p = logsigmoid(x) and log(1 - p) = logsigmoid(-x), stable for large |x|.
         losses = -(y * F.logsigmoid(x) + (1.0 - y) * F.logsigmoid(-x))
         weights = self.presence_weights.to(x.device)[has_covid.long()]
-        return _weighted_mean(losses, weights)
+        average = _batch_mean if self.presence_averaging == "batch" else _weighted_mean
+        return average(losses, weights)
 
     def severity_loss(self, severity_logits: Tensor, has_covid: Tensor, severity: Tensor) -> Tensor:
         """Weighted mean of eqs. 4/5. severity_logits: (B, 5) = z_0..z_4; has_covid, severity: (B,)."""

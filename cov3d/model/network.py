@@ -5,8 +5,13 @@ Changes to ``torchvision.models.video.r3d_18``:
   summed over the RGB axis;
 - ``nn.Dropout`` is appended to each of ``layer1``..``layer4`` (appended inside the existing
   ``nn.Sequential``, so the parameter names stay torchvision's);
-- ``fc`` becomes Linear(512 -> penultimate) -> Dropout -> ReLU -> Linear(penultimate -> outputs);
-- optionally ``avgpool`` is replaced by global max pooling (the attribute name is kept).
+- ``fc`` becomes Linear(512 -> penultimate) -> Dropout -> ReLU -> Linear(penultimate -> outputs), the
+  last without a bias unless ``final_bias``;
+- ``avgpool`` is replaced by global max pooling unless ``pool="avg"`` (the attribute name is kept).
+
+The paper does not say which global pooling or whether the last layer has a bias; the defaults
+(max pooling, no bias) are those of the original code at the paper's time (rbturnbull/cov3d at
+c562971: ``max_pool=True``, ``final_bias=False``); see docs/faithfulness.md.
 
 Input (B, 1, D, H, W) -> output (B, outputs).
 """
@@ -23,7 +28,7 @@ from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from cov3d.errors import Cov3dError
 from cov3d.limits import DROPOUT
-from cov3d.settings import POOLS
+from cov3d.settings import DEFAULT_FINAL_BIAS, DEFAULT_POOL, POOLS
 
 KINETICS_WEIGHTS = R3D_18_Weights.KINETICS400_V1
 """torchvision's Kinetics-400 weights for r3d_18 (paper sec. 3.2)."""
@@ -124,13 +129,16 @@ def build_model(
     outputs: int = 6,
     penultimate: int = 512,
     dropout: float = 0.5,
-    pool: str = "avg",
+    pool: str = DEFAULT_POOL,
+    final_bias: bool = DEFAULT_FINAL_BIAS,
     pretrained_weights: Path | str | dict | None = None,
 ) -> nn.Module:
     """The Cov3d r3d_18: input (B, 1, D, H, W) -> logits (B, outputs).
 
     ``pretrained_weights``: a state dict, or a file holding one (loaded with ``weights_only=True``);
     None means random initialisation. The 400-way Kinetics ``fc`` is never loaded.
+    ``pool``: global pooling before the head, "max" (default) or "avg" (torchvision's).
+    ``final_bias``: whether the last linear layer has a bias (default: no).
     """
     if outputs < 1 or penultimate < 1:
         raise ValueError(f"outputs and penultimate must be positive, got {outputs} and {penultimate}")
@@ -157,6 +165,6 @@ def build_model(
         nn.Linear(features, penultimate),
         nn.Dropout(dropout),
         nn.ReLU(),
-        nn.Linear(penultimate, outputs),
+        nn.Linear(penultimate, outputs, bias=final_bias),
     )
     return net

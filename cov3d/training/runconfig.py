@@ -16,7 +16,7 @@ from typing import Any
 
 from cov3d.errors import Cov3dError
 from cov3d.limits import option_name
-from cov3d.model.files import CONFIG_FILE
+from cov3d.model.files import CONFIG_FILE, with_legacy_defaults
 
 RESTORE = "Restore it from a copy or start a new run."
 PRECISION_OPTIONS = {"fp32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -42,8 +42,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def recorded_settings(config: dict[str, Any], run_dir: Path, settings_class: type) -> Any:
-    """The ``settings_class`` dataclass (``TrainSettings``) recorded in ``config``, checked like new settings."""
+    """The ``settings_class`` dataclass (``TrainSettings``) recorded in ``config``, checked like new
+    settings; keys that older runs lack take the value their code used (``with_legacy_defaults``)."""
     path = Path(run_dir) / CONFIG_FILE
+    config = with_legacy_defaults(config)
     missing = [field.name for field in dataclasses.fields(settings_class) if field.name not in config]
     if "data_dir" not in config:
         missing.append("data_dir")

@@ -56,6 +56,7 @@ from cov3d.training.distributed import (
     start_distributed,
     stop_distributed,
 )
+from cov3d.training.evaluation import kept_weights_scores
 from cov3d.training.loaders import training_loaders
 from cov3d.training.provenance import dataset_fingerprint, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
@@ -300,7 +301,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
                            device=torch_device, workers=loader_workers, dist=dist)
     model = build_model(
         outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
-        pool=settings.pool, pretrained_weights=state_dict,
+        pool=settings.pool, final_bias=settings.final_bias, pretrained_weights=state_dict,
     )
     if dist.enabled:  # after the loaders (same shuffling everywhere) and the model (same initial weights)
         seed_replica(settings.seed, dist.rank)
@@ -309,7 +310,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     loss = Cov3dLoss(
         severity_factor=settings.severity_factor, presence_smoothing=settings.presence_smoothing,
         severity_smoothing=settings.severity_smoothing, presence_weights=presence_weights,
-        severity_weights=severity_weights,
+        severity_weights=severity_weights, presence_averaging=settings.presence_averaging,
     )
     metrics = task_metrics(settings.severity_factor)
     checkpoints = BestCheckpoints(run_dir, [m.name for m in metrics if m.name in CHECKPOINTS], first_epoch, dist.is_main)
@@ -352,6 +353,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     # A task never scored (no graded validation scan) has no best score: null, not -Infinity (not JSON).
     best_scores = {name: value if math.isfinite(value) else None for name, value in checkpoints.best.items()}
     summary = {"best_scores": best_scores, "best_epochs": checkpoints.best_epoch,
+               "tta_scores": kept_weights_scores(run_dir, dls.valid, torch_device),
                **{f"replica_{key}": [replica[key] for replica in replicas] for key in replicas[0]}}
     write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False), resume_remedy(run_dir))
     if use_wandb:

@@ -80,7 +80,8 @@ def make_run(folder, size, *, seed, outputs=6, tasks=("presence", "severity")):
     """An untrained run folder: config.json and random weights for `tasks`, input `size` (D, H, W)."""
     folder.mkdir(parents=True)
     depth, height, width = size
-    config = {"depth": depth, "height": height, "width": width, "outputs": outputs, "penultimate": 8, "dropout": 0.5, "pool": "avg"}
+    config = {"depth": depth, "height": height, "width": width, "outputs": outputs, "penultimate": 8, "dropout": 0.5,
+              "pool": "max", "final_bias": False}
     (folder / "config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
     for task in tasks:
@@ -113,6 +114,45 @@ def test_ensemble_of_two_sizes_is_the_mean_of_its_members(tiny_dataset, tmp_path
         assert float(alone[0][i]["covid_probability"]) != pytest.approx(float(alone[1][i]["covid_probability"]), abs=1e-4)
 
 
+def test_separate_models_for_presence_and_severity(tiny_dataset, tmp_path):
+    """The paper's submissions: P(covid) from the presence models, severity from the severity models."""
+    scans = find_scans([tiny_dataset / "test"])[:3]
+    a, b = make_run(tmp_path / "a", (4, 16, 16), seed=1), make_run(tmp_path / "b", (4, 16, 16), seed=2)
+    c = make_run(tmp_path / "c", (2, 24, 24), seed=3, tasks=("severity",))  # a lambda = 1 run
+    alone = {name: run_infer(scans, run, tmp_path, f"{name}.csv") for name, run in (("a", a), ("b", b), ("c", c))}
+    severity = PROBABILITIES[1:]
+
+    split = run_infer(scans, [], tmp_path, "split.csv", presence_models=[a], severity_models=[b, c],
+                      submission_dir=tmp_path / "submission")
+    two_presence = run_infer(scans, [], tmp_path, "two.csv", presence_models=[a, b], severity_models=[c])
+    only_severity = run_infer(scans, [], tmp_path, "only-severity.csv", severity_models=[c])
+    for i, row in enumerate(split):
+        assert row["covid_probability"] == alone["a"][i]["covid_probability"]
+        for column in severity:
+            mean = (float(alone["b"][i][column]) + float(alone["c"][i][column])) / 2
+            assert float(row[column]) == pytest.approx(mean, abs=2e-6)
+        mean = (float(alone["a"][i]["covid_probability"]) + float(alone["b"][i]["covid_probability"])) / 2
+        assert float(two_presence[i]["covid_probability"]) == pytest.approx(mean, abs=2e-6)
+        assert [two_presence[i][column] for column in severity] == [alone["c"][i][column] for column in severity]
+        assert only_severity[i] == alone["c"][i]  # P(covid) = s_1 + ... + s_4 of the severity model
+    # by hand: P(covid) of the lambda = 1 run is s_1 + ... + s_4, averaged over the scan and its reflection
+    model = load_source(c).build("severity")
+    volume = VolumeCache(tmp_path / "cache", 2, 24, 24).get(scans[0])[None]
+    with torch.no_grad():
+        expected = sum(torch.softmax(model(view)[0, 1:], dim=0)[1:].sum() for view in (volume, volume.flip(-1))) / 2
+    assert float(only_severity[0]["covid_probability"]) == pytest.approx(float(expected), abs=1e-5)
+    covid = (tmp_path / "submission" / "covid.csv").read_text().split()
+    assert sorted(covid) == sorted(row["name"] for row in split if row["covid"] == "1")
+    assert sum(len((tmp_path / "submission" / f"{s}.csv").read_text().split())
+               for s in ("mild", "moderate", "severe", "critical")) == len(scans)
+
+    presence_only = make_run(tmp_path / "d", (4, 16, 16), seed=4, outputs=1, tasks=("presence",))  # lambda = 0
+    with pytest.raises(Cov3dError, match="severity"):
+        run_infer(scans, [], tmp_path, "bad.csv", severity_models=[presence_only])
+    with pytest.raises(Cov3dError, match="No model"):
+        run_infer(scans, [], tmp_path, "none.csv")
+
+
 def test_combine_by_hand():
     nan = float("nan")
     samples = torch.tensor([
@@ -126,6 +166,12 @@ def test_combine_by_hand():
     assert prediction.covid_probability_std == pytest.approx((0.26 / 4) ** 0.5)  # deviations .3 .1 .4 0
     assert prediction.severity_probabilities == pytest.approx([1.4 / 3, 0.9 / 3, 0.4 / 3, 0.3 / 3])
     assert prediction.severity == "mild" and prediction.severity_agreement == pytest.approx(2 / 3)
+
+    # a severity-only member (NaN presence) leaves P(covid) and its spread to the others
+    (prediction,) = combine(torch.tensor([[[0.2, nan, nan, nan, nan]], [[0.6, nan, nan, nan, nan]],
+                                          [[nan, 0.1, 0.2, 0.3, 0.4]]]))
+    assert prediction.covid_probability == pytest.approx(0.4) and prediction.covid_probability_std == pytest.approx(0.2)
+    assert prediction.severity_probabilities == pytest.approx([0.1, 0.2, 0.3, 0.4]) and prediction.severity == "critical"
 
 
 def test_mc_dropout_samples_differ_with_a_sensible_spread(tiny_dataset, tmp_path):

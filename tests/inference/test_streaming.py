@@ -26,7 +26,8 @@ PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 def presence_run(module_dir):
     """An untrained presence-only run (lambda = 0) at 4x16x16: the cheapest model to run many scans through."""
     folder = module_dir
-    config = {"depth": 4, "height": 32, "width": 32, "outputs": 1, "penultimate": 8, "dropout": 0.5, "pool": "avg"}
+    config = {"depth": 4, "height": 32, "width": 32, "outputs": 1, "penultimate": 8, "dropout": 0.5, "pool": "max",
+              "final_bias": False}
     (folder / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     state = build_model(outputs=1, penultimate=8).state_dict()

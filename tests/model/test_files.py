@@ -141,3 +141,56 @@ def test_cli_export_and_refusal(tiny_run, tmp_path, tiny_dataset):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert [line for line in result.output.splitlines() if line.startswith("Error:")][0].count("pickle") == 1
     assert not (tmp_path / "ran").exists()
+
+
+OLD_CONFIG = {  # a config.json as runs wrote it before final_bias, presence_averaging and warp were recorded
+    "depth": 4, "height": 16, "width": 16, "epochs": 1, "batch_size": 2, "learning_rate": 1e-4, "weight_decay": 1e-5,
+    "severity_factor": 0.5, "presence_smoothing": 0.1, "severity_smoothing": 0.1, "penultimate": 8, "dropout": 0.5,
+    "pool": "avg", "reflect": True, "fast_decode": False, "seed": 0, "outputs": 6, "data_dir": "DATA",
+}
+
+
+def test_old_run_without_the_new_keys_loads_and_predicts_as_before(tmp_path, tiny_dataset):
+    from safetensors.torch import save_file
+
+    from cov3d.inference.infer import infer
+    from cov3d.model.network import build_model
+    from cov3d.preprocessing.preprocess import VolumeCache
+    from cov3d.settings import TrainSettings
+    from cov3d.training.runconfig import recorded_settings
+
+    torch.manual_seed(0)
+    old_models = {task: build_model(outputs=6, penultimate=8, pool="avg", final_bias=True).eval() for task in CHECKPOINTS}
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(OLD_CONFIG))
+    for task, name in CHECKPOINTS.items():
+        save_file({k: v.contiguous() for k, v in old_models[task].state_dict().items()}, str(run / name))
+
+    source = load_source(run)
+    assert (source.config["final_bias"], source.config["pool"], source.warp) == (True, "avg", 0.0)
+    volume = torch.rand(2, 1, 4, 16, 16)
+    with torch.no_grad():
+        for task, model in old_models.items():
+            assert torch.equal(source.build(task)(volume), model(volume))
+
+    scan = sorted((tiny_dataset / "test").iterdir())[0]
+    infer([scan], run, tmp_path / "preds.csv", cache_dir=tmp_path / "cache", device="cpu", precision="fp32",
+          progress=False)
+    row = (tmp_path / "preds.csv").read_text().splitlines()[1].split(",")
+    levels = VolumeCache(tmp_path / "cache", 4, 16, 16).get(scan)[None]
+    with torch.no_grad():
+        expected = (torch.sigmoid(old_models["presence"](levels)[0, 0])
+                    + torch.sigmoid(old_models["presence"](levels.flip(-1))[0, 0])) / 2
+    assert float(row[2]) == pytest.approx(float(expected), abs=1e-6)
+
+    settings = recorded_settings(OLD_CONFIG, run, TrainSettings)  # what --resume rebuilds for an old run
+    assert (settings.pool, settings.final_bias, settings.presence_averaging, settings.warp) == ("avg", True, "weighted", 0.0)
+    export_model(run, tmp_path / "old.safetensors")  # an old run still exports, with the keys written out
+    assert load_source(tmp_path / "old.safetensors").config["final_bias"] is True
+
+
+def test_new_run_records_the_faithful_defaults(tiny_run):
+    config = json.loads((tiny_run / "config.json").read_text())
+    assert (config["pool"], config["final_bias"], config["presence_averaging"], config["warp"]) == ("max", False, "batch", 0.0)
+    assert "fc.3.bias" not in load_file(str(tiny_run / CHECKPOINTS["presence"]))

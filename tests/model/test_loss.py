@@ -46,6 +46,14 @@ def weighted_mean(losses: list[float], weights: list[float]) -> float:
     return sum(w * v for w, v in zip(weights, losses)) / sum(weights)
 
 
+def batch_mean(losses: list[float], weights: list[float]) -> float:
+    """1/B sum w_i l_i: the original code's presence averaging."""
+    return sum(w * v for w, v in zip(weights, losses)) / len(losses)
+
+
+AVERAGE = {"batch": batch_mean, "weighted": weighted_mean}
+
+
 # Smoothed severity targets for eps_s = 0.1, typed by hand (chain negative-mild-moderate-severe-critical).
 SMOOTHED_01 = {
     0: [0.9, 0.1, 0.0, 0.0, 0.0],
@@ -74,9 +82,9 @@ def batch(rows=ROWS) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, target
 
 
-def expected_presence(eps_p: float, weights: list[float]) -> float:
+def expected_presence(eps_p: float, weights: list[float], averaging: str = "batch") -> float:
     losses = [bce(x, (1 - eps_p) if c == 1 else eps_p) for x, _, c, _ in ROWS]
-    return weighted_mean(losses, [weights[c] for _, _, c, _ in ROWS])
+    return AVERAGE[averaging](losses, [weights[c] for _, _, c, _ in ROWS])
 
 
 def expected_severity(targets: dict[int, list[float]], weights: list[float]) -> float:
@@ -133,18 +141,54 @@ def test_presence_only_unweighted_unsmoothed():
     assert loss.outputs == 1
 
 
-def test_presence_only_smoothed_weighted():
-    loss = Cov3dLoss(severity_factor=0.0, presence_smoothing=0.1, presence_weights=PRESENCE_W)
+@pytest.mark.parametrize("averaging", ["batch", "weighted"])
+def test_presence_only_smoothed_weighted(averaging):
+    loss = Cov3dLoss(
+        severity_factor=0.0, presence_smoothing=0.1, presence_weights=PRESENCE_W, presence_averaging=averaging
+    )
     logits, target = batch()
-    assert loss(logits, target).item() == pytest.approx(expected_presence(0.1, PRESENCE_W), rel=1e-6)
+    assert loss(logits, target).item() == pytest.approx(expected_presence(0.1, PRESENCE_W, averaging), rel=1e-6)
 
 
-def test_presence_weighted_mean_two_rows_by_hand():
+def test_presence_averaging_default_is_the_batch_size():
+    assert Cov3dLoss().presence_averaging == "batch"
+
+
+@pytest.mark.parametrize("averaging, divisor", [("batch", 2), ("weighted", 4)])
+def test_presence_two_rows_by_hand(averaging, divisor):
     # x = 2 positive (w = 3), x = -1 negative (w = 1), no smoothing:
-    # (3 * log(1 + e^-2) + 1 * log(1 + e^-1)) / 4
-    loss = Cov3dLoss(severity_factor=0.0, presence_smoothing=0.0, presence_weights=[1.0, 3.0])
+    # (3 * log(1 + e^-2) + 1 * log(1 + e^-1)) / B with B = 2, or / (3 + 1) averaged over the weights
+    loss = Cov3dLoss(
+        severity_factor=0.0, presence_smoothing=0.0, presence_weights=[1.0, 3.0], presence_averaging=averaging
+    )
     got = loss(torch.tensor([[2.0], [-1.0]]), torch.tensor([[1, 0], [0, 0]]))
-    assert got.item() == pytest.approx((3 * math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 4, rel=1e-6)
+    expected = (3 * math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / divisor
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_class_weights_count_in_a_same_class_batch_only_with_batch_averaging():
+    # Two positives with the same logit x = 0.3, eps_p = 0.1, the Table 1 weights (w+ = 1992 / 1764):
+    # averaged over the batch size the weight stays, w+ * l; averaged over the weights it cancels, l.
+    weights = [1992 / 2220, 1992 / 1764]
+    single = -(0.9 * math.log(1 / (1 + math.exp(-0.3))) + 0.1 * math.log(1 - 1 / (1 + math.exp(-0.3))))
+    logits, target = torch.tensor([[0.3], [0.3]]), torch.tensor([[1, 0], [1, 0]])
+    original = Cov3dLoss(severity_factor=0.0, presence_weights=weights, presence_averaging="batch")
+    weighted = Cov3dLoss(severity_factor=0.0, presence_weights=weights, presence_averaging="weighted")
+    assert original(logits, target).item() == pytest.approx(1992 / 1764 * single, rel=1e-6)
+    assert weighted(logits, target).item() == pytest.approx(single, rel=1e-6)
+
+
+def test_severity_is_averaged_over_its_weights_whatever_the_presence_averaging():
+    # negative row (group weight 0.5) and critical row (group weight 3.0), one-hot targets:
+    # (0.5 * CE(z_a, 0) + 3 * CE(z_b, 4)) / (0.5 + 3) for both settings
+    z_a, z_b = [1.0, 0.2, -0.5, 0.3, 0.0], [0.0, -0.4, 0.2, 0.9, 1.5]
+    expected = (0.5 * cross_entropy(z_a, ONE_HOT[0]) + 3.0 * cross_entropy(z_b, ONE_HOT[4])) / 3.5
+    logits = torch.tensor([[0.0, *z_a], [0.0, *z_b]])
+    target = torch.tensor([[0, 0], [1, 4]])
+    for averaging in ("batch", "weighted"):
+        loss = Cov3dLoss(severity_factor=1.0, severity_smoothing=0.0, severity_weights=SEVERITY_W,
+                         presence_averaging=averaging)
+        assert loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("eps_s", [0.0, 0.1])
@@ -189,17 +233,19 @@ def test_annotated_rows_by_hand():
     assert got.item() == pytest.approx(expected_negative, rel=1e-6)
 
 
+@pytest.mark.parametrize("averaging", ["batch", "weighted"])
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
-def test_combined(lam):
+def test_combined(lam, averaging):
     loss = Cov3dLoss(
         severity_factor=lam,
         presence_smoothing=0.1,
         severity_smoothing=0.1,
         presence_weights=PRESENCE_W,
         severity_weights=SEVERITY_W,
+        presence_averaging=averaging,
     )
     logits, target = batch()
-    expected = (1 - lam) * expected_presence(0.1, PRESENCE_W) + lam * expected_severity(SMOOTHED_01, SEVERITY_W)
+    expected = (1 - lam) * expected_presence(0.1, PRESENCE_W, averaging) + lam * expected_severity(SMOOTHED_01, SEVERITY_W)
     assert loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
     # float targets (as a DataLoader may deliver them) give the same value
     assert loss(logits, target.float()).item() == pytest.approx(expected, rel=1e-6)
@@ -253,6 +299,7 @@ def test_bf16_logits():
         {"presence_weights": [1.0, 2.0, 3.0]},
         {"severity_weights": [1.0] * 5},
         {"presence_weights": [1.0, -1.0]},
+        {"presence_averaging": "mean"},
     ],
 )
 def test_invalid_arguments(kwargs):

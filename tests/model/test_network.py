@@ -148,6 +148,23 @@ def test_global_pooling(pool, tiny_input):
     torch.testing.assert_close(seen["pooled"], reference)
 
 
+def test_defaults_are_the_original_codes_max_pool_and_no_final_bias():
+    model = build_model()
+    assert isinstance(model.avgpool, nn.AdaptiveMaxPool3d)
+    assert model.fc[3].bias is None and "fc.3.bias" not in model.state_dict()
+    assert model.fc[0].bias is not None  # the penultimate layer keeps its bias
+    assert model.layer1[-1].p == 0.5 and model.fc[1].p == 0.5  # the original's dropout
+
+
+def test_final_bias_option(tiny_input):
+    model = build_model(final_bias=True).eval()
+    assert model.fc[3].bias is not None and "fc.3.bias" in model.state_dict()
+    with torch.no_grad():
+        without = model(tiny_input) - model.fc[3].bias
+        model.fc[3].bias.zero_()
+        torch.testing.assert_close(model(tiny_input), without)
+
+
 def test_invalid_arguments():
     with pytest.raises(ValueError):
         build_model(pool="median")

@@ -120,11 +120,13 @@ def test_demo_network_trains_finite_and_learns(dtype):
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     demo = DemoSettings()
-    model = build_model(outputs=6, penultimate=demo.penultimate, dropout=demo.dropout, pool="avg",
-                        pretrained_weights=None).to(memory_format=torch.channels_last_3d)
+    settings = demo.train_settings()
+    model = build_model(outputs=6, penultimate=demo.penultimate, dropout=demo.dropout, pool=settings.pool,
+                        final_bias=settings.final_bias, pretrained_weights=None).to(memory_format=torch.channels_last_3d)
     volumes, targets = blob_volumes(8, generator)
     loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([4, 4]),
-                          severity_weights=class_weights([4, 1, 1, 1, 1, 0]))
+                          severity_weights=class_weights([4, 1, 1, 1, 1, 0]),
+                          presence_averaging=settings.presence_averaging)
     optimizer = torch.optim.Adam(model.parameters(), lr=demo.learning_rate)
     losses = []
     with checked_bf16_convs(model):

@@ -1,0 +1,52 @@
+"""Validation scores of a run's kept weights as ``cov3d infer`` uses them, after training.
+
+The F1 recorded each epoch (``summary.json``'s ``best_scores``) comes from one pass of each scan, as
+the training loop validates. The paper's inference averages each scan with its sagittal reflection
+(§3.5), so the weights kept for a task are scored again that way: ``tta_scores`` in ``summary.json``,
+the macro F1 of presence (from ``best-presence.safetensors``) and of severity (from
+``best-severity.safetensors``, annotated scans only) on the validation set, with the same
+probabilities ``cov3d infer`` computes (``cov3d.inference.infer.RunPredictor``, fp32). Only the first
+process (rank 0) computes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.torch_core import rank_distrib
+
+from cov3d.dataset.layout import SEVERITY_CATEGORIES
+from cov3d.model.metrics import PRESENCE_THRESHOLD, macro_f1
+
+TASK_SCORES = {"presence": "presence_f1", "severity": "severity_f1"}
+
+
+def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, reflect: bool = True) -> dict[str, float]:
+    """{``presence_f1``, ``severity_f1``}: macro F1 on ``loader`` (the validation DataLoader) of each
+    task's kept weights, averaged with the reflection unless ``reflect`` is off; a task without kept
+    weights (or, for severity, without annotated scans) is left out."""
+    if rank_distrib() != 0:
+        return {}
+    from cov3d.inference.infer import RunPredictor
+    from cov3d.model.files import load_source
+
+    source = load_source(Path(run_dir))
+    scores = {}
+    for task, name in TASK_SCORES.items():
+        if task not in source.states:
+            continue
+        predictor = RunPredictor(source, device, None, reflect=reflect, tasks=(task,))
+        predicted, targets = [], []
+        for volumes, target in loader:
+            predicted.append(predictor.samples(volumes.as_subclass(torch.Tensor))[0])
+            targets.append(target.as_subclass(torch.Tensor).cpu())
+        probabilities, truth = torch.cat(predicted).numpy(), torch.cat(targets).numpy()
+        if task == "presence":
+            scores[name] = macro_f1(truth[:, 0], (probabilities[:, 0] >= PRESENCE_THRESHOLD).astype(int), [0, 1])
+        elif (truth[:, 1] > 0).any():
+            annotated = truth[:, 1] > 0
+            severity = np.argmax(probabilities[annotated, 1:], axis=1) + 1
+            scores[name] = macro_f1(truth[annotated, 1], severity, list(SEVERITY_CATEGORIES))
+    return scores
