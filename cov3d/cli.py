@@ -42,6 +42,12 @@ SIZE_NAMES = "small (64x128x128), medium (128x256x256) or large (160x320x320)"
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", min=1, help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+WindowHelp = (
+    "LEVEL,WIDTH in HU: how DICOM and NIfTI scans are mapped to grey levels (e.g. -470,1410). "
+    "Default: {default}.")
+WindowOption = typer.Option(None, "--window", help=WindowHelp.format(default="the mapping calibrated to COV19-CT-DB"))
+ModelWindowOption = typer.Option(None, "--window", help=WindowHelp.format(
+    default="the model's own (recorded in its config), else the mapping calibrated to COV19-CT-DB"))
 PrecisionOption = typer.Option("auto", "--precision", help=(
     "auto, fp32, bf16 or fp16 (CUDA only). auto: on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16, else fp32 "
     "(emulated bf16 is slower); on a GPU, bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 "
@@ -121,6 +127,7 @@ def preprocess(
     strict: bool = typer.Option(False, "--strict", help="Stop at the first scan that fails."),
     shard: Optional[str] = typer.Option(None, "--shard", help="Process only part I of N (e.g. 0/4), for cluster job arrays."),
     fast_decode: bool = typer.Option(False, "--fast-decode", help="Decode JPEGs at reduced scale (faster, slightly different values)."),
+    window: Optional[str] = WindowOption,
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
     from cov3d.dataset.scans import find_scans
@@ -129,7 +136,7 @@ def preprocess(
 
     depth, height, width = resolve_size(size, depth, height, width)
     scans = find_scans(data or [Path(".")])
-    cache = VolumeCache(cache_directory(cache_dir), depth, height, width, fast_decode=fast_decode)
+    cache = VolumeCache(cache_directory(cache_dir), depth, height, width, fast_decode=fast_decode, window=window)
     summary = preprocess_many(scans, cache, workers=workers, strict=strict, shard=parse_shard(shard))
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -191,6 +198,8 @@ def train(
     precision: str = PrecisionOption,
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch (its data and settings are reused)."),
+    window: Optional[str] = typer.Option(None, "--window", help=WindowHelp.format(
+        default="the mapping calibrated to COV19-CT-DB") + " Recorded in the run; inference uses it."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
     from cov3d.training.train import TrainSettings, resume_training, train as run_training
@@ -211,6 +220,7 @@ def train(
         learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
         penultimate=penultimate, dropout=dropout, pool=pool, reflect=reflect, seed=seed,
+        **({"window": window} if window is not None else {}),
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     result = run_training(
@@ -237,6 +247,7 @@ def infer(
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --output and predict only the other scans."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each scan with its sagittal reflection (paper) or not (twice as fast)."),
+    window: Optional[str] = ModelWindowOption,
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Background preprocessing processes (0: in the main process). Default: half the CPU cores, at least 1."),
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
@@ -252,6 +263,7 @@ def infer(
         scan_dirs, model, output, cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers if workers is not None else max(1, available_cpus() // 2), resume=resume, seed=seed, reflect=tta,
+        window=window,
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -310,9 +322,10 @@ def demo(
 @app.command()
 @user_errors
 def show(
-    scans: list[Path] = typer.Argument(..., help="Scan folders (or folders of them) and cached tensor files (.pt)."),
+    scans: list[Path] = typer.Argument(..., help="Scans (JPEG slice folders, DICOM series folders, NIfTI files), folders of them, and cached tensor files (.pt)."),
     output: Path = typer.Option(Path("scans.png"), "--output", "-o", help="PNG file for the figure."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder: add its prediction to each row."),
+    window: Optional[str] = ModelWindowOption,
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
@@ -320,7 +333,7 @@ def show(
     """Draw the axial, sagittal and coronal mid-planes of scans, one row per scan, with label or prediction."""
     from cov3d.inference.views import show_scans
 
-    titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision)
+    titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision, window=window)
     typer.echo(f"{len(titles)} scans -> {output}")
 
 
@@ -342,14 +355,15 @@ def stats(
 @app.command()
 @user_errors
 def explain(
-    scan: Path = typer.Argument(..., help="A scan folder or a cached tensor file (.pt)."),
+    scan: Path = typer.Argument(..., help="A scan (JPEG or DICOM folder, NIfTI file) or a cached tensor file (.pt)."),
     model: Path = typer.Option(..., "--model", "-m", help="A run folder written by 'cov3d train'."),
     output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-gradcam.pt and .png."),
+    window: Optional[str] = ModelWindowOption,
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
 ):
     """3D Grad-CAM of the COVID-19 presence prediction (last residual block), shown through its peak."""
     from cov3d.inference.explain import explain as run_explain
 
-    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device)
+    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, window=window)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

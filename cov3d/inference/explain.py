@@ -103,14 +103,17 @@ def explain(
     *,
     cache_dir: Path | None = None,
     device: str = "auto",
+    window: str | None = None,
 ) -> dict[str, Path | float | tuple[int, int, int]]:
-    """Grad-CAM of a scan folder or tensor file with a run's best-presence weights (best-severity
-    for lambda = 1 runs); writes ``<name>-gradcam.pt`` and ``<name>-gradcam.png`` to ``output_dir``.
+    """Grad-CAM of a scan (JPEG or DICOM folder, NIfTI file) or tensor file with a run's
+    best-presence weights (best-severity for lambda = 1 runs); writes ``<name>-gradcam.pt`` and
+    ``<name>-gradcam.png`` to ``output_dir``. DICOM/NIfTI HU go through ``window`` (``LEVEL,WIDTH``),
+    by default the model's.
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x).
     """
     from cov3d.atomic import replaced_atomically
-    from cov3d.inference.views import load_tensor_file, model_volume
+    from cov3d.inference.views import is_tensor_file, load_tensor_file, model_volume
     from cov3d.model.files import load_source
     from cov3d.preprocessing.preprocess import default_cache_dir
     from cov3d.runtime import resolve_device
@@ -126,12 +129,13 @@ def explain(
     model = model.to(torch_device)
 
     scan = Path(scan)
-    if scan.is_file():
+    if is_tensor_file(scan):
         volume, recorded = load_tensor_file(scan)
         name = recorded.name if recorded is not None else scan.stem
     else:
-        volume, name = None, scan.name
-    volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume)
+        volume, name = None, scan.name.removesuffix(".gz").removesuffix(".nii")
+    volume = model_volume(scan, source.size, source.fast_decode, cache_dir or default_cache_dir(), volume,
+                          source.window if window is None else window)
     cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only)
     probability = float(torch.sigmoid(torch.tensor(score)))
     peak = peak_voxel(cam.numpy())

@@ -19,6 +19,7 @@ from rich.progress import Progress
 from torch import nn
 
 from cov3d.atomic import write_text_atomically
+from cov3d.dataset.intensity import Window
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
@@ -70,20 +71,25 @@ def enable_mc_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class RunPredictor:
-    """The models of one run or model file: presence from the best-presence weights, severity from the best-severity ones."""
+    """The models of one run or model file: presence from the best-presence weights, severity from the best-severity ones.
+
+    DICOM and NIfTI scans are mapped to grey levels with the model's window (``ModelSource.window``)
+    unless ``window`` overrides it."""
 
     def __init__(
-        self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True
+        self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True,
+        window: Window | str | None = None,
     ):
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
         self.size, self.fast_decode = source.size, source.fast_decode
+        self.window = source.window if window is None else Window.parse(window)
         self.samples_per_scan = max(1, mc_samples)
         self.presence_model = self._load("presence", mc_samples > 0)
         self.severity_model = self._load("severity", mc_samples > 0)
 
     @property
     def size_key(self) -> SizeKey:
-        return (*self.size, self.fast_decode)
+        return (*self.size, self.fast_decode, str(self.window))
 
     def _load(self, task: str, mc_dropout: bool) -> torch.nn.Module | None:
         model = self.source.build(task)
@@ -158,16 +164,16 @@ class Ensemble:
 
     def __init__(
         self, sources: Sequence[ModelSource], device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0,
-        reflect: bool = True,
+        reflect: bool = True, window: Window | str | None = None,
     ):
         if not sources:
             raise Cov3dError("No model given: pass --model with a run folder or a file made by 'cov3d export'.")
-        self.members = [RunPredictor(source, device, dtype, mc_samples, reflect) for source in sources]
+        self.members = [RunPredictor(source, device, dtype, mc_samples, reflect, window) for source in sources]
         self.device = device
 
     @property
     def size_keys(self) -> list[SizeKey]:
-        """The distinct input sizes (D, H, W, fast_decode) of the members."""
+        """The distinct inputs (D, H, W, fast_decode, window) of the members."""
         return list(dict.fromkeys(member.size_key for member in self.members))
 
     def predict(self, levels: dict[SizeKey, torch.Tensor]) -> list[Prediction]:
@@ -241,6 +247,7 @@ def infer(
     resume: bool = False,
     seed: int = 0,
     reflect: bool = True,
+    window: Window | str | None = None,
     on_row: Callable[[dict[str, str]], None] | None = None,
 ) -> InferenceSummary:
     """Predict every scan with the ensemble of ``models`` (run folders, exported model files or
@@ -250,6 +257,8 @@ def infer(
     adding UNCERTAINTY_COLUMNS. ``workers``: background preprocessing processes (0: none).
     ``resume``: keep the rows already in ``output`` and predict only the other scans.
     ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
+    ``window``: the HU -> grey mapping (``LEVEL,WIDTH``) for DICOM/NIfTI scans, for every model;
+    default: each model's own (``ModelSource.window``).
     Submission files, if asked for, cover every row of ``output``.
     """
     if mc_samples < 0 or workers < 0 or batch_size < 1:
@@ -257,13 +266,14 @@ def infer(
     torch_device = resolve_device(device)
     model_paths = [models] if isinstance(models, (str, Path)) else list(models)
     sources = [load_source(path) for path in expand_models(model_paths)]
-    ensemble = Ensemble(sources, torch_device, resolve_precision(precision, torch_device), mc_samples, reflect)
+    ensemble = Ensemble(sources, torch_device, resolve_precision(precision, torch_device), mc_samples, reflect,
+                        None if window is None else Window.parse(window))
     torch.manual_seed(seed)
     columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
     done = completed_paths(output, columns) if resume else set()
     pending = [scan for scan in scan_dirs if str(scan) not in done]
     summary = InferenceSummary(resumed=len(scan_dirs) - len(pending))
-    caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3]) for key in ensemble.size_keys}
+    caches = {key: VolumeCache(cache_dir, *key[:3], fast_decode=key[3], window=key[4]) for key in ensemble.size_keys}
 
     def predict(batch: list[StreamedScan], rows_file: PredictionRows) -> None:
         levels = {key: torch.stack([item.volumes[key] for item in batch]) for key in caches}

@@ -24,8 +24,8 @@ from cov3d.errors import Cov3dError, one_line
 from cov3d.preprocessing.preprocess import VolumeCache, scan_sources
 from cov3d.preprocessing.workers import init_worker, pool_context
 
-SizeKey = tuple[int, int, int, bool]
-"""An input size: (depth, height, width, fast_decode)."""
+SizeKey = tuple[int, int, int, bool, str]
+"""An input size: (depth, height, width, fast_decode, intensity window ``LEVEL,WIDTH``)."""
 PREFETCH_PER_WORKER = 2
 """Scans each worker prepares ahead of the model."""
 

@@ -16,6 +16,10 @@ Pickle-based files (``torch.save`` checkpoints, fastai ``Learner.export`` files:
 ``.pkl`` ...) are refused by name and by content (pickle opcode or zip signature at the start),
 before anything is read from them. A config that does not match its weights (keys or shapes)
 is refused too.
+
+The config's ``window`` (``LEVEL,WIDTH`` in HU, written by ``cov3d train``) is the mapping from HU to
+grey levels the model expects for DICOM and NIfTI scans (``ModelSource.window``); files written
+before it was recorded get ``DEFAULT_WINDOW``, the mapping calibrated to COV19-CT-DB.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from cov3d.atomic import write_bytes_atomically
+from cov3d.dataset.intensity import Window
 from cov3d.errors import Cov3dError, one_line
 from cov3d.model.network import POOLS, build_model
 
@@ -72,6 +77,11 @@ class ModelSource:
     @property
     def fast_decode(self) -> bool:
         return bool(self.config.get("fast_decode", False))
+
+    @property
+    def window(self) -> Window:
+        """The HU -> grey mapping the model expects for DICOM/NIfTI (``DEFAULT_WINDOW`` if not recorded)."""
+        return Window.parse(self.config.get("window"))
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
@@ -114,6 +124,11 @@ def check_config(config: object, where: Path) -> dict:
         raise Cov3dError(f"{where}: the model config has non-positive sizes; re-export the run.")
     if config["pool"] not in POOLS or not 0 <= config["dropout"] < 1:
         raise Cov3dError(f"{where}: the model config has an invalid pool or dropout; re-export the run.")
+    if config.get("window") is not None:
+        try:
+            Window.parse(str(config["window"]))
+        except Cov3dError as error:
+            raise Cov3dError(f"{where}: the model config has an invalid window ({error}); re-export the run.") from None
     return config
 
 

@@ -4,7 +4,8 @@ Layout: ``<cache_dir>/<D>x<H>x<W>[-fast]/<scan folder name>-<key>.pt``, one file
 size. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
 
 - **Key.** ``key`` is a hash of the preprocessing parameters (depth, height, width,
-  fast_decode, ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
+  fast_decode, the intensity window of DICOM/NIfTI scans, ``CACHE_FORMAT_VERSION``) and the
+  scan's absolute (resolved) path.
 - **Entry.** Each file is ``torch.save`` of a plain dict of ints, strings and one tensor, so
   it loads with ``torch.load(..., weights_only=True)``: the parameters, the source path, a
   fingerprint of the source (name, size and modification time of every slice file, so the entry
@@ -47,8 +48,9 @@ import torch
 from cov3d.atomic import TEMP_SUFFIX, write_failure_reason
 from cov3d.errors import Cov3dError, one_line
 
-CACHE_FORMAT_VERSION = 2
-"""Bump when the preprocessing or the entry layout changes: older entries are then rebuilt."""
+CACHE_FORMAT_VERSION = 3
+"""Bump when the preprocessing or the entry layout changes: older entries are then rebuilt.
+3: entries record the intensity window (DICOM/NIfTI grey levels changed to the calibrated default)."""
 
 CACHE_DIR_ENV = "COV3D_CACHE_DIR"
 """Environment variable that overrides the default cache directory."""
@@ -94,10 +96,10 @@ def source_fingerprint(slices: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def entry_path(cache_dir: Path, params: dict[str, int], scan_dir: Path) -> Path:
+def entry_path(cache_dir: Path, params: dict[str, int | str], scan_dir: Path) -> Path:
     """Where the entry of ``scan_dir`` for the preprocessing ``params`` lives.
 
-    ``params`` holds ``depth``, ``height``, ``width`` and ``fast_decode`` (0/1).
+    ``params`` holds ``depth``, ``height``, ``width``, ``fast_decode`` (0/1) and ``window`` (``LEVEL,WIDTH``).
     """
     source = str(Path(scan_dir).resolve())
     keyed = json.dumps({**params, "format": CACHE_FORMAT_VERSION, "source": source}, sort_keys=True)
@@ -142,7 +144,7 @@ def values_on(levels: torch.Tensor, device: torch.device) -> torch.Tensor:
     return levels.to(device, non_blocking=True).float().div_(divisor)
 
 
-def make_entry(levels: torch.Tensor, params: dict[str, int], scan_dir: Path, fingerprint: str) -> dict:
+def make_entry(levels: torch.Tensor, params: dict[str, int | str], scan_dir: Path, fingerprint: str) -> dict:
     """The dict stored for a volume of uint8 levels ``(1, D, H, W)`` (see the module docstring)."""
     if levels.dtype != STORAGE_DTYPE:
         raise TypeError(f"cache entries store {STORAGE_DTYPE} levels, got {levels.dtype}")
@@ -210,7 +212,7 @@ def save_cache_entry(path: Path, entry: dict) -> None:
 
 
 def load_valid_volume(
-    path: Path, params: dict[str, int], scan_dir: Path, fingerprint: str | None
+    path: Path, params: dict[str, int | str], scan_dir: Path, fingerprint: str | None
 ) -> torch.Tensor | None:
     """The stored uint8 levels ``(1, D, H, W)`` of a valid, current entry; ``None`` if the
     entry is missing, damaged or stale (see the module docstring).

@@ -28,7 +28,8 @@ synthetic 512×512 CT-like stacks, its volumes differ from the normal path by at
 about 1 grey level on average and 16 at worst (near sharp edges); bounded in the tests.
 
 DICOM series folders and NIfTI files are read by ``cov3d.dataset.dicom_nifti`` as 8-bit slices (HU through
-the lung window) and then follow steps 1-3 like JPEG slices.
+an intensity window: ``window``, default the one calibrated to COV19-CT-DB, ``cov3d.dataset.intensity``)
+and then follow steps 1-3 like JPEG slices; JPEG slices are grey levels already and ignore it.
 
 ``VolumeCache`` stores one file of uint8 levels per scan and size (format: ``cov3d.preprocessing.cache``);
 ``cov3d.preprocessing.workers.preprocess_many`` fills it for many scans with worker processes.
@@ -45,6 +46,7 @@ from PIL import Image
 from scipy.interpolate import CubicSpline
 
 from cov3d.dataset.dicom_nifti import ScanSources, gray_slices, scan_sources
+from cov3d.dataset.intensity import Window
 from cov3d.dataset.scans import MAX_8BIT, read_slice
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.cache import (
@@ -181,7 +183,8 @@ def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False) ->
 
 
 def _preprocess_slices(
-    sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, *, levels: bool = False
+    sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, *, levels: bool = False,
+    window: Window | None = None,
 ) -> torch.Tensor:
     """``preprocess_scan`` for a scan's sources; uint8 levels instead with ``levels``."""
     if sources.kind == "jpeg":
@@ -189,7 +192,7 @@ def _preprocess_slices(
         count = len(sources.files)
         images = (read_slice(path, draft_size=draft_size) for path in sources.files)
     else:
-        count, grays = gray_slices(sources.kind, sources.files)
+        count, grays = gray_slices(sources.kind, sources.files, window)
         images = (Image.fromarray(gray) for gray in grays)
     stack = np.empty((count, height, width), dtype=np.uint8)
     for index, image in enumerate(images):
@@ -198,35 +201,42 @@ def _preprocess_slices(
 
 
 def preprocess_scan(
-    scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False
+    scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False,
+    window: Window | str | None = None,
 ) -> torch.Tensor:
-    """A scan (JPEG or DICOM folder, NIfTI file) as a float32 volume (1, depth, height, width) in [0, 1].
+    """A scan (JPEG or DICOM folder, NIfTI file) as a float32 volume (1, depth, height, width) in [0, 1];
+    DICOM and NIfTI HU through ``window`` (``LEVEL,WIDTH``; default ``DEFAULT_WINDOW``).
 
     Raises ``Cov3dError`` naming the folder or file if the scan cannot be read.
     """
     _check_size(depth, height, width)
-    return _preprocess_slices(scan_sources(Path(scan_dir)), depth, height, width, fast_decode)
+    return _preprocess_slices(scan_sources(Path(scan_dir)), depth, height, width, fast_decode,
+                              window=Window.parse(window))
 
 
 class VolumeCache:
-    """Preprocessed volumes of one size, stored in ``cache_dir`` (format: ``cov3d.preprocessing.cache``)."""
+    """Preprocessed volumes of one size (and intensity window for DICOM/NIfTI, default
+    ``DEFAULT_WINDOW``), stored in ``cache_dir`` (format: ``cov3d.preprocessing.cache``)."""
 
-    def __init__(self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False):
+    def __init__(self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False,
+                 window: Window | str | None = None):
         _check_size(depth, height, width)
         self.cache_dir = Path(cache_dir).expanduser()
         self.depth, self.height, self.width = depth, height, width
         self.fast_decode = fast_decode
+        self.window = Window.parse(window)
 
     def __repr__(self) -> str:
         return (
             f"VolumeCache({str(self.cache_dir)!r}, {self.depth}, {self.height}, {self.width}, "
-            f"fast_decode={self.fast_decode})"
+            f"fast_decode={self.fast_decode}, window='{self.window}')"
         )
 
     @property
-    def params(self) -> dict[str, int]:
+    def params(self) -> dict[str, int | str]:
         """The preprocessing parameters that key an entry."""
-        return {"depth": self.depth, "height": self.height, "width": self.width, "fast_decode": int(self.fast_decode)}
+        return {"depth": self.depth, "height": self.height, "width": self.width, "fast_decode": int(self.fast_decode),
+                "window": str(self.window)}
 
     def path_for(self, scan_dir: Path) -> Path:
         """The cache file of ``scan_dir`` (which need not exist)."""
@@ -243,7 +253,8 @@ class VolumeCache:
         stored, fingerprint = self._stored(scan_dir, sources)
         if stored is not None:
             return stored, False
-        volume = _preprocess_slices(sources, self.depth, self.height, self.width, self.fast_decode, levels=True)
+        volume = _preprocess_slices(sources, self.depth, self.height, self.width, self.fast_decode, levels=True,
+                                    window=self.window)
         entry = make_entry(volume, self.params, scan_dir, fingerprint)
         save_cache_entry(self.path_for(scan_dir), entry)
         return entry["volume"], True

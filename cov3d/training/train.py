@@ -23,6 +23,7 @@ from fastcore.basics import noop
 from safetensors.torch import save as safetensors_bytes
 
 from cov3d.atomic import write_bytes_atomically, write_text_atomically
+from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS
 from cov3d.errors import Cov3dError
 from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE
@@ -87,6 +88,8 @@ class TrainSettings:
     reflect: bool = True
     fast_decode: bool = False
     seed: int = 0
+    window: str = str(DEFAULT_WINDOW)
+    """The HU -> grey mapping (``LEVEL,WIDTH``) of DICOM/NIfTI scans; the model expects it at inference."""
 
     def __post_init__(self) -> None:
         """Reject settings the model cannot be built with, before any data is read."""
@@ -94,6 +97,7 @@ class TrainSettings:
             raise Cov3dError(f"dropout must satisfy 0 <= dropout < 1, got {self.dropout}.")
         if self.pool not in POOLS:
             raise Cov3dError(f"pool must be one of {', '.join(POOLS)}, got '{self.pool}'.")
+        self.window = str(Window.parse(self.window))
 
     @property
     def outputs(self) -> int:
@@ -273,7 +277,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
-    cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode)
+    cache = VolumeCache(cache_dir, settings.depth, settings.height, settings.width, fast_decode=settings.fast_decode,
+                        window=settings.window)
     items = main_first(dist, lambda: prepare_volumes(items, cache, workers))
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):
@@ -374,7 +379,7 @@ def resume_training(run_dir: Path, **options) -> TrainResult:
     if not config_path.is_file():
         raise Cov3dError(f"{config_path} not found: --resume needs a run folder written by 'cov3d train'.")
     config = json.loads(config_path.read_text())
-    settings = TrainSettings(**{f.name: config[f.name] for f in fields(TrainSettings)})
+    settings = TrainSettings(**{f.name: config[f.name] for f in fields(TrainSettings) if f.name in config})
     options.setdefault("pretrained", False)  # the weights come from the checkpoint
     return train(Path(config["data_dir"]), Path(run_dir), settings, resume=True, **options)
 
