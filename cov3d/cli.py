@@ -294,11 +294,12 @@ def synthetic(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same files."),
     slice_size: int = typer.Option(128, "--slice-size", help="Slice width and height in pixels (real data: 512)."),
     depth_scale: float = typer.Option(0.1, "--depth-scale", min=0.0, help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
+    masks: bool = typer.Option(False, "--masks", help="Also write each scan's lesion and lung masks to lesion-masks/ (.npz)."),
 ):
     """Write a synthetic chest-CT dataset in the COV19-CT-DB layout (train, validation, unlabelled test + answer key)."""
     from cov3d.synthetic.generator import generate_dataset
 
-    summary = generate_dataset(output, scans=scans, seed=seed, slice_size=slice_size, depth_scale=depth_scale)
+    summary = generate_dataset(output, scans=scans, seed=seed, slice_size=slice_size, depth_scale=depth_scale, masks=masks)
     typer.echo(f"{summary.total_scans} synthetic scans written to {output}.")
 
 
