@@ -17,7 +17,7 @@ Rows and columns are used as stored (DICOM's radiological view: rows anterior ->
 columns patient right -> left). What real archives hold:
 
 - *several series in one folder* (several ``SeriesInstanceUID``): the series with the most image
-  slices is used and the choice is logged; a tie is refused, listing the series;
+  slices is used and the choice is logged as a warning; a tie is refused, listing the series;
 - *MONOCHROME1*: read like MONOCHROME2. The photometric interpretation only says how stored
   values are displayed; the rescaled values are HU either way, and the window maps them to grey
   levels with air dark, as in COV19-CT-DB. Colour images (RGB, palette) are refused;
@@ -181,7 +181,7 @@ def _pick_series(folder: Path, series: dict[str, list[int]], headers: list) -> l
     listing = "; ".join(_series_label(uid, [headers[i] for i in members]) for uid, members in ranked)
     if len(ranked[0][1]) == len(ranked[1][1]):
         raise Cov3dError(f"{folder} holds {len(series)} DICOM series of equal size: {listing}. Put each in its own folder.")
-    logger.info("%s holds %d DICOM series; using the largest: %s", folder, len(series), listing)
+    logger.warning("%s holds %d DICOM series; using the largest: %s", folder, len(series), listing)
     return ranked[0][1]
 
 

@@ -2,6 +2,7 @@
 predictions as the equivalent JPEG folder, and the edge cases of real archives."""
 
 import csv
+import logging
 import sys
 
 import nibabel
@@ -147,7 +148,15 @@ def copy_series(source, folder, change=None, keep=None):
     return folder
 
 
-def test_the_largest_of_several_series_is_used(series, tmp_path, caplog):
+@pytest.fixture
+def logged(caplog, monkeypatch):
+    """caplog that also sees the ``cov3d`` logger after the CLI stopped it propagating."""
+    monkeypatch.setattr(logging.getLogger("cov3d"), "propagate", True)
+    with caplog.at_level("INFO", logger="cov3d"):
+        yield caplog
+
+
+def test_the_largest_of_several_series_is_used(series, tmp_path, logged):
     root, _ = series
     uid = generate_uid()
 
@@ -156,10 +165,9 @@ def test_the_largest_of_several_series_is_used(series, tmp_path, caplog):
             dataset.SeriesInstanceUID, dataset.SeriesDescription = uid, "scout"
 
     folder = copy_series(root / "ct_scan_2", tmp_path / "mixed", second_series)
-    with caplog.at_level("INFO", logger="cov3d"):
-        files = scan_sources(folder).files
+    files = scan_sources(folder).files
     assert len(files) == 3 and all(pydicom.dcmread(f).SeriesInstanceUID != uid for f in files)
-    assert "2 DICOM series; using the largest" in caplog.text and "'scout' (2 slices)" in caplog.text
+    assert "2 DICOM series; using the largest" in logged.text and "'scout' (2 slices)" in logged.text
 
 
 def test_monochrome1_is_read_as_hu(series, tmp_path):
@@ -197,7 +205,7 @@ def test_archive_edge_cases_are_refused_in_one_line(series, tmp_path, change, ke
     assert "\n" not in str(error.value)
 
 
-def test_gantry_tilt_is_used_and_logged(series, tmp_path, caplog):
+def test_gantry_tilt_is_used_and_logged(series, tmp_path, logged):
     root, hu = series
 
     def straight(index, dataset):
@@ -207,10 +215,9 @@ def test_gantry_tilt_is_used_and_logged(series, tmp_path, caplog):
         dataset.ImagePositionPatient = [-158.1, -179.0 + SLICE_GAP_MM * index * np.tan(np.radians(15)), 100.0 - SLICE_GAP_MM * index]
 
     reference = preprocess_scan(copy_series(root / "ct_scan_2", tmp_path / "straight", straight), *hu.shape)
-    with caplog.at_level("INFO", logger="cov3d"):
-        volume = preprocess_scan(copy_series(root / "ct_scan_2", tmp_path / "tilted", tilted), *hu.shape)
+    volume = preprocess_scan(copy_series(root / "ct_scan_2", tmp_path / "tilted", tilted), *hu.shape)
     assert torch_equal(volume, reference)
-    assert "gantry tilt of 15.0 degrees" in caplog.text
+    assert "gantry tilt of 15.0 degrees" in logged.text
 
 
 def test_missing_positions_fall_back_to_instance_numbers(series, tmp_path):
