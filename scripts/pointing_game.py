@@ -6,7 +6,10 @@ the last block of ``--layer``, default ``layer4``) is computed on the scan's cac
 its peak voxel is looked up in the scan's lesion mask, resampled to the model's input grid like the
 scan itself and dilated by one voxel (a 3x3x3 cube). The score is the fraction of scans whose peak
 falls inside; chance is what a point drawn uniformly in the lungs would score: lesion volume / lung
-volume (the mean over the scans), printed with and without the dilation.
+volume (the mean over the scans), printed with and without the dilation. The phantoms' severity is
+their share of involved lung (mild < 25 % ... critical > 75 %), so over all severities chance is
+about one half and a score of twice chance is out of reach; the script also prints each severity
+(from the full-resolution masks) on its own.
 
     python3 scripts/pointing_game.py demo-output
     python3 scripts/pointing_game.py demo-output --layer layer3 --per-scan
@@ -22,6 +25,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.inference.explain import grad_cam
 from cov3d.model.files import load_source
 from cov3d.preprocessing.preprocess import VolumeCache, depth_interpolation_matrix
@@ -48,15 +52,18 @@ def pointing_game(demo_dir: Path, layer: str = "layer4", partition: str = "valid
                   per_scan: bool = False) -> dict[str, float]:
     """The pointing-game score and chance rates of a demo output folder (see the module docstring)."""
     from cov3d.synthetic.generator import mask_path, read_masks
+    from cov3d.synthetic.phantom import SEVERITY_BANDS
 
     data, run, cache_dir = demo_dir / "data", demo_dir / "run", demo_dir / "cache"
     source = load_source(run)
     model = source.build("presence")
     block = _block(model, layer)
     cache = VolumeCache(cache_dir, *source.size, fast_decode=source.fast_decode, window=source.window)
-    hits, chances, dilated_chances, skipped = [], [], [], []
+    hits, chances, dilated_chances, severities, skipped = [], [], [], [], []
     for scan in sorted((data / partition / "covid").iterdir()):
         lesion, lung = read_masks(mask_path(data, scan))
+        involved = lesion.sum() / max(int(lung.sum()), 1)
+        severity = next(code for code, (low, high) in SEVERITY_BANDS.items() if involved <= high or code == 4)
         lesion, lung = resample_mask(lesion, source.size), resample_mask(lung, source.size)
         if not lesion.any() or not lung.any():
             skipped.append(scan.name)
@@ -67,15 +74,24 @@ def pointing_game(demo_dir: Path, layer: str = "layer4", partition: str = "valid
         hits.append(bool(dilated[peak]))
         chances.append(lesion.sum() / lung.sum())
         dilated_chances.append((dilated & lung).sum() / lung.sum())
+        severities.append(severity)
         if per_scan:
             print(f"{scan.name}: peak {peak} {'inside' if hits[-1] else 'outside'}, lesion/lung {chances[-1]:.2f}, "
                   f"P(covid) {float(torch.sigmoid(torch.tensor(score))):.2f}")
     if skipped:
         print(f"skipped (no lesion voxel on the {source.size} grid): {', '.join(skipped)}")
-    return {
+    result = {
         "scans": len(hits), "score": float(np.mean(hits)), "chance": float(np.mean(chances)),
-        "chance_dilated": float(np.mean(dilated_chances)),
+        "chance_dilated": float(np.mean(dilated_chances)), "by_severity": {},
     }
+    for code, label in enumerate(SEVERITY_LABELS, start=1):
+        mine = [i for i, severity in enumerate(severities) if severity == code]
+        if mine:
+            result["by_severity"][label] = {
+                "scans": len(mine), "score": float(np.mean([hits[i] for i in mine])),
+                "chance": float(np.mean([chances[i] for i in mine])),
+            }
+    return result
 
 
 def _block(model: torch.nn.Module, layer: str) -> torch.nn.Module:
@@ -96,6 +112,9 @@ def main() -> None:
     print(f"pointing game, {args.partition} covid scans, Grad-CAM of {args.layer}: {result['score']:.3f} "
           f"over {result['scans']} scans; chance (lesion / lung volume) {result['chance']:.3f}, "
           f"{result['score'] / result['chance']:.1f}x chance; with the dilated lesion {result['chance_dilated']:.3f}")
+    for label, part in result["by_severity"].items():
+        print(f"  {label}: {part['score']:.3f} over {part['scans']} scans, chance {part['chance']:.3f} "
+              f"({part['score'] / part['chance']:.1f}x)")
 
 
 if __name__ == "__main__":
