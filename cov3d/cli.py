@@ -59,6 +59,12 @@ DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 WarpOption = typer.Option(TRAIN_DEFAULTS.warp, "--warp", help=(
     "Cubic coordinate warp factor f (u -> f u^3 + (1 - f) u along width, height and depth) that the original code "
     "applied by default with 0.5; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key."))
+WindowHelp = (
+    "LEVEL,WIDTH in HU: how DICOM and NIfTI scans are mapped to grey levels (e.g. -470,1410). "
+    "Default: {default}.")
+WindowOption = typer.Option(None, "--window", help=WindowHelp.format(default="the mapping calibrated to COV19-CT-DB"))
+ModelWindowOption = typer.Option(None, "--window", help=WindowHelp.format(
+    default="the model's own (recorded in its config), else the mapping calibrated to COV19-CT-DB"))
 PrecisionOption = typer.Option("auto", "--precision", help=(
     "auto, fp32, bf16 or fp16 (CUDA only). auto: on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16, else fp32 "
     "(emulated bf16 is slower); on a GPU, bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 "
@@ -173,6 +179,7 @@ def preprocess(
     shard: Optional[str] = typer.Option(None, "--shard", help="Process only part I of N (e.g. 0/4), for cluster job arrays."),
     fast_decode: bool = FastDecodeOption,
     warp: float = WarpOption,
+    window: Optional[str] = WindowOption,
 ):
     """Resize JPEG slice stacks to fixed D x H x W tensors (bicubic in-plane, cubic along depth) and cache them."""
     from cov3d.dataset.scans import find_scans
@@ -180,7 +187,7 @@ def preprocess(
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.preprocessing.workers import preprocess_many
 
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, window=window)
     WORKERS.check("workers", workers)
     cache = VolumeCache.for_shape(cache_directory(cache_dir), shape)
     scans = find_scans(data or [Path(".")])
@@ -254,6 +261,8 @@ def train(
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch, as it was started: data, settings, cache folder, device and precision come from its config.json; --directory, --cache-dir, --device, --precision and the worker options may be given again to override them."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --output-dir (its files are removed first)."),
+    window: Optional[str] = typer.Option(None, "--window", help=WindowHelp.format(
+        default="the mapping calibrated to COV19-CT-DB") + " Recorded in the run; inference uses it."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
     from cov3d.training.train import resume_training, train as run_training
@@ -266,13 +275,13 @@ def train(
         raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
     if pretrained_weights is not None and not pretrained_weights.is_file():
         raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, window=window)
     settings = TrainSettings(
         depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
         penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
-        presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, seed=seed,
+        presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, window=str(shape.window), seed=seed,
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     result = run_training(
@@ -330,6 +339,7 @@ def infer(
     overwrite: bool = OverwriteOption,
     seed: int = typer.Option(INFER_SEED, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each scan with its sagittal reflection (paper) or not (twice as fast)."),
+    window: Optional[str] = ModelWindowOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="Background preprocessing processes (0: in the main process). Default: half the CPU cores, at least 1."),
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
@@ -348,6 +358,7 @@ def infer(
         cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers, resume=resume, seed=seed, reflect=tta, overwrite=overwrite,
+        window=window,
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -379,11 +390,12 @@ def synthetic(
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same files."),
     slice_size: int = typer.Option(128, "--slice-size", help="Slice width and height in pixels (real data: 512)."),
     depth_scale: float = typer.Option(0.1, "--depth-scale", help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
+    masks: bool = typer.Option(False, "--masks", help="Also write each scan's lesion and lung masks to lesion-masks/ (.npz)."),
 ):
     """Write a synthetic chest-CT dataset in the COV19-CT-DB layout (train, validation, unlabelled test + answer key)."""
     from cov3d.synthetic.generator import generate_dataset
 
-    summary = generate_dataset(output, scans=scans, seed=seed, slice_size=slice_size, depth_scale=depth_scale)
+    summary = generate_dataset(output, scans=scans, seed=seed, slice_size=slice_size, depth_scale=depth_scale, masks=masks)
     typer.echo(f"{summary.total_scans} synthetic scans written to {output}.")
 
 
@@ -439,7 +451,7 @@ def print_demo_report(report) -> None:
 @app.command()
 @user_errors
 def show(
-    scans: list[Path] = typer.Argument(..., help="Scan folders (or folders of them) and cached tensor files (.pt)."),
+    scans: list[Path] = typer.Argument(..., help="Scans (JPEG slice folders, DICOM series folders, NIfTI files), folders of them, and cached tensor files (.pt)."),
     output: Path = typer.Option(Path("scans.png"), "--output", "-o", help="PNG file for the figure."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder: add its prediction to each row."),
     size: Optional[str] = typer.Option(None, "--size", help=(
@@ -449,6 +461,7 @@ def show(
     height: Optional[int] = HeightOption,
     width: Optional[int] = WidthOption,
     fast_decode: bool = FastDecodeOption,
+    window: Optional[str] = ModelWindowOption,
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
@@ -460,7 +473,7 @@ def show(
     preprocessed = size is not None or (depth, height, width) != (None, None, None) or fast_decode
     shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode) if preprocessed else None
     titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision,
-                        shape=shape, overwrite=overwrite)
+                        shape=shape, overwrite=overwrite, window=window)
     typer.echo(f"{len(titles)} scans -> {output}")
 
 
@@ -488,9 +501,10 @@ def stats(
 @app.command()
 @user_errors
 def explain(
-    scan: Path = typer.Argument(..., help="A scan folder or a cached tensor file (.pt)."),
+    scan: Path = typer.Argument(..., help="A scan (JPEG or DICOM folder, NIfTI file) or a cached tensor file (.pt)."),
     model: Path = typer.Option(..., "--model", "-m", help="A run folder written by 'cov3d train'."),
     output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-gradcam.pt and .png."),
+    window: Optional[str] = ModelWindowOption,
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     overwrite: bool = OverwriteOption,
@@ -500,5 +514,5 @@ def explain(
     from cov3d.inference.explain import explain as run_explain
 
     result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
-                         overwrite=overwrite)
+                         overwrite=overwrite, window=window)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

@@ -13,10 +13,12 @@ range of each number is declared with it (``cov3d.limits``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.errors import Cov3dError
 from cov3d.limits import (
     DEMO_SCANS,
@@ -46,9 +48,11 @@ default; the paper does not describe the warp, so cov3d's default is 0 (off)."""
 
 @dataclass(frozen=True)
 class VolumeShape:
-    """A preprocessed volume's size (1, ``depth``, ``height``, ``width``), whether its JPEG slices
-    were decoded at reduced scale (``fast_decode``) and the factor of the original code's cubic
-    coordinate warp (``warp``, 0: off); see ``cov3d.preprocessing.preprocess``.
+    """A preprocessed volume's size (1, ``depth``, ``height``, ``width``) and how it is made: whether
+    JPEG slices are decoded at reduced scale (``fast_decode``), the factor of the original code's cubic
+    coordinate warp (``warp``, 0: off; see ``cov3d.preprocessing.preprocess``) and the HU -> grey
+    mapping of DICOM and NIfTI scans (``window``, ``cov3d.dataset.intensity``; a ``LEVEL,WIDTH``
+    string is accepted).
 
     Hashable: inference keys the volumes of an ensemble's different inputs by it.
     """
@@ -58,10 +62,12 @@ class VolumeShape:
     width: int = field(metadata={LIMIT_KEY: SIZE})
     fast_decode: bool = False
     warp: float = field(default=0.0, metadata={LIMIT_KEY: WARP})
+    window: Window = DEFAULT_WINDOW
 
     def __post_init__(self) -> None:
         check_fields(self)
         object.__setattr__(self, "warp", float(self.warp))
+        object.__setattr__(self, "window", Window.parse(self.window))
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -79,12 +85,17 @@ class VolumeShape:
     def __str__(self) -> str:
         return self.folder_name
 
+    def with_window(self, window: Window | str | None) -> VolumeShape:
+        """This shape with DICOM/NIfTI HU mapped through ``window`` instead (``None``: unchanged)."""
+        return self if window is None else dataclasses.replace(self, window=Window.parse(window))
+
     @property
-    def cache_params(self) -> dict[str, int | float]:
-        """The preprocessing parameters that key a cache entry (``fast_decode`` as 0/1; ``warp``
-        only when there is one, so that entries made before the option existed stay valid)."""
-        params: dict[str, int | float] = {
+    def cache_params(self) -> dict[str, int | float | str]:
+        """The preprocessing parameters that key a cache entry (``fast_decode`` as 0/1, ``window`` as
+        ``LEVEL,WIDTH``; ``warp`` only when there is one)."""
+        params: dict[str, int | float | str] = {
             "depth": self.depth, "height": self.height, "width": self.width, "fast_decode": int(self.fast_decode),
+            "window": str(self.window),
         }
         if self.warp:
             params["warp"] = self.warp
@@ -108,9 +119,18 @@ class VolumeShape:
     @classmethod
     def from_options(cls, size: str | None = None, depth: int | None = None, height: int | None = None,
                      width: int | None = None, *, fast_decode: bool = False, warp: float = 0.0,
-                     default: VolumeShape | None = None) -> VolumeShape:
+                     window: Window | str | None = None, default: VolumeShape | None = None) -> VolumeShape:
         """The shape of a command's options: the preset ``size``, or the numbers given (width
-        default: small's, then ``from_width``), or ``default`` (small) when none is given."""
+        default: small's, then ``from_width``), or ``default`` (small) when none is given; made with
+        ``fast_decode``, ``warp`` and ``window`` (``None``: ``DEFAULT_WINDOW``)."""
+        return dataclasses.replace(
+            cls._sized(size, depth, height, width, fast_decode=fast_decode, warp=warp, default=default),
+            window=Window.parse(window),
+        )
+
+    @classmethod
+    def _sized(cls, size: str | None, depth: int | None, height: int | None, width: int | None, *,
+               fast_decode: bool, warp: float, default: VolumeShape | None) -> VolumeShape:
         for name, value in (("depth", depth), ("height", height), ("width", width)):
             OPTIONAL_SIZE.check(name, value)
         numbers = (depth, height, width) != (None, None, None)
@@ -124,10 +144,11 @@ class VolumeShape:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> VolumeShape:
-        """The shape recorded in a run's config.json (keys depth, height, width, fast_decode, warp;
-        runs written before fast decoding or the warp existed lack those: off)."""
+        """The shape recorded in a run's config.json (keys depth, height, width, fast_decode, warp,
+        window; runs written before fast decoding, the warp or the window existed lack those: off,
+        off and ``DEFAULT_WINDOW``)."""
         return cls(config["depth"], config["height"], config["width"], bool(config.get("fast_decode", False)),
-                   float(config.get("warp", 0.0)))
+                   float(config.get("warp", 0.0)), Window.parse(config.get("window")))
 
 
 PRESETS = {
@@ -160,8 +181,8 @@ class TrainSettings:
     and, where it is silent (pool, final_bias, presence_averaging), the original code at the paper's
     time; ``warp`` (the original's coordinate warp, not in the paper) is off. See docs/faithfulness.md.
 
-    The volume shape is kept as the fields depth, height, width, fast_decode and warp (config.json's
-    keys); ``shape`` gives them as one value.
+    The volume shape is kept as the fields depth, height, width, fast_decode, warp and window
+    (config.json's keys); ``shape`` gives them as one value.
     """
 
     depth: int = limited(SMALL.depth, SIZE)
@@ -182,12 +203,15 @@ class TrainSettings:
     reflect: bool = True
     fast_decode: bool = False
     warp: float = limited(0.0, WARP)
+    window: str = str(DEFAULT_WINDOW)
+    """The HU -> grey mapping (``LEVEL,WIDTH``) of DICOM/NIfTI scans; the model expects it at inference."""
     seed: int = limited(0, SEED)
 
     def __post_init__(self) -> None:
         """Reject settings out of range (``cov3d.limits``) or that the model cannot be built with,
         before any data is read."""
         check_fields(self)
+        self.window = str(Window.parse(self.window))
         if self.pool not in POOLS:
             raise Cov3dError(f"`pool` must be one of {', '.join(POOLS)}, got '{self.pool}'.")
         if self.presence_averaging not in PRESENCE_AVERAGING:
@@ -197,7 +221,7 @@ class TrainSettings:
 
     @property
     def shape(self) -> VolumeShape:
-        return VolumeShape(self.depth, self.height, self.width, self.fast_decode, self.warp)
+        return VolumeShape(self.depth, self.height, self.width, self.fast_decode, self.warp, Window.parse(self.window))
 
     @property
     def outputs(self) -> int:

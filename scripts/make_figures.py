@@ -1,19 +1,22 @@
-"""Regenerate the example figures of docs/figures.md from synthetic data (``docs/figures/``).
+"""Regenerate the README's figures (``docs/figures/``) from a trained ``cov3d demo`` run.
 
-1. ``cov3d.synthetic.generator.generate_dataset``: a small COV19-CT-DB-style dataset;
-2. ``cov3d stats``: depth histogram (paper Fig. 1) and Tables 1-2;
-3. ``cov3d train`` from scratch at a tiny size: training curves and confusion matrices;
-4. ``cov3d show``: one non-covid and one scan per severity with the run's predictions (Fig. 2);
-5. ``cov3d explain``: Grad-CAM of a covid validation scan.
+    cov3d demo --output demo-output                 # the run the README's demo numbers describe
+    python3 scripts/make_figures.py demo-output     # its figures -> docs/figures/
 
-Run from the repository root: ``python3 scripts/make_figures.py`` (minutes on a CPU). The run is
-far too small to be accurate: the figures show what the outputs look like, not results.
+From the demo's output folder (``data/``, ``cache/``, ``run/``):
+
+1. ``cov3d stats`` of its data: the depth histogram (paper Fig. 1);
+2. the run's training curves and validation confusion matrices;
+3. ``cov3d show``: one non-covid and one scan per severity with the run's predictions (Fig. 2);
+4. ``cov3d explain``: Grad-CAM of a covid validation scan: the annotated one of the highest
+   severity with the most slices, whose lesions are the easiest to see. Its lesion mask (the demo
+   writes one per scan) tells whether the Grad-CAM peak lies on a lesion; the script prints it.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +29,6 @@ from cov3d.dataset.stats import dataset_stats, stats_report, write_stats
 from cov3d.inference.explain import explain
 from cov3d.inference.views import show_scans
 from cov3d.training.run_figures import CONFUSION_STEM, CURVES_FILE
-from cov3d.training.train import TrainSettings, train
 
 FIGURES = Path("docs/figures")
 MAX_FIGURE_BYTES = 300_000
@@ -49,30 +51,49 @@ def example_scans(data: Path) -> list[Path]:
     return chosen
 
 
+def gradcam_scan(data: Path) -> Path:
+    """The covid validation scan shown by Grad-CAM (see the module docstring)."""
+    severities = read_severity_csv(data / SEVERITY_CSVS["validation"])
+    covid = [path for path in sorted((data / "validation" / "covid").iterdir()) if path.is_dir()]
+    return max(covid, key=lambda path: (severities.get(path.name, 0), len(list(path.iterdir())), path.name))
+
+
+def lesion_hit(data: Path, scan: Path, cam_path: Path) -> str:
+    """Whether the Grad-CAM peak lies in the scan's lesion mask (dilated by one voxel), in words."""
+    import numpy as np
+    import torch
+    from scipy import ndimage
+
+    from cov3d.synthetic.generator import mask_path, read_masks
+    from cov3d.viz.figures import peak_voxel
+
+    spec = importlib.util.spec_from_file_location("pointing_game", Path(__file__).with_name("pointing_game.py"))
+    pointing_game = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pointing_game)
+
+    cam = torch.load(cam_path, weights_only=True).numpy()
+    lesion = pointing_game.resample_mask(read_masks(mask_path(data, scan))[0], cam.shape)
+    dilated = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), dtype=bool))
+    peak = peak_voxel(cam)
+    return f"peak {peak} {'on a lesion' if dilated[peak] else 'off the lesions'} (lesions: {lesion.mean():.1%} of the volume)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scans", type=int, default=48, help="Synthetic scans (test split included).")
-    parser.add_argument("--epochs", type=int, default=8, help="Training epochs of the tiny run.")
-    parser.add_argument("--seed", type=int, default=3, help="Seed of the synthetic dataset.")
-    parser.add_argument("--output", type=Path, default=FIGURES, help="Folder for the PNG files.")
+    parser.add_argument("demo", type=Path, help="The --output folder of a finished 'cov3d demo' (data/, cache/, run/).")
+    parser.add_argument("--output", type=Path, default=FIGURES, help="Folder for the PNG files (default: %(default)s).")
     args = parser.parse_args()
-
-    from cov3d.synthetic.generator import generate_dataset
+    data, run, cache = args.demo / "data", args.demo / "run", args.demo / "cache"
+    if not (run / "best-presence.safetensors").is_file():
+        raise SystemExit(f"{args.demo} holds no trained demo run: run 'cov3d demo --output {args.demo}' first.")
 
     work = Path(tempfile.mkdtemp(prefix="cov3d-figures-"))
     try:
-        data, run, cache = work / "data", work / "run", work / "cache"
-        generate_dataset(data, scans=args.scans, seed=args.seed, slice_size=128, depth_scale=0.2)
         stats = dataset_stats(data)
         console = Console()
         for item in stats_report(stats):
             console.print(item)
         paths = write_stats(stats, work / "stats")
-
-        settings = TrainSettings(depth=16, height=32, width=32, epochs=args.epochs, penultimate=32,
-                                 learning_rate=2e-3, dropout=0.1, severity_factor=0.5)
-        train(data, run, settings, cache_dir=cache, pretrained=False, device="cpu", precision="fp32")
-
         args.output.mkdir(parents=True, exist_ok=True)
         show_scans(example_scans(data), args.output / "scans.png", run_dir=run, cache_dir=cache, device="cpu",
                    overwrite=True)  # its own figure, re-saved below without cov3d's metadata
@@ -80,11 +101,11 @@ def main() -> None:
         shutil.copy(run / CURVES_FILE, args.output / CURVES_FILE)
         for stem in CONFUSION_STEM.values():
             shutil.copy(run / f"{stem}.png", args.output / f"{stem}.png")
-        covid = sorted((data / "validation" / "covid").iterdir(), key=lambda p: -len(list(p.iterdir())))[0]
-        result = explain(covid, run, work / "explain", cache_dir=cache, device="cpu")
+        scan = gradcam_scan(data)
+        result = explain(scan, run, work / "explain", cache_dir=cache, device="cpu")
         shutil.copy(result["image"], args.output / "gradcam.png")
-        with (run / "metrics.csv").open() as handle:
-            print("metrics.csv:", *csv.reader(handle), sep="\n  ")
+        print(f"Grad-CAM of {scan.relative_to(data)}: P(covid) = {result['probability']:.2f}, "
+              f"{lesion_hit(data, scan, result['tensor'])}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for figure in sorted(args.output.glob("*.png")):

@@ -1,20 +1,37 @@
 """CT scans stored as DICOM series or NIfTI volumes, read as 8-bit gray slices like the JPEG data.
 
-Both formats hold Hounsfield units (HU). They are mapped to 8-bit grey levels with the same lung
-window as the synthetic JPEG data (``hu_to_uint8`` below: level ``WINDOW_LEVEL`` = -600 HU,
-width ``WINDOW_WIDTH`` = 1500 HU, so -1350 HU -> 0 and +150 HU -> 255, rounded and clipped), then
-follow the JPEG path of ``cov3d.preprocessing.preprocess`` (bicubic resize of each 8-bit slice, cubic spline along
-depth, / 255 -> [0, 1]). A DICOM or NIfTI copy of a JPEG scan therefore gives the same volume up to
-the JPEG compression of the latter.
+Both formats hold Hounsfield units (HU). They are mapped to 8-bit grey levels with an intensity
+window (``cov3d.dataset.intensity``): by default ``DEFAULT_WINDOW``, the mapping calibrated to
+COV19-CT-DB's grey levels (level -470 HU, width 1410 HU), or the one a model or ``--window``
+asks for. They then follow the JPEG path of ``cov3d.preprocessing.preprocess`` (bicubic resize of
+each 8-bit slice, cubic spline along depth, / 255 -> [0, 1]). A DICOM or NIfTI copy of a JPEG
+scan made with the same window therefore gives the same volume up to the JPEG compression.
 
 **DICOM series** (``pip install cov3d[dicom]``, i.e. pydicom): a folder whose files are DICOM
-(name ending ``.dcm``, or the ``DICM`` marker at byte 128). All image files must belong to one
-series (one ``SeriesInstanceUID``). Slices are ordered by their position along the slice normal
-(``ImagePositionPatient`` projected on the cross product of the two ``ImageOrientationPatient``
-directions), head first (decreasing patient z, as in the synthetic scans, apex to base); if any
-slice lacks position or orientation, by ``InstanceNumber``, then by file name. HU = stored pixel
-value x ``RescaleSlope`` + ``RescaleIntercept`` (defaults 1 and 0). Rows and columns are used as
-stored (DICOM's radiological view: rows anterior -> posterior, columns patient right -> left).
+(name ending ``.dcm``, or the ``DICM`` marker at byte 128). Slices are ordered by their position
+along the slice normal (``ImagePositionPatient`` projected on the cross product of the two
+``ImageOrientationPatient`` directions), head first (decreasing patient z, as in the synthetic
+scans, apex to base); if any slice lacks position or orientation, by ``InstanceNumber``, then by
+file name. HU = stored pixel value x ``RescaleSlope`` + ``RescaleIntercept`` (defaults 1 and 0).
+Rows and columns are used as stored (DICOM's radiological view: rows anterior -> posterior,
+columns patient right -> left). What real archives hold:
+
+- *several series in one folder* (several ``SeriesInstanceUID``): the series with the most image
+  slices is used and the choice is logged as a warning; a tie is refused, listing the series;
+- *MONOCHROME1*: read like MONOCHROME2. The photometric interpretation only says how stored
+  values are displayed; the rescaled values are HU either way, and the window maps them to grey
+  levels with air dark, as in COV19-CT-DB. Colour images (RGB, palette) are refused;
+- *multi-frame files* (``NumberOfFrames`` > 1, e.g. enhanced CT) are refused: convert them to
+  one slice per file or to NIfTI (``dcm2niix``);
+- *duplicated slice positions* (the same position twice) are refused, naming the position;
+  *missing positions* fall back to ``InstanceNumber`` as above;
+- *non-uniform spacing*: the depth interpolation assumes evenly spaced slices, so spacings
+  that differ by more than ``SPACING_TOLERANCE`` (missing slices, mixed acquisitions) are
+  refused with the range found;
+- *gantry tilt* (slice positions stepping obliquely to the slice normal): each slice is still an
+  axial image and is used as stored; the volume is sheared by the tilt angle, which is logged;
+- *non-axial series* (slice normal further than ``MAX_AXIAL_ANGLE_DEG`` from the body axis) are
+  refused: a coronal or sagittal stack is not what the model was trained on.
 
 **NIfTI** (``pip install cov3d[nifti]``, i.e. nibabel): a ``.nii`` or ``.nii.gz`` file holding one
 3-D volume (a 4-D one with a single volume is accepted). The voxel axes are first reoriented to the
@@ -23,13 +40,16 @@ RAS axes, slice ``d`` of our ``(D, H, W)`` volume is ``k = K-1-d`` (head first) 
 ``(row, column)`` is ``(i, j) = (I-1-column, J-1-row)``: rows anterior -> posterior, columns patient
 right -> left, as in DICOM and the JPEG data. Values (after the header's scl_slope/scl_inter) are HU
 when the volume's minimum is below ``HU_MINIMUM_BELOW`` (-500; air is -1000 HU) and go through the
-lung window; otherwise they are taken as grey levels already: ``[0, 1]`` when the maximum is at most
+window; otherwise they are taken as grey levels already: ``[0, 1]`` when the maximum is at most
 1, else ``0..255``, rounded and clipped.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +57,7 @@ from types import ModuleType
 
 import numpy as np
 
+from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.dataset.scans import (
     MAX_8BIT,
     is_dicom_dir,
@@ -48,12 +69,9 @@ from cov3d.dataset.scans import (
 )
 from cov3d.errors import Cov3dError, one_line
 
-__all__ = ["WINDOW_LEVEL", "WINDOW_WIDTH", "ScanSources", "dicom_series_files", "gray_slices", "hu_to_uint8", "scan_sources"]
+__all__ = ["DEFAULT_WINDOW", "ScanSources", "Window", "dicom_series_files", "gray_slices", "hu_to_uint8", "scan_sources"]
 
-# Lung window used to map HU to 8-bit grey levels (standard chest-CT lung window); the synthetic
-# data (cov3d.synthetic) renders its JPEG slices through the same window.
-WINDOW_LEVEL = -600.0
-WINDOW_WIDTH = 1500.0
+logger = logging.getLogger(__name__)
 
 HU_MINIMUM_BELOW = -500.0
 """A NIfTI volume whose minimum is below this holds HU (air is -1000 HU, no grey level is negative)."""
@@ -61,12 +79,22 @@ HU_MINIMUM_BELOW = -500.0
 EXTRAS = {"pydicom": ("dicom", "DICOM series"), "nibabel": ("nifti", "NIfTI files")}
 """Optional packages: the pip extra that installs each, and what it reads."""
 
+GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+"""Photometric interpretations of grey images (both hold HU after the rescale)."""
+SPACING_TOLERANCE = 0.1
+"""Slice spacings may differ by this share of the median spacing (rounding, table jitter)."""
+DUPLICATE_POSITION_MM = 0.01
+"""Slices closer than this along the normal are at the same position."""
+MAX_AXIAL_ANGLE_DEG = 45.0
+"""Largest angle between the slice normal and the body (z) axis of an axial series."""
+TILT_NOTE_DEG = 0.5
+"""Gantry tilts from this angle on are logged."""
 
-def hu_to_uint8(hu: np.ndarray) -> np.ndarray:
-    """Map HU to 8-bit grey levels through the lung window; any shape in, same shape uint8 out."""
-    low = WINDOW_LEVEL - WINDOW_WIDTH / 2
-    grey = (hu - low) * (255.0 / WINDOW_WIDTH)
-    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+
+def hu_to_uint8(hu: np.ndarray, window: Window | str | None = None) -> np.ndarray:
+    """Map HU to 8-bit grey levels through ``window`` (default ``DEFAULT_WINDOW``); any shape in,
+    same shape uint8 out."""
+    return Window.parse(window).to_uint8(hu)
 
 
 def _optional(package: str) -> ModuleType:
@@ -80,25 +108,88 @@ def _optional(package: str) -> ModuleType:
         ) from None
 
 
-def _slice_order(headers: list, files: list[Path]) -> list[int]:
-    """Indices of ``headers`` in slice order (see the module docstring)."""
+def _positions(headers: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """Slice normal (3,) and each slice's position (n, 3) in mm, or ``None`` if any slice lacks them."""
     try:
-        keys = []
-        for header in headers:
-            orientation = np.asarray(header.ImageOrientationPatient, dtype=np.float64)
-            normal = np.cross(orientation[:3], orientation[3:])
-            position = float(np.dot(np.asarray(header.ImagePositionPatient, dtype=np.float64), normal))
-            keys.append(-position if normal[2] >= 0 else position)
+        orientation = np.asarray(headers[0].ImageOrientationPatient, dtype=np.float64)
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions = np.array([np.asarray(h.ImagePositionPatient, dtype=np.float64) for h in headers])
     except (AttributeError, TypeError, ValueError):
+        return None
+    norm = float(np.linalg.norm(normal))
+    if positions.shape != (len(headers), 3) or not np.isfinite(positions).all() or not norm > 0:
+        return None
+    return normal / norm, positions
+
+
+def _check_geometry(folder: Path, normal: np.ndarray, positions: np.ndarray) -> None:
+    """Refuse non-axial series, duplicated positions and uneven spacing; log a gantry tilt
+    (positions sorted along the normal, shape (n, 3))."""
+    angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+    if angle > MAX_AXIAL_ANGLE_DEG:
+        raise Cov3dError(
+            f"{folder} is not an axial series (slice normal {angle:.0f} degrees from the body axis): "
+            "give axial slices."
+        )
+    if len(positions) < 2:
+        return
+    along = positions @ normal
+    steps = np.diff(along)
+    duplicated = np.flatnonzero(np.abs(steps) < DUPLICATE_POSITION_MM)
+    if duplicated.size:
+        raise Cov3dError(
+            f"{folder}: {duplicated.size + 1} or more slices share a position ({along[duplicated[0]]:.2f} mm along "
+            "the slice normal): remove the duplicated slices or split the acquisitions into folders."
+        )
+    spacing = np.abs(steps)
+    median = float(np.median(spacing))
+    if spacing.max() - spacing.min() > SPACING_TOLERANCE * median:
+        raise Cov3dError(
+            f"{folder}: slice spacing varies from {spacing.min():.2f} to {spacing.max():.2f} mm (missing slices or "
+            "mixed acquisitions): resample it to even spacing (e.g. as NIfTI) or give a complete series."
+        )
+    step = positions[-1] - positions[0]
+    tilt = math.degrees(math.acos(min(1.0, abs(float(step @ normal)) / float(np.linalg.norm(step)))))
+    if tilt >= TILT_NOTE_DEG:
+        logger.info("%s: gantry tilt of %.1f degrees; slices used as stored (volume sheared by the tilt).", folder, tilt)
+
+
+def _slice_order(headers: list, files: list[Path], folder: Path | None = None) -> list[int]:
+    """Indices of ``headers`` in slice order (see the module docstring); checks the geometry."""
+    geometry = _positions(headers)
+    if geometry is None:
         keys = [int(getattr(header, "InstanceNumber", 0) or 0) for header in headers]
-    return sorted(range(len(headers)), key=lambda i: (keys[i], files[i].name))
+        return sorted(range(len(headers)), key=lambda i: (keys[i], files[i].name))
+    normal, positions = geometry
+    along = positions @ normal
+    keys = -along if normal[2] >= 0 else along
+    order = sorted(range(len(headers)), key=lambda i: (keys[i], files[i].name))
+    _check_geometry(folder or files[0].parent, normal, positions[order])
+    return order
+
+
+def _series_label(uid: str, headers: list) -> str:
+    description = str(getattr(headers[0], "SeriesDescription", "") or "").strip()
+    return f"{uid or '(no UID)'}{f' {description!r}' if description else ''} ({len(headers)} slices)"
+
+
+def _pick_series(folder: Path, series: dict[str, list[int]], headers: list) -> list[int]:
+    """The indices of the series with the most slices; a tie is refused, listing the series."""
+    if len(series) == 1:
+        return next(iter(series.values()))
+    ranked = sorted(series.items(), key=lambda item: -len(item[1]))
+    listing = "; ".join(_series_label(uid, [headers[i] for i in members]) for uid, members in ranked)
+    if len(ranked[0][1]) == len(ranked[1][1]):
+        raise Cov3dError(f"{folder} holds {len(series)} DICOM series of equal size: {listing}. Put each in its own folder.")
+    logger.warning("%s holds %d DICOM series; using the largest: %s", folder, len(series), listing)
+    return ranked[0][1]
 
 
 def dicom_series_files(folder: Path) -> list[Path]:
-    """The image files of the DICOM series in ``folder``, in slice order.
+    """The image files of the DICOM series in ``folder`` (the largest, if several), in slice order.
 
     Raises ``Cov3dError`` if pydicom is missing, a DICOM file is unreadable, the folder holds no
-    image or more than one series.
+    image, or the series is one that cov3d refuses (see the module docstring).
     """
     pydicom = _optional("pydicom")
     folder = Path(folder)
@@ -113,14 +204,27 @@ def dicom_series_files(folder: Path) -> list[Path]:
             headers.append(header)
     if not files:
         raise Cov3dError(f"No DICOM images in {folder}: check the path or remove the folder.")
-    series = {str(getattr(header, "SeriesInstanceUID", "")) for header in headers}
-    if len(series) > 1:
-        raise Cov3dError(f"{folder} holds {len(series)} DICOM series: put each series in its own folder.")
-    return [files[i] for i in _slice_order(headers, files)]
+    series: dict[str, list[int]] = {}
+    for index, header in enumerate(headers):
+        series.setdefault(str(getattr(header, "SeriesInstanceUID", "")), []).append(index)
+    chosen = _pick_series(folder, series, headers)
+    files, headers = [files[i] for i in chosen], [headers[i] for i in chosen]
+    for path, header in zip(files, headers):
+        frames = int(getattr(header, "NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise Cov3dError(
+                f"{path} is a multi-frame DICOM file ({frames} frames): convert it to one slice per file or to "
+                "NIfTI (e.g. with dcm2niix)."
+            )
+        photometric = str(getattr(header, "PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
+        if photometric not in GREY_PHOTOMETRICS:
+            raise Cov3dError(f"{path} is a {photometric} (colour) image, not CT: give grey CT slices.")
+    return [files[i] for i in _slice_order(headers, files, folder)]
 
 
-def _dicom_gray(path: Path) -> np.ndarray:
-    """One DICOM slice as (rows, columns) uint8 through the lung window."""
+def _dicom_gray(path: Path, window: Window | None = None) -> np.ndarray:
+    """One DICOM slice as (rows, columns) uint8 through ``window`` (MONOCHROME1 too: its rescaled
+    values are HU like MONOCHROME2's)."""
     pydicom = _optional("pydicom")
     try:
         dataset = pydicom.dcmread(path)
@@ -134,7 +238,7 @@ def _dicom_gray(path: Path) -> np.ndarray:
         raise Cov3dError(f"{path} is a multi-frame or colour DICOM image: give one 2-D slice per file.")
     slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
     intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
-    return hu_to_uint8(pixels.astype(np.float32) * slope + intercept)
+    return hu_to_uint8(pixels.astype(np.float32) * slope + intercept, window)
 
 
 def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
@@ -159,8 +263,9 @@ def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
     return orientations.apply_orientation(raw, to_ras), slope, intercept
 
 
-def _nifti_gray(path: Path) -> tuple[int, Iterator[np.ndarray]]:
-    """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first."""
+def _nifti_gray(path: Path, window: Window | None = None) -> tuple[int, Iterator[np.ndarray]]:
+    """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first (HU
+    through ``window``)."""
     ras, slope, intercept = _nifti_ras(path)
     low, high = sorted((float(ras.min()) * slope + intercept, float(ras.max()) * slope + intercept))
     depth = ras.shape[2]
@@ -169,7 +274,7 @@ def _nifti_gray(path: Path) -> tuple[int, Iterator[np.ndarray]]:
         for k in range(depth - 1, -1, -1):
             values = ras[::-1, ::-1, k].T.astype(np.float32) * slope + intercept
             if low < HU_MINIMUM_BELOW:
-                yield hu_to_uint8(values)
+                yield hu_to_uint8(values, window)
             else:
                 scale = MAX_8BIT if high <= 1.0 else 1.0
                 yield np.clip(np.rint(values * scale), 0, MAX_8BIT).astype(np.uint8)
@@ -177,12 +282,14 @@ def _nifti_gray(path: Path) -> tuple[int, Iterator[np.ndarray]]:
     return depth, slices()
 
 
-def gray_slices(kind: str, files: list[Path]) -> tuple[int, Iterator[np.ndarray]]:
+def gray_slices(kind: str, files: list[Path], window: Window | str | None = None) -> tuple[int, Iterator[np.ndarray]]:
     """Slice count and slices (rows, columns) uint8 of a DICOM series (kind "dicom", ``files`` from
-    ``dicom_series_files``) or a NIfTI volume (kind "nifti", ``files`` = [the file])."""
+    ``dicom_series_files``) or a NIfTI volume (kind "nifti", ``files`` = [the file]), HU through
+    ``window`` (default ``DEFAULT_WINDOW``)."""
+    window = Window.parse(window)
     if kind == "nifti":
-        return _nifti_gray(files[0])
-    return len(files), map(_dicom_gray, files)
+        return _nifti_gray(files[0], window)
+    return len(files), map(functools.partial(_dicom_gray, window=window), files)
 
 
 @dataclass

@@ -122,17 +122,20 @@ def explain(
     device: str = "auto",
     overwrite: bool = False,
     precision: str = "auto",
+    window: str | None = None,
 ) -> dict[str, Path | float | tuple[int, int, int]]:
-    """Grad-CAM of a scan folder or tensor file with a run's best-presence weights (best-severity
-    for lambda = 1 runs); writes ``<name>-gradcam.pt`` and ``<name>-gradcam.png`` to ``output_dir``.
-    The forward pass runs under the autocast dtype of ``precision`` (``cov3d.runtime.choose_precision``).
+    """Grad-CAM of a scan (JPEG or DICOM folder, NIfTI file) or tensor file with a run's
+    best-presence weights (best-severity for lambda = 1 runs); writes ``<name>-gradcam.pt`` and
+    ``<name>-gradcam.png`` to ``output_dir``. DICOM/NIfTI HU go through ``window`` (``LEVEL,WIDTH``),
+    by default the model's. The forward pass runs under the autocast dtype of ``precision``
+    (``cov3d.runtime.choose_precision``).
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x). The outputs are
     checked first: never inside the scan or the run, and existing files only if unchanged since
     cov3d wrote them (``cov3d.outputs.OutputFolder``), or with ``overwrite``.
     """
     from cov3d.atomic import replaced_atomically
-    from cov3d.inference.views import load_tensor_file, model_volume
+    from cov3d.inference.views import is_tensor_file, load_tensor_file, model_volume
     from cov3d.model.files import load_source
     from cov3d.outputs import OutputFolder
     from cov3d.preprocessing.preprocess import default_cache_dir
@@ -149,14 +152,14 @@ def explain(
     model = model.to(torch_device)
 
     scan = Path(scan)
-    if scan.is_file():
+    if is_tensor_file(scan):
         volume, recorded = load_tensor_file(scan)
         name = recorded.name if recorded is not None else scan.stem
     else:
-        volume, name = None, scan.name
+        volume, name = None, scan.name.removesuffix(".gz").removesuffix(".nii")
     folder = OutputFolder(output_dir, kind="Grad-CAM file", overwrite=overwrite, inputs=[scan, run_dir])
     folder.claim([f"{name}{CAM_SUFFIX}.pt", f"{name}{CAM_SUFFIX}.png"])
-    volume = model_volume(scan, source.shape, cache_dir or default_cache_dir(), volume)
+    volume = model_volume(scan, source.shape.with_window(window), cache_dir or default_cache_dir(), volume)
     dtype = resolve_precision(precision, torch_device)
     cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only, dtype=dtype)
     probability = float(torch.sigmoid(torch.tensor(score)))

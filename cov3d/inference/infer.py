@@ -20,6 +20,7 @@ from rich.progress import Progress
 from torch import nn
 
 from cov3d.atomic import write_text_atomically
+from cov3d.dataset.intensity import Window
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
@@ -93,14 +94,17 @@ TASKS = ("presence", "severity")
 class RunPredictor:
     """The models of one run or model file: presence from the best-presence weights, severity from the
     best-severity ones; ``tasks`` limits it to one of the two (e.g. a presence member of an ensemble
-    whose severity comes from other runs)."""
+    whose severity comes from other runs).
+
+    DICOM and NIfTI scans are mapped to grey levels with the model's window (``ModelSource.window``)
+    unless ``window`` overrides it (``shape``: the inputs it expects, window included)."""
 
     def __init__(
         self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True,
-        tasks: Sequence[str] = TASKS,
+        tasks: Sequence[str] = TASKS, window: Window | str | None = None,
     ):
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
-        self.shape = source.shape
+        self.shape = source.shape.with_window(window)
         self.samples_per_scan = max(1, mc_samples)
         self.tasks = tuple(tasks)
         wants_presence = "presence" in self.tasks
@@ -200,7 +204,7 @@ class Ensemble:
     def __init__(
         self, sources: Sequence[ModelSource], device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0,
         reflect: bool = True, *, presence_sources: Sequence[ModelSource] = (),
-        severity_sources: Sequence[ModelSource] = (),
+        severity_sources: Sequence[ModelSource] = (), window: Window | str | None = None,
     ):
         if not (sources or presence_sources or severity_sources):
             raise Cov3dError("No model given: pass `models` with a run folder or a file made by 'cov3d export'.")
@@ -211,12 +215,14 @@ class Ensemble:
         members = [(source, TASKS) for source in sources]
         members += [(source, ("presence",)) for source in presence_sources]
         members += [(source, severity_tasks) for source in severity_sources]
-        self.members = [RunPredictor(source, device, dtype, mc_samples, reflect, tasks) for source, tasks in members]
+        self.members = [
+            RunPredictor(source, device, dtype, mc_samples, reflect, tasks, window) for source, tasks in members
+        ]
         self.device = device
 
     @property
     def shapes(self) -> list[VolumeShape]:
-        """The distinct input shapes of the members (size, fast decoding and warp)."""
+        """The distinct inputs of the members (size, fast decoding, warp and window)."""
         return list(dict.fromkeys(member.shape for member in self.members))
 
     def predict(self, levels: dict[VolumeShape, torch.Tensor]) -> list[Prediction]:
@@ -318,6 +324,7 @@ def infer(
     resume: bool = False,
     seed: int = INFER_SEED,
     reflect: bool = True,
+    window: Window | str | None = None,
     on_row: Callable[[dict[str, str]], None] | None = None,
     overwrite: bool = False,
 ) -> InferenceSummary:
@@ -333,6 +340,8 @@ def infer(
     ``None``: ``default_workers()``).
     ``resume``: keep the rows already in ``output`` and predict only the other scans.
     ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
+    ``window``: the HU -> grey mapping (``LEVEL,WIDTH``) for DICOM/NIfTI scans, for every model;
+    default: each model's own (``ModelSource.window``).
     Submission files, if asked for, cover every row of ``output``.
 
     Outputs are checked before anything is written (``check_outputs``). Scans are told apart by
@@ -352,6 +361,7 @@ def infer(
         [load_source(path) for path in model_paths], torch_device, resolve_precision(precision, torch_device),
         mc_samples, reflect, presence_sources=[load_source(path) for path in presence_paths],
         severity_sources=[load_source(path) for path in severity_paths],
+        window=None if window is None else Window.parse(window),
     )
     torch.manual_seed(seed)
     done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()

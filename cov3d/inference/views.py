@@ -1,8 +1,10 @@
 """`cov3d show`: the axial, sagittal and coronal mid-planes of scans, one row per scan (paper Fig. 2).
 
-A scan is a folder of JPEG slices or a cached tensor file (``cov3d.preprocessing.cache`` entries, or a plain
-tensor ``(1, D, H, W)`` / ``(D, H, W)`` in [0, 1]). A scan folder is shown at ``DISPLAY_SIZE``, or, given a
-``VolumeShape``, as preprocessed to it (from the cache, as training reads it). Each row is titled with the scan's name and,
+A scan is a folder of JPEG slices, a DICOM series folder, a NIfTI file (HU through the intensity
+window: ``--window``, else the model's, else ``DEFAULT_WINDOW``) or a cached tensor file
+(``cov3d.preprocessing.cache`` entries, or a plain tensor ``(1, D, H, W)`` / ``(D, H, W)`` in [0, 1]).
+A scan is shown at ``DISPLAY_SIZE``, or, given a ``VolumeShape``, as preprocessed to it (from the
+cache, as training reads it). Each row is titled with the scan's name and,
 when the scan lies in the dataset layout ``<partition>/<covid|non-covid>/<scan>``, its label and
 the severity from the partition's CSV; with a run folder, also the model's prediction.
 """
@@ -18,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cov3d.dataset.dicom_nifti import gray_slices, scan_sources
+from cov3d.dataset.intensity import Window
 from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
-from cov3d.dataset.scans import find_scans, list_slices
+from cov3d.dataset.scans import find_scans, is_nifti_file
 from cov3d.errors import Cov3dError, one_line
 from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
 from cov3d.preprocessing.preprocess import preprocess_scan
@@ -59,12 +63,24 @@ def load_tensor_file(path: Path) -> tuple[torch.Tensor, Path | None]:
     return (from_levels(volume) if volume.dtype == STORAGE_DTYPE else volume.float()), source
 
 
+def is_tensor_file(path: Path) -> bool:
+    """Whether ``path`` is a tensor file (not a scan folder or NIfTI file)."""
+    return Path(path).is_file() and not is_nifti_file(Path(path))
+
+
+def slice_count(path: Path) -> int:
+    """The number of slices of a scan folder or NIfTI file."""
+    sources = scan_sources(path)
+    return gray_slices(sources.kind, sources.files)[0] if sources.kind == "nifti" else len(sources.files)
+
+
 def load_view(path: Path, size: int = DISPLAY_SIZE, *, shape: VolumeShape | None = None,
-              cache_dir: Path | None = None) -> ViewedScan:
-    """Read a tensor file, or a scan folder: resized to ``size`` x ``size`` with at most ``size``
-    slices, or with ``shape`` the cached volume of that shape in ``cache_dir``."""
+              cache_dir: Path | None = None, window: Window | str | None = None) -> ViewedScan:
+    """Read a tensor file, or a scan (JPEG or DICOM folder, NIfTI file; HU through ``window``):
+    resized to ``size`` x ``size`` with at most ``size`` slices, or with ``shape`` the cached volume
+    of that shape (and its window) in ``cache_dir``."""
     path = Path(path)
-    if path.is_file():
+    if is_tensor_file(path):
         volume, source = load_tensor_file(path)
         name = source.name if source is not None else path.stem
         return ViewedScan(name, volume.numpy(), source)
@@ -73,9 +89,10 @@ def load_view(path: Path, size: int = DISPLAY_SIZE, *, shape: VolumeShape | None
 
         volume = VolumeCache.for_shape(cache_dir, shape).get(path)[0]
     else:
-        depth = min(len(list_slices(path)), size)
-        volume = preprocess_scan(path, depth, size, size)[0]
-    return ViewedScan(path.name, volume.numpy(), path)
+        depth = min(slice_count(path), size)
+        volume = preprocess_scan(path, depth, size, size, window=window)[0]
+    name = path.name.removesuffix(".gz").removesuffix(".nii") if is_nifti_file(path) else path.name
+    return ViewedScan(name, volume.numpy(), path)
 
 
 @functools.lru_cache(maxsize=16)
@@ -102,12 +119,16 @@ def layout_label(scan_dir: Path | None) -> str | None:
 
 
 def expand_paths(paths: Sequence[Path]) -> list[Path]:
-    """Tensor files as given; folders expanded to the scan folders at or below them."""
+    """Tensor and NIfTI files as given; folders expanded to the scans (JPEG and DICOM folders,
+    NIfTI files) at or below them."""
     expanded: list[Path] = []
     for path in map(Path, paths):
         if path.is_file():
-            if path.suffix not in TENSOR_SUFFIXES:
-                raise Cov3dError(f"{path} is not a scan: give a folder of <integer>.jpg slices or a .pt tensor file.")
+            if path.suffix not in TENSOR_SUFFIXES and not is_nifti_file(path):
+                raise Cov3dError(
+                    f"{path} is not a scan: give a folder of <integer>.jpg slices, a DICOM series folder, "
+                    "a NIfTI file (.nii, .nii.gz) or a .pt tensor file."
+                )
             expanded.append(path)
         else:
             expanded += find_scans([path])
@@ -117,12 +138,12 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
 
 
 def model_volume(path: Path, shape: VolumeShape, cache_dir: Path, volume: torch.Tensor | None = None) -> torch.Tensor:
-    """The (1, D, H, W) input a run of ``shape`` expects: from the cache for a scan folder; for a
-    tensor file its volume (D, H, W) (``volume`` if already read, else read from ``path``),
-    resampled trilinearly and clipped to [0, 1]."""
+    """The (1, D, H, W) input a run of ``shape`` expects: from the cache for a scan (folder or NIfTI
+    file; HU through the shape's window); for a tensor file its volume (D, H, W) (``volume`` if
+    already read, else read from ``path``), resampled trilinearly and clipped to [0, 1]."""
     from cov3d.preprocessing.preprocess import VolumeCache
 
-    if Path(path).is_dir():
+    if not is_tensor_file(path):
         return VolumeCache.for_shape(cache_dir, shape).get(path)
     if volume is None:
         volume = load_tensor_file(path)[0]
@@ -139,12 +160,14 @@ def show_scans(
     precision: str = "auto",
     overwrite: bool = False,
     shape: VolumeShape | None = None,
+    window: Window | str | None = None,
 ) -> list[str]:
     """Write the mid-plane figure of ``paths`` to ``output``; returns the row titles.
 
     ``output`` may replace an earlier cov3d figure, or with ``overwrite`` any file, but never an
-    input (``cov3d.outputs.check_figure``). ``shape``: show scan folders as preprocessed to it (see
-    the module docstring).
+    input (``cov3d.outputs.check_figure``). ``shape``: show scans as preprocessed to it (see the
+    module docstring). DICOM and NIfTI scans go through ``window`` if given, else the model's (with
+    ``run_dir``), else ``DEFAULT_WINDOW``.
     """
     from cov3d.outputs import check_figure
     from cov3d.preprocessing.preprocess import default_cache_dir
@@ -152,7 +175,6 @@ def show_scans(
     cache_dir = cache_dir or default_cache_dir()
     scan_paths = expand_paths(paths)
     check_figure(output, overwrite=overwrite, inputs=[*scan_paths, *([run_dir] if run_dir is not None else [])])
-    views = [load_view(path, shape=shape, cache_dir=cache_dir) for path in scan_paths]
     titles = []
     predictor = None
     if run_dir is not None:
@@ -161,7 +183,11 @@ def show_scans(
         from cov3d.runtime import resolve_device, resolve_precision
 
         torch_device = resolve_device(device)
-        predictor = RunPredictor(load_source(run_dir), torch_device, resolve_precision(precision, torch_device))
+        predictor = RunPredictor(load_source(run_dir), torch_device, resolve_precision(precision, torch_device),
+                                 window=window)
+        window = predictor.shape.window
+    shown = shape.with_window(window) if shape is not None else None
+    views = [load_view(path, shape=shown, cache_dir=cache_dir, window=window) for path in scan_paths]
     for path, view in zip(scan_paths, views):
         parts = [view.name]
         label = layout_label(view.source)

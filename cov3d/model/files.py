@@ -16,6 +16,10 @@ Pickle-based files (``torch.save`` checkpoints, fastai ``Learner.export`` files:
 ``.pkl`` ...) are refused by name and by content (pickle opcode or zip signature at the start),
 before anything is read from them. A config that does not match its weights (keys or shapes)
 is refused too, and so are weights with a NaN or infinite value (a diverged run), naming the file.
+
+The config's ``window`` (``LEVEL,WIDTH`` in HU, written by ``cov3d train``) is the mapping from HU to
+grey levels the model expects for DICOM and NIfTI scans (``ModelSource.window``); files written
+before it was recorded get ``DEFAULT_WINDOW``, the mapping calibrated to COV19-CT-DB.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from cov3d.atomic import write_bytes_atomically
+from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT
 from cov3d.model.network import build_model
@@ -55,9 +60,9 @@ REQUIRED_CONFIG = {
     "depth": int, "height": int, "width": int, "outputs": int, "penultimate": int,
     "dropout": (int, float), "pool": str,
 }
-LEGACY_CONFIG = {"final_bias": True, "presence_averaging": "weighted", "warp": 0.0}
+LEGACY_CONFIG = {"final_bias": True, "presence_averaging": "weighted", "warp": 0.0, "window": str(DEFAULT_WINDOW)}
 """What runs made before these keys were recorded used: a last linear layer with a bias, presence
-terms averaged over their weights, no warp. A config without a key is read with this value."""
+terms averaged over their weights, no warp; for DICOM/NIfTI scans, the calibrated default window. A config without a key is read with this value."""
 
 
 def with_legacy_defaults(config: dict) -> dict:
@@ -76,7 +81,7 @@ class ModelSource:
 
     @property
     def shape(self) -> VolumeShape:
-        """The input volumes' shape (config keys depth, height, width and fast_decode)."""
+        """The input volumes' shape and how they are made (``VolumeShape.from_config``)."""
         return VolumeShape.from_config(self.config)
 
     @property
@@ -87,7 +92,12 @@ class ModelSource:
     @property
     def warp(self) -> float:
         """The cubic coordinate warp the model was trained with (0: none)."""
-        return float(self.config["warp"])
+        return self.shape.warp
+
+    @property
+    def window(self) -> Window:
+        """The HU -> grey mapping the model expects for DICOM/NIfTI (``DEFAULT_WINDOW`` if not recorded)."""
+        return self.shape.window
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
@@ -137,6 +147,11 @@ def check_config(config: object, where: Path) -> dict:
         raise Cov3dError(f"{where}: the model config has an invalid final_bias or warp; re-export the run.")
     if not 0 <= warp < 1:
         raise Cov3dError(f"{where}: the model config has a warp outside [0, 1); re-export the run.")
+    if config.get("window") is not None:
+        try:
+            Window.parse(str(config["window"]))
+        except Cov3dError as error:
+            raise Cov3dError(f"{where}: the model config has an invalid window ({error}); re-export the run.") from None
     return config
 
 

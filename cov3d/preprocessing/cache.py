@@ -4,8 +4,8 @@ Layout: ``<cache_dir>/<D>x<H>x<W>[-fast][-warp<f>]/<scan folder name>-<key>.pt``
 ``cov3d.settings.VolumeShape``'s ``folder_name``), one file per scan and shape. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
 
 - **Key.** ``key`` is a hash of the preprocessing parameters (depth, height, width,
-  fast_decode, the warp factor when there is one, ``CACHE_FORMAT_VERSION``) and the scan's absolute
-  (resolved) path.
+  fast_decode, the intensity window of DICOM/NIfTI scans, the warp factor when there is one,
+  ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
 - **Entry.** Each file is ``torch.save`` of a plain dict of ints, strings and one tensor, so
   it loads with ``torch.load(..., weights_only=True)``: the parameters, the source path, a
   fingerprint of the source (name, size, modification and status-change time and inode of every
@@ -51,8 +51,9 @@ from cov3d.atomic import TEMP_SUFFIX, file_mode, write_failure_reason
 from cov3d.errors import Cov3dError, one_line
 from cov3d.settings import SHAPE_FOLDER, VolumeShape
 
-CACHE_FORMAT_VERSION = 2
-"""Bump when the preprocessing or the entry layout changes: older entries are then rebuilt."""
+CACHE_FORMAT_VERSION = 3
+"""Bump when the preprocessing or the entry layout changes: older entries are then rebuilt.
+3: entries record the intensity window (DICOM/NIfTI grey levels changed to the calibrated default)."""
 
 CACHE_DIR_ENV = "COV3D_CACHE_DIR"
 """Environment variable that overrides the default cache directory."""

@@ -37,7 +37,8 @@ it decodes less and its volumes differ slightly from the normal path, most near 
 are in docs/benchmarks.md).
 
 DICOM series folders and NIfTI files are read by ``cov3d.dataset.dicom_nifti`` as 8-bit slices (HU through
-the lung window) and then follow steps 1-3 like JPEG slices.
+an intensity window: ``window``, default the one calibrated to COV19-CT-DB, ``cov3d.dataset.intensity``)
+and then follow steps 1-3 like JPEG slices; JPEG slices are grey levels already and ignore it.
 
 ``VolumeCache`` stores one file of uint8 levels per scan and size (format: ``cov3d.preprocessing.cache``);
 ``cov3d.preprocessing.workers.preprocess_many`` fills it for many scans with worker processes.
@@ -55,6 +56,7 @@ from scipy.interpolate import CubicSpline
 from scipy.ndimage import map_coordinates
 
 from cov3d.dataset.dicom_nifti import ScanSources, gray_slices, scan_sources
+from cov3d.dataset.intensity import Window
 from cov3d.dataset.scans import MAX_8BIT, read_slice
 from cov3d.errors import Cov3dError
 from cov3d.limits import WARP
@@ -210,7 +212,7 @@ def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False, wa
 
 def _preprocess_slices(
     sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, *, levels: bool = False,
-    warp: float = 0.0,
+    warp: float = 0.0, window: Window | None = None,
 ) -> torch.Tensor:
     """``preprocess_scan`` for a scan's sources; uint8 levels instead with ``levels``."""
     if sources.kind == "jpeg":
@@ -218,7 +220,7 @@ def _preprocess_slices(
         count = len(sources.files)
         images = (read_slice(path, draft_size=draft_size) for path in sources.files)
     else:
-        count, grays = gray_slices(sources.kind, sources.files)
+        count, grays = gray_slices(sources.kind, sources.files, window)
         images = (Image.fromarray(gray) for gray in grays)
     stack = np.empty((count, height, width), dtype=np.uint8)
     for index, image in enumerate(images):
@@ -229,35 +231,39 @@ def _preprocess_slices(
 
 
 def preprocess_scan(
-    scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0
+    scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0,
+    window: Window | str | None = None,
 ) -> torch.Tensor:
-    """A scan (JPEG or DICOM folder, NIfTI file) as a float32 volume (1, depth, height, width) in [0, 1].
+    """A scan (JPEG or DICOM folder, NIfTI file) as a float32 volume (1, depth, height, width) in [0, 1];
+    DICOM and NIfTI HU through ``window`` (``LEVEL,WIDTH``; default ``DEFAULT_WINDOW``).
 
     ``warp``: the original code's cubic coordinate warp factor (0: none, the paper; 0.5: the original's).
     Raises ``Cov3dError`` naming the folder or file if the scan cannot be read.
     """
     _check_size(depth, height, width)
     warp = float(WARP.check("warp", warp))
-    return _preprocess_slices(scan_sources(Path(scan_dir)), depth, height, width, fast_decode, warp=warp)
+    return _preprocess_slices(scan_sources(Path(scan_dir)), depth, height, width, fast_decode, warp=warp,
+                              window=Window.parse(window))
 
 
 class VolumeCache:
     """Preprocessed volumes of one shape, stored in ``cache_dir`` (format: ``cov3d.preprocessing.cache``).
 
-    ``VolumeCache(cache_dir, depth, height, width, fast_decode=...)`` or
+    ``VolumeCache(cache_dir, depth, height, width, fast_decode=..., warp=..., window=...)`` or
     ``VolumeCache.for_shape(cache_dir, shape)``; ``shape`` is the ``cov3d.settings.VolumeShape``.
     """
 
     def __init__(
-        self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0
+        self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0,
+        window: Window | str | None = None,
     ):
         _check_size(depth, height, width)
         self.cache_dir = Path(cache_dir).expanduser()
-        self.shape = VolumeShape(depth, height, width, fast_decode, warp)
+        self.shape = VolumeShape(depth, height, width, fast_decode, warp, Window.parse(window))
 
     @classmethod
     def for_shape(cls, cache_dir: Path, shape: VolumeShape) -> VolumeCache:
-        return cls(cache_dir, *shape.dims, fast_decode=shape.fast_decode, warp=shape.warp)
+        return cls(cache_dir, *shape.dims, fast_decode=shape.fast_decode, warp=shape.warp, window=shape.window)
 
     def __repr__(self) -> str:
         return f"VolumeCache.for_shape({str(self.cache_dir)!r}, {self.shape!r})"
@@ -278,7 +284,8 @@ class VolumeCache:
         if stored is not None:
             return stored, False
         volume = _preprocess_slices(
-            sources, *self.shape.dims, self.shape.fast_decode, levels=True, warp=self.shape.warp
+            sources, *self.shape.dims, self.shape.fast_decode, levels=True, warp=self.shape.warp,
+            window=self.shape.window,
         )
         entry = make_entry(volume, self.shape, scan_dir, fingerprint)
         save_cache_entry(self.path_for(scan_dir), entry)

@@ -122,7 +122,7 @@ def run_demo(
         generate_dataset(
             data_dir, scans=settings.scans, seed=settings.seed, slice_size=settings.slice_size,
             depth_scale=settings.depth_scale, annotated_fraction=settings.annotated_fraction,
-            overwrite=True,
+            overwrite=True, masks=True,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     step_done("generate")

@@ -6,6 +6,7 @@ Layout written under ``out_dir`` (the competition's, see ``cov3d.dataset.layout`
     validation/covid/...                            validation/non-covid/...
     train_partition_covid_categories.csv            val_partition_covid_categories.csv  (Name;Category)
     test/ct_scan_K/...                              test_labels.csv  (Name;Covid;Category, the answer key)
+    lesion-masks/train/covid/ct_scan_K.npz ...      (with ``masks``: each scan's lesion and lung masks)
 
 As in the real data, scan numbers restart in every folder (``train/covid/ct_scan_3`` and
 ``train/non-covid/ct_scan_3`` may both exist), a few names lack the underscore (``ct_scan7``), depths
@@ -14,6 +15,13 @@ scan has a severity 1..4 (the involved share of lung, see :mod:`cov3d.synthetic.
 ``annotated_fraction`` of the training and validation covid scans are listed in the category CSVs.
 The test answer key lists the category of every covid test scan. Scans are rendered from independent
 child seeds, so a seed always gives the same bytes.
+
+Slices are rendered in HU and mapped to grey levels with ``DEFAULT_WINDOW``, the mapping calibrated
+to COV19-CT-DB (``cov3d.dataset.intensity``). With ``masks``, the truth the phantoms know is written
+beside the data, in ``MASKS_FOLDER`` (never inside a scan folder, and never named like a slice):
+``lesion-masks/<scan path relative to the dataset>.npz``, a compressed NumPy archive of two bool
+arrays (depth, slice_size, slice_size) in slice order, ``lesion`` and ``lung`` (read them with
+``read_masks``). Scans with mixed slice sizes have masks at the main size.
 """
 
 import csv
@@ -26,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cov3d.dataset.dicom_nifti import hu_to_uint8
+from cov3d.dataset.intensity import DEFAULT_WINDOW
 from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
 from cov3d.dataset.scans import scan_number
 from cov3d.errors import Cov3dError
@@ -36,6 +44,8 @@ from cov3d.synthetic.phantom import render_phantom
 CLASS_FOLDERS = {bool(code): name for name, code in reversed(PRESENCE_FOLDERS.items())}  # covid first
 TEST_FOLDER = "test"
 TEST_LABELS_CSV = ANSWER_KEY.format(partition=TEST_FOLDER)
+MASKS_FOLDER = "lesion-masks"
+MASK_SUFFIX = ".npz"
 
 VALIDATION_SHARE = 0.2  # train/validation/test roughly 60/20/20
 TEST_SHARE = 0.2
@@ -99,10 +109,22 @@ def sample_depths(rng: np.random.Generator, n: int, depth_scale: float = 1.0) ->
 def render_scan(
     rng: np.random.Generator, *, depth: int, slice_size: int, has_covid: bool, severity: int
 ) -> tuple[np.ndarray, float]:
-    """Render one scan: uint8 volume (depth, slice_size, slice_size) through the lung window, and the
-    involved share of lung in [0, 1]. Severity 0 is negative, or positive with a random category."""
+    """Render one scan: uint8 volume (depth, slice_size, slice_size) through ``DEFAULT_WINDOW``, and
+    the involved share of lung in [0, 1]. Severity 0 is negative, or positive with a random category."""
     phantom = render_phantom(rng, depth=depth, slice_size=slice_size, has_covid=has_covid, severity=severity)
-    return hu_to_uint8(phantom.hu), phantom.fraction
+    return DEFAULT_WINDOW.to_uint8(phantom.hu), phantom.fraction
+
+
+def mask_path(data_dir: Path, scan: Path) -> Path:
+    """Where ``generate_dataset(masks=True)`` wrote the masks of ``scan`` (a scan folder below ``data_dir``)."""
+    relative = Path(scan).resolve().relative_to(Path(data_dir).resolve())
+    return Path(data_dir) / MASKS_FOLDER / relative.parent / f"{relative.name}{MASK_SUFFIX}"
+
+
+def read_masks(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The (lesion, lung) bool masks (depth, S, S) of one scan, from ``mask_path``."""
+    with np.load(path) as archive:
+        return archive["lesion"], archive["lung"]
 
 
 def _scan_name(number: int, no_underscore: bool) -> str:
@@ -159,11 +181,16 @@ def _plan(rng: np.random.Generator, out_dir: Path, sizes: dict[str, int], annota
     return plans
 
 
-def _write_scan(plan: _ScanPlan, slice_size: int) -> float:
-    """Render and save one scan as numbered JPEG slices; returns the involved share of lung."""
+def _write_scan(plan: _ScanPlan, slice_size: int, masks_to: Path | None = None) -> float:
+    """Render and save one scan as numbered JPEG slices (and its masks to ``masks_to``); returns
+    the involved share of lung."""
     rng = np.random.default_rng(plan.seed)
-    volume, fraction = render_scan(rng, depth=plan.depth, slice_size=slice_size,
-                                   has_covid=plan.has_covid, severity=plan.severity)
+    phantom = render_phantom(rng, depth=plan.depth, slice_size=slice_size, has_covid=plan.has_covid,
+                             severity=plan.severity)
+    volume, fraction = DEFAULT_WINDOW.to_uint8(phantom.hu), phantom.fraction
+    if masks_to is not None:
+        masks_to.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(masks_to, lesion=phantom.lesion, lung=phantom.lung)
     other = np.zeros(plan.depth, dtype=bool)
     if plan.mixed_size is not None:
         start = int(rng.integers(plan.depth))
@@ -185,7 +212,7 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
 
 
 def _outputs(out_dir: Path) -> list[Path]:
-    return [out_dir / p for p in (*PARTITIONS, TEST_FOLDER, *SEVERITY_CSVS.values(), TEST_LABELS_CSV)]
+    return [out_dir / p for p in (*PARTITIONS, TEST_FOLDER, *SEVERITY_CSVS.values(), TEST_LABELS_CSV, MASKS_FOLDER)]
 
 
 def generate_dataset(
@@ -199,13 +226,15 @@ def generate_dataset(
     test_scans: int | None = None,
     mixed_size_fraction: float = 0.03,
     overwrite: bool = False,
+    masks: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> SyntheticSummary:
     """Write a synthetic COV19-CT-DB-style dataset of ``scans`` scans (test included) under ``out_dir``.
 
     ``depth_scale`` multiplies the realistic slice counts (0.1: ~6 and ~33 slices at the two modes);
     ``test_scans`` defaults to 20 % of ``scans``. ``overwrite`` removes what an earlier run wrote there;
-    otherwise those paths must not exist. ``progress(done, total)`` is called after each scan.
+    otherwise those paths must not exist. ``masks`` also writes each scan's lesion and lung masks
+    (``mask_path``). ``progress(done, total)`` is called after each scan.
     """
     out_dir = Path(out_dir)
     SYNTHETIC_SCANS.check("scans", scans)
@@ -230,7 +259,7 @@ def generate_dataset(
     summary = SyntheticSummary(out_dir=out_dir, depths=[plan.depth for plan in plans])
     for done, plan in enumerate(plans, start=1):
         try:
-            _write_scan(plan, slice_size)
+            _write_scan(plan, slice_size, mask_path(out_dir, plan.folder) if masks else None)
         except MemoryError:
             raise Cov3dError(
                 f"not enough memory to render {plan.folder} ({plan.depth} slices of {slice_size}x{slice_size}): "

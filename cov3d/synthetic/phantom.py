@@ -7,6 +7,11 @@ patient-right to patient-left, radiological convention). In-plane, the scanner's
 Anatomy is placed in a patient frame normalised by the body's half-width and half-depth, so it follows
 the random patient size, position and rotation. Random smooth fields (Gaussian-kernel interpolation of
 coarse white noise, separable, hence fast) give vessels, textures and lesions.
+
+The proportions (body, lungs, fat, the foam mattress and table under the patient, a reconstruction
+disc in ``FOV_DISC_SHARE`` of the scans only) were set so that the middle slices, mapped to grey
+levels by the calibrated window (``cov3d.dataset.intensity.DEFAULT_WINDOW``), fall into
+COV19-CT-DB's grey-level bands (``scripts/intensity_bands.py``; docs/intensities.md).
 """
 
 from dataclasses import dataclass
@@ -18,6 +23,8 @@ from scipy import ndimage
 HU_OUTSIDE_FOV = -2000.0  # padding outside the reconstruction circle, renders black
 HU_AIR = -1000.0
 HU_LUNG = -850.0
+HU_LUNG_RANGE = (-870.0, -810.0)  # mean lung parenchyma per scan (real 8 mm series: median -810 HU)
+HU_PAD = (-800.0, -600.0)  # foam mattress between patient and table
 HU_FAT = -100.0
 HU_SOFT_TISSUE = 40.0
 HU_BLOOD = 45.0  # unenhanced blood in vessels, heart and aorta
@@ -25,9 +32,27 @@ HU_CANCELLOUS_BONE = 250.0
 HU_BONE = 700.0
 HU_DISC = 80.0
 HU_TABLE = 150.0
+HU_TABLE_CORE = (-850.0, -700.0)  # foam core of the table
 HU_GGO = (-450.0, -300.0)  # ground-glass opacity, drawn per scan
 HU_CONSOLIDATION = (-10.0, 40.0)
 HU_NODULE = (-40.0, 60.0)
+
+# Body size relative to the field of view, fitted to real chest CT (the body spans ~90 % of the
+# image width, its depth ~60 % of the width) and to COV19-CT-DB's grey-level bands
+# (cov3d.dataset.intensity, docs/intensities.md).
+BODY_HALF_WIDTH = (0.88, 0.99)  # units (the field of view is [-1, 1])
+BODY_DEPTH_RATIO = (0.64, 0.76)  # half-depth / half-width
+LUNG_HALF_WIDTH = (0.35, 0.4)  # lung ellipse half-axes in the body frame (half-width = 1)
+LUNG_HALF_DEPTH = (0.66, 0.74)
+BODY_EXPONENT = 2.6  # superellipse: a chest section is squarer than an ellipse
+FAT_SHELL = (0.08, 0.2)  # subcutaneous fat, share of the body radius
+FOV_DISC_SHARE = 0.3
+"""Share of scans whose pixels outside the reconstruction circle are padding (black), as some
+scanners store them; the others show air up to the image edge."""
+
+TABLE_THICKNESS = (0.1, 0.18)  # units
+TABLE_SHELL = 0.015
+TABLE_CURVE = 0.08  # the table's edges rise by this much (units) at |x| = 0.9
 
 MM_PER_UNIT = 175.0  # the in-plane field of view is 2 units = 350 mm
 Z_EXTENT = 1.7  # units covered along the depth axis (about 300 mm of chest)
@@ -129,10 +154,10 @@ def render_phantom(rng: np.random.Generator, *, depth: int, slice_size: int, has
     t3 = z[:, None, None]
 
     # Patient size, position and rotation; body half-width grows slightly towards the base.
-    half_width = rng.uniform(0.68, 0.84)
-    half_depth = half_width * rng.uniform(0.62, 0.74)
+    half_width = rng.uniform(*BODY_HALF_WIDTH)
+    half_depth = half_width * rng.uniform(*BODY_DEPTH_RATIO)
     angle = float(np.deg2rad(rng.uniform(-6, 6)))
-    shift = rng.uniform([-0.05, -0.01], [0.05, 0.08]).astype(np.float32)
+    shift = rng.uniform([-0.04, -0.1], [0.04, 0.02]).astype(np.float32)
     xx, yy = xy[None, :] - shift[0], xy[:, None] - shift[1]
     p_u = np.cos(angle) * xx + np.sin(angle) * yy  # (S, S) units, lateral towards patient left
     q_u = -np.sin(angle) * xx + np.cos(angle) * yy  # (S, S) units, anterior (<0) to posterior (>0)
@@ -141,14 +166,22 @@ def render_phantom(rng: np.random.Generator, *, depth: int, slice_size: int, has
     p, q = p2[None] / grow, q2[None] / grow  # (D, S, S) normalised patient frame
 
     # Body: superellipse, flatter at the back; subcutaneous fat shell; thoracic cavity inside the ribs.
-    radius2 = (np.abs(p2) ** 2.3 + np.abs(q2 * np.where(q2 > 0, 1.08, 1.0)) ** 2.3) ** (1 / 2.3)
+    radius2 = (np.abs(p2) ** BODY_EXPONENT + np.abs(q2 * np.where(q2 > 0, 1.08, 1.0)) ** BODY_EXPONENT) ** (1 / BODY_EXPONENT)
     radius = radius2[None] / grow
-    fat = rng.uniform(0.04, 0.13)
+    fat = rng.uniform(*FAT_SHELL)
     hu = np.full(radius.shape, HU_SOFT_TISSUE, dtype=np.float32)
     hu[radius > 1 - fat] = HU_FAT
     hu[radius > 1] = HU_AIR
-    table_top = half_depth * 1.02 + 0.03
-    hu[:, (yy > table_top) & (yy < table_top + 0.025) & (np.abs(xy[None, :]) < 0.8)] = HU_TABLE
+    # Foam mattress under the back, on a curved table: a foam core between two thin dense shells.
+    outside = radius > 1
+    table_top = half_depth * 1.02 + rng.uniform(0.03, 0.07) - TABLE_CURVE * (xx / 0.9) ** 2  # (S, S)
+    pad = (yy > 0.7 * half_depth) & (yy < table_top) & (np.abs(xx) < rng.uniform(0.6, 0.8) * half_width)
+    hu[pad[None] & outside] = rng.uniform(*HU_PAD)
+    thickness = rng.uniform(*TABLE_THICKNESS)
+    table = (yy > table_top) & (yy < table_top + thickness) & (np.abs(xy[None, :]) < 0.95)
+    shell = table & ((yy < table_top + TABLE_SHELL) | (yy > table_top + thickness - TABLE_SHELL))
+    hu[table[None] & outside] = rng.uniform(*HU_TABLE_CORE)
+    hu[shell[None] & outside] = HU_TABLE
     cavity = radius < 1 - fat - 0.11
     theta = N_RIBS * np.arctan2(q2, p2)
     phase = rng.uniform(0, 2 * np.pi) + 2 * np.pi * RIB_CYCLES * t3  # ribs run obliquely down the chest
@@ -180,12 +213,12 @@ def render_phantom(rng: np.random.Generator, *, depth: int, slice_size: int, has
     heart_size = np.sqrt(np.clip(np.sin(np.pi * (t_rel - 0.35) / 0.6), 0, 1))  # rests on the diaphragm
     heart = _ellipse(p, q, (0.1, -0.18), (0.36 * heart_size + 1e-6, 0.34 * heart_size + 1e-6))
     trachea = (np.hypot(p_u, q_u - spine_q + 1.6 * vertebra) < 0.5 * vertebra)[None] & (t3 < 0.45)
-    lung_hu = np.float32(rng.uniform(-880, -820)) + 60.0 * q
+    lung_hu = np.float32(rng.uniform(*HU_LUNG_RANGE)) + 60.0 * q
     lung_hu += 12.0 * smooth_field(rng, zu, xy, xy, TEXTURE_LENGTH)
     sides, radii = [], []
     for sign, dome_lift in ((-1.0, 0.04), (1.0, 0.0)):  # patient right (liver side, higher dome), left
         centre = (sign * rng.uniform(0.42, 0.47), rng.uniform(-0.06, 0.02))
-        axes = (rng.uniform(0.29, 0.34) * taper + 1e-6, rng.uniform(0.6, 0.68) * (0.5 + 0.5 * taper) + 1e-6)
+        axes = (rng.uniform(*LUNG_HALF_WIDTH) * taper + 1e-6, rng.uniform(*LUNG_HALF_DEPTH) * (0.5 + 0.5 * taper) + 1e-6)
         ellipse = _ellipse(p, q, centre, axes)
         dome = np.clip((t_rel - 0.72 + dome_lift) / 0.28, 0, 1) ** 0.6 * 0.92
         side = (ellipse < 1) & (ellipse > dome**2) & cavity & (np.abs(p) > 0.09) & (heart > 1.15)
@@ -226,7 +259,8 @@ def render_phantom(rng: np.random.Generator, *, depth: int, slice_size: int, has
     blur = rng.uniform(0.003, 0.007) * slice_size
     hu = ndimage.gaussian_filter(hu, sigma=(0.0, blur, blur))
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(rng.uniform(8.0, 25.0))
-    hu = hu * np.float32(rng.uniform(0.96, 1.04)) + np.float32(rng.uniform(-25, 25))
-    hu[:, xy[None, :] ** 2 + xy[:, None] ** 2 > 1.0] = HU_OUTSIDE_FOV
+    hu = hu * np.float32(rng.uniform(0.98, 1.02)) + np.float32(rng.uniform(-10, 10))
+    if rng.random() < FOV_DISC_SHARE:
+        hu[:, xy[None, :] ** 2 + xy[:, None] ** 2 > 1.0] = HU_OUTSIDE_FOV
     fraction = float(lesion.sum() / lung.sum()) if lung.any() else 0.0
     return Phantom(hu=hu, lung=lung, lesion=lesion, fraction=fraction)

@@ -1,7 +1,8 @@
-"""DICOM series and NIfTI volumes: HU through the lung window, slice order, orientation, and the same
-predictions as the equivalent JPEG folder."""
+"""DICOM series and NIfTI volumes: HU through the intensity window, slice order, orientation, the same
+predictions as the equivalent JPEG folder, and the edge cases of real archives."""
 
 import csv
+import logging
 import sys
 
 import nibabel
@@ -23,9 +24,10 @@ SLICE_GAP_MM = 5.0
 JPEG_QUALITY = 95
 
 
-def lung_window_by_hand(hu):
-    """Level -600 HU, width 1500 HU: -1350 -> 0, 150 -> 255."""
-    return np.clip(np.rint((np.asarray(hu, dtype=np.float64) + 1350.0) * 255.0 / 1500.0), 0, 255).astype(np.uint8)
+def window_by_hand(hu, level=-470.0, width=1410.0):
+    """The calibrated default, level -470 HU, width 1410 HU: -1175 -> 0, 235 -> 255."""
+    low = level - width / 2
+    return np.clip(np.rint((np.asarray(hu, dtype=np.float64) - low) * (255.0 / width)), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def series(module_dir):
     jpeg = root / "ct_scan_1"
     jpeg.mkdir()
     for d, pixels in enumerate(hu):
-        Image.fromarray(lung_window_by_hand(pixels)).save(jpeg / f"{d}.jpg", quality=JPEG_QUALITY)
+        Image.fromarray(window_by_hand(pixels)).save(jpeg / f"{d}.jpg", quality=JPEG_QUALITY)
 
     dicom = root / "ct_scan_2"
     dicom.mkdir()
@@ -81,14 +83,15 @@ def test_dicom_order_follows_positions_not_names_or_instance_numbers(series):
     assert [path.name for path in files] != sorted(path.name for path in files)
 
 
-def test_hu_and_lung_window_by_hand(series):
+def test_hu_and_window_by_hand(series):
     root, hu = series
-    expected = np.stack([lung_window_by_hand(pixels) for pixels in hu]) / 255.0
     size = hu.shape  # no resizing: the volume is the windowed HU / 255
-    for name in ("ct_scan_2", "ct_scan_3.nii", "ct_scan_4.nii.gz"):
-        volume = preprocess_scan(root / name, *size)[0].numpy()
-        np.testing.assert_allclose(volume, expected, atol=1e-6, err_msg=name)
-    assert lung_window_by_hand([-1350, -600, 150, 2000]).tolist() == [0, 128, 255, 255]
+    for window, by_hand in ((None, window_by_hand), ("-600,1500", lambda pixels: window_by_hand(pixels, -600, 1500))):
+        expected = np.stack([by_hand(pixels) for pixels in hu]) / 255.0
+        for name in ("ct_scan_2", "ct_scan_3.nii", "ct_scan_4.nii.gz"):
+            volume = preprocess_scan(root / name, *size, window=window)[0].numpy()
+            np.testing.assert_allclose(volume, expected, atol=1e-6, err_msg=f"{name} {window}")
+    assert window_by_hand([-1175, -470, 235, 2000]).tolist() == [0, 128, 255, 255]
 
 
 def test_same_volume_and_prediction_as_the_jpeg_folder(series, tiny_run, tmp_path):
@@ -126,5 +129,104 @@ def test_two_series_in_one_folder_is_refused(series, tmp_path):
         dataset = pydicom.dcmread(path)
         dataset.SeriesInstanceUID = generate_uid()
         dataset.save_as(folder / f"{i}.dcm")
-    with pytest.raises(Cov3dError, match="2 DICOM series"):
+    with pytest.raises(Cov3dError, match="2 DICOM series of equal size") as error:
         scan_sources(folder)
+    assert "(1 slices)" in str(error.value) and "\n" not in str(error.value)
+
+
+def copy_series(source, folder, change=None, keep=None):
+    """Copy the DICOM files of ``source`` to ``folder`` (those at sorted indices ``keep``), calling
+    ``change(index, dataset)`` on each before saving; returns ``folder``."""
+    folder.mkdir()
+    paths = scan_sources(source).files  # slice order, head first
+    for index, path in enumerate(paths):
+        if keep is not None and index not in keep:
+            continue
+        dataset = pydicom.dcmread(path)
+        if change is not None:
+            change(index, dataset)
+        dataset.save_as(folder / path.name)
+    return folder
+
+
+@pytest.fixture
+def logged(caplog, monkeypatch):
+    """caplog that also sees the ``cov3d`` logger after the CLI stopped it propagating."""
+    monkeypatch.setattr(logging.getLogger("cov3d"), "propagate", True)
+    with caplog.at_level("INFO", logger="cov3d"):
+        yield caplog
+
+
+def test_the_largest_of_several_series_is_used(series, tmp_path, logged):
+    root, _ = series
+    uid = generate_uid()
+
+    def second_series(index, dataset):
+        if index >= 3:
+            dataset.SeriesInstanceUID, dataset.SeriesDescription = uid, "scout"
+
+    folder = copy_series(root / "ct_scan_2", tmp_path / "mixed", second_series)
+    files = scan_sources(folder).files
+    assert len(files) == 3 and all(pydicom.dcmread(f).SeriesInstanceUID != uid for f in files)
+    assert "2 DICOM series; using the largest" in logged.text and "'scout' (2 slices)" in logged.text
+
+
+def test_monochrome1_is_read_as_hu(series, tmp_path):
+    root, hu = series
+
+    def monochrome1(index, dataset):
+        dataset.PhotometricInterpretation = "MONOCHROME1"
+
+    folder = copy_series(root / "ct_scan_2", tmp_path / "mono1", monochrome1)
+    expected = preprocess_scan(root / "ct_scan_2", *hu.shape)
+    assert torch_equal(preprocess_scan(folder, *hu.shape), expected)
+
+
+def torch_equal(a, b):
+    return bool((a == b).all())
+
+
+@pytest.mark.parametrize(
+    ("change", "keep", "message"),
+    [
+        (lambda i, d: setattr(d, "NumberOfFrames", 2) if i == 1 else None, None, "multi-frame DICOM file .2 frames.: convert"),
+        (lambda i, d: setattr(d, "PhotometricInterpretation", "RGB") if i == 0 else None, None, "RGB .colour. image"),
+        (lambda i, d: setattr(d, "ImagePositionPatient", [0.0, 0.0, 10.0]) if i in (1, 2) else None, None,
+         "share a position"),
+        (None, {0, 1, 3, 4}, r"slice spacing varies from 5.00 to 10.00 mm"),
+        (lambda i, d: setattr(d, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]), None, "not an axial series"),
+    ],
+    ids=["multi-frame", "colour", "duplicated-position", "uneven-spacing", "sagittal"],
+)
+def test_archive_edge_cases_are_refused_in_one_line(series, tmp_path, change, keep, message):
+    root, _ = series
+    folder = copy_series(root / "ct_scan_2", tmp_path / "case", change, keep)
+    with pytest.raises(Cov3dError, match=message) as error:
+        scan_sources(folder)
+    assert "\n" not in str(error.value)
+
+
+def test_gantry_tilt_is_used_and_logged(series, tmp_path, logged):
+    root, hu = series
+
+    def straight(index, dataset):
+        dataset.ImagePositionPatient = [-158.1, -179.0, 100.0 - SLICE_GAP_MM * index]
+
+    def tilted(index, dataset):
+        dataset.ImagePositionPatient = [-158.1, -179.0 + SLICE_GAP_MM * index * np.tan(np.radians(15)), 100.0 - SLICE_GAP_MM * index]
+
+    reference = preprocess_scan(copy_series(root / "ct_scan_2", tmp_path / "straight", straight), *hu.shape)
+    volume = preprocess_scan(copy_series(root / "ct_scan_2", tmp_path / "tilted", tilted), *hu.shape)
+    assert torch_equal(volume, reference)
+    assert "gantry tilt of 15.0 degrees" in logged.text
+
+
+def test_missing_positions_fall_back_to_instance_numbers(series, tmp_path):
+    root, hu = series
+
+    def numbered(index, dataset):
+        del dataset.ImagePositionPatient
+        dataset.InstanceNumber = index + 1
+
+    folder = copy_series(root / "ct_scan_2", tmp_path / "numbered", numbered)
+    assert torch_equal(preprocess_scan(folder, *hu.shape), preprocess_scan(root / "ct_scan_2", *hu.shape))

@@ -194,3 +194,43 @@ def test_new_run_records_the_faithful_defaults(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert (config["pool"], config["final_bias"], config["presence_averaging"], config["warp"]) == ("max", False, "batch", 0.0)
     assert "fc.3.bias" not in load_file(str(tiny_run / CHECKPOINTS["presence"]))
+
+
+def test_the_window_is_recorded_in_the_run_and_the_model_file(tiny_run, exported):
+    from cov3d.dataset.intensity import DEFAULT_WINDOW
+
+    assert json.loads((tiny_run / "config.json").read_text())["window"] == str(DEFAULT_WINDOW)
+    assert load_source(exported).config["window"] == str(DEFAULT_WINDOW)
+    assert load_source(exported).window == DEFAULT_WINDOW
+
+
+def run_with_config(tiny_run, folder, change):
+    """A copy of ``tiny_run`` (weights hard-linked) whose config went through ``change``."""
+    import os
+
+    folder.mkdir()
+    config = json.loads((tiny_run / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in CHECKPOINTS.values():
+        os.link(tiny_run / name, folder / name)
+    return folder
+
+
+def test_models_without_a_window_use_the_default_and_inference_follows_the_model(tiny_run, tmp_path):
+    from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
+    from cov3d.inference.infer import RunPredictor
+
+    old = load_source(run_with_config(tiny_run, tmp_path / "old", lambda config: config.pop("window")))
+    assert old.window == DEFAULT_WINDOW
+    other = load_source(run_with_config(tiny_run, tmp_path / "other", lambda config: config.update(window="-600,1500")))
+    assert other.window == Window(-600, 1500)
+    cpu = torch.device("cpu")
+    assert RunPredictor(other, cpu, None).shape.window == Window(-600, 1500)
+    assert RunPredictor(other, cpu, None, window="-450,1500").shape.window == Window(-450, 1500)  # --window overrides
+
+
+def test_an_invalid_window_is_refused(tiny_run, tmp_path):
+    bad = run_with_config(tiny_run, tmp_path / "bad", lambda config: config.update(window="level,width"))
+    with pytest.raises(Cov3dError, match="invalid window"):
+        load_source(bad)

@@ -15,6 +15,7 @@ from PIL import Image
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import map_coordinates
 
+from cov3d.dataset.intensity import DEFAULT_WINDOW
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.cache import CACHE_FORMAT_VERSION, KEY_HEX_CHARS, prune_cache
 from cov3d.preprocessing.preprocess import VolumeCache, depth_interpolation_matrix, preprocess_scan, warp_slice
@@ -118,8 +119,8 @@ def test_warped_volumes_are_cached_under_their_own_key(tmp_path: Path) -> None:
     plain, warped = VolumeCache(cache_dir, 6, 12, 10), VolumeCache(cache_dir, 6, 12, 10, warp=WARP)
     assert plain.path_for(scan) != warped.path_for(scan)
     assert warped.path_for(scan).parent.name == "6x12x10-warp0.5"
-    # an entry of the unwarped volume keeps the key it had before the warp option existed
-    old_params = {"depth": 6, "height": 12, "width": 10, "fast_decode": 0}
+    # the unwarped volume's key has no warp in it: the key it had before the warp option existed
+    old_params = {"depth": 6, "height": 12, "width": 10, "fast_decode": 0, "window": str(DEFAULT_WINDOW)}
     keyed = json.dumps({**old_params, "format": CACHE_FORMAT_VERSION, "source": str(scan.resolve())}, sort_keys=True)
     assert plain.path_for(scan).name == f"ct_scan_1-{hashlib.sha256(keyed.encode()).hexdigest()[:KEY_HEX_CHARS]}.pt"
     got = warped.get(scan)

@@ -1,19 +1,40 @@
 """`cov3d demo` end to end on a tiny setting, and the trivial baseline's scoring."""
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from cov3d.errors import BaselineNotBeaten
 from cov3d.synthetic.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def test_demo_runs_every_step_and_scores_both_splits(tmp_path):
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo(module_dir):
+    """A tiny demo run. One epoch on 24 scans of 32x32 need not beat the mean-intensity baseline
+    (that check is tested in tests/training/test_numerics.py); every step still runs."""
     settings = DemoSettings(scans=24, slice_size=32, depth_scale=0.05, depth=8, width=32, epochs=1, penultimate=8)
     try:
-        report = run_demo(tmp_path, settings, workers=1, device="cpu", precision="fp32", console=Console(quiet=True))
+        report = run_demo(module_dir, settings, workers=1, device="cpu", precision="fp32", console=Console(quiet=True))
     except BaselineNotBeaten as error:  # one epoch on 24 tiny scans need not beat it; every step still ran
         report = error.report
+    return module_dir, report
+
+
+def test_demo_runs_every_step_and_scores_both_splits(demo):
+    tmp_path, report = demo
     assert set(report.seconds) == {"generate", "preprocess", "train", "infer"}
     assert set(report.scores) == {"cov3d validation", "baseline validation", "cov3d test", "baseline test"}
     for scores in report.scores.values():
@@ -36,3 +57,30 @@ def test_scores_from_rows_by_hand(tmp_path):
     assert math.isclose(scores["presence_f1"], 1 / 3)
     # severity over graded scans only: truth 1,2 vs 1,1 -> label 1: tp1 fp1 -> 2/3; label 2: 0; 3, 4: 0 -> 1/6
     assert math.isclose(scores["severity_f1"], (2 / 3) / 4)
+
+
+def test_pointing_game_on_the_demo_run(demo, capsys):
+    out, _ = demo
+    pointing_game = load_script("pointing_game")
+    result = pointing_game.pointing_game(out, "layer4", per_scan=True)
+    assert result["scans"] >= 1 and 0.0 <= result["score"] <= 1.0
+    assert 0.0 < result["chance"] <= result["chance_dilated"] <= 1.0
+    assert "peak (" in capsys.readouterr().out
+
+
+def test_figures_from_the_demo_run(demo, tmp_path, monkeypatch, capsys):
+    out, _ = demo
+    make_figures = load_script("make_figures")
+    monkeypatch.setattr(sys, "argv", ["make_figures.py", str(out), "--output", str(tmp_path)])
+    make_figures.main()
+    assert sorted(path.name for path in tmp_path.glob("*.png")) == [
+        "confusion-presence.png", "confusion-severity.png", "curves.png", "depth-histogram.png", "gradcam.png", "scans.png",
+    ]
+    assert "Grad-CAM of validation/covid/" in capsys.readouterr().out
+
+
+def test_make_figures_needs_a_trained_demo(tmp_path, monkeypatch):
+    make_figures = load_script("make_figures")
+    monkeypatch.setattr(sys, "argv", ["make_figures.py", str(tmp_path)])
+    with pytest.raises(SystemExit, match="cov3d demo --output"):
+        make_figures.main()

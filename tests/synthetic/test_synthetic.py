@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from cov3d.dataset.dicom_nifti import hu_to_uint8
+from cov3d.dataset.intensity import DEFAULT_WINDOW, band_distance, band_fractions, middle_half
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.errors import Cov3dError
-from cov3d.synthetic.generator import generate_dataset, render_scan, sample_depths
+from cov3d.synthetic.generator import MASKS_FOLDER, generate_dataset, mask_path, read_masks, render_scan, sample_depths
 from cov3d.synthetic.phantom import HU_GGO, SEVERITY_BANDS, render_phantom
 
 TINY = dict(scans=12, slice_size=32, depth_scale=0.05)
@@ -172,9 +173,46 @@ def test_render_scan_outputs():
         render_scan(np.random.default_rng(0), depth=3, slice_size=20, has_covid=False, severity=2)
 
 
-def test_lung_window_mapping():
-    # level -600, width 1500: -1350 HU -> 0, 150 HU -> 255, -600 -> 127.5 rounds to 128
-    np.testing.assert_array_equal(hu_to_uint8(np.array([-2000.0, -1350.0, -600.0, 150.0, 700.0])), [0, 0, 128, 255, 255])
+def test_phantoms_go_through_the_calibrated_window():
+    # level -470, width 1410: -1175 HU -> 0, 235 HU -> 255, -470 -> 127.5 rounds to 128
+    np.testing.assert_array_equal(hu_to_uint8(np.array([-2000.0, -1175.0, -470.0, 235.0, 700.0])), [0, 0, 128, 255, 255])
+    phantom = render_phantom(np.random.default_rng(0), depth=2, slice_size=16, has_covid=False, severity=0)
+    volume, _ = render_scan(np.random.default_rng(0), depth=2, slice_size=16, has_covid=False, severity=0)
+    np.testing.assert_array_equal(volume, DEFAULT_WINDOW.to_uint8(phantom.hu))
+
+
+def test_phantoms_look_like_cov19_ct_db():
+    """Issue 13: mid-slice band fractions within L1 0.15 of COV19-CT-DB's; air and soft tissue at its grey levels;
+    a body that fills most of the width; a field-of-view disc in some scans only."""
+    fractions, body_widths, discs = [], [], []
+    for seed in range(12):
+        phantom = render_phantom(np.random.default_rng(seed), depth=12, slice_size=96, has_covid=seed % 2 == 1, severity=0)
+        grey = DEFAULT_WINDOW.to_uint8(phantom.hu)
+        fractions.append(band_fractions(grey[list(middle_half(12))]))
+        middle = phantom.hu[6]
+        body_widths.append(np.mean((middle > -500).any(axis=0)))
+        discs.append(bool(middle[0, 0] < -1500))
+    assert band_distance(np.mean(fractions, axis=0)) < 0.15
+    assert 0.8 < np.mean(body_widths) < 1.0
+    assert 0 < sum(discs) < len(discs)
+
+
+def test_masks_are_written_beside_the_data(tmp_path):
+    out = tmp_path / "data"
+    generate_dataset(out, seed=1, masks=True, **TINY)
+    scans = sorted(p for p in out.rglob("ct_scan*") if p.is_dir())
+    masks = sorted((out / MASKS_FOLDER).rglob("*.npz"))
+    assert len(masks) == len(scans) == TINY["scans"]
+    assert not any(path.suffix == ".jpg" for path in (out / MASKS_FOLDER).rglob("*"))
+    key = {row[0]: row for row in read_rows(out / "test_labels.csv")[1]}
+    for scan in scans:
+        lesion, lung = read_masks(mask_path(out, scan))
+        slices = len(list(scan.glob("*.jpg")))
+        assert lesion.shape == lung.shape == (slices, 32, 32) and lesion.dtype == bool
+        assert not (lesion & ~lung).any()
+        has_covid = scan.parent.name == "covid" or (scan.parent.name == "test" and key[scan.name][1] == "1")
+        assert lesion.any() == has_covid or slices <= 2
+    assert generate_dataset(tmp_path / "plain", seed=1, **TINY) and not (tmp_path / "plain" / MASKS_FOLDER).exists()
 
 
 def test_covid_has_more_ggo_range_lung_voxels_than_negatives():

@@ -109,3 +109,10 @@ def test_resume_remedy_names_the_command_once_a_checkpoint_exists(tmp_path):
     assert "start the run again" in resume_remedy(tmp_path)
     (tmp_path / RESUME_FILE).write_bytes(b"")
     assert resume_remedy(tmp_path).endswith(f"cov3d train --resume {tmp_path}")
+
+
+def test_the_window_setting_is_checked_and_normalised():
+    assert TrainSettings().window == "-470,1410"
+    assert TrainSettings(window=" -450 , 1500 ").window == "-450,1500"
+    with pytest.raises(Cov3dError, match="window"):
+        TrainSettings(window="-450")
