@@ -1,13 +1,14 @@
-"""Benchmark the demo's training step on this CPU in fp32, bf16 as oneDNN computes it, bf16 with oneDNN
-off (torch's own kernels), and bf16 with checked convolution weight gradients (what `cov3d train` runs),
-side by side in one process.
+"""Benchmark the demo's training step on this CPU in fp32, bf16 as oneDNN computes it, bf16 with checked
+convolution weight gradients repaired in fp32 only, and checked bf16 as `cov3d train` runs it (repaired
+by explicit depth padding where that passes its probe), side by side in one process; with
+`--reference-kernels` also bf16 with oneDNN off (torch's own kernels, minutes per step).
 
 For each route: seconds per step (median of `--steps` after one warm-up step; the first checked step,
 which runs the kernel probes, is reported apart) and the worst gradient of layer4, as its relative
 distance from the fp32 gradient (bf16 rounding gives about 0.01-0.5 on an untrained network; the
 broken kernel gives up to 1e36). Not a test: no asserts.
 
-    python scripts/benchmark_precision.py                      # the demo's volume size and batch
+    python scripts/benchmark_precision.py                      # the demo's volume size, batch and network
     python scripts/benchmark_precision.py --size 64x128x128 --batch-size 2
 """
 
@@ -19,6 +20,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--size", default=f"{demo.depth}x{demo.width}x{demo.width}", help="DxHxW")
     parser.add_argument("--batch-size", type=int, default=demo.batch_size)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--reference-kernels", action="store_true", help="Also time bf16 with oneDNN off (slow).")
     args = parser.parse_args()
     size = tuple(int(n) for n in args.size.split("x"))
 
@@ -52,7 +55,7 @@ def main() -> None:
     target = torch.stack([has_covid, has_covid * (1 + torch.arange(args.batch_size) % 4)], dim=1)
     loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([1, 1]),
                           severity_weights=class_weights([1, 1, 1, 1, 1, 1]))
-    model = build_model(outputs=6, penultimate=demo.penultimate, dropout=0.0, pool="avg", pretrained_weights=None)
+    model = build_model(outputs=6, penultimate=demo.penultimate, dropout=demo.dropout, pretrained_weights=None)
     model.to(memory_format=torch.channels_last_3d)
 
     def step(dtype) -> dict[str, torch.Tensor]:
@@ -65,12 +68,20 @@ def main() -> None:
     print(f"CPU: {cpu_model()}; native bf16: {', '.join(cpu_bf16_features()) or 'none'}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; size {args.size}, batch {args.batch_size}")
     reference = step(None)
-    routes = {"fp32": (None, contextlib.nullcontext), "bf16 (oneDNN as is)": (torch.bfloat16, contextlib.nullcontext),
-              "bf16 without oneDNN": (torch.bfloat16, lambda: torch.backends.mkldnn.flags(enabled=False)),
-              "bf16 checked (cov3d)": (torch.bfloat16, lambda: checked_bf16_convs(model))}
-    print(f"{'route':<22} {'s/step':>8} {'first step':>11} {'layer4 grad error':>18}")
+    @contextlib.contextmanager
+    def fp32_repair_only():
+        with mock.patch.object(bf16_convs, "depth_padded", lambda geometry, conv: None), checked_bf16_convs(model):
+            yield
+
+    routes = {"fp32": (None, contextlib.nullcontext), "bf16 (oneDNN as is)": (torch.bfloat16, contextlib.nullcontext)}
+    if args.reference_kernels:
+        routes["bf16 without oneDNN"] = (torch.bfloat16, lambda: torch.backends.mkldnn.flags(enabled=False))
+    routes["bf16 checked, fp32 repair"] = (torch.bfloat16, fp32_repair_only)
+    routes["bf16 checked (cov3d)"] = (torch.bfloat16, lambda: checked_bf16_convs(model))
+    print(f"{'route':<26} {'s/step':>8} {'first step':>11} {'layer4 grad error':>18}")
     for name, (dtype, context) in routes.items():
         bf16_convs._verdicts.clear()
+        bf16_convs._padded_verdicts.clear()
         with context():
             start = time.perf_counter()
             grads = step(dtype)
@@ -81,10 +92,12 @@ def main() -> None:
                 step(dtype)
                 times.append(time.perf_counter() - start)
         error = max(float((grads[k] - reference[k]).norm() / reference[k].norm()) for k in reference)
-        print(f"{name:<22} {statistics.median(times):8.3f} {first:11.3f} {error:18.3g}", flush=True)
+        print(f"{name:<26} {statistics.median(times):8.3f} {first:11.3f} {error:18.3g}", flush=True)
     failed = [key for key, right in bf16_convs._verdicts.items() if not right]
     print(f"checked route: {len(failed)} of {len(bf16_convs._verdicts)} convolution geometries failed the probe"
-          + "".join(f"\n  input {list(key[0])} weight {list(key[2])}" for key in failed))
+          + "".join(f"\n  input {list(key[0])} weight {list(key[2])}: repaired "
+                    + ("by explicit depth padding" if bf16_convs._padded_verdicts.get(key) else "in fp32")
+                    for key in failed))
 
 
 if __name__ == "__main__":

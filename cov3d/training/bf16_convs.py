@@ -9,9 +9,16 @@ epoch or two. Other CPUs pick other kernels, and other geometries may fail on ke
 
 So no geometry is trusted blindly: the first time a convolution runs under CPU bf16 autocast with a
 given input shape, layout and parameters, its bf16 weight gradient on random data is compared with
-the fp32 one (``bf16_weight_grad_is_right``). Where it is right, the convolution runs as usual; where
-it is wrong, that convolution's weight gradient is computed in fp32 from the same bf16 tensors
-(``Conv3dWithFp32WeightGrad``); its forward pass and input gradient stay in bf16.
+the fp32 one (``bf16_weight_grad_is_right``). Where it is right, the convolution runs as usual. Where
+it is wrong, its weight gradient is computed another way (``Conv3dWithRepairedWeightGrad``; forward
+pass and input gradient stay as they were):
+
+- **depth-padded bf16**, when that passes its own probe: the input is padded with the convolution's
+  zero slices explicitly and the kernel runs without depth padding. The gradient is the same sum, but
+  the kernel sees an input two slices deeper (four for layer4), a depth it computes right. It costs
+  what a bf16 weight gradient costs;
+- **fp32** from the same bf16 tensors otherwise, which is slower (on the AMD EPYC of docs/numerics.md
+  a demo training step took a quarter longer than with the padded route).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,9 @@ Geometry = tuple
 """(input shape, channels-last, weight shape, stride, padding, dilation, groups) of one convolution."""
 
 _verdicts: dict[Geometry, bool] = {}
+"""Per geometry: whether this CPU's bf16 weight gradient is right."""
+_padded_verdicts: dict[Geometry, bool] = {}
+"""Per geometry that failed: whether the depth-padded bf16 weight gradient is right."""
 
 
 def conv_geometry(volume: torch.Tensor, conv: nn.Conv3d) -> Geometry:
@@ -54,6 +65,28 @@ def _weight_grad(volume, weight, out_grad, conv: nn.Conv3d) -> torch.Tensor:
         out_grad, volume, weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0, 0],
         conv.groups, [False, True, False],
     )[1]
+
+
+def depth_padded(geometry: Geometry, conv: nn.Conv3d) -> tuple[Geometry, SimpleNamespace] | None:
+    """The geometry and convolution parameters of the depth-padded route (see the module docstring):
+    the input ``padding[0]`` slices deeper on each side, no depth padding. ``None`` when the
+    convolution has no depth padding (nothing to move) or pads other than with zeros."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or conv.padding[0] == 0:
+        return None
+    shape = list(geometry[0])
+    shape[2] += 2 * conv.padding[0]
+    padded = SimpleNamespace(stride=conv.stride, padding=(0, *conv.padding[1:]), dilation=conv.dilation,
+                             groups=conv.groups)
+    return (tuple(shape), *geometry[1:4], padded.padding, *geometry[5:]), padded
+
+
+def _padded_weight_grad(volume, weight, out_grad, conv: nn.Conv3d) -> torch.Tensor:
+    """``_weight_grad`` with the depth padding made explicit (the same values; see the module docstring)."""
+    depth = conv.padding[0]
+    padded_volume = F.pad(volume, (0, 0, 0, 0, depth, depth))
+    if volume.is_contiguous(memory_format=torch.channels_last_3d) and not volume.is_contiguous():
+        padded_volume = padded_volume.contiguous(memory_format=torch.channels_last_3d)
+    return _weight_grad(padded_volume, weight, out_grad, depth_padded(conv_geometry(volume, conv), conv)[1])
 
 
 def bf16_weight_grad_is_right(geometry: Geometry, conv: nn.Conv3d) -> bool:
@@ -81,17 +114,18 @@ def _probe(geometry: Geometry, conv: nn.Conv3d) -> bool:
     return True
 
 
-class Conv3dWithFp32WeightGrad(torch.autograd.Function):
-    """conv3d of bf16 tensors whose backward computes the weight gradient in fp32.
+class Conv3dWithRepairedWeightGrad(torch.autograd.Function):
+    """conv3d of bf16 tensors whose backward computes the weight gradient depth-padded in bf16
+    (``padded``) or in fp32.
 
     Forward: volume (B, C, D, H, W) and weight (O, C/g, kD, kH, kW), both bf16 -> (B, O, D', H', W') bf16.
-    Backward: the input gradient in bf16 as usual, the weight gradient in fp32 (the master weights' dtype).
+    Backward: the input gradient in bf16 as usual; the weight gradient in fp32 (the master weights' dtype).
     """
 
     @staticmethod
-    def forward(ctx, volume, weight, conv: nn.Conv3d):
+    def forward(ctx, volume, weight, conv: nn.Conv3d, padded: bool):
         ctx.save_for_backward(volume, weight)
-        ctx.conv = conv
+        ctx.conv, ctx.padded = conv, padded
         return F.conv3d(volume, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     @staticmethod
@@ -103,8 +137,11 @@ class Conv3dWithFp32WeightGrad(torch.autograd.Function):
             volume_grad = torch.nn.grad.conv3d_input(
                 volume.shape, weight, out_grad, conv.stride, conv.padding, conv.dilation, conv.groups)
         if ctx.needs_input_grad[1]:
-            weight_grad = _weight_grad(volume.float(), weight.float(), out_grad.float(), conv)
-        return volume_grad, weight_grad, None
+            if ctx.padded:
+                weight_grad = _padded_weight_grad(volume, weight, out_grad.to(volume.dtype), conv).float()
+            else:
+                weight_grad = _weight_grad(volume.float(), weight.float(), out_grad.float(), conv)
+        return volume_grad, weight_grad, None, None
 
 
 def _checked_forward(conv: nn.Conv3d, volume: torch.Tensor) -> torch.Tensor:
@@ -115,14 +152,18 @@ def _checked_forward(conv: nn.Conv3d, volume: torch.Tensor) -> torch.Tensor:
     geometry = conv_geometry(volume, conv)
     if geometry not in _verdicts:
         _verdicts[geometry] = bf16_weight_grad_is_right(geometry, conv)
-        if not _verdicts[geometry]:
-            logger.info(
-                "This CPU's bf16 weight gradient is wrong for a convolution of input %s and weight %s; "
-                "that gradient is computed in fp32.", list(geometry[0]), list(geometry[2]))
     if _verdicts[geometry]:
         return conv._conv_forward(volume, conv.weight, conv.bias)
+    if geometry not in _padded_verdicts:
+        padded = depth_padded(geometry, conv)
+        _padded_verdicts[geometry] = padded is not None and bf16_weight_grad_is_right(*padded)
+        logger.info(
+            "This CPU's bf16 weight gradient is wrong for a convolution of input %s and weight %s; "
+            "that gradient is computed %s.", list(geometry[0]), list(geometry[2]),
+            "in bf16 with its depth padding made explicit" if _padded_verdicts[geometry] else "in fp32")
     with torch.autocast("cpu", enabled=False):
-        output = Conv3dWithFp32WeightGrad.apply(volume.to(torch.bfloat16), conv.weight.to(torch.bfloat16), conv)
+        output = Conv3dWithRepairedWeightGrad.apply(
+            volume.to(torch.bfloat16), conv.weight.to(torch.bfloat16), conv, _padded_verdicts[geometry])
         if conv.bias is not None:
             output = output + conv.bias.to(torch.bfloat16).view(1, -1, 1, 1, 1)
     return output

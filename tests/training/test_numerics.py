@@ -19,6 +19,7 @@ from cov3d.training.bf16_convs import (
     bf16_weight_grad_is_right,
     checked_bf16_convs,
     conv_geometry,
+    depth_padded,
 )
 from cov3d.training.train import TrainSettings, train
 
@@ -61,8 +62,8 @@ def test_checked_conv_weight_grad_is_right_two_slices_deep(channels_last):
 
 
 def test_a_wrong_kernel_is_caught_and_bypassed(monkeypatch):
-    """On any CPU: a bf16 weight gradient that is garbage (as the broken kernel's) fails the probe, and
-    that geometry's weight gradient is then computed in fp32 and agrees with float64."""
+    """On any CPU: a bf16 weight gradient that is garbage at every depth fails the probe, the depth-padded
+    route fails too, and that geometry's weight gradient is then computed in fp32 and agrees with float64."""
     real = bf16_convs._weight_grad
 
     def broken_in_bf16(volume, weight, out_grad, conv):
@@ -74,17 +75,51 @@ def test_a_wrong_kernel_is_caught_and_bypassed(monkeypatch):
     torch.manual_seed(1)
     conv = nn.Conv3d(8, 8, 3, padding=1, bias=False)
     volume, out_grad = torch.randn(2, 8, 2, 4, 4), torch.randn(2, 8, 2, 4, 4)
-    assert not bf16_weight_grad_is_right(conv_geometry(volume, conv), conv)
+    geometry = conv_geometry(volume, conv)
+    assert not bf16_weight_grad_is_right(geometry, conv)
+    assert not bf16_weight_grad_is_right(*depth_padded(geometry, conv))
 
     calls = []
     monkeypatch.setattr(bf16_convs, "_weight_grad", lambda volume, *rest: calls.append(volume.dtype) or real(volume, *rest))
-    monkeypatch.setattr(bf16_convs, "_verdicts", {conv_geometry(volume, conv): False})
+    monkeypatch.setattr(bf16_convs, "_verdicts", {geometry: False})
+    monkeypatch.setattr(bf16_convs, "_padded_verdicts", {geometry: False})
     with checked_bf16_convs(conv), torch.autocast("cpu", dtype=torch.bfloat16):
         output = conv(volume)
     output.backward(out_grad.bfloat16())
     assert calls == [torch.float32]  # the weight gradient came from the fp32 route
     assert output.dtype == torch.bfloat16
     assert conv.weight.grad.dtype == torch.float32
+    assert relative_error(conv.weight.grad, reference_weight_grad(conv, volume, out_grad)) < 0.02
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_kernel_wrong_only_two_slices_deep_is_bypassed_by_explicit_depth_padding(monkeypatch, channels_last):
+    """On any CPU: a bf16 weight gradient that is garbage only for inputs two slices deep (as on AMD Zen 4)
+    is computed in bf16 on the input padded with its zero slices (four deep), and agrees with float64."""
+    real = bf16_convs._weight_grad
+    calls = []
+
+    def broken_two_deep(volume, weight, out_grad, conv):
+        calls.append((volume.dtype, volume.shape[2]))
+        grad = real(volume, weight, out_grad, conv)
+        return grad * 1e30 if volume.dtype == torch.bfloat16 and volume.shape[2] == 2 else grad
+
+    monkeypatch.setattr(bf16_convs, "_weight_grad", broken_two_deep)
+    monkeypatch.setattr(bf16_convs, "_verdicts", {})
+    monkeypatch.setattr(bf16_convs, "_padded_verdicts", {})
+    torch.manual_seed(2)
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    conv = nn.Conv3d(8, 8, 3, padding=1, bias=False).to(memory_format=memory_format)
+    volume = torch.randn(2, 8, 2, 4, 4).contiguous(memory_format=memory_format)
+    out_grad = torch.randn(2, 8, 2, 4, 4)
+    with checked_bf16_convs(conv), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = conv(volume)
+    calls.clear()
+    output.backward(out_grad.bfloat16())
+    assert calls == [(torch.bfloat16, 4)]  # one bf16 weight gradient, on the padded input
+    geometry = conv_geometry(volume, conv)
+    assert (bf16_convs._verdicts[geometry], bf16_convs._padded_verdicts[geometry]) == (False, True)
+    assert output.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
     assert relative_error(conv.weight.grad, reference_weight_grad(conv, volume, out_grad)) < 0.02
 
 
