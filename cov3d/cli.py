@@ -21,6 +21,7 @@ from cov3d.settings import (
     DEMO_SHAPE,
     INFER_BATCH_SIZE,
     INFER_SEED,
+    ORIGINAL_WARP,
     PRESET_NAMES,
     SMALL,
     DemoSettings,
@@ -58,7 +59,7 @@ WorkersOption = typer.Option(None, "--workers", help="Parallel preprocessing pro
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 WarpOption = typer.Option(TRAIN_DEFAULTS.warp, "--warp", help=(
     "Cubic coordinate warp factor f (u -> f u^3 + (1 - f) u along width, height and depth) that the original code "
-    "applied by default with 0.5; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key."))
+    f"applied by default with {ORIGINAL_WARP}; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key."))
 WindowHelp = (
     "LEVEL,WIDTH in HU: how DICOM and NIfTI scans are mapped to grey levels (e.g. -470,1410). "
     "Default: {default}.")

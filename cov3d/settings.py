@@ -123,10 +123,7 @@ class VolumeShape:
         """The shape of a command's options: the preset ``size``, or the numbers given (width
         default: small's, then ``from_width``), or ``default`` (small) when none is given; made with
         ``fast_decode``, ``warp`` and ``window`` (``None``: ``DEFAULT_WINDOW``)."""
-        return dataclasses.replace(
-            cls._sized(size, depth, height, width, fast_decode=fast_decode, warp=warp, default=default),
-            window=Window.parse(window),
-        )
+        return cls._sized(size, depth, height, width, fast_decode=fast_decode, warp=warp, default=default).with_window(window)
 
     @classmethod
     def _sized(cls, size: str | None, depth: int | None, height: int | None, width: int | None, *,

@@ -27,11 +27,13 @@ from typing import Optional
 
 import typer
 
+from cov3d.settings import ORIGINAL_WARP
+
 DEFAULT_OUTPUT_ROOT = Path("outputs")
 MISSING = "–"  # the paper's mark for a task a setting does not train (lambda = 0 or 1)
 ORIGINAL_CHOICES = ("--pool", "max", "--no-final-bias", "--presence-averaging", "batch")
 """Where the paper is silent, the original code's choices at the paper's time (also cov3d's defaults)."""
-ORIGINAL_WARP = ("--warp", "0.5")
+ORIGINAL_WARP_OPTION = ("--warp", str(ORIGINAL_WARP))
 """The original code's cubic coordinate warp, on by default there; not in the paper."""
 SUBMISSION_MODELS = 4
 """The paper submitted, per task, its four best models and the ensemble of the four."""
@@ -139,7 +141,7 @@ def train_arguments(
         "--severity-factor", str(setting.severity_factor), "--epochs", str(setting.epochs),
         "--presence-smoothing", str(setting.presence_smoothing),
         "--severity-smoothing", str(setting.severity_smoothing), *ORIGINAL_CHOICES,
-        *(ORIGINAL_WARP if warp else ()), *extra,
+        *(ORIGINAL_WARP_OPTION if warp else ()), *extra,
     ]
 
 

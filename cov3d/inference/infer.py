@@ -361,7 +361,7 @@ def infer(
         [load_source(path) for path in model_paths], torch_device, resolve_precision(precision, torch_device),
         mc_samples, reflect, presence_sources=[load_source(path) for path in presence_paths],
         severity_sources=[load_source(path) for path in severity_paths],
-        window=None if window is None else Window.parse(window),
+        window=window,
     )
     torch.manual_seed(seed)
     done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()

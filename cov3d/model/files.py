@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically
 from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.errors import Cov3dError, one_line
-from cov3d.limits import DROPOUT
+from cov3d.limits import DROPOUT, WARP
 from cov3d.model.network import build_model
 from cov3d.settings import POOLS, VolumeShape
 
@@ -142,16 +142,12 @@ def check_config(config: object, where: Path) -> dict:
         raise Cov3dError(f"{where}: the model config has non-positive sizes; re-export the run.")
     if config["pool"] not in POOLS or DROPOUT.problem(config["dropout"]):
         raise Cov3dError(f"{where}: the model config has an invalid pool or dropout; re-export the run.")
-    warp = config["warp"]
-    if not isinstance(config["final_bias"], bool) or isinstance(warp, bool) or not isinstance(warp, (int, float)):
+    if not isinstance(config["final_bias"], bool) or WARP.problem(config["warp"]):
         raise Cov3dError(f"{where}: the model config has an invalid final_bias or warp; re-export the run.")
-    if not 0 <= warp < 1:
-        raise Cov3dError(f"{where}: the model config has a warp outside [0, 1); re-export the run.")
-    if config.get("window") is not None:
-        try:
-            Window.parse(str(config["window"]))
-        except Cov3dError as error:
-            raise Cov3dError(f"{where}: the model config has an invalid window ({error}); re-export the run.") from None
+    try:
+        Window.parse(str(config["window"]))
+    except Cov3dError as error:
+        raise Cov3dError(f"{where}: the model config has an invalid window ({error}); re-export the run.") from None
     return config
 
 

@@ -75,9 +75,13 @@ def depth_padded(geometry: Geometry, conv: nn.Conv3d) -> tuple[Geometry, SimpleN
         return None
     shape = list(geometry[0])
     shape[2] += 2 * conv.padding[0]
-    padded = SimpleNamespace(stride=conv.stride, padding=(0, *conv.padding[1:]), dilation=conv.dilation,
-                             groups=conv.groups)
+    padded = _without_depth_padding(conv)
     return (tuple(shape), *geometry[1:4], padded.padding, *geometry[5:]), padded
+
+
+def _without_depth_padding(conv: nn.Conv3d) -> SimpleNamespace:
+    """``conv``'s parameters as ``_weight_grad`` reads them, with no padding along depth."""
+    return SimpleNamespace(stride=conv.stride, padding=(0, *conv.padding[1:]), dilation=conv.dilation, groups=conv.groups)
 
 
 def _padded_weight_grad(volume, weight, out_grad, conv: nn.Conv3d) -> torch.Tensor:
@@ -86,7 +90,7 @@ def _padded_weight_grad(volume, weight, out_grad, conv: nn.Conv3d) -> torch.Tens
     padded_volume = F.pad(volume, (0, 0, 0, 0, depth, depth))
     if volume.is_contiguous(memory_format=torch.channels_last_3d) and not volume.is_contiguous():
         padded_volume = padded_volume.contiguous(memory_format=torch.channels_last_3d)
-    return _weight_grad(padded_volume, weight, out_grad, depth_padded(conv_geometry(volume, conv), conv)[1])
+    return _weight_grad(padded_volume, weight, out_grad, _without_depth_padding(conv))
 
 
 def bf16_weight_grad_is_right(geometry: Geometry, conv: nn.Conv3d) -> bool:
