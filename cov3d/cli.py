@@ -18,9 +18,11 @@ import typer
 
 from cov3d.errors import BaselineNotBeaten, Cov3dError
 from cov3d.settings import (
+    DEFAULT_EXPLAIN_METHOD,
     DEMO_SHAPE,
     INFER_BATCH_SIZE,
     INFER_SEED,
+    OCCLUSION_GRID,
     ORIGINAL_WARP,
     PRESET_NAMES,
     SMALL,
@@ -504,16 +506,20 @@ def stats(
 def explain(
     scan: Path = typer.Argument(..., help="A scan (JPEG or DICOM folder, NIfTI file) or a cached tensor file (.pt)."),
     model: Path = typer.Option(..., "--model", "-m", help="A run folder written by 'cov3d train'."),
-    output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-gradcam.pt and .png."),
+    output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-<method>.pt and .png."),
+    method: str = typer.Option(DEFAULT_EXPLAIN_METHOD, "--method", help=(
+        "gradcam: Grad-CAM of the last residual block (one pass). occlusion: how far P(covid) falls when each of "
+        f"{math.prod(OCCLUSION_GRID)} blocks in turn is made healthy lung (a pass each); "
+        "finer where layer4 is coarse, as at the demo's size.")),
     window: Optional[str] = ModelWindowOption,
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     overwrite: bool = OverwriteOption,
     precision: str = PrecisionOption,
 ):
-    """3D Grad-CAM of the COVID-19 presence prediction (last residual block), shown through its peak."""
+    """Where the model sees COVID-19: a 3D Grad-CAM or occlusion map of the presence prediction, shown through its peak."""
     from cov3d.inference.explain import explain as run_explain
 
     result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
-                         overwrite=overwrite, window=window)
+                         overwrite=overwrite, window=window, method=method)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

@@ -8,9 +8,10 @@ From the demo's output folder (``data/``, ``cache/``, ``run/``):
 1. ``cov3d stats`` of its data: the depth histogram (paper Fig. 1);
 2. the run's training curves and validation confusion matrices;
 3. ``cov3d show``: one non-covid and one scan per severity with the run's predictions (Fig. 2);
-4. ``cov3d explain``: Grad-CAM of a covid validation scan: the annotated one of the highest
-   severity with the most slices, whose lesions are the easiest to see. Its lesion mask (the demo
-   writes one per scan) tells whether the Grad-CAM peak lies on a lesion; the script prints it.
+4. ``cov3d explain``: Grad-CAM and the occlusion map of one covid validation scan, the moderate one
+   with the most slices (lesions over a quarter to a half of the lungs: plain to see, yet not
+   everywhere), drawn with the scan's lesions outlined (the demo writes a mask per scan); the script
+   prints whether each map's peak lies on a lesion.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severi
 from cov3d.dataset.stats import dataset_stats, stats_report, write_stats
 from cov3d.inference.explain import explain
 from cov3d.inference.views import show_scans
+from cov3d.settings import EXPLAIN_METHODS
 from cov3d.training.run_figures import CONFUSION_STEM, CURVES_FILE
 
 FIGURES = Path("docs/figures")
@@ -51,28 +53,46 @@ def example_scans(data: Path) -> list[Path]:
     return chosen
 
 
-def gradcam_scan(data: Path) -> Path:
-    """The covid validation scan shown by Grad-CAM (see the module docstring)."""
+EXPLAINED_SEVERITY = next(code for code, label in SEVERITY_CATEGORIES.items() if label == "moderate")
+"""The severity of the scan whose maps are shown (see the module docstring)."""
+
+
+def explained_scan(data: Path) -> Path:
+    """The covid validation scan whose Grad-CAM and occlusion map are shown (see the module
+    docstring); without a moderate one, the annotated scan of the nearest severity (the milder on a tie)."""
     severities = read_severity_csv(data / SEVERITY_CSVS["validation"])
     covid = [path for path in sorted((data / "validation" / "covid").iterdir()) if path.is_dir()]
-    return max(covid, key=lambda path: (severities.get(path.name, 0), len(list(path.iterdir())), path.name))
+
+    def rank(path: Path) -> tuple:
+        severity = severities.get(path.name)
+        distance = abs(severity - EXPLAINED_SEVERITY) if severity is not None else len(SEVERITY_CATEGORIES)
+        return distance, severity or 0, -len(list(path.iterdir())), path.name
+
+    return min(covid, key=rank)
 
 
-def lesion_hit(data: Path, scan: Path, cam_path: Path) -> str:
-    """Whether the Grad-CAM peak lies in the scan's lesion mask (dilated by one voxel), in words."""
+def lesion_figure(data: Path, scan: Path, result: dict, run: Path, cache: Path, method: str, output: Path) -> str:
+    """Draw ``cov3d explain``'s map of ``scan`` (its ``result``) again with the scan's lesions outlined,
+    to ``output``; returns whether the map's peak lies on a lesion (dilated by one voxel), in words."""
     import numpy as np
     import torch
     from scipy import ndimage
 
+    from cov3d.inference.explain import LABELS
+    from cov3d.model.files import load_source
+    from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.synthetic.generator import mask_path, read_masks
-    from cov3d.viz.figures import peak_voxel
+    from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
 
     spec = importlib.util.spec_from_file_location("pointing_game", Path(__file__).with_name("pointing_game.py"))
     pointing_game = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pointing_game)
 
-    cam = torch.load(cam_path, weights_only=True).numpy()
+    cam = torch.load(result["tensor"], weights_only=True).numpy()
     lesion = pointing_game.resample_mask(read_masks(mask_path(data, scan))[0], cam.shape)
+    volume = VolumeCache.for_shape(cache, load_source(run).shape).get(scan)[0].numpy()
+    title = f"{scan.name}: P(covid) = {result['probability']:.2f}, lesions outlined"
+    save_figure(gradcam_overlay(volume, cam, title, label=LABELS[method], outline=lesion), output)
     dilated = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), dtype=bool))
     peak = peak_voxel(cam)
     return f"peak {peak} {'on a lesion' if dilated[peak] else 'off the lesions'} (lesions: {lesion.mean():.1%} of the volume)"
@@ -101,11 +121,11 @@ def main() -> None:
         shutil.copy(run / CURVES_FILE, args.output / CURVES_FILE)
         for stem in CONFUSION_STEM.values():
             shutil.copy(run / f"{stem}.png", args.output / f"{stem}.png")
-        scan = gradcam_scan(data)
-        result = explain(scan, run, work / "explain", cache_dir=cache, device="cpu")
-        shutil.copy(result["image"], args.output / "gradcam.png")
-        print(f"Grad-CAM of {scan.relative_to(data)}: P(covid) = {result['probability']:.2f}, "
-              f"{lesion_hit(data, scan, result['tensor'])}")
+        scan = explained_scan(data)
+        for method in EXPLAIN_METHODS:
+            result = explain(scan, run, work / "explain", cache_dir=cache, device="cpu", method=method)
+            hit = lesion_figure(data, scan, result, run, cache, method, args.output / f"{method}.png")
+            print(f"{method} of {scan.relative_to(data)}: P(covid) = {result['probability']:.2f}, {hit}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for figure in sorted(args.output.glob("*.png")):

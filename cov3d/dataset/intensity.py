@@ -39,6 +39,7 @@ __all__ = [
     "COV19_CT_DB_BANDS",
     "COV19_CT_DB_WINDOW",
     "DEFAULT_WINDOW",
+    "HEALTHY_LUNG_HU",
     "LEGACY_LUNG_WINDOW",
     "Window",
     "band_distance",
@@ -97,6 +98,9 @@ DEFAULT_WINDOW = COV19_CT_DB_WINDOW
 """The mapping for DICOM, NIfTI and the phantoms unless ``--window`` or a model says otherwise."""
 LEGACY_LUNG_WINDOW = Window(level=-600.0, width=1500.0)
 """cov3d's mapping before the calibration (air ~60, soft tissue ~236): for comparisons only."""
+HEALTHY_LUNG_HU = -850.0
+"""Typical aerated lung parenchyma (e.g. Radiopaedia, "Hounsfield unit"): the phantoms' lungs and
+the grey ``cov3d explain --method occlusion`` puts in place of each block."""
 
 BAND_EDGES = (40, 100, 160, 220)
 """Grey-level band edges: bands < 40, 40-99, 100-159, 160-219, >= 220."""

@@ -14,21 +14,37 @@ that would shift every map by 7.5 voxels. Beyond the last cell the map is held c
 have no presence head, it is the log-odds of P(covid) = sum_{c=1..4} s_c (eq. 3):
 ``logsumexp(z_1..z_4) - z_0``. layer4 downsamples by 8 along the slices and 16 in-plane, so
 the map is coarse (8 x 8 x 8 cells at 64 x 128 x 128).
+
+Occlusion sensitivity (Zeiler & Fergus, 2014), ``method="occlusion"``, needs no layer: the volume
+is cut into ``OCCLUSION_GRID`` blocks, each block in turn is replaced by the grey level of healthy
+lung (``HEALTHY_LUNG_HU`` under the model's window) and the map holds, over the block, how far the
+score falls: ReLU(y - y_occluded), divided by its maximum. It asks "would the model still see
+COVID-19 if this block were healthy lung?", one forward pass per block. At the demo's size, where
+layer4 has 2 x 3 x 3 cells whose receptive fields span the whole chest, its peaks fall on the
+phantoms' lesions and Grad-CAM's do not (docs/figures.md, ``scripts/pointing_game.py``).
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock
 
+from cov3d.dataset.intensity import HEALTHY_LUNG_HU, MAX_GREY, Window
 from cov3d.errors import Cov3dError
 from cov3d.runtime import autocast
+from cov3d.settings import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS, OCCLUSION_GRID
 
-CAM_SUFFIX = "-gradcam"
-"""Output names: ``<scan name>-gradcam.pt`` (tensor (D, H, W) in [0, 1]) and ``.png``."""
+SUFFIXES = {"gradcam": "-gradcam", "occlusion": "-occlusion"}
+"""Output names per method: ``<scan name><suffix>.pt`` (tensor (D, H, W) in [0, 1]) and ``.png``."""
+LABELS = {"gradcam": "Grad-CAM", "occlusion": "occlusion"}
+"""The colour bar's label per method."""
+OCCLUSION_BATCH = 4
+"""Occluded volumes per forward pass."""
 
 
 def last_block(model: nn.Module) -> nn.Module:
@@ -113,6 +129,43 @@ def grad_cam(model: nn.Module, volume: torch.Tensor, *, severity_only: bool = Fa
     return (cam / peak if peak > 0 else cam).cpu(), float(score.detach())
 
 
+def block_edges(size: int, blocks: int) -> list[tuple[int, int]]:
+    """(start, stop) of ``blocks`` near-equal blocks tiling ``range(size)`` (fewer when ``size`` is smaller)."""
+    edges = np.linspace(0, size, min(blocks, size) + 1).round().astype(int)
+    return [(int(start), int(stop)) for start, stop in zip(edges[:-1], edges[1:])]
+
+
+def occlusion_fill(window: Window) -> float:
+    """The model-input value (grey level / 255) of healthy lung under ``window``."""
+    return min(max(window.grey(HEALTHY_LUNG_HU), 0.0), MAX_GREY) / MAX_GREY
+
+
+def occlusion_map(model: nn.Module, volume: torch.Tensor, *, fill: float, severity_only: bool = False,
+                  grid: tuple[int, int, int] = OCCLUSION_GRID, batch_size: int = OCCLUSION_BATCH,
+                  dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
+    """Occlusion map of one volume (1, D, H, W) -> (map (D, H, W) float32 in [0, 1], presence score).
+
+    Each of the ``grid`` blocks (``block_edges`` along each axis) is set to ``fill`` in turn; the map
+    is ReLU(score - occluded score) over the block, divided by its maximum (all zero stays zero).
+    ``dtype`` is the autocast dtype of the forward passes (None: fp32); the model is put in eval mode.
+    """
+    model.eval()
+    blocks = list(itertools.product(*(block_edges(size, count) for size, count in zip(volume.shape[-3:], grid))))
+    drops = torch.zeros(volume.shape[-3:])
+    with torch.no_grad(), autocast(volume.device, dtype):
+        score = presence_score(model(volume[None].float()).float(), severity_only)[0]
+        for first in range(0, len(blocks), batch_size):
+            chunk = blocks[first:first + batch_size]
+            occluded = volume[None].float().repeat(len(chunk), 1, 1, 1, 1)
+            for copy, ((z0, z1), (y0, y1), (x0, x1)) in zip(occluded, chunk):
+                copy[:, z0:z1, y0:y1, x0:x1] = fill
+            falls = torch.relu(score - presence_score(model(occluded).float(), severity_only)).cpu()
+            for ((z0, z1), (y0, y1), (x0, x1)), fall in zip(chunk, falls):
+                drops[z0:z1, y0:y1, x0:x1] = fall
+    peak = drops.max()
+    return drops / peak if peak > 0 else drops, float(score)
+
+
 def explain(
     scan: Path,
     run_dir: Path,
@@ -123,12 +176,13 @@ def explain(
     overwrite: bool = False,
     precision: str = "auto",
     window: str | None = None,
+    method: str = DEFAULT_EXPLAIN_METHOD,
 ) -> dict[str, Path | float | tuple[int, int, int]]:
-    """Grad-CAM of a scan (JPEG or DICOM folder, NIfTI file) or tensor file with a run's
-    best-presence weights (best-severity for lambda = 1 runs); writes ``<name>-gradcam.pt`` and
-    ``<name>-gradcam.png`` to ``output_dir``. DICOM/NIfTI HU go through ``window`` (``LEVEL,WIDTH``),
-    by default the model's. The forward pass runs under the autocast dtype of ``precision``
-    (``cov3d.runtime.choose_precision``).
+    """Grad-CAM (``method="occlusion"``: the occlusion map) of a scan (JPEG or DICOM folder, NIfTI
+    file) or tensor file with a run's best-presence weights (best-severity for lambda = 1 runs);
+    writes ``<name>-gradcam.pt`` and ``.png`` (``-occlusion``) to ``output_dir``. DICOM/NIfTI HU go
+    through ``window`` (``LEVEL,WIDTH``), by default the model's. The forward passes run under the
+    autocast dtype of ``precision`` (``cov3d.runtime.choose_precision``).
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x). The outputs are
     checked first: never inside the scan or the run, and existing files only if unchanged since
@@ -142,6 +196,8 @@ def explain(
     from cov3d.runtime import resolve_device, resolve_precision
     from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
 
+    if method not in EXPLAIN_METHODS:
+        raise Cov3dError(f"The explanation method must be one of {', '.join(EXPLAIN_METHODS)}, got '{method}'.")
     source = load_source(run_dir)
     config = source.config
     severity_only = config.get("severity_factor", 0.5) >= 1
@@ -157,20 +213,27 @@ def explain(
         name = recorded.name if recorded is not None else scan.stem
     else:
         volume, name = None, scan.name.removesuffix(".gz").removesuffix(".nii")
-    folder = OutputFolder(output_dir, kind="Grad-CAM file", overwrite=overwrite, inputs=[scan, run_dir])
-    folder.claim([f"{name}{CAM_SUFFIX}.pt", f"{name}{CAM_SUFFIX}.png"])
-    volume = model_volume(scan, source.shape.with_window(window), cache_dir or default_cache_dir(), volume)
+    folder = OutputFolder(output_dir, kind=f"{LABELS[method]} file", overwrite=overwrite, inputs=[scan, run_dir])
+    suffix = SUFFIXES[method]
+    folder.claim([f"{name}{suffix}.pt", f"{name}{suffix}.png"])
+    shape = source.shape.with_window(window)
+    volume = model_volume(scan, shape, cache_dir or default_cache_dir(), volume).to(torch_device)
     dtype = resolve_precision(precision, torch_device)
-    cam, score = grad_cam(model, volume.to(torch_device), severity_only=severity_only, dtype=dtype)
+    if method == "occlusion":
+        cam, score = occlusion_map(model, volume, fill=occlusion_fill(shape.window), severity_only=severity_only,
+                                   dtype=dtype)
+    else:
+        cam, score = grad_cam(model, volume, severity_only=severity_only, dtype=dtype)
     probability = float(torch.sigmoid(torch.tensor(score)))
     peak = peak_voxel(cam.numpy())
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tensor_path = output_dir / f"{name}{CAM_SUFFIX}.pt"
+    tensor_path = output_dir / f"{name}{suffix}.pt"
     with replaced_atomically(tensor_path, "Free some space or choose another `output_dir`.") as temp:
         torch.save(cam.contiguous(), temp)
     title = f"{name}: P(covid) = {probability:.2f}"
-    image_path = save_figure(gradcam_overlay(volume[0].cpu().numpy(), cam.numpy(), title), output_dir / f"{name}{CAM_SUFFIX}.png")
+    overlay = gradcam_overlay(volume[0].cpu().numpy(), cam.numpy(), title, label=LABELS[method])
+    image_path = save_figure(overlay, output_dir / f"{name}{suffix}.png")
     folder.record([tensor_path, image_path])
     return {"tensor": tensor_path, "image": image_path, "probability": probability, "peak": peak}

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from cov3d.dataset.intensity import HEALTHY_LUNG_HU
+
 # Hounsfield units of tissues (typical values, e.g. Radiopaedia "Hounsfield unit").
 HU_OUTSIDE_FOV = -2000.0  # padding outside the reconstruction circle, renders black
 HU_AIR = -1000.0
-HU_LUNG = -850.0
-HU_LUNG_RANGE = (-870.0, -810.0)  # mean lung parenchyma per scan (real 8 mm series: median -810 HU)
+HU_LUNG_RANGE = (HEALTHY_LUNG_HU - 20.0, HEALTHY_LUNG_HU + 40.0)  # mean lung parenchyma per scan (real 8 mm series: median -810 HU)
 HU_PAD = (-800.0, -600.0)  # foam mattress between patient and table
 HU_FAT = -100.0
 HU_SOFT_TISSUE = 40.0

@@ -55,6 +55,10 @@ COLORBAR_SHARE = 0.1
 """Share of the Grad-CAM figure's width kept at the right for the colour bar."""
 OVERLAY_ALPHA = 0.45
 """Opacity of the Grad-CAM colour map over the grey scan."""
+OUTLINE_COLOUR = "lime"
+"""Contours of a known region (a phantom's lesions) over an attribution map."""
+PEAK_COLOUR = "white"
+"""The cross on an attribution map's peak."""
 
 plt.rcParams.update({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE, "axes.labelsize": FONT_SIZE})
 
@@ -125,19 +129,24 @@ def peak_voxel(attribution: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(i) for i in top[nearest])
 
 
-def gradcam_overlay(volume: np.ndarray, attribution: np.ndarray, title: str) -> Figure:
+def gradcam_overlay(volume: np.ndarray, attribution: np.ndarray, title: str, label: str = "Grad-CAM",
+                    outline: np.ndarray | None = None) -> Figure:
     """The three planes through the voxel of highest attribution, the (D, H, W) attribution in
-    [0, 1] drawn over the (D, H, W) scan, the peak marked with a cross."""
+    [0, 1] drawn over the (D, H, W) scan, the peak marked with a cross; ``label`` names the colour
+    bar, and a (D, H, W) bool ``outline`` (e.g. the lesions a phantom knows) is drawn as contours."""
     peak = peak_voxel(attribution)
     fig, axes = _panel_grid(1, len(PLANES))
     fig.subplots_adjust(right=1 - COLORBAR_SHARE)
     scans, maps = mid_planes(volume, peak), mid_planes(attribution, peak)
+    outlines = mid_planes(outline.astype(np.float32), peak) if outline is not None else {}
     z, y, x = (int(i) for i in peak)
     marks = {"axial": (x, y), "sagittal": (y, z), "coronal": (x, z)}
     for ax, plane in zip(axes[0], PLANES):
         _show_plane(ax, scans[plane])
         handle = _show_plane(ax, maps[plane], cmap="inferno", alpha=OVERLAY_ALPHA)
-        ax.plot(*marks[plane], marker="+", color="cyan", markersize=12, markeredgewidth=1.5)
+        if plane in outlines and 0 < outlines[plane].max():
+            ax.contour(outlines[plane], levels=[0.5], colors=OUTLINE_COLOUR, linewidths=1.0)
+        ax.plot(*marks[plane], marker="+", color=PEAK_COLOUR, markersize=12, markeredgewidth=1.5)
         ax.set_title(plane, fontsize=FONT_SIZE - 1, pad=2)
     axes[0, 0].annotate(f"{title}   peak (z, y, x) = ({z}, {y}, {x})", xy=(0, 1), xycoords="axes fraction",
                         xytext=(2, FONT_SIZE + 6), textcoords="offset points", fontsize=FONT_SIZE + 1,
@@ -145,7 +154,7 @@ def gradcam_overlay(volume: np.ndarray, attribution: np.ndarray, title: str) -> 
     bottom, top = fig.subplotpars.bottom, fig.subplotpars.top
     colorbar = fig.colorbar(handle, cax=fig.add_axes((1 - 0.9 * COLORBAR_SHARE, bottom + 0.05, 0.2 * COLORBAR_SHARE, top - bottom - 0.1)))
     colorbar.solids.set_alpha(1.0)
-    colorbar.set_label("Grad-CAM", fontsize=FONT_SIZE - 1)
+    colorbar.set_label(label, fontsize=FONT_SIZE - 1)
     return fig
 
 

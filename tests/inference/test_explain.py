@@ -1,5 +1,6 @@
-"""Grad-CAM: the formula against a closed form, the aligned upsampling against numpy, a tiny
-3D ResNet trained to find a bright lesion looks at it, and `cov3d explain` writes its files."""
+"""Grad-CAM and the occlusion map: the formulas against closed forms, the aligned upsampling against
+numpy, a tiny 3D ResNet trained to find a bright lesion is seen looking at it by both, and
+`cov3d explain` writes their files."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,16 @@ from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.inference.explain import grad_cam, interpolation_matrix, last_block, upsample_aligned
+from cov3d.dataset.intensity import DEFAULT_WINDOW, LEGACY_LUNG_WINDOW
+from cov3d.inference.explain import (
+    block_edges,
+    grad_cam,
+    interpolation_matrix,
+    last_block,
+    occlusion_fill,
+    occlusion_map,
+    upsample_aligned,
+)
 from cov3d.model.network import build_model
 from cov3d.viz.figures import peak_voxel
 
@@ -20,6 +30,7 @@ NOISE_MEAN, NOISE_SD, LESION_CONTRAST = 0.3, 0.1, 0.5
 TRAIN_STEPS, BATCH = 100, 8  # about 15 s on one CPU thread
 TEST_SCANS = 10
 MIN_HIT_RATE = 0.7
+FINE_GRID = (6, 12, 12)  # occlusion blocks of 2 x 2 x 2 voxels on the lesion scans
 
 
 def block(inputs: int, outputs: int, stride: int = 1) -> BasicBlock:
@@ -103,7 +114,10 @@ def test_grad_cam_hooks_the_last_basic_block_of_r3d_18():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_grad_cam_finds_a_lesion_the_model_learned():
+@pytest.fixture(scope="module")
+def lesion_model():
+    """A TinyVideoResNet trained to tell noise volumes with a bright sphere from plain noise, and
+    test volumes that all hold one (volumes (n, 1, D, H, W), sphere centres (n, 3))."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions are faster on one thread than on a busy machine's two
     try:
@@ -121,17 +135,58 @@ def test_grad_cam_finds_a_lesion_the_model_learned():
         model.eval()
         with torch.no_grad():
             assert (torch.sigmoid(model(volumes)[:, 0]) > 0.5).float().mean() >= 0.8  # it learned the task
-        hits = 0
-        for volume, centre in zip(volumes, centres):
-            cam, _ = grad_cam(model, volume)
-            hits += np.linalg.norm(np.array(peak_voxel(cam.numpy())) - centre) <= LESION_RADIUS + 1
+        yield model, volumes, centres
     finally:
         torch.set_num_threads(threads)
-    # chance: a peak uniformly placed falls within a voxel of the lesion with this probability
+
+
+def lesion_hit_rate(peaks: list[tuple[int, int, int]], centres: np.ndarray) -> float:
+    """Share of peaks within a voxel of the lesion sphere; chance (a uniform peak) is under 5 %."""
     near = ((GRID - (np.array(LESION_SHAPE) - 1) / 2) ** 2).sum(axis=-1) <= (LESION_RADIUS + 1) ** 2
-    chance = near.mean()
-    assert chance < 0.05
-    assert hits / TEST_SCANS >= MIN_HIT_RATE, f"{hits}/{TEST_SCANS} peaks on the lesion (chance {chance:.3f})"
+    assert near.mean() < 0.05
+    return float(np.mean([np.linalg.norm(np.array(peak) - centre) <= LESION_RADIUS + 1
+                          for peak, centre in zip(peaks, centres)]))
+
+
+def test_grad_cam_finds_a_lesion_the_model_learned(lesion_model):
+    model, volumes, centres = lesion_model
+    peaks = [peak_voxel(grad_cam(model, volume)[0].numpy()) for volume in volumes]
+    assert lesion_hit_rate(peaks, centres) >= MIN_HIT_RATE
+
+
+def test_occlusion_finds_a_lesion_the_model_learned(lesion_model):
+    model, volumes, centres = lesion_model
+    peaks = [peak_voxel(occlusion_map(model, volume, fill=NOISE_MEAN, grid=FINE_GRID)[0].numpy()) for volume in volumes]
+    assert lesion_hit_rate(peaks, centres) >= MIN_HIT_RATE
+
+
+def test_occlusion_map_of_a_linear_model_is_its_blockwise_drop():
+    """For y = w . x, occluding block b with f lowers y by sum over b of w (x - f): checked against
+    a reshape into (2, 2, 2) blocks, with the ReLU and the scaling to a maximum of 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 1))
+    volume, fill = torch.rand(1, 4, 6, 6), 0.25
+    cam, score = occlusion_map(model, volume, fill=fill, grid=(2, 3, 3), batch_size=5)
+    weights = model[1].weight.detach().reshape(4, 6, 6).double()
+    falls = ((volume[0].double() - fill) * weights).reshape(2, 2, 3, 2, 3, 2).sum(dim=(1, 3, 5)).clamp(min=0)
+    expected = falls.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    torch.testing.assert_close(cam.double(), expected / expected.max(), rtol=1e-4, atol=1e-5)
+    assert score == pytest.approx(float(model(volume[None])[0, 0]), rel=1e-5)
+    assert (falls == 0).any() and (falls > 0).any()  # the ReLU was exercised both ways
+
+
+def test_occlusion_blocks_tile_every_axis():
+    for size, blocks in ((48, 6), (16, 4), (7, 3), (3, 6), (1, 4)):
+        edges = block_edges(size, blocks)
+        assert edges[0][0] == 0 and edges[-1][1] == size and len(edges) == min(size, blocks)
+        assert all(stop == start for (_, stop), (start, _) in zip(edges, edges[1:]))
+        assert max(stop - start for start, stop in edges) - min(stop - start for start, stop in edges) <= 1
+
+
+def test_occlusion_fill_is_healthy_lung_under_the_window():
+    # -850 HU: (-850 - (-470 - 705)) * 255 / 1410 = 58.8 grey levels; (-850 - (-600 - 750)) * 255 / 1500 = 85
+    assert occlusion_fill(DEFAULT_WINDOW) == pytest.approx(325 * 255 / 1410 / 255)
+    assert occlusion_fill(LEGACY_LUNG_WINDOW) == pytest.approx(85 / 255)
 
 
 def test_explain_command_writes_tensor_and_overlay(tmp_path, tiny_dataset, tiny_run):
@@ -145,6 +200,21 @@ def test_explain_command_writes_tensor_and_overlay(tmp_path, tiny_dataset, tiny_
     assert 0.0 <= float(cam.min()) and float(cam.max()) == pytest.approx(1.0)
     pixels = assert_size(out / f"{scan.name}-gradcam.png", 720, 275)
     assert_panels_differ(pixels, rows=1, columns=3, right=0.9)  # the colour bar takes the right tenth
+
+
+def test_explain_command_writes_the_occlusion_map(tmp_path, tiny_dataset, tiny_run):
+    scan = sorted((tiny_dataset / "validation" / "covid").iterdir())[0]
+    out = tmp_path / "explain"
+    options = ["--model", str(tiny_run), "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    result = CliRunner().invoke(app, ["explain", str(scan), *options, "--method", "occlusion"])
+    assert result.exit_code == 0, result.output
+    cam = torch.load(out / f"{scan.name}-occlusion.pt", weights_only=True)
+    assert cam.shape == (8, 32, 32) and 0.0 <= float(cam.min()) and float(cam.max()) <= 1.0
+    assert len(torch.unique(cam)) <= 4 * 6 * 6 + 1  # constant over each block
+    assert_size(out / f"{scan.name}-occlusion.png", 720, 275)
+    assert not (out / f"{scan.name}-gradcam.pt").exists()
+    result = CliRunner().invoke(app, ["explain", str(scan), *options, "--method", "lime"])
+    assert result.exit_code == 1 and "gradcam, occlusion" in result.output and "Traceback" not in result.output
 
 
 def test_grad_cam_records_a_graph_only_after_the_hooked_layer():

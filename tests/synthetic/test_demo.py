@@ -62,10 +62,13 @@ def test_scores_from_rows_by_hand(tmp_path):
 def test_pointing_game_on_the_demo_run(demo, capsys):
     out, _ = demo
     pointing_game = load_script("pointing_game")
-    result = pointing_game.pointing_game(out, "layer4", per_scan=True)
-    assert result["scans"] >= 1 and 0.0 <= result["score"] <= 1.0
-    assert 0.0 < result["chance"] <= result["chance_dilated"] <= 1.0
-    assert "peak (" in capsys.readouterr().out
+    for method in ("gradcam", "occlusion"):
+        result = pointing_game.pointing_game(out, method, "layer4", per_scan=True)
+        assert result["scans"] >= 1 and result["score"] in {i / result["scans"] for i in range(result["scans"] + 1)}
+        assert 0.0 < result["chance"] <= result["chance_dilated"] <= 1.0 and 0 <= result["zero_maps"] <= result["scans"]
+        assert 0.0 <= result["energy"] <= 1.0 or (math.isnan(result["energy"]) and result["zero_maps"] == result["scans"])
+        assert sum(part["scans"] for part in result["by_severity"].values()) == result["scans"]
+        assert "peak (" in capsys.readouterr().out
 
 
 def test_figures_from_the_demo_run(demo, tmp_path, monkeypatch, capsys):
@@ -74,9 +77,11 @@ def test_figures_from_the_demo_run(demo, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["make_figures.py", str(out), "--output", str(tmp_path)])
     make_figures.main()
     assert sorted(path.name for path in tmp_path.glob("*.png")) == [
-        "confusion-presence.png", "confusion-severity.png", "curves.png", "depth-histogram.png", "gradcam.png", "scans.png",
+        "confusion-presence.png", "confusion-severity.png", "curves.png", "depth-histogram.png", "gradcam.png",
+        "occlusion.png", "scans.png",
     ]
-    assert "Grad-CAM of validation/covid/" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "gradcam of validation/covid/" in printed and "occlusion of validation/covid/" in printed
 
 
 def test_make_figures_needs_a_trained_demo(tmp_path, monkeypatch):
