@@ -73,7 +73,7 @@ def explained_scan(data: Path) -> Path:
 
 def lesion_figure(data: Path, scan: Path, result: dict, run: Path, cache: Path, method: str, output: Path) -> str:
     """Draw ``cov3d explain``'s map of ``scan`` (its ``result``) again with the scan's lesions outlined,
-    to ``output``; returns whether the map's peak lies on a lesion (dilated by one voxel), in words."""
+    to ``output``; returns where the map's peak lies: on a lesion, within a voxel of one, or off them."""
     import numpy as np
     import torch
     from scipy import ndimage
@@ -95,7 +95,8 @@ def lesion_figure(data: Path, scan: Path, result: dict, run: Path, cache: Path, 
     save_figure(gradcam_overlay(volume, cam, title, label=LABELS[method], outline=lesion), output)
     dilated = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), dtype=bool))
     peak = peak_voxel(cam)
-    return f"peak {peak} {'on a lesion' if dilated[peak] else 'off the lesions'} (lesions: {lesion.mean():.1%} of the volume)"
+    where = "on a lesion" if lesion[peak] else "within a voxel of a lesion" if dilated[peak] else "off the lesions"
+    return f"peak {peak} {where} (lesions: {lesion.mean():.1%} of the volume)"
 
 
 def main() -> None:

@@ -31,10 +31,9 @@ from PIL import Image
 from scipy import ndimage
 
 from cov3d.dataset.layout import SEVERITY_LABELS
-from cov3d.inference.explain import grad_cam, occlusion_fill, occlusion_map
+from cov3d.inference.explain import grad_cam, map_precision, occlusion_fill, occlusion_map
 from cov3d.model.files import load_source
 from cov3d.preprocessing.preprocess import VolumeCache, depth_interpolation_matrix
-from cov3d.runtime import resolve_precision
 from cov3d.settings import EXPLAIN_METHODS
 from cov3d.viz.figures import peak_voxel
 
@@ -64,7 +63,7 @@ def pointing_game(demo_dir: Path, method: str = "gradcam", layer: str = "layer4"
     data, run, cache_dir = demo_dir / "data", demo_dir / "run", demo_dir / "cache"
     source = load_source(run)
     model = source.build("presence")
-    dtype = resolve_precision("auto", torch.device("cpu"))  # as `cov3d explain` on this CPU
+    dtype = map_precision(method, "auto", torch.device("cpu"))  # as `cov3d explain` on this CPU
     block = _block(model, layer)
     cache = VolumeCache.for_shape(cache_dir, source.shape)
     records, skipped = [], []

