@@ -508,9 +508,9 @@ def explain(
     model: Path = typer.Option(..., "--model", "-m", help="A run folder written by 'cov3d train'."),
     output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-<method>.pt and .png."),
     method: str = typer.Option(DEFAULT_EXPLAIN_METHOD, "--method", help=(
-        "gradcam: Grad-CAM of the last residual block (one pass). occlusion: how far P(covid) falls when each of "
-        f"{math.prod(OCCLUSION_GRID)} blocks in turn is made healthy lung (a pass each); "
-        "finer where layer4 is coarse, as at the demo's size.")),
+        "gradcam: Grad-CAM of the last residual block (one pass). occlusion: how far the presence logit falls "
+        f"when each of {math.prod(OCCLUSION_GRID)} blocks in turn is made healthy lung (a pass each, fp32 unless "
+        "--precision says otherwise); finer where layer4 is coarse, as at the demo's size.")),
     window: Optional[str] = ModelWindowOption,
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,

@@ -289,6 +289,7 @@ EXPLAIN_METHODS = ("gradcam", "occlusion")
 """``cov3d explain``'s attributions (``cov3d.inference.explain``): Grad-CAM of the last residual
 block (one forward and backward pass) or occlusion sensitivity (one forward pass per block)."""
 DEFAULT_EXPLAIN_METHOD = "gradcam"
+"""The cheaper map, and the one at the last residual block that the literature uses."""
 OCCLUSION_GRID = (4, 6, 6)
-"""Blocks along (D, H, W) that the occlusion map replaces one at a time: 144 forward passes, blocks
-of 4 x 8 x 8 voxels at the demo's 16 x 48 x 48."""
+"""Blocks along (D, H, W) that the occlusion map replaces one at a time (blocks of 4 x 8 x 8 voxels
+at the demo's 16 x 48 x 48): 145 volumes through the model, the scan and one per block."""

@@ -37,6 +37,8 @@ MAX_FIGURE_BYTES = 300_000
 """The documentation's figures stay small."""
 PALETTE_COLOURS = 256
 """The documentation's figures are stored as 8-bit palette PNGs (about a third of the RGBA size)."""
+EXPLAINED_SEVERITY = next(code for code, label in SEVERITY_CATEGORIES.items() if label == "moderate")
+"""The severity of the scan whose maps are shown (see the module docstring)."""
 
 
 def example_scans(data: Path) -> list[Path]:
@@ -51,10 +53,6 @@ def example_scans(data: Path) -> list[Path]:
                 chosen.append(folders[0])
                 break
     return chosen
-
-
-EXPLAINED_SEVERITY = next(code for code, label in SEVERITY_CATEGORIES.items() if label == "moderate")
-"""The severity of the scan whose maps are shown (see the module docstring)."""
 
 
 def explained_scan(data: Path) -> Path:
@@ -82,7 +80,7 @@ def lesion_figure(data: Path, scan: Path, result: dict, run: Path, cache: Path, 
     from cov3d.model.files import load_source
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.synthetic.generator import mask_path, read_masks
-    from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
+    from cov3d.viz.figures import attribution_overlay, peak_voxel, save_figure
 
     spec = importlib.util.spec_from_file_location("pointing_game", Path(__file__).with_name("pointing_game.py"))
     pointing_game = importlib.util.module_from_spec(spec)
@@ -92,7 +90,7 @@ def lesion_figure(data: Path, scan: Path, result: dict, run: Path, cache: Path, 
     lesion = pointing_game.resample_mask(read_masks(mask_path(data, scan))[0], cam.shape)
     volume = VolumeCache.for_shape(cache, load_source(run).shape).get(scan)[0].numpy()
     title = f"{scan.name}: P(covid) = {result['probability']:.2f}, lesions outlined"
-    save_figure(gradcam_overlay(volume, cam, title, label=LABELS[method], outline=lesion), output)
+    save_figure(attribution_overlay(volume, cam, title, label=LABELS[method], outline=lesion), output)
     dilated = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), dtype=bool))
     peak = peak_voxel(cam)
     where = "on a lesion" if lesion[peak] else "within a voxel of a lesion" if dilated[peak] else "off the lesions"

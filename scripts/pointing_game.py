@@ -23,6 +23,7 @@ twice chance can only be asked of the severities whose chance is under one half.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,10 @@ from PIL import Image
 from scipy import ndimage
 
 from cov3d.dataset.layout import SEVERITY_LABELS
-from cov3d.inference.explain import grad_cam, map_precision, occlusion_fill, occlusion_map
+from cov3d.inference.explain import attribution_map, map_precision, occlusion_fill
 from cov3d.model.files import load_source
 from cov3d.preprocessing.preprocess import VolumeCache, depth_interpolation_matrix
-from cov3d.settings import EXPLAIN_METHODS
+from cov3d.settings import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS
 from cov3d.viz.figures import peak_voxel
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -54,32 +55,35 @@ def resample_mask(mask: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     return stacked.reshape(depth, height, width) >= MASK_THRESHOLD
 
 
-def pointing_game(demo_dir: Path, method: str = "gradcam", layer: str = "layer4", partition: str = "validation",
-                  per_scan: bool = False) -> dict[str, float]:
+def pointing_game(demo_dir: Path, method: str = DEFAULT_EXPLAIN_METHOD, layer: str = "layer4",
+                  partition: str = "validation", per_scan: bool = False) -> dict:
     """The pointing-game score and chance rates of a demo output folder (see the module docstring)."""
     from cov3d.synthetic.generator import mask_path, read_masks
     from cov3d.synthetic.phantom import SEVERITY_BANDS
 
     data, run, cache_dir = demo_dir / "data", demo_dir / "run", demo_dir / "cache"
     source = load_source(run)
-    model = source.build("presence")
+    severity_only = source.config.get("severity_factor", 0.5) >= 1  # as `cov3d explain`
+    model = source.build("severity" if severity_only else "presence")
     dtype = map_precision(method, "auto", torch.device("cpu"))  # as `cov3d explain` on this CPU
     block = _block(model, layer)
+    fill = occlusion_fill(source.shape.window)
     cache = VolumeCache.for_shape(cache_dir, source.shape)
-    records, skipped = [], []
+    records, skipped, seconds = [], [], []
     for scan in sorted((data / partition / "covid").iterdir()):
         lesion, lung = read_masks(mask_path(data, scan))
         involved = lesion.sum() / max(int(lung.sum()), 1)
         severity = next(code for code, (low, high) in SEVERITY_BANDS.items() if involved <= high or code == 4)
-        lesion, lung = resample_mask(lesion, source.size), resample_mask(lung, source.size)
+        lung = resample_mask(lung, source.size)
+        lesion = resample_mask(lesion, source.size) & lung  # resampled edges may stray out of the lungs
         if not lesion.any() or not lung.any():
             skipped.append(scan.name)
             continue
         dilated = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), dtype=bool))
-        if method == "occlusion":
-            cam, score = occlusion_map(model, cache.get(scan), fill=occlusion_fill(source.shape.window), dtype=dtype)
-        else:
-            cam, score = grad_cam(model, cache.get(scan), layer=block, dtype=dtype)
+        volume = cache.get(scan)
+        start = time.perf_counter()
+        cam, score = attribution_map(model, volume, method, fill=fill, severity_only=severity_only, dtype=dtype, layer=block)
+        seconds.append(time.perf_counter() - start)
         cam = cam.numpy()
         peak = peak_voxel(cam)
         records.append({
@@ -92,7 +96,7 @@ def pointing_game(demo_dir: Path, method: str = "gradcam", layer: str = "layer4"
                   f"{records[-1]['chance']:.2f}, P(covid) {float(torch.sigmoid(torch.tensor(score))):.2f}")
     if skipped:
         print(f"skipped (no lesion voxel on the {source.size} grid): {', '.join(skipped)}")
-    result = _means(records)
+    result = {**_means(records), "seconds_per_map": float(np.mean(seconds)) if seconds else float("nan")}
     result["by_severity"] = {label: _means([r for r in records if r["severity"] == code])
                              for code, label in enumerate(SEVERITY_LABELS, start=1)
                              if any(r["severity"] == code for r in records)}
@@ -118,14 +122,14 @@ def _block(model: torch.nn.Module, layer: str) -> torch.nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo_dir", type=Path, help="The --output folder of 'cov3d demo' (data/, cache/, run/).")
-    parser.add_argument("--method", choices=EXPLAIN_METHODS, default="gradcam", help="Map to score (default: %(default)s).")
-    parser.add_argument("--layer", choices=LAYERS, default="layer4", help="Grad-CAM layer (default: %(default)s, as cov3d explain).")
+    parser.add_argument("--method", choices=EXPLAIN_METHODS, default=DEFAULT_EXPLAIN_METHOD, help="Map to score (default: %(default)s).")
+    parser.add_argument("--layer", choices=LAYERS, default="layer4", help="Grad-CAM's layer (default: %(default)s, as cov3d explain; no effect on occlusion).")
     parser.add_argument("--partition", default="validation", help="Labelled split to score (default: %(default)s).")
     parser.add_argument("--per-scan", action="store_true", help="Print every scan's peak.")
     args = parser.parse_args()
     result = pointing_game(args.demo_dir, args.method, args.layer, args.partition, args.per_scan)
     name = f"Grad-CAM of {args.layer}" if args.method == "gradcam" else "the occlusion map"
-    print(f"pointing game, {args.partition} covid scans, {name}")
+    print(f"pointing game, {args.partition} covid scans, {name} ({result['seconds_per_map']:.1f} s a map)")
     print("  severity  scans  peak on lesion  chance (peak / chance)  dilated (peak / it)  "
           "energy on lesions (/ chance)  zero maps")
     for label, part in {"all": result, **result["by_severity"]}.items():

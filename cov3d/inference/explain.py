@@ -1,4 +1,5 @@
-"""`cov3d explain`: 3D Grad-CAM (Selvaraju et al., 2017) for the COVID-19 presence prediction.
+"""`cov3d explain`: where the model sees COVID-19, as a 3D Grad-CAM (Selvaraju et al., 2017) or an
+occlusion map (Zeiler & Fergus, 2014) of the presence prediction.
 
 For activations A (C, d, h, w) of the last convolutional block (the output of the last
 ``BasicBlock`` of ``layer4``) and the presence score y:
@@ -15,10 +16,10 @@ have no presence head, it is the log-odds of P(covid) = sum_{c=1..4} s_c (eq. 3)
 ``logsumexp(z_1..z_4) - z_0``. layer4 downsamples by 8 along the slices and 16 in-plane, so
 the map is coarse (8 x 8 x 8 cells at 64 x 128 x 128).
 
-Occlusion sensitivity (Zeiler & Fergus, 2014), ``method="occlusion"``, needs no layer: the volume
-is cut into ``OCCLUSION_GRID`` blocks, each block in turn is replaced by the grey level of healthy
-lung (``HEALTHY_LUNG_HU`` under the model's window) and the map holds, over the block, how far the
-score falls: ReLU(y - y_occluded), divided by its maximum. It asks "would the model still see
+Occlusion sensitivity, ``method="occlusion"``, needs no layer: the volume is cut into
+``OCCLUSION_GRID`` blocks, each block in turn is replaced by the grey level of healthy lung
+(``HEALTHY_LUNG_HU`` under the window of the scan's HU, or the model's) and the map holds, over the
+block, how far the score falls: ReLU(y - y_occluded), divided by its maximum. It asks "would the model still see
 COVID-19 if this block were healthy lung?", one forward pass per block. At the demo's size, where
 layer4 has 2 x 3 x 3 cells whose receptive fields span the whole chest, its peaks fall on the
 phantoms' lesions and Grad-CAM's do not (docs/figures.md, ``scripts/pointing_game.py``).
@@ -39,10 +40,9 @@ from cov3d.errors import Cov3dError
 from cov3d.runtime import autocast
 from cov3d.settings import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS, OCCLUSION_GRID
 
-SUFFIXES = {"gradcam": "-gradcam", "occlusion": "-occlusion"}
-"""Output names per method: ``<scan name><suffix>.pt`` (tensor (D, H, W) in [0, 1]) and ``.png``."""
 LABELS = {"gradcam": "Grad-CAM", "occlusion": "occlusion"}
-"""The colour bar's label per method."""
+"""The colour bar's label of each of ``EXPLAIN_METHODS``; outputs are ``<scan name>-<method>.pt``
+(tensor (D, H, W) in [0, 1]) and ``.png``."""
 OCCLUSION_BATCH = 4
 """Occluded volumes per forward pass."""
 
@@ -147,23 +147,47 @@ def occlusion_map(model: nn.Module, volume: torch.Tensor, *, fill: float, severi
 
     Each of the ``grid`` blocks (``block_edges`` along each axis) is set to ``fill`` in turn; the map
     is ReLU(score - occluded score) over the block, divided by its maximum (all zero stays zero).
-    ``dtype`` is the autocast dtype of the forward passes (None: fp32); the model is put in eval mode.
+    Every pass holds ``batch_size`` volumes, the unoccluded one first and as padding at the end, so
+    that a block which changes nothing gives exactly zero. ``dtype`` is the autocast dtype of the
+    forward passes (None: fp32); the model is put in eval mode.
     """
     model.eval()
-    blocks = list(itertools.product(*(block_edges(size, count) for size, count in zip(volume.shape[-3:], grid))))
-    drops = torch.zeros(volume.shape[-3:])
+    blocks = [None, *itertools.product(*(block_edges(size, count) for size, count in zip(volume.shape[-3:], grid)))]
+    blocks += [None] * (-len(blocks) % batch_size)
+    scores = []
     with torch.no_grad(), autocast(volume.device, dtype):
-        score = presence_score(model(volume[None].float()).float(), severity_only)[0]
         for first in range(0, len(blocks), batch_size):
-            chunk = blocks[first:first + batch_size]
-            occluded = volume[None].float().repeat(len(chunk), 1, 1, 1, 1)
-            for copy, ((z0, z1), (y0, y1), (x0, x1)) in zip(occluded, chunk):
-                copy[:, z0:z1, y0:y1, x0:x1] = fill
-            falls = torch.relu(score - presence_score(model(occluded).float(), severity_only)).cpu()
-            for ((z0, z1), (y0, y1), (x0, x1)), fall in zip(chunk, falls):
-                drops[z0:z1, y0:y1, x0:x1] = fall
+            batch = volume[None].float().repeat(batch_size, 1, 1, 1, 1)
+            for copy, block in zip(batch, blocks[first:first + batch_size]):
+                if block is not None:
+                    (z0, z1), (y0, y1), (x0, x1) = block
+                    copy[:, z0:z1, y0:y1, x0:x1] = fill
+            scores.append(presence_score(model(batch).float(), severity_only).cpu())
+    scores = torch.cat(scores)
+    drops = torch.zeros(volume.shape[-3:])
+    for block, occluded in zip(blocks, scores):
+        if block is not None:
+            (z0, z1), (y0, y1), (x0, x1) = block
+            drops[z0:z1, y0:y1, x0:x1] = torch.relu(scores[0] - occluded)
     peak = drops.max()
-    return drops / peak if peak > 0 else drops, float(score)
+    return drops / peak if peak > 0 else drops, float(scores[0])
+
+
+def check_method(method: str) -> None:
+    """Refuse a method that is not one of ``EXPLAIN_METHODS``, in one line."""
+    if method not in EXPLAIN_METHODS:
+        raise Cov3dError(f"The explanation method must be one of {', '.join(EXPLAIN_METHODS)}, got '{method}'.")
+
+
+def attribution_map(model: nn.Module, volume: torch.Tensor, method: str, *, fill: float,
+                    severity_only: bool = False, dtype: torch.dtype | None = None,
+                    layer: nn.Module | None = None) -> tuple[torch.Tensor, float]:
+    """The ``method`` map of one volume (1, D, H, W) -> (map (D, H, W) in [0, 1], presence score):
+    ``grad_cam`` (of ``layer``, by default layer4's last block) or ``occlusion_map`` (with ``fill``)."""
+    check_method(method)
+    if method == "occlusion":
+        return occlusion_map(model, volume, fill=fill, severity_only=severity_only, dtype=dtype)
+    return grad_cam(model, volume, severity_only=severity_only, layer=layer, dtype=dtype)
 
 
 def map_precision(method: str, precision: str, device: torch.device) -> torch.dtype | None:
@@ -202,15 +226,15 @@ def explain(
     cov3d wrote them (``cov3d.outputs.OutputFolder``), or with ``overwrite``.
     """
     from cov3d.atomic import replaced_atomically
+    from cov3d.dataset.scans import is_dicom_dir, is_nifti_file
     from cov3d.inference.views import is_tensor_file, load_tensor_file, model_volume
     from cov3d.model.files import load_source
     from cov3d.outputs import OutputFolder
     from cov3d.preprocessing.preprocess import default_cache_dir
     from cov3d.runtime import resolve_device
-    from cov3d.viz.figures import gradcam_overlay, peak_voxel, save_figure
+    from cov3d.viz.figures import attribution_overlay, peak_voxel, save_figure
 
-    if method not in EXPLAIN_METHODS:
-        raise Cov3dError(f"The explanation method must be one of {', '.join(EXPLAIN_METHODS)}, got '{method}'.")
+    check_method(method)  # before any work
     source = load_source(run_dir)
     config = source.config
     severity_only = config.get("severity_factor", 0.5) >= 1
@@ -226,27 +250,25 @@ def explain(
         name = recorded.name if recorded is not None else scan.stem
     else:
         volume, name = None, scan.name.removesuffix(".gz").removesuffix(".nii")
-    folder = OutputFolder(output_dir, kind=f"{LABELS[method]} file", overwrite=overwrite, inputs=[scan, run_dir])
-    suffix = SUFFIXES[method]
-    folder.claim([f"{name}{suffix}.pt", f"{name}{suffix}.png"])
+    folder = OutputFolder(output_dir, kind=f"{LABELS[method]} map file", overwrite=overwrite, inputs=[scan, run_dir])
+    stem = f"{name}-{method}"
+    folder.claim([f"{stem}.pt", f"{stem}.png"])
     shape = source.shape.with_window(window)
     volume = model_volume(scan, shape, cache_dir or default_cache_dir(), volume).to(torch_device)
-    dtype = map_precision(method, precision, torch_device)
-    if method == "occlusion":
-        cam, score = occlusion_map(model, volume, fill=occlusion_fill(shape.window), severity_only=severity_only,
-                                   dtype=dtype)
-    else:
-        cam, score = grad_cam(model, volume, severity_only=severity_only, dtype=dtype)
+    holds_hu = is_dicom_dir(scan) or is_nifti_file(scan)  # else grey levels, which no window maps
+    fill = occlusion_fill(shape.window if holds_hu else source.shape.window)
+    cam, score = attribution_map(model, volume, method, fill=fill, severity_only=severity_only,
+                                 dtype=map_precision(method, precision, torch_device))
     probability = float(torch.sigmoid(torch.tensor(score)))
     peak = peak_voxel(cam.numpy())
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tensor_path = output_dir / f"{name}{suffix}.pt"
+    tensor_path = output_dir / f"{stem}.pt"
     with replaced_atomically(tensor_path, "Free some space or choose another `output_dir`.") as temp:
         torch.save(cam.contiguous(), temp)
     title = f"{name}: P(covid) = {probability:.2f}"
-    overlay = gradcam_overlay(volume[0].cpu().numpy(), cam.numpy(), title, label=LABELS[method])
-    image_path = save_figure(overlay, output_dir / f"{name}{suffix}.png")
+    overlay = attribution_overlay(volume[0].cpu().numpy(), cam.numpy(), title, label=LABELS[method])
+    image_path = save_figure(overlay, output_dir / f"{stem}.png")
     folder.record([tensor_path, image_path])
     return {"tensor": tensor_path, "image": image_path, "probability": probability, "peak": peak}

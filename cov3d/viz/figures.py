@@ -1,5 +1,6 @@
 """Figures: slice views of scans (paper Fig. 2), the depth histogram (Fig. 1), training curves,
-confusion matrices and Grad-CAM overlays. Headless (matplotlib's Agg backend), fixed pixel sizes.
+confusion matrices and attribution maps (Grad-CAM, occlusion) over scans. Headless (matplotlib's
+Agg backend), fixed pixel sizes.
 
 Volumes are ``(D, H, W)`` arrays in [0, 1]: D slices from the first file (apex) to the last,
 rows H anterior to posterior, columns W across the patient. The three mid-planes are
@@ -52,9 +53,9 @@ HISTOGRAM_BINS = 60
 PLATEAU_TOLERANCE = 1e-6
 """Values within this of the maximum of a map in [0, 1] count as its peak (see ``peak_voxel``)."""
 COLORBAR_SHARE = 0.1
-"""Share of the Grad-CAM figure's width kept at the right for the colour bar."""
+"""Share of an attribution figure's width kept at the right for the colour bar."""
 OVERLAY_ALPHA = 0.45
-"""Opacity of the Grad-CAM colour map over the grey scan."""
+"""Opacity of an attribution map (Grad-CAM, occlusion) over the grey scan."""
 OUTLINE_COLOUR = "lime"
 """Contours of a known region (a phantom's lesions) over an attribution map."""
 PEAK_COLOUR = "white"
@@ -129,7 +130,7 @@ def peak_voxel(attribution: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(i) for i in top[nearest])
 
 
-def gradcam_overlay(volume: np.ndarray, attribution: np.ndarray, title: str, label: str = "Grad-CAM",
+def attribution_overlay(volume: np.ndarray, attribution: np.ndarray, title: str, label: str = "Grad-CAM",
                     outline: np.ndarray | None = None) -> Figure:
     """The three planes through the voxel of highest attribution, the (D, H, W) attribution in
     [0, 1] drawn over the (D, H, W) scan, the peak marked with a cross; ``label`` names the colour

@@ -11,7 +11,7 @@ from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.dataset.intensity import DEFAULT_WINDOW, LEGACY_LUNG_WINDOW
+from cov3d.dataset.intensity import DEFAULT_WINDOW, LEGACY_LUNG_WINDOW, Window
 from cov3d.inference.explain import (
     block_edges,
     grad_cam,
@@ -177,6 +177,36 @@ def test_occlusion_map_of_a_linear_model_is_its_blockwise_drop():
     assert (falls == 0).any() and (falls > 0).any()  # the ReLU was exercised both ways
 
 
+def test_occlusion_of_a_severity_only_run_uses_the_log_odds_of_covid():
+    """For lambda = 1 runs the score is logsumexp(z_1..z_4) - z_0 (eq. 3): a linear model whose
+    severity logits follow the input changes its map only through that score."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 4 * 4, 6))
+    volume = torch.rand(1, 2, 4, 4)
+    cam, score = occlusion_map(model, volume, fill=0.5, grid=(1, 2, 2), severity_only=True)
+    with torch.no_grad():
+        logits = model(volume[None])[0]
+        assert score == pytest.approx(float(torch.logsumexp(logits[2:6], 0) - logits[1]), rel=1e-5)
+        occluded = volume[None].repeat(4, 1, 1, 1, 1)
+        for i, (y, x) in enumerate(((0, 0), (0, 2), (2, 0), (2, 2))):
+            occluded[i, 0, :, y:y + 2, x:x + 2] = 0.5
+        others = model(occluded)
+        falls = torch.relu(score - (torch.logsumexp(others[:, 2:6], 1) - others[:, 1]))
+    expected = falls.reshape(2, 2).repeat_interleave(2, 0).repeat_interleave(2, 1).expand(2, 4, 4)
+    torch.testing.assert_close(cam, expected / expected.max(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_block_that_changes_nothing_gives_exactly_zero():
+    """Every pass holds the unoccluded volume as well, so equal inputs give equal outputs: occluding
+    with the values already there leaves the map zero, whatever the batch size."""
+    torch.manual_seed(0)
+    model = build_model(outputs=6, penultimate=8).eval()
+    volume = torch.full((1, 8, 16, 16), 0.25)
+    for batch_size in (1, 3, 4):
+        cam, _ = occlusion_map(model, volume, fill=0.25, grid=(2, 2, 2), batch_size=batch_size)
+        assert float(cam.abs().max()) == 0.0
+
+
 def test_occlusion_blocks_tile_every_axis():
     for size, blocks in ((48, 6), (16, 4), (7, 3), (3, 6), (1, 4)):
         edges = block_edges(size, blocks)
@@ -197,6 +227,7 @@ def test_occlusion_fill_is_healthy_lung_under_the_window():
     # -850 HU: (-850 - (-470 - 705)) * 255 / 1410 = 58.8 grey levels; (-850 - (-600 - 750)) * 255 / 1500 = 85
     assert occlusion_fill(DEFAULT_WINDOW) == pytest.approx(325 * 255 / 1410 / 255)
     assert occlusion_fill(LEGACY_LUNG_WINDOW) == pytest.approx(85 / 255)
+    assert occlusion_fill(Window(level=0.0, width=400.0)) == 0.0  # -850 HU lies below a soft-tissue window
 
 
 def test_explain_command_writes_tensor_and_overlay(tmp_path, tiny_dataset, tiny_run):
@@ -220,7 +251,10 @@ def test_explain_command_writes_the_occlusion_map(tmp_path, tiny_dataset, tiny_r
     assert result.exit_code == 0, result.output
     cam = torch.load(out / f"{scan.name}-occlusion.pt", weights_only=True)
     assert cam.shape == (8, 32, 32) and 0.0 <= float(cam.min()) and float(cam.max()) <= 1.0
-    assert len(torch.unique(cam)) <= 4 * 6 * 6 + 1  # constant over each block
+    for z0, z1 in block_edges(8, 4):  # constant over each block
+        for y0, y1 in block_edges(32, 6):
+            for x0, x1 in block_edges(32, 6):
+                assert torch.all(cam[z0:z1, y0:y1, x0:x1] == cam[z0, y0, x0])
     assert_size(out / f"{scan.name}-occlusion.png", 720, 275)
     assert not (out / f"{scan.name}-gradcam.pt").exists()
     result = CliRunner().invoke(app, ["explain", str(scan), *options, "--method", "lime"])
