@@ -1,0 +1,185 @@
+"""`cov3d train` and `cov3d demo`: the commands that train a model."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cov3d.cli.common import (
+    DEMO_DEFAULTS,
+    TRAIN_DEFAULTS,
+    CacheDirOption,
+    DepthOption,
+    DeviceOption,
+    FastDecodeOption,
+    HeightOption,
+    PrecisionOption,
+    WarpOption,
+    WidthOption,
+    WindowHelp,
+    WorkersOption,
+    app,
+    cache_directory,
+    size_option,
+    user_errors,
+)
+from cov3d.errors import BaselineNotBeaten, Cov3dError
+from cov3d.settings import (
+    DEMO_SHAPE,
+    DemoSettings,
+    TrainSettings,
+    VolumeShape,
+)
+
+
+@app.command()
+@user_errors
+def train(
+    ctx: typer.Context,
+    directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Dataset folder with train/, validation/ and the two severity CSVs."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder for weights, config and metrics. Default: outputs/run-<time>."),
+    size: Optional[str] = size_option("small"),
+    depth: Optional[int] = DepthOption,
+    width: Optional[int] = WidthOption,
+    height: Optional[int] = HeightOption,
+    fast_decode: bool = FastDecodeOption,
+    epochs: int = typer.Option(TRAIN_DEFAULTS.epochs, "--epochs", help="Epochs of the 1cycle schedule (paper: 30, 40 or 50)."),
+    batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, "--batch-size", help="Scans per batch (paper: 2)."),
+    learning_rate: float = typer.Option(TRAIN_DEFAULTS.learning_rate, "--learning-rate", help="Maximum learning rate of 1cycle (paper: 1e-4)."),
+    weight_decay: float = typer.Option(TRAIN_DEFAULTS.weight_decay, "--weight-decay", help="Adam weight decay (paper: 1e-5)."),
+    severity_factor: float = typer.Option(TRAIN_DEFAULTS.severity_factor, "--severity-factor", help="lambda in eq. 6: 0 trains presence only, 1 severity only."),
+    presence_smoothing: float = typer.Option(TRAIN_DEFAULTS.presence_smoothing, "--presence-smoothing", help="Label smoothing eps_p for presence (paper: 0 or 0.1)."),
+    severity_smoothing: float = typer.Option(TRAIN_DEFAULTS.severity_smoothing, "--severity-smoothing", help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
+    penultimate: int = typer.Option(TRAIN_DEFAULTS.penultimate, "--penultimate", help="Size of the head's hidden layer."),
+    dropout: float = typer.Option(TRAIN_DEFAULTS.dropout, "--dropout", help="Dropout after each ResNet layer and in the head."),
+    pool: str = typer.Option(TRAIN_DEFAULTS.pool, "--pool", help="Global pooling before the head: max (the original code) or avg (torchvision's)."),
+    final_bias: bool = typer.Option(TRAIN_DEFAULTS.final_bias, "--final-bias/--no-final-bias", help="A bias in the last linear layer (the original code had none)."),
+    presence_averaging: str = typer.Option(TRAIN_DEFAULTS.presence_averaging, "--presence-averaging", help=(
+        "How the weighted presence terms of a batch are averaged: batch (1/B sum w l, the original code) or "
+        "weighted (sum w l / sum w). Severity terms are always averaged over their weights.")),
+    warp: float = WarpOption,
+    reflect: bool = typer.Option(TRAIN_DEFAULTS.reflect, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from Kinetics-400 weights (paper) or from scratch."),
+    pretrained_weights: Optional[Path] = typer.Option(None, "--pretrained-weights", help="A torchvision r3d_18 Kinetics-400 state-dict file."),
+    seed: int = typer.Option(TRAIN_DEFAULTS.seed, "--seed", help="Random seed: runs with the same seed on a CPU give identical metrics."),
+    cache_dir: Optional[Path] = CacheDirOption,
+    workers: Optional[int] = WorkersOption,
+    loader_workers: Optional[int] = typer.Option(None, "--loader-workers", help="Batch-loading processes per training process. Default: 0 on CPU, up to 4 per GPU."),
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch, as it was started: data, settings, cache folder, device and precision come from its config.json; --directory, --cache-dir, --device, --precision and the worker options may be given again to override them."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --output-dir (its files are removed first)."),
+    window: Optional[str] = typer.Option(None, "--window", help=WindowHelp.format(
+        default="the mapping calibrated to COV19-CT-DB") + " Recorded in the run; inference uses it."),
+):
+    """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
+    from cov3d.training.train import resume_training, train as run_training
+
+    if resume is not None:
+        result = resume_training(resume, **resume_overrides(ctx))
+        typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
+        return
+    if directory is None:
+        raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
+    if pretrained_weights is not None and not pretrained_weights.is_file():
+        raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, window=window)
+    settings = TrainSettings(
+        depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
+        presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
+        penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
+        presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, window=str(shape.window), seed=seed,
+    )
+    run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    result = run_training(
+        directory, run_dir, settings, cache_dir=cache_directory(cache_dir),
+        pretrained_weights=pretrained_weights, pretrained=pretrained, device=device,
+        precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb, overwrite=overwrite,
+    )
+    typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
+
+
+RESUME_OVERRIDES = {
+    "directory": "data_dir", "cache_dir": "cache_dir", "device": "device", "precision": "precision",
+    "workers": "workers", "loader_workers": "loader_workers", "wandb": "use_wandb",
+}
+"""Options of 'train' that may be given again with --resume (the run's other settings cannot change),
+and the keyword argument of ``cov3d.training.train.train`` each becomes."""
+
+
+def given_by_user(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` was given (on the command line or in its environment variable),
+    not left at its default. (Compared by name: typer may bring its own copy of click's enum.)"""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
+def resume_overrides(ctx: typer.Context) -> dict[str, object]:
+    """The runtime options given on the command line with --resume; one-line error for any other."""
+    given = [name for name in ctx.params if name != "resume" and given_by_user(ctx, name)]
+    for name in given:
+        if name not in RESUME_OVERRIDES:
+            option = next(param.opts[0] for param in ctx.command.params if param.name == name)
+            raise Cov3dError(
+                f"{option} cannot change when resuming: --resume {ctx.params['resume']} continues the run with the settings "
+                "in its config.json. Start a new run to change it."
+            )
+    return {RESUME_OVERRIDES[name]: ctx.params[name] for name in given}
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" if math.isfinite(value) else f"{name} none" for name, value in scores.items())
+
+@app.command()
+@user_errors
+def demo(
+    output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
+    scans: int = typer.Option(DEMO_DEFAULTS.scans, "--scans", help="Synthetic scans to generate."),
+    epochs: int = typer.Option(DEMO_DEFAULTS.epochs, "--epochs", help="Training epochs."),
+    seed: int = typer.Option(DEMO_DEFAULTS.seed, "--seed", help="Random seed for the data and the training."),
+    size: Optional[str] = size_option(f"{DEMO_SHAPE} (the demo's own, to train in minutes on a CPU)"),
+    depth: Optional[int] = DepthOption,
+    height: Optional[int] = HeightOption,
+    width: Optional[int] = WidthOption,
+    fast_decode: bool = FastDecodeOption,
+    workers: Optional[int] = WorkersOption,
+    device: str = DeviceOption,
+    precision: str = PrecisionOption,
+    warp: float = WarpOption,
+):
+    """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
+    from cov3d.synthetic.demo import run_demo
+
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, default=DEMO_SHAPE)
+    settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, depth=shape.depth, height=shape.height,
+                            width=shape.width, fast_decode=shape.fast_decode, warp=shape.warp)
+    try:
+        report = run_demo(output, settings, workers=workers, device=device, precision=precision)
+    except BaselineNotBeaten as error:
+        print_demo_report(error.report)
+        raise
+    print_demo_report(report)
+
+
+def print_demo_report(report) -> None:
+    """The demo's score table (macro F1 per task and split) and the time of each step."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Macro F1 on the synthetic data")
+    table.add_column("model / split")
+    table.add_column("presence", justify="right")
+    table.add_column("severity", justify="right")
+    for name, scores in report.scores.items():
+        table.add_row(name, f"{scores['presence_f1']:.3f}", f"{scores['severity_f1']:.3f}")
+    console = Console()
+    console.print(table)
+    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
+    console.print(f"Time: {steps}; total {sum(report.seconds.values()):.0f} s")
+    console.print(f"Run: {report.run_dir}   Test predictions: {report.predictions}")
