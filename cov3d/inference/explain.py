@@ -152,23 +152,23 @@ def occlusion_map(model: nn.Module, volume: torch.Tensor, *, fill: float, severi
     forward passes (None: fp32); the model is put in eval mode.
     """
     model.eval()
-    blocks = [None, *itertools.product(*(block_edges(size, count) for size, count in zip(volume.shape[-3:], grid)))]
+    slices = [[slice(start, stop) for start, stop in block_edges(size, count)] for size, count in zip(volume.shape[-3:], grid)]
+    blocks = [None, *itertools.product(*slices)]
     blocks += [None] * (-len(blocks) % batch_size)
+    unoccluded = volume[None].float()
     scores = []
     with torch.no_grad(), autocast(volume.device, dtype):
         for first in range(0, len(blocks), batch_size):
-            batch = volume[None].float().repeat(batch_size, 1, 1, 1, 1)
+            batch = unoccluded.repeat(batch_size, 1, 1, 1, 1)
             for copy, block in zip(batch, blocks[first:first + batch_size]):
                 if block is not None:
-                    (z0, z1), (y0, y1), (x0, x1) = block
-                    copy[:, z0:z1, y0:y1, x0:x1] = fill
+                    copy[(slice(None), *block)] = fill
             scores.append(presence_score(model(batch).float(), severity_only).cpu())
     scores = torch.cat(scores)
     drops = torch.zeros(volume.shape[-3:])
     for block, occluded in zip(blocks, scores):
         if block is not None:
-            (z0, z1), (y0, y1), (x0, x1) = block
-            drops[z0:z1, y0:y1, x0:x1] = torch.relu(scores[0] - occluded)
+            drops[block] = torch.relu(scores[0] - occluded)
     peak = drops.max()
     return drops / peak if peak > 0 else drops, float(scores[0])
 

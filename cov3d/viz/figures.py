@@ -131,7 +131,7 @@ def peak_voxel(attribution: np.ndarray) -> tuple[int, int, int]:
 
 
 def attribution_overlay(volume: np.ndarray, attribution: np.ndarray, title: str, label: str = "Grad-CAM",
-                    outline: np.ndarray | None = None) -> Figure:
+                        outline: np.ndarray | None = None) -> Figure:
     """The three planes through the voxel of highest attribution, the (D, H, W) attribution in
     [0, 1] drawn over the (D, H, W) scan, the peak marked with a cross; ``label`` names the colour
     bar, and a (D, H, W) bool ``outline`` (e.g. the lesions a phantom knows) is drawn as contours."""
