@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from cov3d.dataset.scans import find_scans
-from cov3d.inference.infer import Ensemble, infer
+from cov3d.inference.ensemble import Ensemble
+from cov3d.inference.infer import infer
 from cov3d.model.files import CHECKPOINTS, load_source
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import SIZES, VolumeCache

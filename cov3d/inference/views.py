@@ -178,7 +178,7 @@ def show_scans(
     titles = []
     predictor = None
     if run_dir is not None:
-        from cov3d.inference.infer import RunPredictor
+        from cov3d.inference.ensemble import RunPredictor
         from cov3d.model.files import load_source
         from cov3d.runtime import resolve_device, resolve_precision
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from cov3d.dataset.scans import find_scans, scan_number
 from cov3d.errors import Cov3dError
-from cov3d.inference.infer import CSV_COLUMNS, RunPredictor, combine, infer
+from cov3d.inference.ensemble import RunPredictor
+from cov3d.inference.infer import CSV_COLUMNS, infer
 from cov3d.model.files import CHECKPOINTS, load_source
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import VolumeCache
@@ -151,27 +152,6 @@ def test_separate_models_for_presence_and_severity(tiny_dataset, tmp_path):
         run_infer(scans, [], tmp_path, "bad.csv", severity_models=[presence_only])
     with pytest.raises(Cov3dError, match="No model"):
         run_infer(scans, [], tmp_path, "none.csv")
-
-
-def test_combine_by_hand():
-    nan = float("nan")
-    samples = torch.tensor([
-        [[0.2, 0.7, 0.1, 0.1, 0.1]],
-        [[0.4, 0.1, 0.6, 0.2, 0.1]],
-        [[0.9, 0.6, 0.2, 0.1, 0.1]],
-        [[0.5, nan, nan, nan, nan]],  # a member without severity weights
-    ])
-    (prediction,) = combine(samples)
-    assert prediction.covid_probability == pytest.approx(0.5)
-    assert prediction.covid_probability_std == pytest.approx((0.26 / 4) ** 0.5)  # deviations .3 .1 .4 0
-    assert prediction.severity_probabilities == pytest.approx([1.4 / 3, 0.9 / 3, 0.4 / 3, 0.3 / 3])
-    assert prediction.severity == "mild" and prediction.severity_agreement == pytest.approx(2 / 3)
-
-    # a severity-only member (NaN presence) leaves P(covid) and its spread to the others
-    (prediction,) = combine(torch.tensor([[[0.2, nan, nan, nan, nan]], [[0.6, nan, nan, nan, nan]],
-                                          [[nan, 0.1, 0.2, 0.3, 0.4]]]))
-    assert prediction.covid_probability == pytest.approx(0.4) and prediction.covid_probability_std == pytest.approx(0.2)
-    assert prediction.severity_probabilities == pytest.approx([0.1, 0.2, 0.3, 0.4]) and prediction.severity == "critical"
 
 
 def test_mc_dropout_samples_differ_with_a_sensible_spread(tiny_dataset, tmp_path):

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from cov3d.dataset.scans import find_scans
 from cov3d.errors import Cov3dError
-from cov3d.inference.infer import Ensemble, infer
+from cov3d.inference.ensemble import Ensemble
+from cov3d.inference.infer import infer
 from cov3d.inference.streaming import StreamedScan
 from cov3d.model.files import CHECKPOINTS
 from cov3d.model.network import build_model
