@@ -42,7 +42,8 @@ from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.training.data import collect_items, presence_counts, severity_group_counts
 from cov3d.training.distributed import Distributed
 from cov3d.training.loaders import training_loaders
-from cov3d.training.train import TrainSettings, precision_callbacks, seed_everything
+from cov3d.training.precision import precision_callbacks
+from cov3d.training.train import TrainSettings, seed_everything
 
 VALIDATION_SHARE = 0.2  # synthetic.py puts about a fifth of the labelled scans in validation/
 MEMORY_BATCH_SIZES = (2, 4, 8)

@@ -8,6 +8,8 @@ and these callbacks add `first_epoch` themselves.
 
 from __future__ import annotations
 
+import json
+import secrets
 from pathlib import Path
 
 import torch
@@ -16,8 +18,12 @@ from fastai.callback.schedule import combined_cos
 
 from cov3d.atomic import write_text_atomically
 from cov3d.errors import NonFiniteTraining
+from cov3d.model.files import CONFIG_FILE
 from cov3d.training.checkpoint import RESUME_FILE, resume_remedy, unwrap
+from cov3d.training.runconfig import NEW_RUN_REMEDY, read_run_config
 
+WANDB_PROJECT = "cov3d"
+WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
 ONE_CYCLE_PCT_START = 0.25
 """Fraction of the run spent warming up; fastai `fit_one_cycle` default."""
 ONE_CYCLE_DIV = 25.0
@@ -147,3 +153,28 @@ class FiniteGuard(Callback):
             resumable_epoch=epoch if epoch > 0 and (self.run_dir / RESUME_FILE).is_file() else None,
             run_dir=str(self.run_dir),
         )
+
+
+def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
+    """Start (or, resuming, continue) a Weights & Biases run whose config is the run's config.json.
+
+    `WandbLog` then logs every epoch and `finish_wandb` the best scores. Honours WANDB_MODE=offline.
+    """
+    import wandb
+
+    config = read_run_config(run_dir)
+    run_id = config.get("wandb_id") or secrets.token_hex(WANDB_ID_BYTES)
+    if "wandb_id" not in config:
+        write_text_atomically(run_dir / CONFIG_FILE, json.dumps({**config, "wandb_id": run_id}, indent=2), NEW_RUN_REMEDY)
+    wandb.init(project=WANDB_PROJECT, dir=str(run_dir), id=run_id, name=run_dir.name, config=config,
+               resume="allow" if resume else None, reinit=True)
+
+
+def finish_wandb(checkpoints: Callback) -> None:
+    """Record the best scores and their epochs (of ``cov3d.training.train.BestCheckpoints``) in the W&B run summary and close the run."""
+    import wandb
+
+    for name, value in checkpoints.best.items():
+        wandb.run.summary[f"best_{name}"] = value
+        wandb.run.summary[f"best_{name}_epoch"] = checkpoints.best_epoch[name]
+    wandb.finish()

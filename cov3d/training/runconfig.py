@@ -19,6 +19,8 @@ from cov3d.limits import option_name
 from cov3d.model.files import CONFIG_FILE, with_legacy_defaults
 
 RESTORE = "Restore it from a copy or start a new run."
+NEW_RUN_REMEDY = "Free some space or choose another `output_dir`."
+"""What to do when a new run's config.json cannot be written."""
 PRECISION_OPTIONS = {"fp32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """config.json's resolved precision -> the --precision that gives it again."""
 OPTION_NAMES = {"data_dir": "--directory", "use_wandb": "--wandb"}

@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import math
-import secrets
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback
-from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
@@ -34,10 +32,9 @@ from cov3d.model.network import build_model, load_kinetics_state_dict
 from cov3d.outputs import check_new_run, remove_run_files
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.runtime import Precision, autocast, choose_precision, reproducible_kernels, resolve_device, use_channels_last
+from cov3d.runtime import Precision, choose_precision, reproducible_kernels, resolve_device
 from cov3d.settings import TrainSettings
-from cov3d.training.bf16_convs import checked_bf16_convs
-from cov3d.training.callbacks import FiniteGuard, MetricsLog, OneCycleSchedule, WandbLog
+from cov3d.training.callbacks import FiniteGuard, MetricsLog, OneCycleSchedule, WandbLog, finish_wandb, start_wandb
 from cov3d.training.checkpoint import (
     RESUME_FILE,
     TrainingState,
@@ -58,19 +55,17 @@ from cov3d.training.distributed import (
 )
 from cov3d.training.evaluation import kept_weights_scores
 from cov3d.training.loaders import training_loaders
+from cov3d.training.precision import precision_callbacks
 from cov3d.training.provenance import dataset_fingerprint, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
-from cov3d.training.runconfig import read_run_config, recorded_settings, resumed_options
+from cov3d.training.runconfig import NEW_RUN_REMEDY, read_run_config, recorded_settings, resumed_options
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
-NEW_RUN_REMEDY = "Free some space or choose another `output_dir`."
 CHECKPOINTS = {f"{task}_f1": name for task, name in TASK_CHECKPOINTS.items()}
 """The best weights of each monitored metric (the files ``cov3d.model.files`` reads)."""
-WANDB_PROJECT = "cov3d"
-WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
 
 
 @dataclass
@@ -106,61 +101,6 @@ class BestCheckpoints(Callback):
                 if self.write:
                     state = {key: t.detach().cpu().contiguous() for key, t in unwrap(self.model).state_dict().items()}
                     write_bytes_atomically(self.run_dir / CHECKPOINTS[name], safetensors_bytes(state), resume_remedy(self.run_dir))
-
-
-class PlainBatches(Callback):
-    """Give the model plain tensors (no fastai subclass overhead), optionally channels-last 3D."""
-
-    order = 5
-
-    def __init__(self, channels_last: bool):
-        self.channels_last = channels_last
-
-    def before_fit(self) -> None:
-        if self.channels_last:
-            self.learn.model.to(memory_format=torch.channels_last_3d)
-
-    def before_batch(self) -> None:
-        volume = self.xb[0].as_subclass(torch.Tensor)
-        if self.channels_last:
-            volume = volume.contiguous(memory_format=torch.channels_last_3d)
-        self.learn.xb = (volume,)
-        self.learn.yb = tuple(y.as_subclass(torch.Tensor) for y in self.yb)
-
-
-class CpuAutocast(Callback):
-    """bf16 autocast of the forward pass on CPUs, with checked convolution weight gradients
-    (``checked_bf16_convs``) for the whole fit; the loss is computed in fp32."""
-
-    order = 10
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def before_fit(self) -> None:
-        self.checked_convs = checked_bf16_convs(self.learn.model)
-        self.checked_convs.__enter__()
-
-    def after_fit(self) -> None:
-        self.checked_convs.__exit__(None, None, None)
-
-    def before_batch(self) -> None:
-        self.context = autocast(torch.device("cpu"), self.dtype)
-        self.context.__enter__()
-
-    def after_pred(self) -> None:
-        self.context.__exit__(None, None, None)
-        self.learn.pred = self.pred.float()
-
-
-def precision_callbacks(device: torch.device, dtype: torch.dtype | None) -> list[Callback]:
-    """Callbacks for the chosen autocast dtype: fastai's AMP on CUDA, bf16 autocast on CPU."""
-    callbacks: list[Callback] = [PlainBatches(use_channels_last(dtype))]
-    if dtype is None:
-        return callbacks
-    if device.type == "cuda":
-        return callbacks + [MixedPrecision(amp_mode="bf16" if dtype == torch.bfloat16 else "fp16")]
-    return callbacks + [CpuAutocast(dtype)]
 
 
 def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int | None) -> list[TrainingItem]:
@@ -408,28 +348,3 @@ def resume_training(run_dir: Path, **overrides) -> TrainResult:
     options.setdefault("pretrained", False)  # the weights come from the checkpoint
     data_dir = options.pop("data_dir")
     return train(Path(data_dir), Path(run_dir), settings, resume=True, **options)
-
-
-def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
-    """Start (or, resuming, continue) a Weights & Biases run whose config is the run's config.json.
-
-    `WandbLog` then logs every epoch and `finish_wandb` the best scores. Honours WANDB_MODE=offline.
-    """
-    import wandb
-
-    config = read_run_config(run_dir)
-    run_id = config.get("wandb_id") or secrets.token_hex(WANDB_ID_BYTES)
-    if "wandb_id" not in config:
-        write_text_atomically(run_dir / CONFIG_FILE, json.dumps({**config, "wandb_id": run_id}, indent=2), NEW_RUN_REMEDY)
-    wandb.init(project=WANDB_PROJECT, dir=str(run_dir), id=run_id, name=run_dir.name, config=config,
-               resume="allow" if resume else None, reinit=True)
-
-
-def finish_wandb(checkpoints: BestCheckpoints) -> None:
-    """Record the best scores and their epochs in the W&B run summary and close the run."""
-    import wandb
-
-    for name, value in checkpoints.best.items():
-        wandb.run.summary[f"best_{name}"] = value
-        wandb.run.summary[f"best_{name}_epoch"] = checkpoints.best_epoch[name]
-    wandb.finish()
