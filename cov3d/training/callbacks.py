@@ -170,11 +170,11 @@ def start_wandb(run_dir: Path, *, resume: bool = False) -> None:
                resume="allow" if resume else None, reinit=True)
 
 
-def finish_wandb(checkpoints: Callback) -> None:
-    """Record the best scores and their epochs (of ``cov3d.training.train.BestCheckpoints``) in the W&B run summary and close the run."""
+def finish_wandb(best: dict[str, float], best_epochs: dict[str, int]) -> None:
+    """Record the best scores and their epochs (metric name -> value) in the W&B run summary and close the run."""
     import wandb
 
-    for name, value in checkpoints.best.items():
+    for name, value in best.items():
         wandb.run.summary[f"best_{name}"] = value
-        wandb.run.summary[f"best_{name}_epoch"] = checkpoints.best_epoch[name]
+        wandb.run.summary[f"best_{name}_epoch"] = best_epochs[name]
     wandb.finish()

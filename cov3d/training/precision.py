@@ -1,5 +1,6 @@
-"""The training loop's precision: plain (optionally channels-last) batches, and autocast, fastai's AMP on
-CUDA or bf16 autocast with checked convolution gradients on CPUs (``cov3d.runtime.choose_precision`` picks the dtype)."""
+"""Callbacks for the training loop's precision: plain (optionally channels-last) batches, then
+fastai's AMP on CUDA or bf16 autocast with checked convolution gradients on a CPU (the dtype comes
+from ``cov3d.runtime.choose_precision``)."""
 
 from __future__ import annotations
 

@@ -297,7 +297,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
                **{f"replica_{key}": [replica[key] for replica in replicas] for key in replicas[0]}}
     write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False), resume_remedy(run_dir))
     if use_wandb:
-        finish_wandb(checkpoints)
+        finish_wandb(checkpoints.best, checkpoints.best_epoch)
     return TrainResult(run_dir, dict(checkpoints.best))
 
 
