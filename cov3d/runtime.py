@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,16 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16 tiles", "avx512_bf16": "AVX-512 BF16 instructions"}
 """x86 CPU features (from /proc/cpuinfo) with which oneDNN runs bf16 natively, faster than fp32."""
+ONEDNN_ISA_FOR_FLAG = {"amx_bf16": "AVX512_CORE_AMX", "avx512_bf16": "AVX512_CORE_BF16"}
+"""The lowest ``ONEDNN_MAX_CPU_ISA`` at which oneDNN may use each feature of ``CPU_BF16_FLAGS``."""
+ONEDNN_ISA_RANKS = {
+    name: rank for rank, names in enumerate([
+        ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI",), ("AVX2_VNNI_2",), ("AVX512_CORE",), ("AVX512_CORE_VNNI",),
+        ("AVX512_CORE_BF16",), ("AVX10_1_512", "AVX512_CORE_FP16"), ("AVX512_CORE_AMX",), ("AVX10_1_512_AMX",),
+        ("AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16"), ("AVX10_2_512",), ("AVX10_2_512_AMX_2",), ("DEFAULT", "ALL"),
+    ]) for name in names
+}
+"""oneDNN's x86 ``ONEDNN_MAX_CPU_ISA`` values (and their aliases) ranked from the lowest ISA to the highest."""
 CUDA_NATIVE_BF16 = (8, 0)
 """CUDA compute capability from which GPUs have bf16 tensor cores (Ampere); older ones emulate bf16."""
 
@@ -82,13 +93,47 @@ def reproducible_kernels(device: torch.device) -> str:
     return "deterministic kernels: the same seed and number of threads gives the same run"
 
 
-def cpu_bf16_features() -> list[str]:
-    """The native-bf16 features this CPU advertises (empty off Linux/x86 or without them)."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux)."""
     cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
-        return []
-    flags = set(cpuinfo.read_text(errors="ignore").split())
-    return [name for flag, name in CPU_BF16_FLAGS.items() if flag in flags]
+    return set(cpuinfo.read_text(errors="ignore").split()) if cpuinfo.exists() else set()
+
+
+def onednn_allows(flag: str) -> bool:
+    """Whether ``ONEDNN_MAX_CPU_ISA`` (when set) lets oneDNN use the bf16 feature `flag`.
+
+    Capping the ISA (``ONEDNN_MAX_CPU_ISA=AVX2``, as on a CPU without AVX-512) turns native bf16 off
+    for oneDNN, so a run on such a capped CPU is an AVX2-only machine as far as bf16 goes.
+    """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap not in ONEDNN_ISA_RANKS:  # unset, or a value oneDNN ignores
+        return True
+    return ONEDNN_ISA_RANKS[cap] >= ONEDNN_ISA_RANKS[ONEDNN_ISA_FOR_FLAG[flag]]
+
+
+def cpu_bf16_features() -> list[str]:
+    """The native-bf16 features this CPU advertises and oneDNN may use (empty off Linux/x86 or without them)."""
+    flags = cpu_flags()
+    return [name for flag, name in CPU_BF16_FLAGS.items() if flag in flags and onednn_allows(flag)]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s, from /proc/cpuinfo), or what the platform says."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text(errors="ignore").splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_description(device: torch.device) -> str:
+    """What a run's speed depends on: the GPU and its compute capability, or the CPU, its threads and
+    its native bf16 features ('CPU AMD EPYC (2 threads; native bf16: AVX-512 BF16 instructions)')."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"GPU {torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+    features = " and ".join(cpu_bf16_features()) or "none"
+    return f"CPU {cpu_model()} ({torch.get_num_threads()} threads; native bf16: {features})"
 
 
 def choose_precision(precision: str, device: torch.device) -> Precision:
@@ -117,6 +162,11 @@ def choose_precision(precision: str, device: torch.device) -> Precision:
     features = cpu_bf16_features()
     if features and torch.backends.mkldnn.is_available():
         return Precision(torch.bfloat16, f"auto: the CPU has {' and '.join(features)}")
+    if features:
+        return Precision(None, "auto: this torch has no oneDNN, so bf16 would be slower")
+    if cpu_flags() & set(CPU_BF16_FLAGS):
+        capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip()
+        return Precision(None, f"auto: ONEDNN_MAX_CPU_ISA={capped} keeps oneDNN from the CPU's bf16 instructions")
     return Precision(None, "auto: the CPU has no native bf16 (AMX-BF16 or AVX-512 BF16), so bf16 would be slower")
 
 

@@ -16,27 +16,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import time
-from pathlib import Path
 from unittest import mock
 
 import torch
 
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.network import build_model
-from cov3d.runtime import cpu_bf16_features
+from cov3d.runtime import cpu_bf16_features, cpu_model
 from cov3d.synthetic.demo import DemoSettings
 from cov3d.training import bf16_convs
 from cov3d.training.bf16_convs import checked_bf16_convs
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -12,8 +12,51 @@ TINY_SIZE = (8, 32, 32)  # (D, H, W): small enough for r3d_18 on a CPU in well u
 DISK_NEEDED_GIB = 4  # the suite's folders peak at about 2.2 GB (every r3d_18 file is 130-400 MB, whatever the volume size), plus a margin
 
 
+TRAINING_FIXTURES = {"tiny_run", "demo", "ddp_run", "runs", "lesion_model"}
+"""Fixtures that train a model: every test that uses one, directly or through another fixture, is slow."""
+UNMARKED_FIT_PARAMETERS = 100_000
+"""A test may fit a toy model (a linear layer) unmarked; r3d_18 (33 M parameters) makes it slow."""
+_running: dict[str, pytest.Item | None] = {"item": None}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark as ``slow`` every test that uses a training fixture (the others that train carry the mark)."""
+    for item in items:
+        if TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running["item"] = item  # session and module fixtures are set up within the first test that needs them
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _running["item"] = None
+
+
+def refuse_unmarked_training() -> None:
+    """Make fastai's ``Learner.fit`` of a real network fail a test that lacks the ``slow`` mark, so that
+    ``pytest -m "not slow"`` stays the fast tier (training in a subprocess is marked by hand)."""
+    from fastai.learner import Learner
+
+    fit = Learner.fit
+
+    def checked_fit(self, *args, **kwargs):
+        item = _running["item"]
+        parameters = sum(p.numel() for p in self.model.parameters())
+        if item is not None and item.get_closest_marker("slow") is None and parameters > UNMARKED_FIT_PARAMETERS:
+            pytest.fail(f"{item.nodeid} trains a model (Learner.fit) without @pytest.mark.slow; mark it, "
+                        "or the test's training fixture in TRAINING_FIXTURES (tests/conftest.py).", pytrace=False)
+        return fit(self, *args, **kwargs)
+
+    Learner.fit = checked_fit
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Stop at once, in one line, when the temporary folder's disk cannot hold the suite's model files."""
+    """Stop at once, in one line, when the temporary folder's disk cannot hold the suite's model files;
+    refuse training in tests that are not marked slow."""
+    refuse_unmarked_training()
     folder = Path(session.config.option.basetemp or tempfile.gettempdir()).resolve()
     existing = next(path for path in (folder, *folder.parents) if path.exists())
     free_gib = shutil.disk_usage(existing).free / 2**30

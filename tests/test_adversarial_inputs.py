@@ -329,6 +329,7 @@ def test_export_to_a_name_just_within_the_limit(tmp_path, tiny_run):
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_summary_is_valid_json_when_no_validation_scan_is_graded(tmp_path, labelled_copy):
     (labelled_copy / "val_partition_covid_categories.csv").write_text("Name;Category\n")
     run = tmp_path / "run"

@@ -119,6 +119,7 @@ def test_preprocess_with_the_original_warp(tmp_path, tiny_dataset):
     assert_one_line_error(invoke("preprocess", tiny_dataset / "test", "--warp", 1, "--cache-dir", cache), "warp")
 
 
+@pytest.mark.slow
 def test_train_command_end_to_end(tmp_path, tiny_dataset):
     run_dir = tmp_path / "run"
     result = invoke(

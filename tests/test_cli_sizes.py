@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cov3d.cli import app
 from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.settings import DEMO_SHAPE, VolumeShape
+from cov3d.settings import VolumeShape
 
 runner = CliRunner()
 
@@ -27,8 +27,9 @@ SAME_EVERYWHERE = [
 ]
 """Options and the shape every command gives them."""
 
-WITHOUT_OPTIONS = {"preprocess": VolumeShape(64, 128, 128), "train": VolumeShape(64, 128, 128), "demo": DEMO_SHAPE, "show": None}
-"""Each command's shape when no size option is given (show: scans at their display size)."""
+WITHOUT_OPTIONS = {"preprocess": VolumeShape(64, 128, 128), "train": VolumeShape(64, 128, 128), "demo": "workload", "show": None}
+"""Each command's shape when no size option is given (show: scans at their display size; demo: left to the
+workload of the precision in use, ``DemoSettings.with_workload``)."""
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def shape_of(monkeypatch, tmp_path):
         return SimpleNamespace(run_dir=run_dir, best_scores={})
 
     def run_demo(output, settings, **_):
-        seen.append(settings.shape)
+        seen.append("workload" if settings.depth is None and settings.width is None else settings.shape)
         return DemoReport()
 
     def show_scans(paths, output, *, shape=None, **_):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,7 @@ def test_each_check_prints_one_line_and_never_raises(capsys):
     assert "RuntimeError: Expected all tensors to be on the same device" in lines[2]
 
 
+@pytest.mark.slow
 def test_help_lists_the_checks():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"), "--help"],
                             capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=300)

@@ -48,8 +48,21 @@ def test_an_out_of_range_number_carries_its_setting_and_value():
 
 def test_demo_settings_take_their_shape_in_one_value():
     assert DemoSettings(depth=8, width=32).shape == VolumeShape(8, 32, 32)
-    settings = DemoSettings(depth=8, width=32, height=24, fast_decode=True).train_settings()
+    settings = DemoSettings(depth=8, width=32, height=24, fast_decode=True, epochs=2).train_settings()
     assert settings.shape == VolumeShape(8, 24, 32, fast_decode=True)
+
+
+@pytest.mark.parametrize("precision, shape, epochs", [
+    ("bf16", VolumeShape(16, 48, 48), 12), ("fp16", VolumeShape(16, 48, 48), 12), ("fp32", VolumeShape(16, 32, 32), 8),
+])
+def test_the_demo_workload_follows_the_precision(precision, shape, epochs):
+    """fp32 (no native bf16) trains smaller volumes for fewer epochs; what the user gives is kept."""
+    settings = DemoSettings().with_workload(precision).train_settings()
+    assert (settings.shape, settings.epochs) == (shape, epochs)
+    kept = DemoSettings(depth=8, width=24, epochs=3).with_workload(precision).train_settings()
+    assert (kept.shape, kept.epochs) == (VolumeShape(8, 24, 24), 3)
+    with pytest.raises(Cov3dError, match="with_workload"):
+        DemoSettings().train_settings()
 
 
 def test_the_cli_spells_the_settings_a_message_names_as_its_options():

@@ -98,6 +98,7 @@ def test_a_failing_run_exits_non_zero(tmp_path):
     assert result.exit_code != 0
 
 
+@pytest.mark.slow
 def test_one_epoch_tiny_run_of_one_setting_and_collect(tmp_path):
     generate_dataset(tmp_path / "data", scans=8, test_scans=0, seed=3, slice_size=32, depth_scale=0.05)
     overrides = (f"--epochs 1 --depth 8 --width 32 --batch-size 3 --penultimate 8 --no-pretrained --device cpu "

@@ -29,7 +29,7 @@ from cov3d.cli.common import (
 )
 from cov3d.errors import BaselineNotBeaten, Cov3dError
 from cov3d.settings import (
-    DEMO_SHAPE,
+    DEMO_WORKLOADS_HELP,
     DemoSettings,
     TrainSettings,
     VolumeShape,
@@ -141,9 +141,10 @@ def format_scores(scores: dict[str, float]) -> str:
 def demo(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
     scans: int = typer.Option(DEMO_DEFAULTS.scans, "--scans", help="Synthetic scans to generate."),
-    epochs: int = typer.Option(DEMO_DEFAULTS.epochs, "--epochs", help="Training epochs."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs. Default: the workload's (below)."),
     seed: int = typer.Option(DEMO_DEFAULTS.seed, "--seed", help="Random seed for the data and the training."),
-    size: Optional[str] = size_option(f"{DEMO_SHAPE} (the demo's own, to train in minutes on a CPU)"),
+    size: Optional[str] = size_option(
+        f"the demo's own workload, from the precision in use: {DEMO_WORKLOADS_HELP} (under 10 minutes on 2 CPU cores)"),
     depth: Optional[int] = DepthOption,
     height: Optional[int] = HeightOption,
     width: Optional[int] = WidthOption,
@@ -156,9 +157,12 @@ def demo(
     """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
     from cov3d.synthetic.demo import run_demo
 
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, default=DEMO_SHAPE)
-    settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, depth=shape.depth, height=shape.height,
-                            width=shape.width, fast_decode=shape.fast_decode, warp=shape.warp)
+    if (size, depth, height, width) == (None, None, None, None):  # the workload of the precision in use
+        settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, fast_decode=fast_decode, warp=warp)
+    else:
+        shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp)
+        settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, depth=shape.depth, height=shape.height,
+                                width=shape.width, fast_decode=shape.fast_decode, warp=shape.warp)
     try:
         report = run_demo(output, settings, workers=workers, device=device, precision=precision)
     except BaselineNotBeaten as error:

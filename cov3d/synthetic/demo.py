@@ -3,7 +3,8 @@
 The demo keeps the paper's method (loss, schedule, reflection, checkpoints) but shrinks the problem so
 that it fits a laptop: fewer and thinner synthetic scans, small volumes, no Kinetics weights (they
 cannot be assumed offline), a larger batch and learning rate to train from scratch in a few epochs
-(``cov3d.settings.DemoSettings``). Each step is logged (``logging``); the caller shows the report.
+(``cov3d.settings.DemoSettings``), and a volume size and number of epochs chosen from the precision in
+use (``cov3d.settings.DEMO_WORKLOADS``). Each step is logged (``logging``); the caller shows the report.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from cov3d.limits import WORKERS
 from cov3d.model.metrics import macro_f1
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.settings import DemoSettings
+from cov3d.runtime import choose_precision, machine_description, resolve_device
+from cov3d.settings import DEMO_WORKLOADS, DemoSettings, demo_workload
 from cov3d.synthetic.generator import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
 from cov3d.training.data import TrainingItem, collect_items
 from cov3d.training.train import train
@@ -104,7 +106,12 @@ def run_demo(
     Each step is logged; ``console`` shows the progress bars. Returns the scores and times.
     """
     WORKERS.check("workers", workers)
+    chosen = choose_precision(precision, resolve_device(device))
+    settings = settings.with_workload(chosen.name)
     settings.train_settings()  # refuses what the training would refuse, before generating anything
+    logger.info("This machine: %s; precision %s (%s). The demo trains %s scans for %d epochs at %s%s.",
+                machine_description(resolve_device(device)), chosen.name, chosen.reason, settings.scans,
+                settings.epochs, settings.shape, workload_note(settings, chosen.name))
     console = console or Console(stderr=True)
     report = DemoReport()
     data_dir, cache_dir = output_dir / "data", output_dir / "cache"
@@ -154,6 +161,15 @@ def run_demo(
     step_done("infer")
     check_beats_baseline(report)
     return report
+
+
+def workload_note(settings: DemoSettings, precision: str) -> str:
+    """' (the workload for fp32; ...)' when the demo trains its own workload, else ''."""
+    workload = demo_workload(precision)
+    if (settings.shape.dims, settings.epochs) != (workload.shape.dims, workload.epochs):
+        return ""
+    others = "; ".join(f"{name}: {other}" for name, other in DEMO_WORKLOADS.items() if other != workload)
+    return f" (the workload for {precision}, to finish in under 10 minutes on 2 CPU cores; {others})"
 
 
 def check_beats_baseline(report: DemoReport) -> None:

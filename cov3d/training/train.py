@@ -32,9 +32,19 @@ from cov3d.model.network import build_model, load_kinetics_state_dict
 from cov3d.outputs import check_new_run, remove_run_files
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.runtime import Precision, choose_precision, reproducible_kernels, resolve_device
+from cov3d.runtime import Precision, choose_precision, machine_description, reproducible_kernels, resolve_device
 from cov3d.settings import TrainSettings
-from cov3d.training.callbacks import FiniteGuard, MetricsLog, OneCycleSchedule, WandbLog, finish_wandb, start_wandb
+from cov3d.training.callbacks import (
+    FiniteGuard,
+    MetricsLog,
+    OneCycleSchedule,
+    StepTimer,
+    WandbLog,
+    finish_wandb,
+    record_in_config,
+    speed_line,
+    start_wandb,
+)
 from cov3d.training.checkpoint import (
     RESUME_FILE,
     TrainingState,
@@ -267,6 +277,12 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
                     learning_rate=settings.learning_rate, check_gradients=dtype != torch.float16,
                     distributed=dist.enabled),
     ]
+    if dist.is_main:
+        def announce(speed: dict) -> None:
+            logger.info(speed_line(speed))
+            record_in_config(run_dir, "speed", speed)
+
+        callbacks.append(StepTimer(announce, str(settings.shape), machine_description(torch_device), precision.name))
     if dist.enabled:
         callbacks.append(DDPTrainer(torch_device))
     if use_wandb and dist.is_main:

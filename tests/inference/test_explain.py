@@ -196,6 +196,7 @@ def test_occlusion_of_a_severity_only_run_uses_the_log_odds_of_covid():
     torch.testing.assert_close(cam, expected / expected.max(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_block_that_changes_nothing_gives_exactly_zero():
     """Every pass holds the unoccluded volume as well, so equal inputs give equal outputs: occluding
     with the values already there leaves the map zero, whatever the batch size."""

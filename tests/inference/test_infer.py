@@ -99,6 +99,7 @@ def run_infer(scans, models, out, name, **options):
 PROBABILITIES = ("covid_probability", "mild_probability", "moderate_probability", "severe_probability", "critical_probability")
 
 
+@pytest.mark.slow
 def test_ensemble_of_two_sizes_is_the_mean_of_its_members(tiny_dataset, tmp_path, monkeypatch):
     scans = find_scans([tiny_dataset / "test"])
     runs = [make_run(tmp_path / "a", (4, 16, 16), seed=1), make_run(tmp_path / "b", (2, 24, 24), seed=2, tasks=("severity",))]
@@ -115,6 +116,7 @@ def test_ensemble_of_two_sizes_is_the_mean_of_its_members(tiny_dataset, tmp_path
         assert float(alone[0][i]["covid_probability"]) != pytest.approx(float(alone[1][i]["covid_probability"]), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_separate_models_for_presence_and_severity(tiny_dataset, tmp_path):
     """The paper's submissions: P(covid) from the presence models, severity from the severity models."""
     scans = find_scans([tiny_dataset / "test"])[:3]
@@ -154,6 +156,7 @@ def test_separate_models_for_presence_and_severity(tiny_dataset, tmp_path):
         run_infer(scans, [], tmp_path, "none.csv")
 
 
+@pytest.mark.slow
 def test_mc_dropout_samples_differ_with_a_sensible_spread(tiny_dataset, tmp_path):
     scans = find_scans([tiny_dataset / "test"])[:2]
     run = make_run(tmp_path / "run", (4, 16, 16), seed=0, tasks=("severity",))

@@ -57,6 +57,7 @@ def run(scans, model, output, **options):
     return infer(scans, model, output, cache_dir=output.parent / "cache", device="cpu", precision="fp32", progress=False, **options)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_duplicates(presence_run, tmp_path, monkeypatch):
     scans = make_scans(tmp_path / "data", 9)
     reference = read_csv(run(scans, presence_run, tmp_path / "ref.csv", batch_size=2, workers=1) and tmp_path / "ref.csv")
@@ -104,6 +105,7 @@ def resident_bytes():
         return int(handle.read().split()[1]) * PAGE_BYTES
 
 
+@pytest.mark.slow
 def test_memory_does_not_grow_with_the_number_of_scans(presence_run, tmp_path):
     """From scan 50 to scan 200 neither the live tensors, dicts (rows) and scan items (a leak of one
     per scan adds 150) nor the resident memory (a leak of one 4x32x32 float32 volume per scan would

@@ -150,6 +150,7 @@ OLD_CONFIG = {  # a config.json as runs wrote it before final_bias, presence_ave
 }
 
 
+@pytest.mark.slow
 def test_old_run_without_the_new_keys_loads_and_predicts_as_before(tmp_path, tiny_dataset):
     from safetensors.torch import save_file
 

@@ -131,6 +131,7 @@ def test_warped_volumes_are_cached_under_their_own_key(tmp_path: Path) -> None:
     assert prune_cache(cache_dir).kept == 1
 
 
+@pytest.mark.slow
 def test_warped_training_run_records_the_warp(tmp_path: Path, tiny_dataset: Path) -> None:
     """A run trained with a warp records it, and inference preprocesses with it (cache under its key)."""
     from cov3d.inference.infer import infer

@@ -11,7 +11,7 @@ from torch import nn
 from cov3d.errors import Cov3dError, NonFiniteTraining
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.network import build_model
-from cov3d.runtime import choose_precision
+from cov3d.runtime import choose_precision, cpu_bf16_features
 from cov3d.synthetic.demo import DemoReport, DemoSettings, check_beats_baseline
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training import bf16_convs
@@ -138,27 +138,38 @@ MAX_SANE_GRADIENT = 1e4
 kernel's (1e18 to 1e36); NaN and inf fail the comparison too."""
 
 
-def blob_volumes(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(count, 1, 16, 32, 32) noise volumes, a bright cube in the positives; labels (count, 2)."""
-    volumes = torch.rand(count, 1, 16, 32, 32, generator=generator) * 0.5
+NATIVE_BF16 = bool(cpu_bf16_features())
+BF16_SLICE = 32 if NATIVE_BF16 else 8
+"""Slice size of the tests that train in bf16. Their volumes are always 16 slices deep, so that layer4
+runs two slices deep (the geometry that broke oneDNN's kernel on Zen 4), and the bf16 probes and
+repairs run. Where bf16 is native that is 32x32 slices; where it is emulated (no AVX-512 BF16 or AMX,
+dozens of times slower than fp32), 8x8 slices keep each step to seconds."""
+
+
+def blob_volumes(count: int, generator: torch.Generator, slice_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, 1, 16, S, S) noise volumes, a bright cube in the positives' middle half; labels (count, 2)."""
+    volumes = torch.rand(count, 1, 16, slice_size, slice_size, generator=generator) * 0.5
     has_covid = torch.arange(count) % 2
-    volumes[has_covid == 1, :, 4:12, 8:24, 8:24] += 0.5
+    quarter = slice_size // 4
+    volumes[has_covid == 1, :, 4:12, quarter:3 * quarter, quarter:3 * quarter] += 0.5
     severity = has_covid * (1 + torch.arange(count) % 4)
     return volumes, torch.stack([has_covid, severity], dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, None], ids=["bf16", "fp32"])
 def test_demo_network_trains_finite_and_learns(dtype):
     """The demo's network (16-slice volumes, so layer4 runs two slices deep) trained by Adam at the
     demo's learning rate for 20 steps: every loss finite, every gradient finite and of a sane size (the
-    broken kernel's are up to 1e36 from the first step), the last steps' loss well below the first's."""
+    broken kernel's are up to 1e36 from the first step), the last steps' loss well below the first's.
+    bf16 runs at BF16_SLICE (small where bf16 is emulated)."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    demo = DemoSettings()
+    demo = DemoSettings().with_workload("bf16" if dtype else "fp32")
     settings = demo.train_settings()
     model = build_model(outputs=6, penultimate=demo.penultimate, dropout=demo.dropout, pool=settings.pool,
                         final_bias=settings.final_bias, pretrained_weights=None).to(memory_format=torch.channels_last_3d)
-    volumes, targets = blob_volumes(8, generator)
+    volumes, targets = blob_volumes(8, generator, BF16_SLICE if dtype else 32)
     loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([4, 4]),
                           severity_weights=class_weights([4, 1, 1, 1, 1, 0]),
                           presence_averaging=settings.presence_averaging)
@@ -192,6 +203,7 @@ def tiny_settings(**changes) -> TrainSettings:
     return TrainSettings(depth=8, height=32, width=32, batch_size=3, penultimate=8, **changes)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_in_that_step_and_resume_still_works(module_dir, guard_dataset, monkeypatch):
     """A NaN injected into epoch 2's second training loss: the run stops with a NonFiniteTraining that
     names epoch 2, batch 2 and the remedies; epoch 1's checkpoint and best weights stay byte for byte;
@@ -235,6 +247,7 @@ def test_nan_loss_stops_the_run_in_that_step_and_resume_still_works(module_dir, 
     assert result.best_scores
 
 
+@pytest.mark.slow
 def test_non_finite_gradient_stops_the_first_epoch_with_nothing_to_resume(module_dir, guard_dataset, monkeypatch):
     """An infinite gradient in the first step: stopped before the optimiser applies it, no checkpoint."""
     import cov3d.training.train as train_module
@@ -255,6 +268,7 @@ def test_non_finite_gradient_stops_the_first_epoch_with_nothing_to_resume(module
     assert not (run / "checkpoint.pth").exists()
 
 
+@pytest.mark.slow
 def test_cli_turns_a_non_finite_loss_into_one_line_and_exit_1(module_dir, guard_dataset, monkeypatch):
     from typer.testing import CliRunner
 
@@ -273,6 +287,7 @@ def test_cli_turns_a_non_finite_loss_into_one_line_and_exit_1(module_dir, guard_
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_cpu_bf16_training_checks_every_convolution_once(module_dir, guard_dataset, monkeypatch):
     """`cov3d train --precision bf16` on a CPU: 16-slice volumes (layer4 two slices deep) train finite,
     every convolution geometry is probed once, and the model's convolutions are given back unchanged."""
@@ -281,8 +296,8 @@ def test_cpu_bf16_training_checks_every_convolution_once(module_dir, guard_datas
     verdicts, models = {}, []
     monkeypatch.setattr(bf16_convs, "_verdicts", verdicts)
     monkeypatch.setattr(train_module, "build_model", lambda **kwargs: models.append(build_model(**kwargs)) or models[-1])
-    train(guard_dataset, module_dir / "bf16-run", TrainSettings(depth=16, height=32, width=32, batch_size=3,
-                                                                penultimate=8, epochs=1),
+    train(guard_dataset, module_dir / "bf16-run", TrainSettings(depth=16, height=BF16_SLICE, width=BF16_SLICE,
+                                                                batch_size=3, penultimate=8, epochs=1),
           cache_dir=module_dir / "cache16", pretrained=False, device="cpu", precision="bf16", workers=1)
     assert any(geometry[0][2] == 2 for geometry in verdicts)  # layer4's depth
     assert len(verdicts) >= 11  # stem, layer1..4 convolutions and downsamples, for each batch shape
@@ -311,10 +326,30 @@ def test_auto_precision_on_cpus(tmp_path, monkeypatch, extra, expected, reason):
     cpuinfo.write_text(CPUINFO.format(extra=extra))
     import cov3d.runtime as runtime
 
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(runtime, "Path", lambda _: cpuinfo)
     choice = choose_precision("auto", torch.device("cpu"))
     assert choice.dtype == expected
     assert reason in choice.reason
+
+
+@pytest.mark.parametrize("cap, expected", [
+    ("AVX2", None), ("avx512_core", None), ("AVX512_CORE_BF16", torch.bfloat16), ("AVX512_CORE_AMX", torch.bfloat16),
+    ("ALL", torch.bfloat16), ("not-an-isa", torch.bfloat16),
+])
+def test_a_capped_onednn_isa_is_a_cpu_without_native_bf16(tmp_path, monkeypatch, cap, expected):
+    """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 keeps oneDNN off the CPU's bf16 instructions (as on an
+    AVX2-only CPU), so auto picks fp32 and says why; a value oneDNN ignores changes nothing."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(extra="avx512_bf16"))
+    import cov3d.runtime as runtime
+
+    monkeypatch.setattr(runtime, "Path", lambda _: cpuinfo)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    choice = choose_precision("auto", torch.device("cpu"))
+    assert choice.dtype == expected
+    if expected is None:
+        assert f"ONEDNN_MAX_CPU_ISA={cap}" in choice.reason
 
 
 @pytest.mark.parametrize("capability, expected", [

@@ -203,6 +203,7 @@ def _tiny_learner(cbs) -> Learner:
                    opt_func=Adam, cbs=cbs)
 
 
+@pytest.mark.slow
 def test_resumed_optimizer_state_follows_the_model_to_its_device(tmp_path):
     """After --resume every Adam state tensor is placed like its parameter, although the model is only moved
     (in place) once fit has started; state loaded before fit, as train() once did, is left behind."""

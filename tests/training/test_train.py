@@ -45,6 +45,7 @@ def test_one_epoch_writes_checkpoints_config_and_metrics(tiny_run):
     assert summary["best_scores"]["presence_f1"] == pytest.approx(float(rows[0]["presence_f1"]))
 
 
+@pytest.mark.slow
 def test_presence_only_run_keeps_one_checkpoint(tmp_path, tiny_dataset):
     settings = TrainSettings(depth=8, height=32, width=32, epochs=1, penultimate=8, severity_factor=0.0)
     result = train(
@@ -83,6 +84,7 @@ def test_seeding_leaves_the_callers_determinism_flags_as_they_were(before):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = original[2:]
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_the_best_weights(tmp_path, tiny_dataset, monkeypatch):
     """The disk fills up while the best weights are written: one line, and no torn or temporary file."""
     real_write_bytes = Path.write_bytes

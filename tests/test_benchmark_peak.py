@@ -1,0 +1,48 @@
+"""scripts/benchmark_peak.py: its FLOP count against torch's own counter, its peak against a hand count."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cov3d.model.network import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("benchmark_peak", ROOT / "scripts" / "benchmark_peak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_conv_flops_match_torchs_flop_counter(script):
+    """The hooks' count of a training step equals torch's FlopCounterMode over forward and backward
+    (its convolution entries: the head's matrix products are left out)."""
+    model = build_model(outputs=6, penultimate=16, dropout=0.0, pretrained_weights=None)
+    volume = torch.rand(2, 1, 8, 24, 24)
+    forward, backward = script.conv_flops(model, volume)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(volume).sum().backward()
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert forward == counts["aten.convolution"]
+    assert backward == counts["aten.convolution_backward"]
+
+
+@pytest.mark.parametrize("vendor, family, flags, bits", [
+    ("GenuineIntel", "6", "fma avx2 avx512f amx_bf16", 512),
+    ("AuthenticAMD", "25", "fma avx2 avx512f avx512_bf16", 256),  # Zen 4: 512-bit instructions on 256-bit pipes
+    ("AuthenticAMD", "23", "fma avx2", 256),
+    ("GenuineIntel", "6", "sse4_2", 128),
+])
+def test_the_fp32_peak_by_hand(script, vendor, family, flags, bits):
+    fields = {"Model name": "X", "Vendor ID": vendor, "CPU family": family, "Core(s) per socket": "2",
+              "Socket(s)": "1", "CPU MHz": "2500.000", "Flags": flags}
+    peak = script.fp32_peak(fields)
+    assert peak["bits"] == bits
+    assert peak["peak"] == pytest.approx(2 * 2.5 * (bits / 32) * 2 * 2)
