@@ -240,8 +240,8 @@ class DemoWorkload:
 
 
 DEMO_WORKLOADS = {
-    "reduced precision": DemoWorkload(VolumeShape(16, 48, 48), 12),
-    "fp32": DemoWorkload(VolumeShape(16, 32, 32), 8),
+    "bf16 or fp16 (a CPU with native bf16, a GPU)": DemoWorkload(VolumeShape(16, 48, 48), 12),
+    "fp32 (a CPU without native bf16)": DemoWorkload(VolumeShape(16, 32, 32), 8),
 }
 """The demo's workload by the precision a run uses, so that it takes under 10 minutes on 2 cores of
 every CPU kind measured (docs/demo.md). A training step in fp32 costs 2-3x one in native bf16 on
@@ -252,13 +252,14 @@ CPU and any GPU (bf16 or fp16) train the full workload."""
 
 def demo_workload(precision: str) -> DemoWorkload:
     """The demo's workload for a resolved precision name (fp32, bf16 or fp16)."""
-    return DEMO_WORKLOADS["fp32" if precision == "fp32" else "reduced precision"]
+    reduced, fp32 = DEMO_WORKLOADS.values()
+    return fp32 if precision == "fp32" else reduced
 
 
 DEMO_WORKLOADS_HELP = " or ".join(
     f"{workload.shape} for {workload.epochs} epochs in {name}" for name, workload in DEMO_WORKLOADS.items()
 )
-"""'16x48x48 for 12 epochs in reduced precision or ...': the help of the demo's size and epochs."""
+"""'16x48x48 for 12 epochs in bf16 or fp16 (...) or ...': the help of the demo's size and epochs."""
 
 
 @dataclass
