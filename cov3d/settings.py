@@ -170,6 +170,12 @@ PRESENCE_AVERAGING = ("batch", "weighted")
 """How the weighted presence terms of a batch are averaged: over the batch size, 1/B sum w l (the
 original code), or over their weights, sum w l / sum w."""
 DEFAULT_PRESENCE_AVERAGING = "batch"
+FUSED_ADAMW = "fused-adamw"
+FASTAI_ADAM = "fastai-adam"
+OPTIMIZERS = (FUSED_ADAMW, FASTAI_ADAM)
+"""How Adam is computed (``cov3d.training.optimizer``): torch's fused AdamW kernel, or fastai's Adam (the
+original code's implementation of the same arithmetic, about ten operations per parameter per step;
+runs recorded without an optimizer used it)."""
 
 
 @dataclass
@@ -203,6 +209,7 @@ class TrainSettings:
     window: str = str(DEFAULT_WINDOW)
     """The HU -> grey mapping (``LEVEL,WIDTH``) of DICOM/NIfTI scans; the model expects it at inference."""
     seed: int = limited(0, SEED)
+    optimizer: str = FUSED_ADAMW
 
     def __post_init__(self) -> None:
         """Reject settings out of range (``cov3d.limits``) or that the model cannot be built with,
@@ -211,6 +218,8 @@ class TrainSettings:
         self.window = str(Window.parse(self.window))
         if self.pool not in POOLS:
             raise Cov3dError(f"`pool` must be one of {', '.join(POOLS)}, got '{self.pool}'.")
+        if self.optimizer not in OPTIMIZERS:
+            raise Cov3dError(f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got '{self.optimizer}'.")
         if self.presence_averaging not in PRESENCE_AVERAGING:
             raise Cov3dError(
                 f"`presence_averaging` must be one of {', '.join(PRESENCE_AVERAGING)}, got '{self.presence_averaging}'."

@@ -15,8 +15,9 @@ ratio is then half the truth). A clock above the nominal one (turbo) can push th
     python scripts/benchmark_peak.py --size 16x48x48 --bf16  # also time bf16 autocast (no peak modelled)
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python scripts/benchmark_peak.py   # as an AVX2-only CPU
 
-Each step is a whole training step as `cov3d train` runs it: forward, the Cov3d loss, backward and
-fastai's Adam, median of `--steps` after two warm-up steps. Not a test: no asserts.
+Each step is a whole training step as `cov3d train` runs it: forward, the Cov3d loss, backward and the
+optimiser (torch's fused AdamW, and fastai's Adam for comparison), median of `--steps` after two warm-up
+steps. Not a test: no asserts.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ import subprocess
 import time
 
 import torch
-from fastai.optimizer import Adam
 
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.network import build_model
 from cov3d.runtime import cpu_bf16_features
-from cov3d.settings import DemoSettings
+from cov3d.settings import FASTAI_ADAM, FUSED_ADAMW, DemoSettings
 from cov3d.training.bf16_convs import checked_bf16_convs
+from cov3d.training.optimizer import optimizer_function
 
 FMA_PIPES = 2
 """FMA pipes per core assumed for the peak (see the module docstring)."""
@@ -121,12 +122,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; size {args.size}, batch {args.batch_size}: "
           f"{(forward + backward) / 1e9:.1f} GFLOP of convolutions a step ({forward / 1e9:.1f} forward)")
 
-    routes = {"fp32": None, **({"bf16": torch.bfloat16} if args.bf16 else {})}
-    for name, dtype in routes.items():
+    routes = {"fp32": (None, FUSED_ADAMW), "fp32, fastai's Adam": (None, FASTAI_ADAM),
+              **({"bf16": (torch.bfloat16, FUSED_ADAMW)} if args.bf16 else {})}
+    for name, (dtype, optimizer_name) in routes.items():
         channels_last = dtype is not None
         step_model = model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
         step_volume = volume.contiguous(memory_format=torch.channels_last_3d) if channels_last else volume
-        optimizer = Adam(list(step_model.parameters()), lr=1e-4, wd=1e-5)
+        opt_func = optimizer_function(optimizer_name, step_model, demo.train_settings().weight_decay)
+        optimizer = opt_func(list(step_model.parameters()), lr=1e-4)
 
         def step() -> None:
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -146,7 +149,7 @@ def main() -> None:
         seconds = statistics.median(times)
         achieved = (forward + backward) / seconds / 1e9
         share = f" = {100 * achieved / cpu['peak']:.0f} % of the fp32 peak" if dtype is None else " (no bf16 peak modelled)"
-        print(f"{name}: {seconds:.3f} s a step, {achieved:.0f} GFLOP/s{share}", flush=True)
+        print(f"{name:<20} {seconds:.3f} s a step, {achieved:.0f} GFLOP/s{share}", flush=True)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def train(
         "weighted (sum w l / sum w). Severity terms are always averaged over their weights.")),
     warp: float = WarpOption,
     reflect: bool = typer.Option(TRAIN_DEFAULTS.reflect, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
+    optimizer: str = typer.Option(TRAIN_DEFAULTS.optimizer, "--optimizer", help=(
+        "How Adam is computed: fused-adamw (torch's fused kernel) or fastai-adam (the original code's fastai "
+        "implementation: the same steps, about ten operations per parameter per step).")),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from Kinetics-400 weights (paper) or from scratch."),
     pretrained_weights: Optional[Path] = typer.Option(None, "--pretrained-weights", help="A torchvision r3d_18 Kinetics-400 state-dict file."),
     seed: int = typer.Option(TRAIN_DEFAULTS.seed, "--seed", help="Random seed: runs with the same seed on a CPU give identical metrics."),
@@ -95,6 +98,7 @@ def train(
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
         penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
         presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, window=str(shape.window), seed=seed,
+        optimizer=optimizer,
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     result = run_training(

@@ -41,7 +41,7 @@ from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
 from cov3d.model.network import build_model
-from cov3d.settings import POOLS, VolumeShape
+from cov3d.settings import FASTAI_ADAM, POOLS, VolumeShape
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}
@@ -60,9 +60,11 @@ REQUIRED_CONFIG = {
     "depth": int, "height": int, "width": int, "outputs": int, "penultimate": int,
     "dropout": (int, float), "pool": str,
 }
-LEGACY_CONFIG = {"final_bias": True, "presence_averaging": "weighted", "warp": 0.0, "window": str(DEFAULT_WINDOW)}
+LEGACY_CONFIG = {"final_bias": True, "presence_averaging": "weighted", "warp": 0.0, "window": str(DEFAULT_WINDOW),
+                 "optimizer": FASTAI_ADAM}
 """What runs made before these keys were recorded used: a last linear layer with a bias, presence
-terms averaged over their weights, no warp; for DICOM/NIfTI scans, the calibrated default window. A config without a key is read with this value."""
+terms averaged over their weights, no warp; for DICOM/NIfTI scans, the calibrated default window;
+fastai's Adam. A config without a key is read with this value."""
 
 
 def with_legacy_defaults(config: dict) -> dict:

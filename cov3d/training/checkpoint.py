@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastai.callback.core import Callback
+from fastai.optimizer import OptimWrapper
 from torch import nn
 
 from cov3d.atomic import replaced_atomically
@@ -65,7 +66,16 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def optimizer_state(opt) -> dict[str, Any]:
-    """fastai optimiser state as plain lists and dicts: per-parameter tensors/steps and per-group hypers."""
+    """The optimiser's state as plain lists and dicts, tensors on the CPU: torch's state dict under
+    ``torch`` (fused AdamW in fastai's ``OptimWrapper``), else fastai's per-parameter tensors/steps
+    (``state``) and per-group hypers (``hypers``)."""
+    if isinstance(opt, OptimWrapper):
+        state = opt.opt.state_dict()
+        return {"torch": {
+            "state": {index: {key: value.detach().cpu() if isinstance(value, torch.Tensor) else value
+                              for key, value in entry.items()} for index, entry in state["state"].items()},
+            "param_groups": state["param_groups"],
+        }}
     state = opt.state_dict()
     return {
         "state": [{key: value.detach().cpu() if isinstance(value, torch.Tensor) else value for key, value in dict(s).items()}
@@ -85,12 +95,19 @@ def state_like(value: Any, param: torch.Tensor) -> Any:
 
 
 def load_optimizer_state(opt, state: dict[str, Any]) -> None:
-    """Load `optimizer_state` output into a fastai optimiser, placing each tensor like its parameter.
+    """Load `optimizer_state` output into the optimiser it came from, placing each tensor like its parameter.
 
     Call it once the model is where it trains (fastai moves it in place at the start of ``fit``):
     state loaded earlier would stay on the CPU while the gradients come from the GPU.
     """
     params = [p for p, *_ in opt.all_params()]
+    saved = len(state["torch"]["state"]) if "torch" in state else len(state["state"])
+    if ("torch" in state) != isinstance(opt, OptimWrapper) or saved > len(params):
+        raise Cov3dError(f"The checkpoint's optimiser state ({saved} parameters) does not fit this run's optimiser "
+                         f"({len(params)} parameters): it was written by another model; start a new run without --resume.")
+    if isinstance(opt, OptimWrapper):
+        opt.opt.load_state_dict(state["torch"])  # torch places each tensor like its parameter
+        return
     if len(params) != len(state["state"]):
         raise Cov3dError(f"The checkpoint's optimiser state has {len(state['state'])} parameters, the model "
                          f"{len(params)}: it was written by another model; start a new run without --resume.")
@@ -99,10 +116,14 @@ def load_optimizer_state(opt, state: dict[str, Any]) -> None:
 
 
 def misplaced_optimizer_state(opt) -> list[str]:
-    """Optimiser-state tensors that are not on their parameter's device (or, floating, in its dtype)."""
+    """Optimiser-state tensors that are not on their parameter's device (or, floating, in its dtype;
+    torch keeps AdamW's step counts on the CPU unless the kernel is fused)."""
+    states = opt.opt.state if isinstance(opt, OptimWrapper) else opt.state
     misplaced = []
     for index, (param, *_) in enumerate(opt.all_params()):
-        for key, value in opt.state.get(param, {}).items():
+        for key, value in states.get(param, {}).items():
+            if key == "step" and isinstance(opt, OptimWrapper) and value.device.type == "cpu":
+                continue
             if isinstance(value, torch.Tensor) and (
                 value.device != param.device or (value.is_floating_point() and value.dtype != param.dtype)
             ):

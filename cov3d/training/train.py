@@ -16,7 +16,6 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
-from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 from safetensors.torch import save as safetensors_bytes
@@ -33,7 +32,7 @@ from cov3d.outputs import check_new_run, remove_run_files
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
 from cov3d.runtime import Precision, choose_precision, machine_description, reproducible_kernels, resolve_device
-from cov3d.settings import TrainSettings
+from cov3d.settings import FASTAI_ADAM, TrainSettings
 from cov3d.training.callbacks import (
     FiniteGuard,
     MetricsLog,
@@ -65,6 +64,7 @@ from cov3d.training.distributed import (
 )
 from cov3d.training.evaluation import kept_weights_scores
 from cov3d.training.loaders import training_loaders
+from cov3d.training.optimizer import optimizer_function
 from cov3d.training.precision import precision_callbacks
 from cov3d.training.provenance import dataset_fingerprint, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
@@ -289,14 +289,15 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         start_wandb(run_dir, resume=resume_state is not None)
         callbacks.append(WandbLog(first_epoch))
 
+    fit_wd = settings.weight_decay if settings.optimizer == FASTAI_ADAM else None  # else in the optimiser's groups
     learner = Learner(
-        dls, model, loss_func=loss.to(torch_device), opt_func=Adam, metrics=metrics,
-        path=run_dir, model_dir=".", wd=settings.weight_decay, cbs=callbacks,
+        dls, model, loss_func=loss.to(torch_device), metrics=metrics, path=run_dir, model_dir=".", wd=fit_wd, cbs=callbacks,
+        opt_func=optimizer_function(settings.optimizer, model, settings.weight_decay),
     )
     if not dist.is_main:
         learner.remove_cb(ProgressCallback)
         learner.logger = noop
-    learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=settings.weight_decay)
+    learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=fit_wd)
     if all(math.isinf(value) for value in checkpoints.best.values()):
         raise Cov3dError(
             f"{run_dir}: every epoch ended with non-finite weights (NaN or infinity), so no best weights were kept. "
