@@ -14,6 +14,9 @@ from cov3d.errors import Cov3dError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+"""A run's autocast dtype (None: plain fp32) -> its name: the ``--precision`` that gives it, and what
+config.json records (``precision``), so that a resumed run keeps it."""
 CPU_BF16_FLAGS = {"amx_bf16": "AMX-BF16 tiles", "avx512_bf16": "AVX-512 BF16 instructions"}
 """x86 CPU features (from /proc/cpuinfo) with which oneDNN runs bf16 natively, faster than fp32."""
 ONEDNN_ISA_FOR_FLAG = {"amx_bf16": "AVX512_CORE_AMX", "avx512_bf16": "AVX512_CORE_BF16"}
@@ -39,7 +42,7 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return PRECISION_NAMES[self.dtype]
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -3,6 +3,7 @@
 import csv
 
 import pytest
+from cpu_kinds import BF16_SLICE
 from typer.testing import CliRunner
 
 from cov3d.cli import app
@@ -123,7 +124,7 @@ def test_preprocess_with_the_original_warp(tmp_path, tiny_dataset):
 def test_train_command_end_to_end(tmp_path, tiny_dataset):
     run_dir = tmp_path / "run"
     result = invoke(
-        "train", "--directory", tiny_dataset, "--output-dir", run_dir, "--depth", 8, "--width", 32,
+        "train", "--directory", tiny_dataset, "--output-dir", run_dir, "--depth", 8, "--width", BF16_SLICE,
         "--epochs", 1, "--penultimate", 8, "--no-pretrained", "--cache-dir", tmp_path / "cache",
         "--workers", 1, "--device", "cpu", "--precision", "bf16",
     )

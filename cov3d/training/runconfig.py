@@ -17,12 +17,11 @@ from typing import Any
 from cov3d.errors import Cov3dError
 from cov3d.limits import option_name
 from cov3d.model.files import CONFIG_FILE, with_legacy_defaults
+from cov3d.runtime import PRECISION_NAMES
 
 RESTORE = "Restore it from a copy or start a new run."
 NEW_RUN_REMEDY = "Free some space or choose another `output_dir`."
 """What to do when a new run's config.json cannot be written."""
-PRECISION_OPTIONS = {"fp32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-"""config.json's resolved precision -> the --precision that gives it again."""
 OPTION_NAMES = {"data_dir": "--directory", "use_wandb": "--wandb"}
 """Keyword arguments of ``cov3d.training.train.train`` whose option is not spelt like them."""
 RESUMABLE = ("data_dir", "cache_dir", "device", "precision", "workers", "loader_workers", "use_wandb")
@@ -67,11 +66,21 @@ def recorded_options(config: dict[str, Any]) -> dict[str, Any]:
         "data_dir": config["data_dir"],
         "cache_dir": arguments.get("cache_dir"),
         "device": arguments.get("device", "auto"),
-        "precision": PRECISION_OPTIONS.get(config.get("precision"), arguments.get("precision", "auto")),
+        "precision": recorded_precision(config),
         "workers": arguments.get("workers"),
         "loader_workers": arguments.get("loader_workers"),
         "use_wandb": bool(arguments.get("wandb", False)),
     }
+
+
+def recorded_precision(config: dict[str, Any]) -> str:
+    """The precision the run resolved (``bf16`` for an ``auto`` run on a bf16 machine), as a
+    ``--precision`` value; what it was started with when config.json records none."""
+    precision = config.get("precision")
+    if precision in PRECISION_NAMES.values():
+        return precision
+    arguments = config.get("arguments")
+    return arguments.get("precision", "auto") if isinstance(arguments, dict) else "auto"
 
 
 def _shown(value: Any) -> str:
@@ -82,6 +91,10 @@ def resumed_options(config: dict[str, Any], given: dict[str, Any]) -> tuple[dict
     """The recorded options with those ``given`` again, and one line for each that differs."""
     options = recorded_options(config)
     overrides = []
+    arguments = config.get("arguments")
+    started = arguments.get("precision") if isinstance(arguments, dict) else None
+    if "precision" not in given and started == "auto" and options["precision"] != "auto":
+        overrides.append(f"precision: {options['precision']}, as the run resolved --precision auto when it started")
     for name, value in given.items():
         if name in options and _shown(value) != _shown(options[name]):
             option = OPTION_NAMES.get(name, option_name(name))

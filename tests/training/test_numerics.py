@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_kinds import BF16_SLICE
 from torch import nn
 
 from cov3d.errors import Cov3dError, NonFiniteTraining
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.network import build_model
-from cov3d.runtime import choose_precision, cpu_bf16_features
+from cov3d.runtime import choose_precision
 from cov3d.synthetic.demo import DemoReport, DemoSettings, check_beats_baseline
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training import bf16_convs
@@ -136,14 +137,6 @@ def test_probes_leave_the_training_rng_alone():
 MAX_SANE_GRADIENT = 1e4
 """Far above any gradient of this network and loss (at most about 10 in fp32), far below the broken
 kernel's (1e18 to 1e36); NaN and inf fail the comparison too."""
-
-
-NATIVE_BF16 = bool(cpu_bf16_features())
-BF16_SLICE = 32 if NATIVE_BF16 else 8
-"""Slice size of the tests that train in bf16. Their volumes are always 16 slices deep, so that layer4
-runs two slices deep (the geometry that broke oneDNN's kernel on Zen 4), and the bf16 probes and
-repairs run. Where bf16 is native that is 32x32 slices; where it is emulated (no AVX-512 BF16 or AMX,
-dozens of times slower than fp32), 8x8 slices keep each step to seconds."""
 
 
 def blob_volumes(count: int, generator: torch.Generator, slice_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
