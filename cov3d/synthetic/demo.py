@@ -129,7 +129,7 @@ def run_demo(
         generate_dataset(
             data_dir, scans=settings.scans, seed=settings.seed, slice_size=settings.slice_size,
             depth_scale=settings.depth_scale, annotated_fraction=settings.annotated_fraction,
-            overwrite=True, masks=True,
+            overwrite=True, masks=True, workers=workers,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     step_done("generate")

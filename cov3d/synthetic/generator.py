@@ -27,8 +27,10 @@ arrays (depth, slice_size, slice_size) in slice order, ``lesion`` and ``lung`` (
 import csv
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ from cov3d.dataset.intensity import DEFAULT_WINDOW
 from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
 from cov3d.dataset.scans import scan_number
 from cov3d.errors import Cov3dError
-from cov3d.limits import DEPTH_SCALE, FRACTION, OPTIONAL_COUNT, SEED, SLICE_SIZE, SYNTHETIC_SCANS
+from cov3d.limits import DEPTH_SCALE, FRACTION, OPTIONAL_COUNT, SEED, SLICE_SIZE, SYNTHETIC_SCANS, WORKERS
 from cov3d.synthetic.phantom import render_phantom
 
 CLASS_FOLDERS = {bool(code): name for name, code in reversed(PRESENCE_FOLDERS.items())}  # covid first
@@ -204,6 +206,31 @@ def _write_scan(plan: _ScanPlan, slice_size: int, masks_to: Path | None = None) 
     return fraction
 
 
+def _render_and_write(plan: _ScanPlan, slice_size: int, masks_to: Path | None) -> None:
+    """``_write_scan``, with running out of memory as a one-line error naming the scan."""
+    try:
+        _write_scan(plan, slice_size, masks_to)
+    except MemoryError:
+        raise Cov3dError(
+            f"not enough memory to render {plan.folder} ({plan.depth} slices of {slice_size}x{slice_size}): "
+            "use a smaller `slice_size` or `depth_scale`"
+        ) from None
+
+
+def _written(plans: list[_ScanPlan], slice_size: int, masks_to: list[Path | None], workers: int | None) -> Iterator[None]:
+    """Write the scans of ``plans`` in order, in this process or in ``workers`` processes; yields after each."""
+    WORKERS.check("workers", workers)
+    if workers == 1 or len(plans) <= 1:
+        for plan, masks in zip(plans, masks_to):
+            yield _render_and_write(plan, slice_size, masks)
+        return
+    from cov3d.preprocessing.workers import available_cpus, init_worker, pool_context  # imports torch
+
+    count = min(workers or available_cpus(), len(plans))
+    with ProcessPoolExecutor(count, mp_context=pool_context(__name__), initializer=init_worker) as executor:
+        yield from executor.map(_render_and_write, plans, repeat(slice_size), masks_to)
+
+
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, delimiter=CSV_DELIMITER, lineterminator="\n")
@@ -228,13 +255,15 @@ def generate_dataset(
     overwrite: bool = False,
     masks: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    workers: int | None = 1,
 ) -> SyntheticSummary:
     """Write a synthetic COV19-CT-DB-style dataset of ``scans`` scans (test included) under ``out_dir``.
 
     ``depth_scale`` multiplies the realistic slice counts (0.1: ~6 and ~33 slices at the two modes);
     ``test_scans`` defaults to 20 % of ``scans``. ``overwrite`` removes what an earlier run wrote there;
     otherwise those paths must not exist. ``masks`` also writes each scan's lesion and lung masks
-    (``mask_path``). ``progress(done, total)`` is called after each scan.
+    (``mask_path``). ``progress(done, total)`` is called after each scan. ``workers`` processes render
+    the scans (``None``: every core); each scan has its own seed, so the bytes do not depend on it.
     """
     out_dir = Path(out_dir)
     SYNTHETIC_SCANS.check("scans", scans)
@@ -257,14 +286,8 @@ def generate_dataset(
     rng = np.random.default_rng(seed)
     plans = _plan(rng, out_dir, sizes, annotated_fraction, depth_scale, slice_size, mixed_size_fraction)
     summary = SyntheticSummary(out_dir=out_dir, depths=[plan.depth for plan in plans])
-    for done, plan in enumerate(plans, start=1):
-        try:
-            _write_scan(plan, slice_size, mask_path(out_dir, plan.folder) if masks else None)
-        except MemoryError:
-            raise Cov3dError(
-                f"not enough memory to render {plan.folder} ({plan.depth} slices of {slice_size}x{slice_size}): "
-                "use a smaller `slice_size` or `depth_scale`"
-            ) from None
+    masks_to = [mask_path(out_dir, plan.folder) if masks else None for plan in plans]
+    for done, _ in enumerate(_written(plans, slice_size, masks_to, workers), start=1):
         if progress is not None:
             progress(done, len(plans))
 
