@@ -250,13 +250,13 @@ class DemoWorkload:
 
 DEMO_WORKLOADS = {
     "bf16 or fp16 (a CPU with native bf16, a GPU)": DemoWorkload(VolumeShape(16, 48, 48), 12),
-    "fp32 (a CPU without native bf16)": DemoWorkload(VolumeShape(16, 40, 40), 6),
+    "fp32 (a CPU without native bf16)": DemoWorkload(VolumeShape(16, 32, 32), 8),
 }
 """The demo's workload by the precision a run uses, so that it takes under 10 minutes on 2 cores of
 every CPU kind measured (docs/demo.md). A training step in fp32 costs 2-3x one in native bf16 on
-the same CPU, and an AVX2-only CPU has no native bf16 at all: fp32 trains smaller volumes for half the
-epochs (a step at 16x40x40 does 71 % of the convolution FLOPs of one at 16x48x48: 36 % of the work in
-all). Native bf16 on a CPU and any GPU (bf16 or fp16) train the full workload."""
+the same CPU, and an AVX2-only CPU has no native bf16 at all: fp32 trains smaller volumes for two thirds
+of the epochs (a step at 16x32x32 does 44 % of the convolution FLOPs of one at 16x48x48: 30 % of the
+work in all). Native bf16 on a CPU and any GPU (bf16 or fp16) train the full workload."""
 
 
 def demo_workload(precision: str) -> DemoWorkload:

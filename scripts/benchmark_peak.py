@@ -11,7 +11,7 @@ instructions on 256-bit pipes; 256 bits with `avx2` and `fma`; 128 otherwise. Tw
 true of current x86 server cores (some Intel Xeon Silver and Bronze parts have one 512-bit pipe: the
 ratio is then half the truth). A clock above the nominal one (turbo) can push the ratio past 100 %.
 
-    python scripts/benchmark_peak.py                         # the demo's fp32 workload (16x40x40, batch 4)
+    python scripts/benchmark_peak.py                         # the demo's fp32 workload (16x32x32, batch 4)
     python scripts/benchmark_peak.py --size 16x48x48 --bf16  # also time bf16 autocast (no peak modelled)
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python scripts/benchmark_peak.py   # as an AVX2-only CPU
 
