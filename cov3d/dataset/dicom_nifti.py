@@ -61,8 +61,8 @@ from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.dataset.scans import (
     MAX_8BIT,
     is_dicom_dir,
+    is_jpeg_scan_dir,
     is_nifti_file,
-    is_scan_dir,
     list_slices,
     looks_dicom,
     visible_files,
@@ -310,6 +310,6 @@ def scan_sources(scan: Path) -> ScanSources:
     scan = Path(scan)
     if is_nifti_file(scan):
         return ScanSources("nifti", [scan])
-    if not is_scan_dir(scan) and is_dicom_dir(scan):
+    if not is_jpeg_scan_dir(scan) and is_dicom_dir(scan):
         return ScanSources("dicom", dicom_series_files(scan))
     return ScanSources("jpeg", list_slices(scan))

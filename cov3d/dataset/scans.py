@@ -178,7 +178,7 @@ def _read_failure(path: Path, error: BaseException) -> str:
     return one_line(getattr(error, "strerror", None) or error) or type(error).__name__
 
 
-def is_scan_dir(path: Path) -> bool:
+def is_jpeg_scan_dir(path: Path) -> bool:
     """Whether ``path`` is a readable folder holding at least one ``<integer>.jpg`` entry."""
     try:
         with os.scandir(path) as iterator:
@@ -232,7 +232,7 @@ def is_scan(path: Path) -> bool:
     """Whether ``path`` is a JPEG scan folder, a DICOM series folder or a NIfTI file."""
     if is_nifti_file(path):
         return True
-    return Path(path).is_dir() and (is_scan_dir(path) or is_dicom_dir(path))
+    return Path(path).is_dir() and (is_jpeg_scan_dir(path) or is_dicom_dir(path))
 
 
 def _scan_sort_key(path: Path) -> tuple[str, int, str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cov3d.dataset.scans import NO_SCAN_NUMBER, find_scans, is_scan_dir, list_slices, read_slice, scan_number
+from cov3d.dataset.scans import NO_SCAN_NUMBER, find_scans, is_jpeg_scan_dir, list_slices, read_slice, scan_number
 from cov3d.errors import Cov3dError
 
 
@@ -84,7 +84,7 @@ def test_unreadable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(Cov3dError, match="Cannot read folder .*Permission denied") as error:
         list_slices(scan)
     assert_one_line_naming(error, scan)
-    assert not is_scan_dir(scan)
+    assert not is_jpeg_scan_dir(scan)
     with pytest.raises(Cov3dError, match="Cannot read folder"):
         find_scans([tmp_path])
 
@@ -160,12 +160,12 @@ def test_read_slice_broken_link(tmp_path: Path) -> None:
 
 
 def test_is_scan_dir(tmp_path: Path) -> None:
-    assert is_scan_dir(make_scan(tmp_path / "ct_scan_1"))
+    assert is_jpeg_scan_dir(make_scan(tmp_path / "ct_scan_1"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "a.jpg").write_bytes(b"x")
-    assert not is_scan_dir(tmp_path / "other")
-    assert not is_scan_dir(tmp_path / "missing")
-    assert not is_scan_dir(tmp_path / "other" / "a.jpg")
+    assert not is_jpeg_scan_dir(tmp_path / "other")
+    assert not is_jpeg_scan_dir(tmp_path / "missing")
+    assert not is_jpeg_scan_dir(tmp_path / "other" / "a.jpg")
 
 
 def test_find_scans_sorted_recursive(tmp_path: Path) -> None:
