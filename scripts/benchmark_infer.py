@@ -28,9 +28,10 @@ from safetensors.torch import save_file
 from cov3d.dataset.scans import find_scans
 from cov3d.inference.ensemble import Ensemble
 from cov3d.inference.infer import infer
-from cov3d.model.files import CHECKPOINTS, load_source
+from cov3d.model.files import load_source
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import SIZES, VolumeCache
+from cov3d.runfiles import WEIGHTS_FILES
 from cov3d.synthetic.generator import generate_dataset
 
 OVERLAP_LIMIT = 1.2
@@ -46,7 +47,7 @@ def make_run(folder: Path, size: tuple[int, int, int]) -> Path:
     config = {"depth": depth, "height": height, "width": width, "outputs": 6, "penultimate": 512, "dropout": 0.5,
               "pool": "max", "final_bias": False}
     (folder / "config.json").write_text(json.dumps(config))
-    for name in CHECKPOINTS.values():
+    for name in WEIGHTS_FILES.values():
         state = build_model(outputs=6).state_dict()
         save_file({key: value.contiguous() for key, value in state.items()}, str(folder / name))
     return folder

@@ -66,6 +66,7 @@ from cov3d.errors import one_line  # noqa: E402
 from cov3d.inference.infer import infer  # noqa: E402
 from cov3d.preprocessing.cache import from_levels, values_on  # noqa: E402
 from cov3d.preprocessing.preprocess import SIZES, VolumeCache  # noqa: E402
+from cov3d.runfiles import WEIGHTS_BY_METRIC  # noqa: E402
 from cov3d.runtime import CUDA_NATIVE_BF16, choose_precision, cpu_bf16_features, resolve_device  # noqa: E402
 from cov3d.synthetic.generator import generate_dataset  # noqa: E402
 from cov3d.training import train as train_module  # noqa: E402
@@ -221,8 +222,8 @@ def finished_run(run: Path) -> list[str]:
     for name, score in summary["best_scores"].items():
         if not math.isfinite(score):
             problems.append(f"best {name} never set")
-        elif not (run / train_module.CHECKPOINTS[name]).is_file():
-            problems.append(f"{train_module.CHECKPOINTS[name]} missing")
+        elif not (run / WEIGHTS_BY_METRIC[name]).is_file():
+            problems.append(f"{WEIGHTS_BY_METRIC[name]} missing")
     return problems
 
 

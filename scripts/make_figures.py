@@ -29,8 +29,8 @@ from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severi
 from cov3d.dataset.stats import dataset_stats, stats_report, write_stats
 from cov3d.inference.explain import explain
 from cov3d.inference.views import show_scans
+from cov3d.runfiles import CONFUSION_STEMS, CURVES_FILE
 from cov3d.settings import EXPLAIN_METHODS
-from cov3d.training.run_figures import CONFUSION_STEM, CURVES_FILE
 
 FIGURES = Path("docs/figures")
 MAX_FIGURE_BYTES = 300_000
@@ -118,7 +118,7 @@ def main() -> None:
                    overwrite=True)  # its own figure, re-saved below without cov3d's metadata
         shutil.copy(paths["histogram"], args.output / "depth-histogram.png")
         shutil.copy(run / CURVES_FILE, args.output / CURVES_FILE)
-        for stem in CONFUSION_STEM.values():
+        for stem in CONFUSION_STEMS.values():
             shutil.copy(run / f"{stem}.png", args.output / f"{stem}.png")
         scan = explained_scan(data)
         for method in EXPLAIN_METHODS:

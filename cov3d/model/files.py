@@ -41,13 +41,10 @@ from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
 from cov3d.model.network import build_model
+from cov3d.runfiles import CONFIG_FILE, MODEL_SUFFIX, WEIGHTS_FILES
 from cov3d.settings import POOLS, VolumeShape
 
-CONFIG_FILE = "config.json"
-CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}
-"""Weights of a run folder, by task (the names ``cov3d.training.train`` writes)."""
 EXPORT_FORMAT, EXPORT_VERSION = "cov3d-model", "1"
-MODEL_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".tar")
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 """File starts of pickles (protocol 2+ opcode) and of torch.save's zip container."""
@@ -179,7 +176,7 @@ def _load_run(run_dir: Path) -> ModelSource:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise Cov3dError(f"{config_path} is not valid JSON ({error}); re-create the run or restore the file.") from None
     states = {}
-    for task, name in CHECKPOINTS.items():
+    for task, name in WEIGHTS_FILES.items():
         path = run_dir / name
         if path.is_file():
             _refuse_pickle(path)
@@ -189,7 +186,7 @@ def _load_run(run_dir: Path) -> ModelSource:
                 raise Cov3dError(f"Cannot load weights {path}: {str(error).splitlines()[0]}. Restore or re-train the run.") from None
             _refuse_non_finite(states[task], path)
     if not states:
-        raise Cov3dError(f"{run_dir} holds no weights ({', '.join(CHECKPOINTS.values())}); train it first.")
+        raise Cov3dError(f"{run_dir} holds no weights ({', '.join(WEIGHTS_FILES.values())}); train it first.")
     return ModelSource(run_dir, check_config(config, config_path), states)
 
 
@@ -222,7 +219,7 @@ def _load_export(path: Path) -> ModelSource:
             states: dict[str, dict[str, torch.Tensor]] = {}
             for name in handle.keys():
                 task, _, key = name.partition("/")
-                if task not in CHECKPOINTS or not key:
+                if task not in WEIGHTS_FILES or not key:
                     raise Cov3dError(f"{refuse}: unexpected tensor '{name}'; get a fresh copy.")
                 states.setdefault(task, {})[key] = handle.get_tensor(name)
     except (SafetensorError, OSError, struct.error) as error:

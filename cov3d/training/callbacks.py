@@ -19,8 +19,9 @@ from fastai.callback.schedule import combined_cos
 
 from cov3d.atomic import write_text_atomically
 from cov3d.errors import NonFiniteTraining
-from cov3d.model.files import CONFIG_FILE
-from cov3d.training.checkpoint import RESUME_FILE, resume_remedy, unwrap
+from cov3d.runfiles import CONFIG_FILE, RESUME_FILE
+from cov3d.training.checkpoint import resume_remedy
+from cov3d.training.distributed import unwrap
 from cov3d.training.runconfig import NEW_RUN_REMEDY, read_run_config
 
 WANDB_PROJECT = "cov3d"

@@ -19,8 +19,7 @@ from fastai.torch_core import rank_distrib
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES
 from cov3d.model.metrics import PRESENCE_THRESHOLD, macro_f1
-
-TASK_SCORES = {"presence": "presence_f1", "severity": "severity_f1"}
+from cov3d.runfiles import TASK_METRICS
 
 
 def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, reflect: bool = True) -> dict[str, float]:
@@ -34,7 +33,7 @@ def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, reflect:
 
     source = load_source(Path(run_dir))
     scores = {}
-    for task, name in TASK_SCORES.items():
+    for task, name in TASK_METRICS.items():
         if task not in source.states:
             continue
         predictor = RunPredictor(source, device, None, reflect=reflect, tasks=(task,))

@@ -13,9 +13,10 @@ from cov3d.dataset.scans import find_scans, scan_number
 from cov3d.errors import Cov3dError
 from cov3d.inference.ensemble import RunPredictor
 from cov3d.inference.infer import CSV_COLUMNS, infer
-from cov3d.model.files import CHECKPOINTS, load_source
+from cov3d.model.files import load_source
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.runfiles import WEIGHTS_FILES
 
 
 def read_csv(path):
@@ -87,7 +88,7 @@ def make_run(folder, size, *, seed, outputs=6, tasks=("presence", "severity")):
     torch.manual_seed(seed)
     for task in tasks:
         state = build_model(outputs=outputs, penultimate=8).state_dict()
-        save_file({key: value.contiguous() for key, value in state.items()}, str(folder / CHECKPOINTS[task]))
+        save_file({key: value.contiguous() for key, value in state.items()}, str(folder / WEIGHTS_FILES[task]))
     return folder
 
 

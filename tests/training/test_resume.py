@@ -20,10 +20,10 @@ from fastai.optimizer import Adam
 from torch import nn
 
 from cov3d.errors import Cov3dError
+from cov3d.runfiles import RESUME_FILE
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.training.checkpoint import (
-    RESUME_FILE,
     TrainingState,
     load_optimizer_state,
     load_resume_state,

@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from cov3d.errors import Cov3dError
 from cov3d.model.network import build_model
-from cov3d.training.checkpoint import RESUME_FILE, resume_remedy
-from cov3d.training.train import CHECKPOINTS, TrainSettings, kept_determinism_flags, seed_everything, train
+from cov3d.runfiles import RESUME_FILE, WEIGHTS_BY_METRIC
+from cov3d.training.checkpoint import resume_remedy
+from cov3d.training.train import TrainSettings, kept_determinism_flags, seed_everything, train
 
 
 def test_paper_defaults():
@@ -29,7 +30,7 @@ def test_one_epoch_writes_checkpoints_config_and_metrics(tiny_run):
     assert config["severity_classes"] == ["negative", "mild", "moderate", "severe", "critical"]
     assert len(config["presence_weights"]) == 2 and len(config["severity_weights"]) == 6
 
-    for file_name in CHECKPOINTS.values():
+    for file_name in WEIGHTS_BY_METRIC.values():
         state = load_file(str(tiny_run / file_name))
         model = build_model(outputs=6, penultimate=16)
         model.load_state_dict(state)  # strict: every key and shape matches the architecture
@@ -52,8 +53,8 @@ def test_presence_only_run_keeps_one_checkpoint(tmp_path, tiny_dataset):
         tiny_dataset, tmp_path / "run", settings, cache_dir=tmp_path / "cache", pretrained=False,
         device="cpu", precision="fp32", workers=1,
     )
-    assert (result.run_dir / CHECKPOINTS["presence_f1"]).is_file()
-    assert not (result.run_dir / CHECKPOINTS["severity_f1"]).exists()
+    assert (result.run_dir / WEIGHTS_BY_METRIC["presence_f1"]).is_file()
+    assert not (result.run_dir / WEIGHTS_BY_METRIC["severity_f1"]).exists()
     assert json.loads((result.run_dir / "config.json").read_text())["outputs"] == 1
 
 
@@ -101,7 +102,7 @@ def test_full_disk_while_saving_the_best_weights(tmp_path, tiny_dataset, monkeyp
     with pytest.raises(Cov3dError) as error:
         train(tiny_dataset, run, settings, cache_dir=tmp_path / "cache", pretrained=False, device="cpu",
               precision="fp32", workers=1)
-    best = run / CHECKPOINTS["presence_f1"]
+    best = run / WEIGHTS_BY_METRIC["presence_f1"]
     assert str(error.value) == f"Cannot write {best}: No space left on device. {resume_remedy(run)}"
     assert "start the run again" in str(error.value)
     assert not best.exists() and not list(run.glob(".*"))
