@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cov3d.dataset.dicom_nifti import gray_slices, scan_sources
+from cov3d.dataset.dicom_nifti import grey_slices, scan_sources
 from cov3d.dataset.intensity import (
     BAND_EDGES,
     COV19_CT_DB_AIR_GREY,
@@ -47,7 +47,7 @@ def middle_slices(scan: Path, window: Window) -> list[np.ndarray]:
     if sources.kind == "jpeg":
         keep = middle_half(len(sources.files))
         return [np.asarray(read_slice(sources.files[i])) for i in keep]
-    count, slices = gray_slices(sources.kind, sources.files, window)
+    count, slices = grey_slices(sources.kind, sources.files, window)
     keep = set(middle_half(count))
     return [grey for i, grey in enumerate(slices) if i in keep]
 

@@ -1,4 +1,4 @@
-"""CT scans stored as DICOM series or NIfTI volumes, read as 8-bit gray slices like the JPEG data.
+"""CT scans stored as DICOM series or NIfTI volumes, read as 8-bit grey slices like the JPEG data.
 
 Both formats hold Hounsfield units (HU). They are mapped to 8-bit grey levels with an intensity
 window (``cov3d.dataset.intensity``): by default ``DEFAULT_WINDOW``, the mapping calibrated to
@@ -69,7 +69,7 @@ from cov3d.dataset.scans import (
 )
 from cov3d.errors import Cov3dError, one_line
 
-__all__ = ["DEFAULT_WINDOW", "ScanSources", "Window", "dicom_series_files", "gray_slices", "hu_to_uint8", "scan_sources"]
+__all__ = ["DEFAULT_WINDOW", "ScanSources", "Window", "dicom_series_files", "grey_slices", "hu_to_uint8", "scan_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def dicom_series_files(folder: Path) -> list[Path]:
     return [files[i] for i in _slice_order(headers, files, folder)]
 
 
-def _dicom_gray(path: Path, window: Window | None = None) -> np.ndarray:
+def _dicom_grey(path: Path, window: Window | None = None) -> np.ndarray:
     """One DICOM slice as (rows, columns) uint8 through ``window`` (MONOCHROME1 too: its rescaled
     values are HU like MONOCHROME2's)."""
     pydicom = _optional("pydicom")
@@ -263,7 +263,7 @@ def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
     return orientations.apply_orientation(raw, to_ras), slope, intercept
 
 
-def _nifti_gray(path: Path, window: Window | None = None) -> tuple[int, Iterator[np.ndarray]]:
+def _nifti_grey(path: Path, window: Window | None = None) -> tuple[int, Iterator[np.ndarray]]:
     """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first (HU
     through ``window``)."""
     ras, slope, intercept = _nifti_ras(path)
@@ -282,14 +282,14 @@ def _nifti_gray(path: Path, window: Window | None = None) -> tuple[int, Iterator
     return depth, slices()
 
 
-def gray_slices(kind: str, files: list[Path], window: Window | str | None = None) -> tuple[int, Iterator[np.ndarray]]:
+def grey_slices(kind: str, files: list[Path], window: Window | str | None = None) -> tuple[int, Iterator[np.ndarray]]:
     """Slice count and slices (rows, columns) uint8 of a DICOM series (kind "dicom", ``files`` from
     ``dicom_series_files``) or a NIfTI volume (kind "nifti", ``files`` = [the file]), HU through
     ``window`` (default ``DEFAULT_WINDOW``)."""
     window = Window.parse(window)
     if kind == "nifti":
-        return _nifti_gray(files[0], window)
-    return len(files), map(functools.partial(_dicom_gray, window=window), files)
+        return _nifti_grey(files[0], window)
+    return len(files), map(functools.partial(_dicom_grey, window=window), files)
 
 
 @dataclass

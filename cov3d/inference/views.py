@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cov3d.dataset.dicom_nifti import gray_slices, scan_sources
+from cov3d.dataset.dicom_nifti import grey_slices, scan_sources
 from cov3d.dataset.intensity import Window
 from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
 from cov3d.dataset.scans import find_scans, is_nifti_file
@@ -71,7 +71,7 @@ def is_tensor_file(path: Path) -> bool:
 def slice_count(path: Path) -> int:
     """The number of slices of a scan folder or NIfTI file."""
     sources = scan_sources(path)
-    return gray_slices(sources.kind, sources.files)[0] if sources.kind == "nifti" else len(sources.files)
+    return grey_slices(sources.kind, sources.files)[0] if sources.kind == "nifti" else len(sources.files)
 
 
 def load_view(path: Path, size: int = DISPLAY_SIZE, *, shape: VolumeShape | None = None,

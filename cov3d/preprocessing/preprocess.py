@@ -2,7 +2,7 @@
 
 ``preprocess_scan`` turns a folder of n slices into a float32 volume ``(1, D, H, W)`` in [0, 1]:
 
-1. **In-plane.** Each slice is read as 8-bit gray (``cov3d.dataset.scans.read_slice``) and resized to
+1. **In-plane.** Each slice is read as 8-bit grey (``cov3d.dataset.scans.read_slice``) and resized to
    H×W with PIL's bicubic filter on the 8-bit image as soon as it is decoded, so only the n
    resized uint8 slices are held (a 1,201-slice scan at large: 123 MB; slices of mixed sizes
    are each resized to H×W).
@@ -55,7 +55,7 @@ from PIL import Image
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import map_coordinates
 
-from cov3d.dataset.dicom_nifti import ScanSources, gray_slices, scan_sources
+from cov3d.dataset.dicom_nifti import ScanSources, grey_slices, scan_sources
 from cov3d.dataset.intensity import Window
 from cov3d.dataset.scans import MAX_8BIT, read_slice
 from cov3d.errors import Cov3dError
@@ -141,7 +141,7 @@ def depth_interpolation_matrix(n_slices: int, depth: int, warp: float = 0.0) -> 
 
 
 def resize_slice(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """An 8-bit gray slice resized bicubically (PIL) to an (height, width) uint8 array."""
+    """An 8-bit grey slice resized bicubically (PIL) to an (height, width) uint8 array."""
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
@@ -220,8 +220,8 @@ def _preprocess_slices(
         count = len(sources.files)
         images = (read_slice(path, draft_size=draft_size) for path in sources.files)
     else:
-        count, grays = gray_slices(sources.kind, sources.files, window)
-        images = (Image.fromarray(gray) for gray in grays)
+        count, greys = grey_slices(sources.kind, sources.files, window)
+        images = (Image.fromarray(grey) for grey in greys)
     stack = np.empty((count, height, width), dtype=np.uint8)
     for index, image in enumerate(images):
         if warp:

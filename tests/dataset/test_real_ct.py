@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.dataset.dicom_nifti import gray_slices, scan_sources
+from cov3d.dataset.dicom_nifti import grey_slices, scan_sources
 from cov3d.dataset.intensity import LEGACY_LUNG_WINDOW, band_distance, band_fractions, middle_half
 from cov3d.dataset.scans import find_scans
 from cov3d.preprocessing.preprocess import preprocess_scan
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not SERIES.is_dir(), reason=f"the shared real CT
 
 def middle_bands(window=None):
     sources = scan_sources(SERIES)
-    count, slices = gray_slices(sources.kind, sources.files, window)
+    count, slices = grey_slices(sources.kind, sources.files, window)
     keep = set(middle_half(count))
     return band_fractions([grey for index, grey in enumerate(slices) if index in keep])
 

@@ -59,8 +59,8 @@ def reference_volume(scan: Path, depth: int, height: int, width: int) -> np.ndar
         with Image.open(path) as image:
             if image.mode.startswith("I"):  # 16-bit: scaled by 255 / 65535 (documented in cov3d.dataset.scans)
                 image = Image.fromarray(np.rint(np.asarray(image) * (255 / 65535)).astype(np.uint8))
-            gray = image.convert("L").resize((width, height), Image.Resampling.BICUBIC)
-            stack.append(np.asarray(gray) / 255.0)
+            grey = image.convert("L").resize((width, height), Image.Resampling.BICUBIC)
+            stack.append(np.asarray(grey) / 255.0)
     stack = np.stack(stack)
     if len(stack) == 1:
         return np.repeat(stack, depth, axis=0)

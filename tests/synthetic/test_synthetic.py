@@ -58,7 +58,7 @@ def test_layout_and_summary(tiny):
     assert any(n.startswith("ct_scan") and not n.startswith("ct_scan_") for n in names)
 
 
-def test_slices_numbered_and_valid_grayscale_jpeg(tiny):
+def test_slices_numbered_and_valid_greyscale_jpeg(tiny):
     out, summary = tiny
     folders = list(out.glob("*/*/ct_scan*")) + scan_dirs(out / "test")
     depths = []
