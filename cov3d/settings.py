@@ -18,7 +18,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.errors import Cov3dError
 from cov3d.limits import (
     DEMO_SCANS,
@@ -37,6 +36,7 @@ from cov3d.limits import (
     check_fields,
     limited,
 )
+from cov3d.window import DEFAULT_WINDOW, Window
 
 SHAPE_FOLDER = re.compile(r"(\d+)x(\d+)x(\d+)(-fast)?(?:-warp([0-9.e-]+))?")
 """``VolumeShape.folder_name``: ``DxHxW``, with ``-fast`` for fast-decoded volumes and ``-warp<f>``

@@ -29,13 +29,12 @@ from cov3d.dataset.intensity import (
     COV19_CT_DB_AIR_GREY,
     COV19_CT_DB_BANDS,
     COV19_CT_DB_SOFT_TISSUE_GREY,
-    DEFAULT_WINDOW,
-    Window,
     band_distance,
     band_fractions,
     middle_half,
 )
 from cov3d.dataset.scans import find_scans, read_slice
+from cov3d.window import DEFAULT_WINDOW, Window
 
 AIR_RANGE, SOFT_TISSUE_RANGE = (0, 100), (150, 251)
 """Grey ranges in which the air and soft-tissue peaks are looked for."""

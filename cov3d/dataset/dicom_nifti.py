@@ -57,7 +57,6 @@ from types import ModuleType
 
 import numpy as np
 
-from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.dataset.scans import (
     MAX_8BIT,
     is_dicom_dir,
@@ -68,8 +67,9 @@ from cov3d.dataset.scans import (
     visible_files,
 )
 from cov3d.errors import Cov3dError, one_line
+from cov3d.window import Window
 
-__all__ = ["DEFAULT_WINDOW", "ScanSources", "Window", "dicom_series_files", "grey_slices", "hu_to_uint8", "scan_sources"]
+__all__ = ["ScanSources", "dicom_series_files", "grey_slices", "hu_to_uint8", "scan_sources"]
 
 logger = logging.getLogger(__name__)
 

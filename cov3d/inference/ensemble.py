@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cov3d.dataset.intensity import Window
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.errors import Cov3dError
 from cov3d.model.files import ModelSource
@@ -22,6 +21,7 @@ from cov3d.model.metrics import PRESENCE_THRESHOLD
 from cov3d.preprocessing.cache import values_on
 from cov3d.runtime import autocast
 from cov3d.settings import VolumeShape
+from cov3d.window import Window
 
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 

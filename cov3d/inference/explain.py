@@ -35,10 +35,11 @@ import torch
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock
 
-from cov3d.dataset.intensity import HEALTHY_LUNG_HU, MAX_GREY, Window
+from cov3d.dataset.intensity import HEALTHY_LUNG_HU
 from cov3d.errors import Cov3dError
 from cov3d.runtime import autocast
 from cov3d.settings import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS, OCCLUSION_GRID
+from cov3d.window import MAX_GREY, Window
 
 LABELS = {"gradcam": "Grad-CAM", "occlusion": "occlusion"}
 """The colour bar's label of each of ``EXPLAIN_METHODS``; outputs are ``<scan name>-<method>.pt``

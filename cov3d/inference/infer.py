@@ -18,7 +18,6 @@ import torch
 from rich.progress import Progress
 
 from cov3d.atomic import write_text_atomically
-from cov3d.dataset.intensity import Window
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
@@ -39,6 +38,7 @@ from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import available_cpus
 from cov3d.runtime import resolve_device, resolve_precision
 from cov3d.settings import INFER_BATCH_SIZE, INFER_SEED
+from cov3d.window import Window
 
 CSV_COLUMNS = (
     "name", "path", "covid_probability", "covid", "severity",

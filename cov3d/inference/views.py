@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from cov3d.dataset.dicom_nifti import grey_slices, scan_sources
-from cov3d.dataset.intensity import Window
 from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
 from cov3d.dataset.scans import find_scans, is_nifti_file
 from cov3d.errors import Cov3dError, one_line
@@ -29,6 +28,7 @@ from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
 from cov3d.preprocessing.preprocess import preprocess_scan
 from cov3d.settings import VolumeShape
 from cov3d.viz.figures import save_figure, slice_views
+from cov3d.window import Window
 
 DISPLAY_SIZE = 256
 """In-plane pixels (H = W) a JPEG scan is resized to for display; its depth is kept up to this too."""

@@ -56,7 +56,6 @@ from scipy.interpolate import CubicSpline
 from scipy.ndimage import map_coordinates
 
 from cov3d.dataset.dicom_nifti import ScanSources, grey_slices, scan_sources
-from cov3d.dataset.intensity import Window
 from cov3d.dataset.scans import MAX_8BIT, read_slice
 from cov3d.errors import Cov3dError
 from cov3d.limits import WARP
@@ -73,6 +72,7 @@ from cov3d.preprocessing.cache import (
     source_fingerprint,
 )
 from cov3d.settings import PRESETS, VolumeShape
+from cov3d.window import Window
 
 __all__ = [
     "SIZES",

@@ -6,14 +6,13 @@ import pytest
 from cov3d.dataset.intensity import (
     COV19_CT_DB_AIR_GREY,
     COV19_CT_DB_BANDS,
-    DEFAULT_WINDOW,
     LEGACY_LUNG_WINDOW,
-    Window,
     band_distance,
     band_fractions,
     middle_half,
 )
 from cov3d.errors import Cov3dError
+from cov3d.window import DEFAULT_WINDOW, Window
 
 
 def test_default_is_the_calibrated_window():

@@ -198,7 +198,7 @@ def test_new_run_records_the_faithful_defaults(tiny_run):
 
 
 def test_the_window_is_recorded_in_the_run_and_the_model_file(tiny_run, exported):
-    from cov3d.dataset.intensity import DEFAULT_WINDOW
+    from cov3d.window import DEFAULT_WINDOW
 
     assert json.loads((tiny_run / "config.json").read_text())["window"] == str(DEFAULT_WINDOW)
     assert load_source(exported).config["window"] == str(DEFAULT_WINDOW)
@@ -219,8 +219,8 @@ def run_with_config(tiny_run, folder, change):
 
 
 def test_models_without_a_window_use_the_default_and_inference_follows_the_model(tiny_run, tmp_path):
-    from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
     from cov3d.inference.ensemble import RunPredictor
+    from cov3d.window import DEFAULT_WINDOW, Window
 
     old = load_source(run_with_config(tiny_run, tmp_path / "old", lambda config: config.pop("window")))
     assert old.window == DEFAULT_WINDOW

@@ -15,10 +15,10 @@ from PIL import Image
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import map_coordinates
 
-from cov3d.dataset.intensity import DEFAULT_WINDOW
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.cache import CACHE_FORMAT_VERSION, KEY_HEX_CHARS, prune_cache
 from cov3d.preprocessing.preprocess import VolumeCache, depth_interpolation_matrix, preprocess_scan, warp_slice
+from cov3d.window import DEFAULT_WINDOW
 
 WARP = 0.5
 

@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 
 from cov3d.dataset.dicom_nifti import hu_to_uint8
-from cov3d.dataset.intensity import DEFAULT_WINDOW, band_distance, band_fractions, middle_half
+from cov3d.dataset.intensity import band_distance, band_fractions, middle_half
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.errors import Cov3dError
 from cov3d.synthetic.generator import MASKS_FOLDER, generate_dataset, mask_path, read_masks, render_scan, sample_depths
 from cov3d.synthetic.phantom import HU_GGO, SEVERITY_BANDS, render_phantom
+from cov3d.window import DEFAULT_WINDOW
 
 TINY = dict(scans=12, slice_size=32, depth_scale=0.05)
 NAME = re.compile(r"^ct_scan_?(\d+)$")
