@@ -36,6 +36,7 @@ from cov3d.limits import (
     check_fields,
     limited,
 )
+from cov3d.logits import model_outputs
 from cov3d.window import DEFAULT_WINDOW, Window
 
 SHAPE_FOLDER = re.compile(r"(\d+)x(\d+)x(\d+)(-fast)?(?:-warp([0-9.e-]+))?")
@@ -222,10 +223,28 @@ class TrainSettings:
 
     @property
     def outputs(self) -> int:
-        """Logits of the model (``cov3d.model.loss.model_outputs``)."""
-        from cov3d.model.loss import model_outputs
-
+        """Outputs of the model (``cov3d.logits.model_outputs``)."""
         return model_outputs(self.severity_factor)
+
+
+TRAIN_DEFAULTS = TrainSettings()
+"""The defaults of a run, for the library's functions and the command line to show and pass on."""
+
+
+@dataclass(frozen=True)
+class SyntheticSettings:
+    """Defaults of a synthetic dataset (``cov3d.synthetic.generator.generate_dataset``, ``cov3d synthetic``)."""
+
+    scans: int = 120
+    seed: int = 0
+    slice_size: int = 128
+    depth_scale: float = 0.1
+    """Scale of the slice-count distribution (1.0: like COV19-CT-DB)."""
+    annotated_fraction: float = 0.5
+    mixed_size_fraction: float = 0.03
+
+
+SYNTHETIC_DEFAULTS = SyntheticSettings()
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def make_run(folder: Path, size: tuple[int, int, int]) -> Path:
               "pool": "max", "final_bias": False}
     (folder / "config.json").write_text(json.dumps(config))
     for name in WEIGHTS_FILES.values():
-        state = build_model(outputs=6).state_dict()
+        state = build_model().state_dict()
         save_file({key: value.contiguous() for key, value in state.items()}, str(folder / name))
     return folder
 

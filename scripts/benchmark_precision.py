@@ -46,7 +46,7 @@ def main() -> None:
     target = torch.stack([has_covid, has_covid * (1 + torch.arange(args.batch_size) % 4)], dim=1)
     loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([1, 1]),
                           severity_weights=class_weights([1, 1, 1, 1, 1, 1]))
-    model = build_model(outputs=6, penultimate=demo.penultimate, dropout=demo.dropout, pretrained_weights=None)
+    model = build_model(penultimate=demo.penultimate, dropout=demo.dropout, pretrained_weights=None)
     model.to(memory_format=torch.channels_last_3d)
 
     def step(dtype) -> dict[str, torch.Tensor]:

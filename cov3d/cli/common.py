@@ -20,8 +20,8 @@ from cov3d.settings import (
     ORIGINAL_WARP,
     PRESET_NAMES,
     SMALL,
+    TRAIN_DEFAULTS,
     DemoSettings,
-    TrainSettings,
 )
 
 # Libraries that cov3d imports (fastai, via torch.jit) warn about their own internals on every run.
@@ -47,8 +47,8 @@ def show_progress_messages() -> None:
     logger.propagate = False
 
 
-TRAIN_DEFAULTS, DEMO_DEFAULTS = TrainSettings(), DemoSettings()
-"""The library's defaults, which the options below show and pass on."""
+DEMO_DEFAULTS = DemoSettings()
+"""The demo's defaults, which its options show and pass on."""
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")

@@ -29,6 +29,7 @@ from cov3d.cli.common import (
 )
 from cov3d.settings import (
     PRESET_NAMES,
+    SYNTHETIC_DEFAULTS,
     VolumeShape,
 )
 
@@ -94,10 +95,10 @@ def prune_cache(
 @user_errors
 def synthetic(
     output: Path = typer.Argument(..., help="Folder to write the dataset to (must not hold a dataset already)."),
-    scans: int = typer.Option(120, "--scans", help="Number of scans, all splits together."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same files."),
-    slice_size: int = typer.Option(128, "--slice-size", help="Slice width and height in pixels (real data: 512)."),
-    depth_scale: float = typer.Option(0.1, "--depth-scale", help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
+    scans: int = typer.Option(SYNTHETIC_DEFAULTS.scans, "--scans", help="Number of scans, all splits together."),
+    seed: int = typer.Option(SYNTHETIC_DEFAULTS.seed, "--seed", help="Random seed: the same seed gives the same files."),
+    slice_size: int = typer.Option(SYNTHETIC_DEFAULTS.slice_size, "--slice-size", help="Slice width and height in pixels (real data: 512)."),
+    depth_scale: float = typer.Option(SYNTHETIC_DEFAULTS.depth_scale, "--depth-scale", help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
     masks: bool = typer.Option(False, "--masks", help="Also write each scan's lesion and lung masks to lesion-masks/ (.npz)."),
 ):
     """Write a synthetic chest-CT dataset in the COV19-CT-DB layout (train, validation, unlabelled test + answer key)."""

@@ -11,7 +11,6 @@ import typer
 
 from cov3d.cli.common import (
     DEMO_DEFAULTS,
-    TRAIN_DEFAULTS,
     CacheDirOption,
     DepthOption,
     DeviceOption,
@@ -30,6 +29,7 @@ from cov3d.cli.common import (
 from cov3d.errors import BaselineNotBeaten, Cov3dError
 from cov3d.settings import (
     DEMO_WORKLOADS_HELP,
+    TRAIN_DEFAULTS,
     DemoSettings,
     TrainSettings,
     VolumeShape,

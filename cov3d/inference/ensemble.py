@@ -16,6 +16,7 @@ from torch import nn
 
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.errors import Cov3dError
+from cov3d.logits import grade_outputs, has_severity, presence_output, severity_outputs
 from cov3d.model.files import ModelSource
 from cov3d.model.metrics import PRESENCE_THRESHOLD
 from cov3d.preprocessing.cache import values_on
@@ -98,9 +99,9 @@ class RunPredictor:
         for view in (volumes, volumes.flip(-1)) if self.reflect else (volumes,):
             with torch.no_grad(), autocast(self.device, self.dtype):
                 logits = model(view).float()
-            parts = [torch.sigmoid(logits[:, :1])]
-            if logits.shape[1] > 1:
-                parts.append(torch.softmax(logits[:, 1:], dim=1))
+            parts = [torch.sigmoid(presence_output(logits))[:, None]]
+            if has_severity(logits.shape[1]):
+                parts.append(torch.softmax(severity_outputs(logits), dim=1))
             outputs.append(torch.cat(parts, dim=1))
         return torch.stack(outputs).mean(dim=0)
 
@@ -109,20 +110,21 @@ class RunPredictor:
         not predict (severity also without severity weights); P(covid) infinite for a scan whose model
         outputs were not finite, which ``combine`` keeps (``Prediction.finite``)."""
         batch = volumes.shape[0]
-        presence = self._probabilities(self.presence_model, volumes) if self.presence_model else None
-        severity = self._probabilities(self.severity_model, volumes) if self.severity_model else None
+        presence_probabilities = self._probabilities(self.presence_model, volumes) if self.presence_model else None
+        severity_probabilities = self._probabilities(self.severity_model, volumes) if self.severity_model else None
         if "presence" not in self.tasks:
             covid = torch.full((batch,), math.nan, device=volumes.device)
-        elif presence is not None:
-            covid = presence[:, 0]
+        elif presence_probabilities is not None:
+            covid = presence_output(presence_probabilities)
         else:  # lambda = 1 runs: P(covid) = sum of the four severity classes (paper, after eq. 3)
-            covid = severity[:, 2:6].sum(dim=1)
-        if "severity" in self.tasks and severity is not None and severity.shape[1] == 6:
-            given_covid = severity[:, 2:6] / severity[:, 2:6].sum(dim=1, keepdim=True)
+            covid = grade_outputs(severity_probabilities).sum(dim=1)
+        if "severity" in self.tasks and severity_probabilities is not None and has_severity(severity_probabilities.shape[1]):
+            graded = grade_outputs(severity_probabilities)
+            given_covid = graded / graded.sum(dim=1, keepdim=True)
         else:
             given_covid = torch.full((batch, len(SEVERITY_LABELS)), math.nan)
         finite = torch.ones(batch, dtype=torch.bool, device=covid.device)
-        for outputs in (presence, severity):
+        for outputs in (presence_probabilities, severity_probabilities):
             if outputs is not None:
                 finite &= torch.isfinite(outputs).all(dim=1)
         covid = torch.where(finite, covid, math.inf)  # never infinite otherwise: the scan failed
@@ -182,7 +184,7 @@ class Ensemble:
         if not (sources or presence_sources or severity_sources):
             raise Cov3dError("No model given: pass `models` with a run folder or a file made by 'cov3d export'.")
         for source in severity_sources:
-            if "severity" not in source.states or source.config["outputs"] < 6:
+            if "severity" not in source.states or not has_severity(source.config["outputs"]):
                 raise Cov3dError(f"{source.path} has no severity weights (a lambda = 0 run?): it cannot be a severity model.")
         severity_tasks = ("severity",) if sources or presence_sources else TASKS
         members = [(source, TASKS) for source in sources]

@@ -37,6 +37,7 @@ from torchvision.models.video.resnet import BasicBlock
 
 from cov3d.dataset.intensity import HEALTHY_LUNG_HU
 from cov3d.errors import Cov3dError
+from cov3d.logits import grade_outputs, presence_output, severity_outputs
 from cov3d.runtime import autocast
 from cov3d.settings import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS, OCCLUSION_GRID
 from cov3d.window import MAX_GREY, Window
@@ -60,8 +61,8 @@ def last_block(model: nn.Module) -> nn.Module:
 def presence_score(logits: torch.Tensor, severity_only: bool) -> torch.Tensor:
     """(B, outputs) logits -> (B,) presence log-odds (see the module docstring)."""
     if not severity_only:
-        return logits[:, 0]
-    return torch.logsumexp(logits[:, 2:6], dim=1) - logits[:, 1]
+        return presence_output(logits)
+    return torch.logsumexp(grade_outputs(logits), dim=1) - severity_outputs(logits)[:, 0]
 
 
 def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
