@@ -1,5 +1,5 @@
 """Inference: scans -> a predictions CSV (and competition submission files), with the ensemble of
-``cov3d.inference.ensemble`` (reflection test-time augmentation, the mean over models, Monte-Carlo dropout).
+``cov3d.inference.ensemble`` and ``cov3d.model.predictor`` (reflection test-time augmentation, the mean over models, Monte-Carlo dropout).
 
 Models are run folders or exported model files (``cov3d.model.files``: safetensors only, never
 pickles). Scans (JPEG folders, DICOM series, NIfTI files) are preprocessed by background workers
@@ -21,10 +21,11 @@ from cov3d.atomic import write_text_atomically
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
-from cov3d.inference.ensemble import Ensemble, Prediction
+from cov3d.inference.ensemble import Ensemble
 from cov3d.inference.streaming import PredictionRows, StreamedScan, completed_paths, read_rows, volume_stream
 from cov3d.limits import COUNT, OPTIONAL_COUNT, SEED, SIZE
 from cov3d.model.files import expand_models, load_source
+from cov3d.model.predictor import Prediction
 from cov3d.outputs import (
     OutputFolder,
     check_output,

@@ -178,8 +178,8 @@ def show_scans(
     titles = []
     predictor = None
     if run_dir is not None:
-        from cov3d.inference.ensemble import RunPredictor
         from cov3d.model.files import load_source
+        from cov3d.model.predictor import RunPredictor
         from cov3d.runtime import resolve_device, resolve_precision
 
         torch_device = resolve_device(device)

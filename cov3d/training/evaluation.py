@@ -5,7 +5,7 @@ the training loop validates. The paper's inference averages each scan with its s
 (§3.5), so the weights kept for a task are scored again that way: ``tta_scores`` in ``summary.json``,
 the macro F1 of presence (from ``best-presence.safetensors``) and of severity (from
 ``best-severity.safetensors``, annotated scans only) on the validation set, with the same
-probabilities ``cov3d infer`` computes (``cov3d.inference.ensemble.RunPredictor``, fp32). Only the first
+probabilities ``cov3d infer`` computes (``cov3d.model.predictor.RunPredictor``, fp32). Only the first
 process (rank 0) computes them.
 """
 
@@ -28,8 +28,8 @@ def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, reflect:
     weights (or, for severity, without annotated scans) is left out."""
     if rank_distrib() != 0:
         return {}
-    from cov3d.inference.ensemble import RunPredictor
     from cov3d.model.files import load_source
+    from cov3d.model.predictor import RunPredictor
 
     source = load_source(Path(run_dir))
     scores = {}

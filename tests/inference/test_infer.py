@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 
 from cov3d.dataset.scans import find_scans, scan_number
 from cov3d.errors import Cov3dError
-from cov3d.inference.ensemble import RunPredictor
 from cov3d.inference.infer import CSV_COLUMNS, infer
 from cov3d.model.files import load_source
 from cov3d.model.network import build_model
+from cov3d.model.predictor import RunPredictor
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.runfiles import WEIGHTS_FILES
 

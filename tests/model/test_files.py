@@ -219,7 +219,7 @@ def run_with_config(tiny_run, folder, change):
 
 
 def test_models_without_a_window_use_the_default_and_inference_follows_the_model(tiny_run, tmp_path):
-    from cov3d.inference.ensemble import RunPredictor
+    from cov3d.model.predictor import RunPredictor
     from cov3d.window import DEFAULT_WINDOW, Window
 
     old = load_source(run_with_config(tiny_run, tmp_path / "old", lambda config: config.pop("window")))
