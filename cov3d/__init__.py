@@ -42,7 +42,7 @@ _EXPORTS = {
     "show_scans": "cov3d.inference.views",
     # synthetic data
     "generate_dataset": "cov3d.synthetic.generator",
-    "run_demo": "cov3d.synthetic.demo",
+    "run_demo": "cov3d.workflows.demo",
 }
 """Public name -> the module that defines it."""
 

@@ -25,9 +25,9 @@ import torch
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.network import build_model
 from cov3d.runtime import cpu_bf16_features, cpu_model
-from cov3d.synthetic.demo import DemoSettings
 from cov3d.training import bf16_convs
 from cov3d.training.bf16_convs import checked_bf16_convs
+from cov3d.workflows.demo import DemoSettings
 
 
 def main() -> None:

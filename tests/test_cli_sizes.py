@@ -38,9 +38,9 @@ def shape_of(monkeypatch, tmp_path):
     import cov3d.dataset.scans
     import cov3d.inference.views
     import cov3d.preprocessing.workers
-    import cov3d.synthetic.demo
     import cov3d.training.train
-    from cov3d.synthetic.demo import DemoReport
+    import cov3d.workflows.demo
+    from cov3d.workflows.demo import DemoReport
 
     seen = []
 
@@ -63,7 +63,7 @@ def shape_of(monkeypatch, tmp_path):
     monkeypatch.setattr(cov3d.dataset.scans, "find_scans", lambda paths: [])
     monkeypatch.setattr(cov3d.preprocessing.workers, "preprocess_many", preprocess_many)
     monkeypatch.setattr(cov3d.training.train, "train", train)
-    monkeypatch.setattr(cov3d.synthetic.demo, "run_demo", run_demo)
+    monkeypatch.setattr(cov3d.workflows.demo, "run_demo", run_demo)
     monkeypatch.setattr(cov3d.inference.views, "show_scans", show_scans)
     base = {
         "preprocess": ["preprocess", str(tmp_path)],

@@ -155,7 +155,7 @@ def demo(
     warp: float = WarpOption,
 ):
     """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
-    from cov3d.synthetic.demo import run_demo
+    from cov3d.workflows.demo import run_demo
 
     if (size, depth, height, width) == (None, None, None, None):  # the workload of the precision in use
         settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, fast_decode=fast_decode, warp=warp)

@@ -12,7 +12,6 @@ from cov3d.errors import Cov3dError, NonFiniteTraining
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.network import build_model
 from cov3d.runtime import choose_precision, cpu_bf16_features
-from cov3d.synthetic.demo import DemoReport, DemoSettings, check_beats_baseline
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training import bf16_convs
 from cov3d.training.bf16_convs import (
@@ -22,6 +21,7 @@ from cov3d.training.bf16_convs import (
     depth_padded,
 )
 from cov3d.training.train import TrainSettings, train
+from cov3d.workflows.demo import DemoReport, DemoSettings, check_beats_baseline
 
 DEPTH_TWO_INPUT = (4, 64, 2, 8, 8)
 """A (B, C, D, H, W) conv input two slices deep: oneDNN's AVX-512 BF16 (non-AMX) backward-weights kernel
