@@ -68,26 +68,26 @@ def test_the_demo_workload_follows_the_precision(precision, shape, epochs):
 def test_the_cli_spells_the_settings_a_message_names_as_its_options():
     from cov3d import cli
 
-    assert cli.phrase("`learning_rate` must be > 0; try `precision=fp32`.", cli.train) == (
+    assert cli.phrase("`learning_rate` must be > 0; try `precision=fp32`.", cli.train_command) == (
         "--learning-rate must be > 0; try --precision fp32.")
-    assert cli.phrase("or `pretrained=False`, from `data_dir`", cli.train) == "or --no-pretrained, from --directory"
-    assert cli.phrase("choose another `output_dir`", cli.train) == "choose another --output-dir"
-    assert cli.phrase("choose another `output_dir`", cli.explain) == "choose another --output"
-    assert cli.phrase("a smaller `slice_size`, not `weight_decay`", cli.synthetic) == "a smaller --slice-size, not weight_decay"
-    assert cli.phrase("`output` exists", cli.synthetic) == "OUTPUT exists"
+    assert cli.phrase("or `pretrained=False`, from `data_dir`", cli.train_command) == "or --no-pretrained, from --directory"
+    assert cli.phrase("choose another `output_dir`", cli.train_command) == "choose another --output-dir"
+    assert cli.phrase("choose another `output_dir`", cli.explain_command) == "choose another --output"
+    assert cli.phrase("a smaller `slice_size`, not `weight_decay`", cli.synthetic_command) == "a smaller --slice-size, not weight_decay"
+    assert cli.phrase("`output` exists", cli.synthetic_command) == "OUTPUT exists"
 
 
 def test_cli_defaults_are_the_librarys():
     from cov3d import cli
     from cov3d.inference.infer import infer
 
-    defaults = {name: parameter.default.default for name, parameter in inspect.signature(cli.train).parameters.items()
+    defaults = {name: parameter.default.default for name, parameter in inspect.signature(cli.train_command).parameters.items()
                 if hasattr(parameter.default, "default")}
     for field in dataclasses.fields(TrainSettings):
         if field.name in defaults and defaults[field.name] is not None:
             assert defaults[field.name] == getattr(TrainSettings(), field.name), field.name
     library = inspect.signature(infer).parameters
-    command = inspect.signature(cli.infer).parameters
+    command = inspect.signature(cli.infer_command).parameters
     for name in ("batch_size", "seed", "workers"):
         assert command[name].default.default == library[name].default, name
 

@@ -27,9 +27,9 @@ from cov3d.settings import (
 )
 
 
-@app.command()
+@app.command("infer")
 @user_errors
-def infer(
+def infer_command(
     scans: list[Path] = typer.Argument(..., help="Scans (JPEG slice folders, DICOM series folders, NIfTI files) or folders that contain them."),
     model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them, for both tasks. Repeat for an ensemble (probabilities are averaged)."),
     presence_model: Optional[list[Path]] = typer.Option(None, "--presence-model", help="Like --model, for COVID-19 presence only (its best-presence weights). Repeatable."),
@@ -71,9 +71,9 @@ def infer(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command("export")
 @user_errors
-def export(
+def export_command(
     run_dir: Path = typer.Argument(..., help="A run folder written by 'cov3d train' (or a model file to re-export)."),
     out: Path = typer.Argument(..., help="The model file to write (.safetensors), or an existing folder to write it in."),
     overwrite: bool = OverwriteOption,
@@ -84,9 +84,9 @@ def export(
     written = export_model(run_dir, out, overwrite=overwrite)
     typer.echo(f"Model written to {written} ({written.stat().st_size / 2**20:.1f} MiB).")
 
-@app.command()
+@app.command("explain")
 @user_errors
-def explain(
+def explain_command(
     scan: Path = typer.Argument(..., help="A scan (JPEG or DICOM folder, NIfTI file) or a cached tensor file (.pt)."),
     model: Path = typer.Option(..., "--model", "-m", help="A run folder written by 'cov3d train'."),
     output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-<method>.pt and .png."),
@@ -101,8 +101,8 @@ def explain(
     precision: str = PrecisionOption,
 ):
     """Where the model sees COVID-19: a 3D Grad-CAM or occlusion map of the presence prediction, shown through its peak."""
-    from cov3d.inference.explain import explain as run_explain
+    from cov3d.inference.explain import explain
 
-    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
+    result = explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
                          overwrite=overwrite, window=window, method=method)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

@@ -36,9 +36,9 @@ from cov3d.settings import (
 )
 
 
-@app.command()
+@app.command("train")
 @user_errors
-def train(
+def train_command(
     ctx: typer.Context,
     directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Dataset folder with train/, validation/ and the two severity CSVs."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder for weights, config and metrics. Default: outputs/run-<time>."),
@@ -78,7 +78,7 @@ def train(
         default="the mapping calibrated to COV19-CT-DB") + " Recorded in the run; inference uses it."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
-    from cov3d.training.train import resume_training, train as run_training
+    from cov3d.training.train import resume_training, train
 
     if resume is not None:
         result = resume_training(resume, **resume_overrides(ctx))
@@ -97,7 +97,7 @@ def train(
         presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, window=str(shape.window), seed=seed,
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    result = run_training(
+    result = train(
         directory, run_dir, settings, cache_dir=cache_directory(cache_dir),
         pretrained_weights=pretrained_weights, pretrained=pretrained, device=device,
         precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb, overwrite=overwrite,
@@ -136,9 +136,9 @@ def resume_overrides(ctx: typer.Context) -> dict[str, object]:
 def format_scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4f}" if math.isfinite(value) else f"{name} none" for name, value in scores.items())
 
-@app.command()
+@app.command("demo")
 @user_errors
-def demo(
+def demo_command(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
     scans: int = typer.Option(DEMO_DEFAULTS.scans, "--scans", help="Synthetic scans to generate."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs. Default: the workload's (below)."),
