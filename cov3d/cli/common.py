@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import re
 import sys
 import warnings
@@ -27,6 +28,9 @@ from cov3d.settings import (
 # Libraries that cov3d imports (fastai, via torch.jit) warn about their own internals on every run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
+MATPLOTLIB_BACKEND_ENV, HEADLESS_BACKEND = "MPLBACKEND", "Agg"
+"""The command line draws its figures without a display."""
+
 app = typer.Typer(
     help="Cov3d: detect COVID-19 and grade its severity from chest CT scans with a 3D ResNet.",
     no_args_is_help=True,
@@ -38,7 +42,9 @@ app = typer.Typer(
 
 @app.callback()
 def show_progress_messages() -> None:
-    """Show the library's progress messages (the ``cov3d`` logger, INFO and up) as plain lines on stderr."""
+    """Show the library's progress messages (the ``cov3d`` logger, INFO and up) as plain lines on stderr,
+    and draw figures headless (matplotlib's Agg backend, unless ``MPLBACKEND`` says otherwise)."""
+    os.environ.setdefault(MATPLOTLIB_BACKEND_ENV, HEADLESS_BACKEND)
     logger = logging.getLogger("cov3d")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))

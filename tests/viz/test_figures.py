@@ -4,6 +4,8 @@ labels from the dataset layout, matrices checked against scikit-learn and the ru
 import csv
 import errno
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,9 +143,9 @@ def test_help_lists_the_figure_commands():
 
 
 def small_figure():
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig = plt.figure(figsize=(2, 1))
+    fig = Figure(figsize=(2, 1))
     fig.add_subplot().plot([0, 1], [1, 0])
     return fig
 
@@ -169,3 +171,15 @@ def test_a_figure_that_does_not_fit_on_the_disk_leaves_nothing(tmp_path, monkeyp
     with pytest.raises(Cov3dError, match=r"old\.png: No space left on device\. Free some space"):
         save_figure(small_figure(), tmp_path / "old.png")
     assert [path.name for path in tmp_path.iterdir()] == ["old.png"] and (tmp_path / "old.png").read_bytes() == b"old"
+
+
+def test_drawing_leaves_the_backend_and_the_style_alone():
+    """A notebook's backend and settings survive importing cov3d's figures and drawing one."""
+    script = (
+        "import matplotlib; matplotlib.use('svg'); size = matplotlib.rcParams['font.size'] + 1; "
+        "matplotlib.rcParams['font.size'] = size; "
+        "from cov3d.viz.figures import depth_histogram; depth_histogram({'train': [1, 2, 3]}); "
+        "print(matplotlib.get_backend(), matplotlib.rcParams['font.size'] == size)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["svg", "True"]
