@@ -108,9 +108,13 @@ SEED = Limit(whole=True, low=0, high=2**32, high_open=True)
 ``random`` and torch take more, so this is what all three take."""
 LEARNING_RATE = Limit(whole=False, low=0, low_open=True)
 WEIGHT_DECAY = Limit(whole=False, low=0)
+DIV_FACTOR = Limit(whole=False, low=0, low_open=True)
+"""A 1cycle divisor of the maximum learning rate (the start's, the end's): any positive number."""
 FRACTION = Limit(whole=False, low=0, high=1)
 """A share in [0, 1], e.g. lambda in eq. 6 (0: presence only, 1: severity only)."""
 BELOW_ONE = Limit(whole=False, low=0, high=1, high_open=True)
+MOMENTUM = BELOW_ONE
+"""Adam's beta1 along the 1cycle schedule: 0 <= beta1 < 1."""
 DROPOUT = BELOW_ONE
 """A dropout probability: 0 <= p < 1 (1 would zero every feature)."""
 SMOOTHING = BELOW_ONE

@@ -22,10 +22,12 @@ from cov3d.errors import Cov3dError
 from cov3d.limits import (
     DEMO_SCANS,
     DEPTH_SCALE,
+    DIV_FACTOR,
     DROPOUT,
     FRACTION,
     LEARNING_RATE,
     LIMIT_KEY,
+    MOMENTUM,
     OPTIONAL_SIZE,
     SEED,
     SIZE,
@@ -160,6 +162,9 @@ _NAMED = [f"{name} ({shape})" for name, shape in PRESETS.items()]
 PRESET_NAMES = f"{', '.join(_NAMED[:-1])} or {_NAMED[-1]}"
 """'small (64x128x128), medium (128x256x256) or large (160x320x320)'."""
 
+ONE_CYCLE_POINTS = 3
+"""The 1cycle momentum schedule runs through three values: start, peak, end."""
+
 POOLS = ("avg", "max")
 """Global pooling before the model's head."""
 DEFAULT_POOL = "max"
@@ -204,11 +209,24 @@ class TrainSettings:
     window: str = str(DEFAULT_WINDOW)
     """The HU -> grey mapping (``LEVEL,WIDTH``) of DICOM/NIfTI scans; the model expects it at inference."""
     seed: int = limited(0, SEED)
+    pct_start: float = limited(0.25, FRACTION)
+    """Share of the 1cycle schedule spent raising the learning rate (fastai's ``fit_one_cycle``)."""
+    div_factor: float = limited(25.0, DIV_FACTOR)
+    """The schedule starts at ``learning_rate / div_factor`` (fastai's ``div``)."""
+    final_div_factor: float = limited(1e5, DIV_FACTOR)
+    """The schedule ends at ``learning_rate / final_div_factor`` (fastai's ``div_final``)."""
+    momentums: tuple[float, float, float] = (0.95, 0.85, 0.95)
+    """Adam's beta1 at the start, the peak and the end of the schedule (fastai's ``moms``)."""
 
     def __post_init__(self) -> None:
         """Reject settings out of range (``cov3d.limits``) or that the model cannot be built with,
         before any data is read."""
         check_fields(self)
+        self.momentums = tuple(self.momentums)
+        if len(self.momentums) != ONE_CYCLE_POINTS:
+            raise Cov3dError(f"`momentums` are three numbers (start, peak, end), got {list(self.momentums)}.")
+        for momentum in self.momentums:
+            MOMENTUM.check("momentums", momentum)
         self.window = str(Window.parse(self.window))
         if self.pool not in POOLS:
             raise Cov3dError(f"`pool` must be one of {', '.join(POOLS)}, got '{self.pool}'.")

@@ -20,6 +20,7 @@ deterministic kernels are those of `cov3d train` (``seed_everything``). Not a te
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tempfile
 import time
@@ -104,7 +105,7 @@ def parts(items, cache, settings: TrainSettings, device: torch.device):
 def fastai_loop(items, cache, settings, device, dtype, warmup: int) -> float:
     dls, model, loss = parts(items, cache, settings, device)
     timer = TrainTimer(warmup, device)
-    callbacks = [OneCycleSchedule(settings.learning_rate, 1), *precision_callbacks(device, dtype), timer]
+    callbacks = [OneCycleSchedule(dataclasses.replace(settings, epochs=1)), *precision_callbacks(device, dtype), timer]
     learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
                       wd=settings.weight_decay, cbs=callbacks)
     learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
@@ -155,7 +156,7 @@ def peak_memory(items, cache, settings: TrainSettings, device: torch.device, dty
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     dls, model, loss = parts(items, cache, settings, device)
-    callbacks = [OneCycleSchedule(settings.learning_rate, 1), *precision_callbacks(device, dtype), FirstStepOnly()]
+    callbacks = [OneCycleSchedule(dataclasses.replace(settings, epochs=1)), *precision_callbacks(device, dtype), FirstStepOnly()]
     learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
                       wd=settings.weight_decay, cbs=callbacks)
     learner.remove_cb(ProgressCallback)

@@ -51,6 +51,10 @@ def train_command(
     batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, "--batch-size", help="Scans per batch (paper: 2)."),
     learning_rate: float = typer.Option(TRAIN_DEFAULTS.learning_rate, "--learning-rate", help="Maximum learning rate of 1cycle (paper: 1e-4)."),
     weight_decay: float = typer.Option(TRAIN_DEFAULTS.weight_decay, "--weight-decay", help="Adam weight decay (paper: 1e-5)."),
+    pct_start: float = typer.Option(TRAIN_DEFAULTS.pct_start, "--pct-start", help="Share of the 1cycle schedule spent raising the learning rate."),
+    div_factor: float = typer.Option(TRAIN_DEFAULTS.div_factor, "--div-factor", help="1cycle starts at --learning-rate divided by this."),
+    final_div_factor: float = typer.Option(TRAIN_DEFAULTS.final_div_factor, "--final-div-factor", help="1cycle ends at --learning-rate divided by this."),
+    momentums: tuple[float, float, float] = typer.Option(TRAIN_DEFAULTS.momentums, "--momentums", help="Adam's beta1 at the start, the peak and the end of 1cycle (three numbers)."),
     severity_factor: float = typer.Option(TRAIN_DEFAULTS.severity_factor, "--severity-factor", help="lambda in eq. 6: 0 trains presence only, 1 severity only."),
     presence_smoothing: float = typer.Option(TRAIN_DEFAULTS.presence_smoothing, "--presence-smoothing", help="Label smoothing eps_p for presence (paper: 0 or 0.1)."),
     severity_smoothing: float = typer.Option(TRAIN_DEFAULTS.severity_smoothing, "--severity-smoothing", help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
@@ -91,7 +95,8 @@ def train_command(
     shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, window=window)
     settings = TrainSettings(
         depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
+        learning_rate=learning_rate, weight_decay=weight_decay, pct_start=pct_start, div_factor=div_factor,
+        final_div_factor=final_div_factor, momentums=momentums, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
         penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
         presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, window=str(shape.window), seed=seed,

@@ -57,9 +57,14 @@ REQUIRED_CONFIG = {
     "depth": int, "height": int, "width": int, "outputs": int, "penultimate": int,
     "dropout": (int, float), "pool": str,
 }
-LEGACY_CONFIG = {"final_bias": True, "presence_averaging": "weighted", "warp": 0.0, "window": str(DEFAULT_WINDOW)}
+LEGACY_CONFIG = {
+    "final_bias": True, "presence_averaging": "weighted", "warp": 0.0, "window": str(DEFAULT_WINDOW),
+    "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e5, "momentums": [0.95, 0.85, 0.95],
+}
 """What runs made before these keys were recorded used: a last linear layer with a bias, presence
-terms averaged over their weights, no warp; for DICOM/NIfTI scans, the calibrated default window. A config without a key is read with this value."""
+terms averaged over their weights, no warp; for DICOM/NIfTI scans, the calibrated default window;
+the 1cycle schedule that was fixed in the code (fastai's defaults). A config without a key is read
+with this value."""
 
 
 def with_legacy_defaults(config: dict) -> dict:

@@ -271,7 +271,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         checkpoints.best.update(resume_state["best"])
         checkpoints.best_epoch.update(resume_state["best_epoch"])
     callbacks = [
-        OneCycleSchedule(settings.learning_rate, settings.epochs, first_epoch), checkpoints,
+        OneCycleSchedule(settings, first_epoch), checkpoints,
         MetricsLog(run_dir / METRICS_FILE, first_epoch, dist.is_main),
         TrainingState(run_dir / RESUME_FILE, checkpoints, first_epoch, resume_state, dist.is_main,
                       gather=lambda value: gather_objects(dist, value), rank=dist.rank),
