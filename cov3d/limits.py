@@ -74,9 +74,20 @@ def _number(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-def option_name(field_name: str) -> str:
-    """The command-line spelling of a setting: ``learning_rate`` -> ``--learning-rate``."""
-    return field_name if field_name.startswith("--") else "--" + field_name.replace("_", "-")
+OPTION_SPELLINGS = {"data_dir": "directory", "use_wandb": "wandb", "output_dir": "output", "reflect": "tta", "models": "model"}
+"""The one map from library names to command-line names that differ (``data_dir`` is ``--directory``),
+for the commands that have no option spelt like the library name (``train`` has ``--output-dir``)."""
+
+
+def command_parameter(name: str) -> str:
+    """The command's parameter for the library name ``name``: ``data_dir`` -> ``directory``."""
+    return OPTION_SPELLINGS.get(name, name)
+
+
+def option_name(name: str) -> str:
+    """The command-line spelling of a setting: ``learning_rate`` -> ``--learning-rate``, ``data_dir``
+    -> ``--directory``."""
+    return name if name.startswith("--") else "--" + command_parameter(name).replace("_", "-")
 
 
 def limited(default: Any, limit: Limit) -> Any:

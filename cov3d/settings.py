@@ -245,6 +245,10 @@ class TrainSettings:
         return model_outputs(self.severity_factor)
 
 
+RESUMABLE = ("data_dir", "cache_dir", "device", "precision", "workers", "loader_workers", "use_wandb")
+"""What a resumed run takes from config.json unless it is given again (keyword arguments of
+``cov3d.training.train.train``); its other settings cannot change."""
+
 TRAIN_DEFAULTS = TrainSettings()
 """The defaults of a run, for the library's functions and the command line to show and pass on."""
 

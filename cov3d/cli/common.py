@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from cov3d.errors import Cov3dError
+from cov3d.limits import command_parameter
 from cov3d.settings import (
     ORIGINAL_WARP,
     PRESET_NAMES,
@@ -82,8 +83,6 @@ def fail(message: str) -> None:
 
 SETTING = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")
 """A setting named in a library message: `name` or `name=value` (``cov3d.errors``)."""
-OPTION_ALIASES = {"data_dir": "directory", "use_wandb": "wandb", "output_dir": "output", "reflect": "tta", "models": "model"}
-"""Library names of settings whose option is spelt otherwise, where the command has no option of the name itself."""
 
 
 def spellings(command: Callable) -> dict[str, tuple[str, str]]:
@@ -109,7 +108,7 @@ def phrase(message: str, command: Callable) -> str:
 
     def spelt(match: re.Match) -> str:
         name, value = match.groups()
-        option = options.get(name) or options.get(OPTION_ALIASES.get(name, ""))
+        option = options.get(name) or options.get(command_parameter(name))
         if option is None:
             return match.group(0).strip("`")
         if value == "False":

@@ -27,8 +27,10 @@ from cov3d.cli.common import (
     user_errors,
 )
 from cov3d.errors import BaselineNotBeaten, Cov3dError
+from cov3d.limits import command_parameter
 from cov3d.settings import (
     DEMO_WORKLOADS_HELP,
+    RESUMABLE,
     TRAIN_DEFAULTS,
     DemoSettings,
     TrainSettings,
@@ -110,10 +112,7 @@ def train_command(
     typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
 
 
-RESUME_OVERRIDES = {
-    "directory": "data_dir", "cache_dir": "cache_dir", "device": "device", "precision": "precision",
-    "workers": "workers", "loader_workers": "loader_workers", "wandb": "use_wandb",
-}
+RESUME_OVERRIDES = {command_parameter(name): name for name in RESUMABLE}
 """Options of 'train' that may be given again with --resume (the run's other settings cannot change),
 and the keyword argument of ``cov3d.training.train.train`` each becomes."""
 

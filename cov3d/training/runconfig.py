@@ -33,10 +33,6 @@ NEW_RUN_REMEDY = "Free some space or choose another `output_dir`."
 """What to do when a new run's config.json cannot be written."""
 PRECISION_OPTIONS = {"fp32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 """config.json's resolved precision -> the --precision that gives it again."""
-OPTION_NAMES = {"data_dir": "--directory", "use_wandb": "--wandb"}
-"""Keyword arguments of ``cov3d.training.train.train`` whose option is not spelt like them."""
-RESUMABLE = ("data_dir", "cache_dir", "device", "precision", "workers", "loader_workers", "use_wandb")
-"""What a resumed run takes from config.json unless it is given again (keyword arguments of ``train``)."""
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -94,7 +90,7 @@ def resumed_options(config: dict[str, Any], given: dict[str, Any]) -> tuple[dict
     overrides = []
     for name, value in given.items():
         if name in options and _shown(value) != _shown(options[name]):
-            option = OPTION_NAMES.get(name, option_name(name))
+            option = option_name(name)
             overrides.append(f"overriding {option.removeprefix('--')}: recorded {_shown(options[name])}, now {_shown(value)}")
         options[name] = value
     return options, overrides
