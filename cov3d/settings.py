@@ -112,6 +112,17 @@ class VolumeShape:
         return cls(*PRESETS[name].dims, fast_decode=fast_decode, warp=warp)
 
     @classmethod
+    def parse(cls, text: str) -> VolumeShape:
+        """A preset name (``small``) or ``DxHxW`` (``16x64x64``), e.g. a script's ``--size``."""
+        if text in PRESETS:
+            return PRESETS[text]
+        try:
+            depth, height, width = (int(number) for number in text.lower().split("x"))
+        except ValueError:
+            raise Cov3dError(f"A size is {PRESET_NAMES} or DxHxW (e.g. 16x64x64), got '{text}'.") from None
+        return cls(depth, height, width)
+
+    @classmethod
     def from_width(cls, width: int, depth: int | None = None, height: int | None = None, *,
                    fast_decode: bool = False, warp: float = 0.0) -> VolumeShape:
         """``width`` with ``height`` (default: the width) and ``depth`` (default: width / 2, paper §3.1)."""

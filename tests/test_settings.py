@@ -100,3 +100,10 @@ def test_infer_chooses_its_own_workers(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(infer_module, "volume_stream", lambda scans, caches, workers: asked.append(workers) or iter(()))
     infer_module.infer([], tiny_run, tmp_path / "p.csv", cache_dir=tmp_path, device="cpu", progress=False)
     assert asked == [infer_module.default_workers()] and asked[0] >= 1
+
+
+def test_a_size_is_a_preset_or_d_x_h_x_w():
+    assert VolumeShape.parse("large") == PRESETS["large"]
+    assert VolumeShape.parse("16x64x48").dims == (16, 64, 48)
+    with pytest.raises(Cov3dError, match="DxHxW"):
+        VolumeShape.parse("16x64")
