@@ -23,7 +23,6 @@ _EXPORTS = {
     "TrainSettings": "cov3d.settings",
     "DemoSettings": "cov3d.settings",
     # preprocessing
-    "SIZES": "cov3d.preprocessing.preprocess",
     "preprocess_scan": "cov3d.preprocessing.preprocess",
     "VolumeCache": "cov3d.preprocessing.preprocess",
     "prune_cache": "cov3d.preprocessing.cache",

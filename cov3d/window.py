@@ -2,11 +2,14 @@
 units, are mapped to the 8-bit grey levels of COV19-CT-DB's JPEG slices.
 
 ``DEFAULT_WINDOW`` is the mapping calibrated to COV19-CT-DB (``cov3d.dataset.intensity``,
-docs/intensities.md); a model records the window it was trained with.
+docs/intensities.md); a model records the window it was trained with. A ``--window`` is parsed into
+a ``Window`` once, where the command line or a config file is read; below that, functions take a
+``Window``, or ``MODEL_WINDOW`` where a model's recorded window applies.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,12 +37,8 @@ class Window:
         return f"{self.level:g},{self.width:g}"
 
     @classmethod
-    def parse(cls, text: str | Window | None) -> Window:
-        """``"LEVEL,WIDTH"`` (HU) -> Window; a Window is returned as is, ``None`` gives the default."""
-        if text is None:
-            return DEFAULT_WINDOW
-        if isinstance(text, Window):
-            return text
+    def parse(cls, text: str) -> Window:
+        """``"LEVEL,WIDTH"`` (HU) -> Window; ``Cov3dError`` for anything else."""
         try:
             level, width = (float(part) for part in str(text).split(","))
         except ValueError:
@@ -63,3 +62,12 @@ COV19_CT_DB_WINDOW = Window(level=-470.0, width=1410.0)
 DEFAULT_WINDOW = COV19_CT_DB_WINDOW
 """The mapping for DICOM, NIfTI and the phantoms unless ``--window`` or a model says otherwise."""
 
+
+class ModelWindow(enum.Enum):
+    """The window a model recorded in its config.json (``DEFAULT_WINDOW`` for models made before
+    windows were recorded): what inference uses unless ``--window`` is given."""
+
+    OWN = "the model's own window"
+
+
+MODEL_WINDOW = ModelWindow.OWN

@@ -30,8 +30,9 @@ from cov3d.inference.ensemble import Ensemble
 from cov3d.inference.infer import infer
 from cov3d.model.files import load_source
 from cov3d.model.network import build_model
-from cov3d.preprocessing.preprocess import SIZES, VolumeCache
+from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.runfiles import WEIGHTS_FILES
+from cov3d.settings import PRESETS, VolumeShape
 from cov3d.synthetic.generator import generate_dataset
 
 OVERLAP_LIMIT = 1.2
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
-    size = SIZES["small"]
+    size = PRESETS["small"].dims
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         generate_dataset(root / "data", scans=max(args.scans, MIN_DATASET_SCANS), seed=0, slice_size=args.slice_size)
@@ -76,7 +77,7 @@ def main() -> None:
         print(f"{len(scans)} scans, {slices} slices of {args.slice_size}x{args.slice_size}, size {size}, "
               f"{torch.get_num_threads()} torch threads, {args.workers} preprocessing worker(s)")
 
-        cache = VolumeCache(root / "cache-alone", *size)
+        cache = VolumeCache(root / "cache-alone", VolumeShape(*size))
         prep_s, volumes = timed(lambda: [cache.levels(scan) for scan in scans])
         results = {}
         for reflect in (True, False):

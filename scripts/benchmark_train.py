@@ -117,7 +117,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, shape = resolve_device(args.device), VolumeShape.parse(args.size)
-    settings = TrainSettings(*shape.dims, batch_size=args.batch_size, epochs=1)
+    settings = TrainSettings(shape=shape, batch_size=args.batch_size, epochs=1)
     print(f"device {device}, size {shape}, batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup}, torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as work:
@@ -141,7 +141,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             items, cache = make_dataset(Path(work), PRESETS["large"], 1, max(MEMORY_BATCH_SIZES))
             for batch_size in MEMORY_BATCH_SIZES:
-                large = TrainSettings(*PRESETS["large"].dims, batch_size=batch_size, epochs=1)
+                large = TrainSettings(shape=PRESETS["large"], batch_size=batch_size, epochs=1)
                 print(f"peak GPU memory of a training step (fastai, autocast {dtype}), large {PRESETS['large']}, "
                       f"batch {batch_size}: {peak_memory(items, cache, large, device, dtype):.2f} GiB")
 

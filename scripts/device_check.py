@@ -228,7 +228,7 @@ def finished_run(run: Path) -> list[str]:
 
 
 def check_train_and_resume(work: Path, device: torch.device, precision: str, size: tuple[int, int, int]) -> tuple[bool, str]:
-    settings = TrainSettings(depth=size[0], height=size[1], width=size[2], epochs=2, penultimate=16)
+    settings = TrainSettings(shape=VolumeShape(*size), epochs=2, penultimate=16)
     options = {"cache_dir": work / "cache", "device": str(device), "precision": precision, "workers": 2}
     full, split = work / f"run-{precision}", work / f"run-{precision}-resumed"
     start = time.perf_counter()
@@ -331,8 +331,8 @@ class StepRecorder(Callback):
 def short_learner(work: Path, device: torch.device, dtype: torch.dtype, recorder: StepRecorder,
                   size: tuple[int, int, int]) -> Learner:
     """The model, loss, loaders and precision callbacks as ``cov3d train`` builds them, on the checks' data."""
-    settings = TrainSettings(*size, penultimate=16, batch_size=2)
-    dls, model, loss = training_parts(collect_items(work / "data"), VolumeCache(work / "cache", *size), settings, device)
+    settings = TrainSettings(shape=VolumeShape(*size), penultimate=16, batch_size=2)
+    dls, model, loss = training_parts(collect_items(work / "data"), VolumeCache(work / "cache", VolumeShape(*size)), settings, device)
     guard = FiniteGuard(run_dir=work, epochs=1, first_epoch=0, precision=str(dtype), learning_rate=1e-4,
                         check_gradients=dtype != torch.float16)
     learner = Learner(dls, model, loss_func=loss, opt_func=Adam, wd=1e-5,
@@ -401,7 +401,7 @@ def check_memory(work: Path, device: torch.device) -> tuple[bool, str]:
     items, cache = make_dataset(work / "memory", PRESETS["large"], 1, max(MEMORY_BATCHES))
     peaks: dict[int, float | None] = {}
     for batch in MEMORY_BATCHES:
-        settings = TrainSettings(*PRESETS["large"].dims, batch_size=batch, epochs=1)
+        settings = TrainSettings(shape=PRESETS["large"], batch_size=batch, epochs=1)
         try:
             peaks[batch] = peak_memory(items, cache, settings, device, precision.dtype)
         except torch.cuda.OutOfMemoryError:
@@ -459,7 +459,7 @@ def trained_run(work: Path, device: torch.device, precision: str, size: tuple[in
     """The run of the first `train + resume` check, or (that check not selected) a 1-epoch run."""
     run = work / f"run-{precision}"
     if not (run / "summary.json").is_file():
-        settings = TrainSettings(depth=size[0], height=size[1], width=size[2], epochs=1, penultimate=16)
+        settings = TrainSettings(shape=VolumeShape(*size), epochs=1, penultimate=16)
         train(work / "data", run, settings, pretrained=False, cache_dir=work / "cache", device=str(device),
               precision=precision, workers=2)
     return run

@@ -88,7 +88,7 @@ def lesion_figure(data: Path, scan: Path, result: dict, run: Path, cache: Path, 
 
     cam = torch.load(result["tensor"], weights_only=True).numpy()
     lesion = pointing_game.resample_mask(read_masks(mask_path(data, scan))[0], cam.shape)
-    volume = VolumeCache.for_shape(cache, load_source(run).shape).get(scan)[0].numpy()
+    volume = VolumeCache(cache, load_source(run).shape).get(scan)[0].numpy()
     title = f"{scan.name}: P(covid) = {result['probability']:.2f}, lesions outlined"
     save_figure(attribution_overlay(volume, cam, title, label=LABELS[method], outline=lesion), output)
     dilated = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), dtype=bool))

@@ -68,7 +68,7 @@ def pointing_game(demo_dir: Path, method: str = DEFAULT_EXPLAIN_METHOD, layer: s
     dtype = map_precision(method, "auto", torch.device("cpu"))  # as `cov3d explain` on this CPU
     block = _block(model, layer)
     fill = occlusion_fill(source.shape.window)
-    cache = VolumeCache.for_shape(cache_dir, source.shape)
+    cache = VolumeCache(cache_dir, source.shape)
     records, skipped, seconds = [], [], []
     for scan in sorted((data / partition / "covid").iterdir()):
         lesion, lung = read_masks(mask_path(data, scan))

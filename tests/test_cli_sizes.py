@@ -5,6 +5,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cov3d.cli import app
@@ -97,8 +98,10 @@ def test_a_fast_decoded_cache_is_the_one_training_reads(shape_of, tmp_path):
     options = ["--depth", "8", "--width", "32", "--fast-decode"]
     preprocessed, trained = shape_of("preprocess", options), shape_of("train", options)
     scan = tmp_path / "scan"
-    assert VolumeCache.for_shape(tmp_path, preprocessed).path_for(scan) == VolumeCache.for_shape(tmp_path, trained).path_for(scan)
-    assert VolumeCache.for_shape(tmp_path, trained).path_for(scan).parent.name == "8x32x32-fast"
+    scan.mkdir()
+    Image.new("L", (4, 4)).save(scan / "0.jpg")
+    assert VolumeCache(tmp_path, preprocessed).path_for(scan) == VolumeCache(tmp_path, trained).path_for(scan)
+    assert VolumeCache(tmp_path, trained).path_for(scan).parent.name == "8x32x32-fast"
 
 
 @pytest.mark.parametrize("command", WITHOUT_OPTIONS)

@@ -7,14 +7,12 @@ import pytest
 
 from cov3d.errors import Cov3dError, OptionOutOfRange
 from cov3d.limits import SIZE
-from cov3d.preprocessing.preprocess import SIZES
 from cov3d.settings import PRESETS, SMALL, DemoSettings, TrainSettings, VolumeShape
 
 
 def test_presets_follow_the_depth_rule_and_name_their_folders():
     for name, shape in PRESETS.items():
         assert shape == VolumeShape.from_width(shape.width) == VolumeShape.from_size(name)
-        assert SIZES[name] == shape.dims
     assert PRESETS["large"].folder_name == "160x320x320"
     assert VolumeShape.from_size("small", fast_decode=True).folder_name == "64x128x128-fast"
     assert TrainSettings().shape == SMALL

@@ -25,6 +25,7 @@ from cov3d.settings import (
     TRAIN_DEFAULTS,
     DemoSettings,
 )
+from cov3d.window import ModelWindow, Window
 
 # Libraries that cov3d imports (fastai, via torch.jit) warn about their own internals on every run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
@@ -59,7 +60,7 @@ DEMO_DEFAULTS = DemoSettings()
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-WarpOption = typer.Option(TRAIN_DEFAULTS.warp, "--warp", help=(
+WarpOption = typer.Option(TRAIN_DEFAULTS.shape.warp, "--warp", help=(
     "Cubic coordinate warp factor f (u -> f u^3 + (1 - f) u along width, height and depth) that the original code "
     f"applied by default with {ORIGINAL_WARP}; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key."))
 WindowHelp = (
@@ -73,6 +74,11 @@ PrecisionOption = typer.Option("auto", "--precision", help=(
     "(emulated bf16 is slower); on a GPU, bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 "
     "with a gradient scaler (V100, T4). The choice is printed and kept in the run's config.json."))
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace existing files that are not cov3d's earlier outputs of the same kind (never an input).")
+
+
+def parse_window(text: Optional[str], default: Window | ModelWindow) -> Window | ModelWindow:
+    """``--window LEVEL,WIDTH`` as a ``Window`` (the one place it is parsed), or ``default`` when not given."""
+    return default if text is None else Window.parse(text)
 
 
 def fail(message: str) -> None:

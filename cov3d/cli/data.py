@@ -24,6 +24,7 @@ from cov3d.cli.common import (
     app,
     cache_directory,
     parse_shard,
+    parse_window,
     size_option,
     user_errors,
 )
@@ -32,6 +33,7 @@ from cov3d.settings import (
     SYNTHETIC_DEFAULTS,
     VolumeShape,
 )
+from cov3d.window import DEFAULT_WINDOW, MODEL_WINDOW
 
 
 @app.command("preprocess")
@@ -56,9 +58,10 @@ def preprocess_command(
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.preprocessing.workers import preprocess_many
 
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, window=window)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp,
+                                     window=parse_window(window, DEFAULT_WINDOW))
     WORKERS.check("workers", workers)
-    cache = VolumeCache.for_shape(cache_directory(cache_dir), shape)
+    cache = VolumeCache(cache_directory(cache_dir), shape)
     scans = find_scans(data or [Path(".")])
     summary = preprocess_many(scans, cache, workers=workers, strict=strict, shard=parse_shard(shard))
     for path, reason in summary.failed:
@@ -132,7 +135,7 @@ def show_command(
     preprocessed = size is not None or (depth, height, width) != (None, None, None) or fast_decode
     shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode) if preprocessed else None
     titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision,
-                        shape=shape, overwrite=overwrite, window=window)
+                        shape=shape, overwrite=overwrite, window=parse_window(window, MODEL_WINDOW))
     typer.echo(f"{len(titles)} scans -> {output}")
 
 

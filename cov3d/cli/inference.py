@@ -16,6 +16,7 @@ from cov3d.cli.common import (
     PrecisionOption,
     app,
     cache_directory,
+    parse_window,
     user_errors,
 )
 from cov3d.errors import Cov3dError
@@ -25,6 +26,7 @@ from cov3d.settings import (
     INFER_SEED,
     OCCLUSION_GRID,
 )
+from cov3d.window import MODEL_WINDOW
 
 
 @app.command("infer")
@@ -50,18 +52,18 @@ def infer_command(
 ):
     """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
     from cov3d.dataset.scans import find_scans
-    from cov3d.inference.infer import check_inference_options, infer as run_inference
+    from cov3d.inference.infer import check_inference_options, infer
 
     if not (model or presence_model or severity_model):
         raise Cov3dError("Give --model (both tasks), or --presence-model and/or --severity-model.")
     check_inference_options(batch_size=batch_size, mc_samples=mc_samples, workers=workers, seed=seed)
     scan_dirs = find_scans(scans)
-    summary = run_inference(
+    summary = infer(
         scan_dirs, model or [], output, presence_models=presence_model or [], severity_models=severity_model or [],
         cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers, resume=resume, seed=seed, reflect=tta, overwrite=overwrite,
-        window=window,
+        window=parse_window(window, MODEL_WINDOW),
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -104,5 +106,5 @@ def explain_command(
     from cov3d.inference.explain import explain
 
     result = explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
-                         overwrite=overwrite, window=window, method=method)
+                     overwrite=overwrite, window=parse_window(window, MODEL_WINDOW), method=method)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

@@ -23,6 +23,7 @@ from cov3d.cli.common import (
     WorkersOption,
     app,
     cache_directory,
+    parse_window,
     size_option,
     user_errors,
 )
@@ -36,6 +37,7 @@ from cov3d.settings import (
     TrainSettings,
     VolumeShape,
 )
+from cov3d.window import DEFAULT_WINDOW
 
 
 @app.command("train")
@@ -94,14 +96,15 @@ def train_command(
         raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
     if pretrained_weights is not None and not pretrained_weights.is_file():
         raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, window=window)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp,
+                                     window=parse_window(window, DEFAULT_WINDOW))
     settings = TrainSettings(
-        depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode, epochs=epochs, batch_size=batch_size,
+        shape=shape, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, weight_decay=weight_decay, pct_start=pct_start, div_factor=div_factor,
         final_div_factor=final_div_factor, momentums=momentums, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
         penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
-        presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, window=str(shape.window), seed=seed,
+        presence_averaging=presence_averaging, reflect=reflect, seed=seed,
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     result = train(

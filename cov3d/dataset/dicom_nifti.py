@@ -67,7 +67,7 @@ from cov3d.dataset.scans import (
     visible_files,
 )
 from cov3d.errors import Cov3dError, one_line
-from cov3d.window import Window
+from cov3d.window import DEFAULT_WINDOW, Window
 
 __all__ = ["ScanSources", "dicom_series_files", "grey_slices", "hu_to_uint8", "scan_sources"]
 
@@ -91,10 +91,10 @@ TILT_NOTE_DEG = 0.5
 """Gantry tilts from this angle on are logged."""
 
 
-def hu_to_uint8(hu: np.ndarray, window: Window | str | None = None) -> np.ndarray:
+def hu_to_uint8(hu: np.ndarray, window: Window = DEFAULT_WINDOW) -> np.ndarray:
     """Map HU to 8-bit grey levels through ``window`` (default ``DEFAULT_WINDOW``); any shape in,
     same shape uint8 out."""
-    return Window.parse(window).to_uint8(hu)
+    return window.to_uint8(hu)
 
 
 def _optional(package: str) -> ModuleType:
@@ -222,7 +222,7 @@ def dicom_series_files(folder: Path) -> list[Path]:
     return [files[i] for i in _slice_order(headers, files, folder)]
 
 
-def _dicom_grey(path: Path, window: Window | None = None) -> np.ndarray:
+def _dicom_grey(path: Path, window: Window) -> np.ndarray:
     """One DICOM slice as (rows, columns) uint8 through ``window`` (MONOCHROME1 too: its rescaled
     values are HU like MONOCHROME2's)."""
     pydicom = _optional("pydicom")
@@ -263,7 +263,7 @@ def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
     return orientations.apply_orientation(raw, to_ras), slope, intercept
 
 
-def _nifti_grey(path: Path, window: Window | None = None) -> tuple[int, Iterator[np.ndarray]]:
+def _nifti_grey(path: Path, window: Window) -> tuple[int, Iterator[np.ndarray]]:
     """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first (HU
     through ``window``)."""
     ras, slope, intercept = _nifti_ras(path)
@@ -282,11 +282,10 @@ def _nifti_grey(path: Path, window: Window | None = None) -> tuple[int, Iterator
     return depth, slices()
 
 
-def grey_slices(kind: str, files: list[Path], window: Window | str | None = None) -> tuple[int, Iterator[np.ndarray]]:
+def grey_slices(kind: str, files: list[Path], window: Window = DEFAULT_WINDOW) -> tuple[int, Iterator[np.ndarray]]:
     """Slice count and slices (rows, columns) uint8 of a DICOM series (kind "dicom", ``files`` from
     ``dicom_series_files``) or a NIfTI volume (kind "nifti", ``files`` = [the file]), HU through
     ``window`` (default ``DEFAULT_WINDOW``)."""
-    window = Window.parse(window)
     if kind == "nifti":
         return _nifti_grey(files[0], window)
     return len(files), map(functools.partial(_dicom_grey, window=window), files)
@@ -300,6 +299,11 @@ class ScanSources:
 
     kind: str
     files: list[Path]
+
+    @property
+    def holds_hu(self) -> bool:
+        """Whether the scan holds HU (DICOM, NIfTI), which a window maps to grey levels."""
+        return self.kind != "jpeg"
 
 
 def scan_sources(scan: Path) -> ScanSources:

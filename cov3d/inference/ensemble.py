@@ -16,7 +16,7 @@ from cov3d.model.predictor import Prediction, RunPredictor, combine
 from cov3d.preprocessing.cache import values_on
 from cov3d.runfiles import TASKS
 from cov3d.settings import VolumeShape
-from cov3d.window import Window
+from cov3d.window import MODEL_WINDOW, ModelWindow, Window
 
 
 class Ensemble:
@@ -31,7 +31,7 @@ class Ensemble:
     def __init__(
         self, sources: Sequence[ModelSource], device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0,
         reflect: bool = True, *, presence_sources: Sequence[ModelSource] = (),
-        severity_sources: Sequence[ModelSource] = (), window: Window | str | None = None,
+        severity_sources: Sequence[ModelSource] = (), window: Window | ModelWindow = MODEL_WINDOW,
     ):
         if not (sources or presence_sources or severity_sources):
             raise Cov3dError("No model given: pass `models` with a run folder or a file made by 'cov3d export'.")

@@ -40,7 +40,7 @@ from cov3d.errors import Cov3dError
 from cov3d.logits import grade_outputs, presence_output, severity_outputs
 from cov3d.runtime import autocast
 from cov3d.settings import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS, OCCLUSION_GRID
-from cov3d.window import MAX_GREY, Window
+from cov3d.window import MAX_GREY, MODEL_WINDOW, ModelWindow, Window
 
 LABELS = {"gradcam": "Grad-CAM", "occlusion": "occlusion"}
 """The colour bar's label of each of ``EXPLAIN_METHODS``; outputs are ``<scan name>-<method>.pt``
@@ -214,13 +214,13 @@ def explain(
     device: str = "auto",
     overwrite: bool = False,
     precision: str = "auto",
-    window: str | None = None,
+    window: Window | ModelWindow = MODEL_WINDOW,
     method: str = DEFAULT_EXPLAIN_METHOD,
 ) -> dict[str, Path | float | tuple[int, int, int]]:
     """Grad-CAM (``method="occlusion"``: the occlusion map) of a scan (JPEG or DICOM folder, NIfTI
     file) or tensor file with a run's best-presence weights (best-severity for lambda = 1 runs);
     writes ``<name>-gradcam.pt`` and ``.png`` (``-occlusion``) to ``output_dir``. DICOM/NIfTI HU go
-    through ``window`` (``LEVEL,WIDTH``), by default the model's. The forward passes run under the
+    through ``window``, by default (``MODEL_WINDOW``) the model's. The forward passes run under the
     autocast dtype of ``map_precision``.
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x). The outputs are

@@ -21,7 +21,7 @@ from cov3d.model.files import ModelSource
 from cov3d.model.metrics import PRESENCE_THRESHOLD
 from cov3d.runfiles import TASKS
 from cov3d.runtime import autocast
-from cov3d.window import Window
+from cov3d.window import MODEL_WINDOW, ModelWindow, Window
 
 DROPOUT_LAYERS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -71,7 +71,7 @@ class RunPredictor:
 
     def __init__(
         self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True,
-        tasks: Sequence[str] = TASKS, window: Window | str | None = None,
+        tasks: Sequence[str] = TASKS, window: Window | ModelWindow = MODEL_WINDOW,
     ):
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
         self.shape = source.shape.with_window(window)

@@ -4,8 +4,9 @@ Layout: ``<cache_dir>/<D>x<H>x<W>[-fast][-warp<f>]/<scan folder name>-<key>.pt``
 ``cov3d.settings.VolumeShape``'s ``folder_name``), one file per scan and shape. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
 
 - **Key.** ``key`` is a hash of the preprocessing parameters (depth, height, width,
-  fast_decode, the intensity window of DICOM/NIfTI scans, the warp factor when there is one,
-  ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
+  fast_decode, the intensity window, the warp factor when there is one, ``CACHE_FORMAT_VERSION``)
+  and the scan's absolute (resolved) path. JPEG entries, which no window changes, are keyed with
+  ``DEFAULT_WINDOW`` (``VolumeShape.stored_as``).
 - **Entry.** Each file is ``torch.save`` of a plain dict of ints, strings and one tensor, so
   it loads with ``torch.load(..., weights_only=True)``: the parameters, the source path, a
   fingerprint of the source (name, size, modification and status-change time and inode of every

@@ -71,11 +71,10 @@ from cov3d.preprocessing.cache import (
     save_cache_entry,
     source_fingerprint,
 )
-from cov3d.settings import PRESETS, VolumeShape
-from cov3d.window import Window
+from cov3d.settings import VolumeShape
+from cov3d.window import DEFAULT_WINDOW, Window
 
 __all__ = [
-    "SIZES",
     "VolumeCache",
     "cubic_warp",
     "default_cache_dir",
@@ -87,8 +86,6 @@ __all__ = [
     "warp_slice",
 ]
 
-SIZES: dict[str, tuple[int, int, int]] = {name: shape.dims for name, shape in PRESETS.items()}
-"""The presets of ``cov3d.settings.PRESETS`` as (depth, height, width), for unpacking into ``preprocess_scan``."""
 
 MATMUL_BLOCK_BYTES = 4 * 2**20
 """Float32 bytes of stack columns per block of the depth product (about a core's L2 cache)."""
@@ -212,7 +209,7 @@ def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False, wa
 
 def _preprocess_slices(
     sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, *, levels: bool = False,
-    warp: float = 0.0, window: Window | None = None,
+    warp: float = 0.0, window: Window = DEFAULT_WINDOW,
 ) -> torch.Tensor:
     """``preprocess_scan`` for a scan's sources; uint8 levels instead with ``levels``."""
     if sources.kind == "jpeg":
@@ -232,10 +229,10 @@ def _preprocess_slices(
 
 def preprocess_scan(
     scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0,
-    window: Window | str | None = None,
+    window: Window = DEFAULT_WINDOW,
 ) -> torch.Tensor:
     """A scan (JPEG or DICOM folder, NIfTI file) as a float32 volume (1, depth, height, width) in [0, 1];
-    DICOM and NIfTI HU through ``window`` (``LEVEL,WIDTH``; default ``DEFAULT_WINDOW``).
+    DICOM and NIfTI HU through ``window``.
 
     ``warp``: the original code's cubic coordinate warp factor (0: none, the paper; 0.5: the original's).
     Raises ``Cov3dError`` naming the folder or file if the scan cannot be read.
@@ -243,39 +240,31 @@ def preprocess_scan(
     _check_size(depth, height, width)
     warp = float(WARP.check("warp", warp))
     return _preprocess_slices(scan_sources(Path(scan_dir)), depth, height, width, fast_decode, warp=warp,
-                              window=Window.parse(window))
+                              window=window)
 
 
 class VolumeCache:
-    """Preprocessed volumes of one shape, stored in ``cache_dir`` (format: ``cov3d.preprocessing.cache``).
+    """Preprocessed volumes of one ``shape`` (``cov3d.settings.VolumeShape``), stored in ``cache_dir``
+    (format: ``cov3d.preprocessing.cache``). The window is part of an entry's key only for scans in
+    HU (``VolumeShape.stored_as``): JPEG volumes are shared by every window."""
 
-    ``VolumeCache(cache_dir, depth, height, width, fast_decode=..., warp=..., window=...)`` or
-    ``VolumeCache.for_shape(cache_dir, shape)``; ``shape`` is the ``cov3d.settings.VolumeShape``.
-    """
-
-    def __init__(
-        self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0,
-        window: Window | str | None = None,
-    ):
-        _check_size(depth, height, width)
+    def __init__(self, cache_dir: Path, shape: VolumeShape):
         self.cache_dir = Path(cache_dir).expanduser()
-        self.shape = VolumeShape(depth, height, width, fast_decode, warp, Window.parse(window))
-
-    @classmethod
-    def for_shape(cls, cache_dir: Path, shape: VolumeShape) -> VolumeCache:
-        return cls(cache_dir, *shape.dims, fast_decode=shape.fast_decode, warp=shape.warp, window=shape.window)
+        self.shape = shape
 
     def __repr__(self) -> str:
-        return f"VolumeCache.for_shape({str(self.cache_dir)!r}, {self.shape!r})"
+        return f"VolumeCache({str(self.cache_dir)!r}, {self.shape!r})"
 
-    def path_for(self, scan_dir: Path) -> Path:
-        """The cache file of ``scan_dir`` (which need not exist)."""
-        return entry_path(self.cache_dir, self.shape, Path(scan_dir))
+    def path_for(self, scan_dir: Path, sources: ScanSources | None = None) -> Path:
+        """The cache file of ``scan_dir`` (which need not exist); lists the scan unless ``sources`` are given."""
+        sources = scan_sources(Path(scan_dir)) if sources is None else sources
+        return entry_path(self.cache_dir, self.shape.stored_as(sources.holds_hu), Path(scan_dir))
 
     def _stored(self, scan_dir: Path, sources: ScanSources) -> tuple[torch.Tensor | None, str]:
         """The stored uint8 levels if current (else ``None``) and the source fingerprint."""
         fingerprint = source_fingerprint(sources.files)
-        return load_valid_volume(self.path_for(scan_dir), self.shape, scan_dir, fingerprint), fingerprint
+        keyed = self.shape.stored_as(sources.holds_hu)
+        return load_valid_volume(entry_path(self.cache_dir, keyed, scan_dir), keyed, scan_dir, fingerprint), fingerprint
 
     def _fetch(self, scan_dir: Path, sources: ScanSources | None = None) -> tuple[torch.Tensor, bool]:
         """The uint8 levels (1, D, H, W), loaded or built and stored, and whether they were built."""
@@ -287,8 +276,9 @@ class VolumeCache:
             sources, *self.shape.dims, self.shape.fast_decode, levels=True, warp=self.shape.warp,
             window=self.shape.window,
         )
-        entry = make_entry(volume, self.shape, scan_dir, fingerprint)
-        save_cache_entry(self.path_for(scan_dir), entry)
+        keyed = self.shape.stored_as(sources.holds_hu)
+        entry = make_entry(volume, keyed, scan_dir, fingerprint)
+        save_cache_entry(entry_path(self.cache_dir, keyed, scan_dir), entry)
         return entry["volume"], True
 
     def load(self, scan_dir: Path) -> torch.Tensor | None:
@@ -306,11 +296,15 @@ class VolumeCache:
         earlier in this run, read without listing the scan again (the entry's own checks and
         CRC still hold); rebuilt from the scan if the entry has gone missing or been damaged.
 
-        This is what a training loader reads on every item of every epoch.
+        This is what a training loader reads on every item of every epoch. The scan is not listed, so
+        the entry keyed for HU is tried first, then the one of JPEG slices (``VolumeShape.stored_as``).
         """
         scan_dir = Path(scan_dir)
-        stored = load_valid_volume(self.path_for(scan_dir), self.shape, scan_dir, fingerprint=None)
-        return self.levels(scan_dir) if stored is None else stored
+        for keyed in dict.fromkeys(self.shape.stored_as(holds_hu) for holds_hu in (True, False)):
+            stored = load_valid_volume(entry_path(self.cache_dir, keyed, scan_dir), keyed, scan_dir, fingerprint=None)
+            if stored is not None:
+                return stored
+        return self.levels(scan_dir)
 
     def update(self, scan_dir: Path) -> bool:
         """Make sure a current entry exists; ``True`` if it had to be (re)built."""

@@ -14,7 +14,6 @@ is a one-line error naming it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -50,17 +49,15 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def recorded_settings(config: dict[str, Any], run_dir: Path, settings_class: type) -> Any:
-    """The ``settings_class`` dataclass (``TrainSettings``) recorded in ``config``, checked like new
+    """The ``settings_class`` (``TrainSettings``) recorded in ``config``, checked like new
     settings; keys that older runs lack take the value their code used (``with_legacy_defaults``)."""
     path = Path(run_dir) / CONFIG_FILE
     config = with_legacy_defaults(config)
-    missing = [field.name for field in dataclasses.fields(settings_class) if field.name not in config]
-    if "data_dir" not in config:
-        missing.append("data_dir")
+    missing = [key for key in (*settings_class.config_keys(), "data_dir") if key not in config]
     if missing:
         raise Cov3dError(f"{path} is incomplete: it lacks {', '.join(missing)}. {RESTORE}")
     try:
-        return settings_class(**{field.name: config[field.name] for field in dataclasses.fields(settings_class)})
+        return settings_class.from_config(config)
     except (Cov3dError, TypeError) as error:
         raise Cov3dError(f"{path} records an invalid setting ({error}). {RESTORE}") from None
 

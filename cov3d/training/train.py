@@ -9,7 +9,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -128,7 +128,7 @@ def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int 
 def write_config(run_dir: Path, settings: TrainSettings, extra: dict) -> None:
     """config.json: sizes, hyperparameters and class names needed to rebuild the model for inference."""
     config = {
-        **asdict(settings),
+        **settings.to_config(),
         "outputs": settings.outputs,
         "presence_classes": list(PRESENCE_CLASSES),
         "severity_classes": list(SEVERITY_CLASSES),
@@ -222,7 +222,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     earlier_run = [] if resume_state is not None else check_new_run(run_dir, overwrite=overwrite, inputs=[item.path for item in items])
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
-    cache = VolumeCache.for_shape(cache_dir, settings.shape)
+    cache = VolumeCache(cache_dir, settings.shape)
     items = run_on_main(dist, lambda: prepare_volumes(items, cache, workers))
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):

@@ -37,7 +37,7 @@ def make_dataset(work: Path, shape: VolumeShape, batches: int, batch_size: int) 
     """Synthetic scans preprocessed at ``shape``: enough training scans for ``batches`` full batches."""
     scans = math.ceil(batches * batch_size / (1 - VALIDATION_SHARE)) + 2
     generate_dataset(work / "data", scans=scans, test_scans=0, seed=0, slice_size=max(shape.width, MIN_SLICE_SIZE), depth_scale=0.05)
-    cache = VolumeCache.for_shape(work / "cache", shape)
+    cache = VolumeCache(work / "cache", shape)
     items = collect_items(work / "data")
     preprocess_many([item.path for item in items], cache)
     return items, cache

@@ -14,6 +14,7 @@ from cov3d.cli import app
 from cov3d.errors import Cov3dError
 from cov3d.model.files import expand_models, export_model, load_source
 from cov3d.runfiles import CONFIG_FILE, WEIGHTS_BY_METRIC, WEIGHTS_FILES
+from cov3d.settings import VolumeShape
 
 
 class Payload:
@@ -179,7 +180,7 @@ def test_old_run_without_the_new_keys_loads_and_predicts_as_before(tmp_path, tin
     infer([scan], run, tmp_path / "preds.csv", cache_dir=tmp_path / "cache", device="cpu", precision="fp32",
           progress=False)
     row = (tmp_path / "preds.csv").read_text().splitlines()[1].split(",")
-    levels = VolumeCache(tmp_path / "cache", 4, 16, 16).get(scan)[None]
+    levels = VolumeCache(tmp_path / "cache", VolumeShape(4, 16, 16)).get(scan)[None]
     with torch.no_grad():
         expected = (torch.sigmoid(old_models["presence"](levels)[0, 0])
                     + torch.sigmoid(old_models["presence"](levels.flip(-1))[0, 0])) / 2
@@ -228,7 +229,7 @@ def test_models_without_a_window_use_the_default_and_inference_follows_the_model
     assert other.window == Window(-600, 1500)
     cpu = torch.device("cpu")
     assert RunPredictor(other, cpu, None).shape.window == Window(-600, 1500)
-    assert RunPredictor(other, cpu, None, window="-450,1500").shape.window == Window(-450, 1500)  # --window overrides
+    assert RunPredictor(other, cpu, None, window=Window(-450, 1500)).shape.window == Window(-450, 1500)  # --window overrides
 
 
 def test_an_invalid_window_is_refused(tiny_run, tmp_path):

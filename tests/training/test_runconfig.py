@@ -1,7 +1,6 @@
 """A run folder's config read back (old runs included) and the checks before a new run starts in a folder."""
 
 import json
-from dataclasses import asdict
 
 import pytest
 
@@ -15,13 +14,13 @@ SCHEDULE_KEYS = ("pct_start", "div_factor", "final_div_factor", "momentums")
 
 def test_settings_round_trip_through_config_json(tmp_path):
     settings = TrainSettings(pct_start=0.3, div_factor=10.0, final_div_factor=1e4, momentums=(0.9, 0.8, 0.9))
-    config = json.loads(json.dumps({**asdict(settings), "data_dir": str(tmp_path)}))
+    config = json.loads(json.dumps({**settings.to_config(), "data_dir": str(tmp_path)}))
     assert config["momentums"] == [0.9, 0.8, 0.9]
     assert recorded_settings(config, tmp_path, TrainSettings) == settings
 
 
 def test_runs_made_before_the_schedule_was_recorded_resume_with_the_schedule_they_ran(tmp_path):
-    config = {key: value for key, value in asdict(TrainSettings()).items() if key not in SCHEDULE_KEYS}
+    config = {key: value for key, value in TrainSettings().to_config().items() if key not in SCHEDULE_KEYS}
     settings = recorded_settings({**config, "data_dir": str(tmp_path)}, tmp_path, TrainSettings)
     assert (settings.pct_start, settings.div_factor, settings.final_div_factor) == (0.25, 25.0, 1e5)
     assert settings.momentums == (0.95, 0.85, 0.95)

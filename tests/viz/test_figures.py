@@ -20,6 +20,7 @@ from cov3d.errors import Cov3dError
 from cov3d.inference.views import layout_label, load_tensor_file, show_scans
 from cov3d.model.metrics import confusion_macro_f1
 from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.settings import VolumeShape
 from cov3d.training.run_figures import confusion_matrix
 from cov3d.viz.figures import mid_planes, peak_voxel, save_figure
 
@@ -67,7 +68,7 @@ def test_show_command_draws_jpeg_and_cached_scans(tmp_path, tiny_dataset):
     categories = read_categories(tiny_dataset / "train_partition_covid_categories.csv")
     annotated = tiny_dataset / "train" / "covid" / sorted(categories)[0]
     deepest = max((p for p in (tiny_dataset / "train" / "non-covid").iterdir()), key=lambda p: len(list(p.glob("*.jpg"))))
-    cache = VolumeCache(tmp_path / "cache", 16, 32, 32)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(16, 32, 32))
     cache.update(deepest)
     output = tmp_path / "figs" / "scans.png"
     result = invoke("show", annotated, cache.path_for(deepest), "--output", output)
@@ -78,7 +79,7 @@ def test_show_command_draws_jpeg_and_cached_scans(tmp_path, tiny_dataset):
 
 def test_cache_file_is_shown_as_values_in_0_1(tmp_path, tiny_dataset):
     scan = next(p for p in sorted((tiny_dataset / "train" / "covid").iterdir()))
-    cache = VolumeCache(tmp_path / "cache", 8, 16, 16)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(8, 16, 16))
     assert cache.update(scan)
     volume, source = load_tensor_file(cache.path_for(scan))
     assert torch.equal(volume, cache.get(scan)[0]) and source == scan.resolve()
