@@ -1,28 +1,12 @@
-"""The intensity mapping from Hounsfield units (HU) to 8-bit grey levels, calibrated to COV19-CT-DB.
+"""The calibration of the default HU window to COV19-CT-DB's grey levels, and the grey-band measure
+it was fitted with.
 
-COV19-CT-DB ships its scans as 8-bit JPEG slices; DICOM and NIfTI scans hold HU and the synthetic
-phantoms are rendered in HU. A model trained on COV19-CT-DB only works on the others if they reach
-it with the grey levels of COV19-CT-DB, so all of them go through one linear window,
-``COV19_CT_DB_WINDOW`` (``Window.to_uint8``: ``level - width / 2`` -> 0, ``level + width / 2`` ->
-255, rounded and clipped). Its numbers come from the measurement below; ``docs/intensities.md``
-describes it in full.
-
-**What COV19-CT-DB looks like** (``COV19_CT_DB_BANDS``, measured on real 512x512 slices of the
-dataset, covid and non-covid): air outside the body at grey level ~30 (25-35), the soft-tissue
-peak at ~195 (189-200), and the fractions of pixels in the grey bands ``< 40 / 40-99 / 100-159 /
-160-219 / >= 220`` (``BAND_EDGES``) about 0.32 / 0.26 / 0.07 / 0.24 / 0.11.
-
-**The fit.** On a real chest CT series (``../shared/data/real-ct/``: TCIA Lung-PET-CT-Dx
-A0002, 30 slices of 512x512, 8 mm), level and width were searched on a grid (level -700..-300 HU,
-width 1000..2000 HU, steps of 5 and 10 HU) for the smallest L1 distance between the band fractions
-of the series' middle half (slices from 1/4 to 3/4 of the depth, native resolution) and
-``COV19_CT_DB_BANDS``; ``scripts/intensity_bands.py --fit`` repeats it. The minimum, level -470 HU
-and width 1410 HU, gives an L1 distance of 0.084 (the former window: 0.80) and puts air (-1000 HU)
-at grey level 31.6, inside COV19-CT-DB's 25-35; +40 HU lands at 220 and the series' fat peak
-(-110 HU) at 188, next to COV19-CT-DB's soft-tissue peak (~195).
-
-The former lung window (level -600, width 1500: ``LEGACY_LUNG_WINDOW``) put air at ~60 and soft
-tissue at ~236 and is kept only for comparisons.
+COV19-CT-DB ships 8-bit JPEG slices; DICOM, NIfTI and the synthetic phantoms hold HU. A model trained
+on COV19-CT-DB works on them only if they reach it with COV19-CT-DB's grey levels, so they go through
+``COV19_CT_DB_WINDOW`` (``cov3d.window``), the window whose band fractions (``band_fractions`` over
+``BAND_EDGES``) on a real CT series are nearest to COV19-CT-DB's (``COV19_CT_DB_BANDS``).
+docs/intensities.md gives the measurements and the fit; ``scripts/intensity_bands.py --fit`` repeats
+it. ``LEGACY_LUNG_WINDOW``, cov3d's former window, is kept for comparisons.
 """
 
 from __future__ import annotations

@@ -92,8 +92,7 @@ def source_fingerprint(slices: Sequence[Path]) -> str:
     A slice replaced by another file of the same size and modification time (``cp`` then
     ``touch -d``, or a rename over it) still changes its status-change time (which only the
     kernel sets) or its inode. Reading the slices' contents instead would catch the same
-    replacements at 30 ms per 300-slice scan (19 MB of JPEGs, from the page cache), against
-    0.9 ms for the stats: 4x a whole cache hit at small. A chmod or a new hard link also
+    replacements at many times the cost (docs/benchmarks.md). A chmod or a new hard link also
     changes the status-change time; the scan is then rebuilt once, needlessly but correctly.
     """
     digest = hashlib.sha256()
@@ -127,8 +126,8 @@ def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor allocated by numpy.
 
     numpy asks Linux for transparent huge pages on large arrays (``madvise``), so the first
-    write of a large volume (65 MB of float32 at large) costs a few dozen page faults instead
-    of some 16,000, which in a virtual machine take longer than filling the volume.
+    write of a large volume takes a few dozen page faults of 2 MB instead of thousands of 4 kB
+    (docs/benchmarks.md).
     """
     numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     return torch.from_numpy(np.empty(shape, dtype=numpy_dtype))
