@@ -22,6 +22,8 @@ _EXPORTS = {
     "PRESETS": "cov3d.settings",
     "TrainSettings": "cov3d.settings",
     "DemoSettings": "cov3d.settings",
+    "Window": "cov3d.window",
+    "MODEL_WINDOW": "cov3d.window",
     # preprocessing
     "preprocess_scan": "cov3d.preprocessing.preprocess",
     "VolumeCache": "cov3d.preprocessing.preprocess",
