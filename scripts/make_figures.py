@@ -17,7 +17,6 @@ From the demo's output folder (``data/``, ``cache/``, ``run/``):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,14 +79,11 @@ def lesion_figure(data: Path, scan: Path, result: dict, run: Path, cache: Path, 
     from cov3d.model.files import load_source
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.synthetic.generator import mask_path, read_masks
+    from cov3d.synthetic.masks import resample_mask
     from cov3d.viz.figures import attribution_overlay, peak_voxel, save_figure
 
-    spec = importlib.util.spec_from_file_location("pointing_game", Path(__file__).with_name("pointing_game.py"))
-    pointing_game = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pointing_game)
-
     cam = torch.load(result["tensor"], weights_only=True).numpy()
-    lesion = pointing_game.resample_mask(read_masks(mask_path(data, scan))[0], cam.shape)
+    lesion = resample_mask(read_masks(mask_path(data, scan))[0], cam.shape)
     volume = VolumeCache(cache, load_source(run).shape).get(scan)[0].numpy()
     title = f"{scan.name}: P(covid) = {result['probability']:.2f}, lesions outlined"
     save_figure(attribution_overlay(volume, cam, title, label=LABELS[method], outline=lesion), output)
