@@ -1,47 +1,11 @@
 """CT scans stored as DICOM series or NIfTI volumes, read as 8-bit grey slices like the JPEG data.
 
-Both formats hold Hounsfield units (HU). They are mapped to 8-bit grey levels with an intensity
-window (``cov3d.dataset.intensity``): by default ``DEFAULT_WINDOW``, the mapping calibrated to
-COV19-CT-DB's grey levels (level -470 HU, width 1410 HU), or the one a model or ``--window``
-asks for. They then follow the JPEG path of ``cov3d.preprocessing.preprocess`` (bicubic resize of
-each 8-bit slice, cubic spline along depth, / 255 -> [0, 1]). A DICOM or NIfTI copy of a JPEG
-scan made with the same window therefore gives the same volume up to the JPEG compression.
-
-**DICOM series** (``pip install cov3d[dicom]``, i.e. pydicom): a folder whose files are DICOM
-(name ending ``.dcm``, or the ``DICM`` marker at byte 128). Slices are ordered by their position
-along the slice normal (``ImagePositionPatient`` projected on the cross product of the two
-``ImageOrientationPatient`` directions), head first (decreasing patient z, as in the synthetic
-scans, apex to base); if any slice lacks position or orientation, by ``InstanceNumber``, then by
-file name. HU = stored pixel value x ``RescaleSlope`` + ``RescaleIntercept`` (defaults 1 and 0).
-Rows and columns are used as stored (DICOM's radiological view: rows anterior -> posterior,
-columns patient right -> left). What real archives hold:
-
-- *several series in one folder* (several ``SeriesInstanceUID``): the series with the most image
-  slices is used and the choice is logged as a warning; a tie is refused, listing the series;
-- *MONOCHROME1*: read like MONOCHROME2. The photometric interpretation only says how stored
-  values are displayed; the rescaled values are HU either way, and the window maps them to grey
-  levels with air dark, as in COV19-CT-DB. Colour images (RGB, palette) are refused;
-- *multi-frame files* (``NumberOfFrames`` > 1, e.g. enhanced CT) are refused: convert them to
-  one slice per file or to NIfTI (``dcm2niix``);
-- *duplicated slice positions* (the same position twice) are refused, naming the position;
-  *missing positions* fall back to ``InstanceNumber`` as above;
-- *non-uniform spacing*: the depth interpolation assumes evenly spaced slices, so spacings
-  that differ by more than ``SPACING_TOLERANCE`` (missing slices, mixed acquisitions) are
-  refused with the range found;
-- *gantry tilt* (slice positions stepping obliquely to the slice normal): each slice is still an
-  axial image and is used as stored; the volume is sheared by the tilt angle, which is logged;
-- *non-axial series* (slice normal further than ``MAX_AXIAL_ANGLE_DEG`` from the body axis) are
-  refused: a coronal or sagittal stack is not what the model was trained on.
-
-**NIfTI** (``pip install cov3d[nifti]``, i.e. nibabel): a ``.nii`` or ``.nii.gz`` file holding one
-3-D volume (a 4-D one with a single volume is accepted). The voxel axes are first reoriented to the
-closest RAS+ axes from the affine (flips and transposes only, no resampling); with ``(i, j, k)`` the
-RAS axes, slice ``d`` of our ``(D, H, W)`` volume is ``k = K-1-d`` (head first) and its pixel
-``(row, column)`` is ``(i, j) = (I-1-column, J-1-row)``: rows anterior -> posterior, columns patient
-right -> left, as in DICOM and the JPEG data. Values (after the header's scl_slope/scl_inter) are HU
-when the volume's minimum is below ``HU_MINIMUM_BELOW`` (-500; air is -1000 HU) and go through the
-window; otherwise they are taken as grey levels already: ``[0, 1]`` when the maximum is at most
-1, else ``0..255``, rounded and clipped.
+Both hold Hounsfield units, mapped to grey levels through a ``cov3d.window.Window``; the slices then
+follow the JPEG path of ``cov3d.preprocessing.preprocess``, so a DICOM or NIfTI copy of a JPEG scan
+gives the same volume up to the JPEG compression. Slices come head first, rows anterior -> posterior,
+columns patient right -> left, as in the JPEG data; what real archives hold and how each case is read
+or refused is in docs/inference.md (and in the docstrings of ``_slice_order``, ``_check_geometry``
+and ``_nifti_grey``). The readers are optional: ``cov3d[dicom]`` (pydicom), ``cov3d[nifti]`` (nibabel).
 """
 
 from __future__ import annotations
@@ -155,7 +119,10 @@ def _check_geometry(folder: Path, normal: np.ndarray, positions: np.ndarray) -> 
 
 
 def _slice_order(headers: list, files: list[Path], folder: Path | None = None) -> list[int]:
-    """Indices of ``headers`` in slice order (see the module docstring); checks the geometry."""
+    """Indices of ``headers`` in slice order; checks the geometry. The order is the position along the
+    slice normal (``ImagePositionPatient`` projected on the cross product of the two
+    ``ImageOrientationPatient`` directions), head first (decreasing patient z); if any slice lacks
+    position or orientation, ``InstanceNumber``, then the file name."""
     geometry = _positions(headers)
     if geometry is None:
         keys = [int(getattr(header, "InstanceNumber", 0) or 0) for header in headers]
@@ -264,8 +231,13 @@ def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
 
 
 def _nifti_grey(path: Path, window: Window) -> tuple[int, Iterator[np.ndarray]]:
-    """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first (HU
-    through ``window``)."""
+    """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first.
+
+    The voxel axes are reoriented to the closest RAS+ axes of the affine (flips and transposes, no
+    resampling); with (i, j, k) those axes, slice d is k = K-1-d and its pixel (row, column) is
+    (i, j) = (I-1-column, J-1-row). Values (after scl_slope/scl_inter) are HU, mapped through
+    ``window``, when the minimum is below ``HU_MINIMUM_BELOW``; otherwise grey levels already, in
+    [0, 1] when the maximum is at most 1, else 0..255, rounded and clipped."""
     ras, slope, intercept = _nifti_ras(path)
     low, high = sorted((float(ras.min()) * slope + intercept, float(ras.max()) * slope + intercept))
     depth = ras.shape[2]
