@@ -18,7 +18,9 @@ OUTPUTS = PRESENCE_OUTPUTS + SEVERITY_CLASSES
 """Outputs of the combined model: x, z_0..z_4."""
 PRESENCE_COLUMN = 0
 SEVERITY_COLUMNS = slice(PRESENCE_OUTPUTS, OUTPUTS)
-GRADE_COLUMNS = slice(PRESENCE_OUTPUTS + 1, OUTPUTS)
+GRADES = slice(1, SEVERITY_CLASSES)
+"""z_1..z_4 (mild..critical) among the severity logits z_0..z_4."""
+GRADE_COLUMNS = slice(PRESENCE_OUTPUTS + GRADES.start, OUTPUTS)
 """z_1..z_4 (mild..critical) among the outputs."""
 
 

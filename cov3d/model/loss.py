@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_GROUPS
 from cov3d.limits import SMOOTHING
-from cov3d.logits import SEVERITY_CLASSES, model_outputs, presence_output, severity_outputs
+from cov3d.logits import GRADES, SEVERITY_CLASSES, model_outputs, presence_output, severity_outputs
 from cov3d.settings import PRESENCE_AVERAGING, TRAIN_DEFAULTS
 
 _UNANNOTATED_GROUP = SEVERITY_GROUPS.index("positive-unannotated")
@@ -192,7 +192,7 @@ class Cov3dLoss(nn.Module):
         classes = severity.long() * (has_covid.long() == 1)
         targets = severity_target_distribution(classes, self.severity_smoothing)
         cross_entropy = -(targets * log_s).sum(dim=1)
-        positive_any_grade = -(torch.logsumexp(z[:, 1:], dim=1) - torch.logsumexp(z, dim=1))
+        positive_any_grade = -(torch.logsumexp(z[:, GRADES], dim=1) - torch.logsumexp(z, dim=1))
         losses = torch.where(group == _UNANNOTATED_GROUP, positive_any_grade, cross_entropy)
         return _weighted_mean(losses, self.severity_weights.to(z.device)[group])
 

@@ -49,7 +49,7 @@ class Prediction:
     def severity(self) -> str:
         if self.severity_probabilities is None:
             return ""
-        return SEVERITY_LABELS[max(range(4), key=self.severity_probabilities.__getitem__)]
+        return SEVERITY_LABELS[max(range(len(SEVERITY_LABELS)), key=self.severity_probabilities.__getitem__)]
 
 
 def enable_mc_dropout(model: torch.nn.Module) -> torch.nn.Module:
