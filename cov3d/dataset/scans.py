@@ -1,23 +1,9 @@
 """Finding CT scans on disk, ordering their slices and reading slices as 8-bit greyscale.
 
-A scan is a folder of slice files named ``<integer>.jpg`` (COV19-CT-DB layout), ordered by
-the integer (``10.jpg`` after ``9.jpg``). Every other file in the folder (hidden files such as
-``._3.jpg`` or ``.DS_Store``, ``notes.txt``, ``3a.jpg``) is ignored.
-
-``read_slice`` returns a loaded ``PIL.Image.Image`` in mode ``"L"`` (8-bit grey, 0..255),
-whatever the file holds:
-
-- 8-bit grey: unchanged;
-- RGB, palette, CMYK, with or without alpha: converted with PIL's ``convert("L")``, i.e. the
-  ITU-R 601-2 luma ``L = 0.299 R + 0.587 G + 0.114 B`` (alpha is dropped);
-- 16-bit (``"I;16*"``) and 32-bit integer (``"I"``, which Pillow uses for 16-bit PNG/TIFF data):
-  clipped to 0..65535 and scaled by 255 / 65535, the maximum of the 16-bit type, then rounded.
-  (A file named ``.jpg`` may hold PNG/TIFF data; Pillow opens files by content.)
-- 32-bit float (``"F"``, e.g. a TIFF of Hounsfield units or of values in [0, 1]): refused with
-  its reason, since no fixed mapping to grey levels fits every such file (``UNSUPPORTED_MODES``).
-
-``find_scans`` also finds DICOM series folders and NIfTI files (``.nii``, ``.nii.gz``); they are
-read by ``cov3d.dataset.dicom_nifti``.
+A scan is a folder of slice files named ``<integer>.jpg`` (COV19-CT-DB layout), ordered by the
+integer (``10.jpg`` after ``9.jpg``); every other file in the folder (``._3.jpg``, ``.DS_Store``,
+``notes.txt``, ``3a.jpg``) is ignored. ``read_slice`` reads any slice as 8-bit grey; ``find_scans``
+also finds DICOM series folders and NIfTI files, which ``cov3d.dataset.dicom_nifti`` reads.
 """
 
 from __future__ import annotations
@@ -133,7 +119,16 @@ def _to_grey8(image: Image.Image) -> Image.Image:
 
 
 def read_slice(path: Path, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Read one slice as a loaded 8-bit grey PIL image (mode ``"L"``, values 0..255).
+    """Read one slice as a loaded 8-bit grey PIL image (mode ``"L"``, values 0..255), whatever the
+    file holds (Pillow opens files by content: a ``.jpg`` may hold PNG or TIFF data):
+
+    - 8-bit grey: unchanged;
+    - RGB, palette, CMYK, with or without alpha: PIL's ``convert("L")``, the ITU-R 601-2 luma
+      ``L = 0.299 R + 0.587 G + 0.114 B`` (alpha is dropped);
+    - 16-bit (``"I;16*"``) and 32-bit integer (``"I"``, Pillow's mode for 16-bit PNG/TIFF data):
+      clipped to 0..65535, scaled by 255 / 65535 and rounded;
+    - 32-bit float (``"F"``, e.g. a TIFF of HU or of values in [0, 1]): refused with its reason, since
+      no fixed mapping to grey levels fits every such file (``UNSUPPORTED_MODES``).
 
     ``draft_size`` ``(width, height)`` asks the JPEG decoder for DCT-domain downscaling
     (``Image.draft``): the image comes back at the smallest power-of-two reduction (1/2, 1/4,
