@@ -187,7 +187,7 @@ def test_old_run_without_the_new_keys_loads_and_predicts_as_before(tmp_path, tin
     assert float(row[2]) == pytest.approx(float(expected), abs=1e-6)
 
     settings = recorded_settings(OLD_CONFIG, run, TrainSettings)  # what --resume rebuilds for an old run
-    assert (settings.pool, settings.final_bias, settings.presence_averaging, settings.warp) == ("avg", True, "weighted", 0.0)
+    assert (settings.pool, settings.final_bias, settings.presence_averaging, settings.shape.warp) == ("avg", True, "weighted", 0.0)
     export_model(run, tmp_path / "old.safetensors")  # an old run still exports, with the keys written out
     assert load_source(tmp_path / "old.safetensors").config["final_bias"] is True
 
