@@ -78,8 +78,6 @@ from cov3d.training.runconfig import (
 
 logger = logging.getLogger(__name__)
 
-"""The best weights of each monitored metric (the files ``cov3d.model.files`` reads)."""
-
 
 @dataclass
 class TrainResult:

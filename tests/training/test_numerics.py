@@ -201,7 +201,7 @@ def guard_dataset(module_dir) -> Path:
 
 
 def tiny_settings(**changes) -> TrainSettings:
-    return TrainSettings(shape=VolumeShape(8, 32, 32), batch_size=3, penultimate=8)
+    return TrainSettings(shape=VolumeShape(8, 32, 32), batch_size=3, penultimate=8, **changes)
 
 
 @pytest.mark.slow
@@ -297,7 +297,8 @@ def test_cpu_bf16_training_checks_every_convolution_once(module_dir, guard_datas
     verdicts, models = {}, []
     monkeypatch.setattr(bf16_convs, "_verdicts", verdicts)
     monkeypatch.setattr(train_module, "build_model", lambda **kwargs: models.append(build_model(**kwargs)) or models[-1])
-    train(guard_dataset, module_dir / "bf16-run", TrainSettings(shape=VolumeShape(16, BF16_SLICE, BF16_SLICE), batch_size=3, penultimate=8, epochs=1),
+    settings = TrainSettings(shape=VolumeShape(16, BF16_SLICE, BF16_SLICE), batch_size=3, penultimate=8, epochs=1)
+    train(guard_dataset, module_dir / "bf16-run", settings,
           cache_dir=module_dir / "cache16", pretrained=False, device="cpu", precision="bf16", workers=1)
     assert any(geometry[0][2] == 2 for geometry in verdicts)  # layer4's depth
     assert len(verdicts) >= 11  # stem, layer1..4 convolutions and downsamples, for each batch shape
