@@ -24,6 +24,7 @@ before it was recorded get ``DEFAULT_WINDOW``, the mapping calibrated to COV19-C
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -81,9 +82,9 @@ class ModelSource:
     config: dict
     states: dict[str, dict[str, torch.Tensor]]
 
-    @property
+    @functools.cached_property
     def shape(self) -> VolumeShape:
-        """The input volumes' shape and how they are made (``VolumeShape.from_config``)."""
+        """The input volumes' shape and how they are made (``VolumeShape.from_config``, read once)."""
         return VolumeShape.from_config(self.config)
 
     @property
