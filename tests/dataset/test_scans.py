@@ -159,7 +159,7 @@ def test_read_slice_broken_link(tmp_path: Path) -> None:
     assert_one_line_naming(error, link)
 
 
-def test_is_scan_dir(tmp_path: Path) -> None:
+def test_is_jpeg_scan_dir(tmp_path: Path) -> None:
     assert is_jpeg_scan_dir(make_scan(tmp_path / "ct_scan_1"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "a.jpg").write_bytes(b"x")
