@@ -22,8 +22,9 @@ _EXPORTS = {
     "PRESETS": "cov3d.settings",
     "TrainSettings": "cov3d.settings",
     "DemoSettings": "cov3d.settings",
+    "Window": "cov3d.window",
+    "MODEL_WINDOW": "cov3d.window",
     # preprocessing
-    "SIZES": "cov3d.preprocessing.preprocess",
     "preprocess_scan": "cov3d.preprocessing.preprocess",
     "VolumeCache": "cov3d.preprocessing.preprocess",
     "prune_cache": "cov3d.preprocessing.cache",
@@ -42,7 +43,7 @@ _EXPORTS = {
     "show_scans": "cov3d.inference.views",
     # synthetic data
     "generate_dataset": "cov3d.synthetic.generator",
-    "run_demo": "cov3d.synthetic.demo",
+    "run_demo": "cov3d.workflows.demo",
 }
 """Public name -> the module that defines it."""
 

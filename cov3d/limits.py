@@ -74,9 +74,20 @@ def _number(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-def option_name(field_name: str) -> str:
-    """The command-line spelling of a setting: ``learning_rate`` -> ``--learning-rate``."""
-    return field_name if field_name.startswith("--") else "--" + field_name.replace("_", "-")
+OPTION_SPELLINGS = {"data_dir": "directory", "use_wandb": "wandb", "output_dir": "output", "reflect": "tta", "models": "model"}
+"""The one map from library names to command-line names that differ (``data_dir`` is ``--directory``),
+for the commands that have no option spelt like the library name (``train`` has ``--output-dir``)."""
+
+
+def command_parameter(name: str) -> str:
+    """The command's parameter for the library name ``name``: ``data_dir`` -> ``directory``."""
+    return OPTION_SPELLINGS.get(name, name)
+
+
+def option_name(name: str) -> str:
+    """The command-line spelling of a setting: ``learning_rate`` -> ``--learning-rate``, ``data_dir``
+    -> ``--directory``."""
+    return name if name.startswith("--") else "--" + command_parameter(name).replace("_", "-")
 
 
 def limited(default: Any, limit: Limit) -> Any:
@@ -108,9 +119,13 @@ SEED = Limit(whole=True, low=0, high=2**32, high_open=True)
 ``random`` and torch take more, so this is what all three take."""
 LEARNING_RATE = Limit(whole=False, low=0, low_open=True)
 WEIGHT_DECAY = Limit(whole=False, low=0)
+DIV_FACTOR = Limit(whole=False, low=0, low_open=True)
+"""A 1cycle divisor of the maximum learning rate (the start's, the end's): any positive number."""
 FRACTION = Limit(whole=False, low=0, high=1)
 """A share in [0, 1], e.g. lambda in eq. 6 (0: presence only, 1: severity only)."""
 BELOW_ONE = Limit(whole=False, low=0, high=1, high_open=True)
+MOMENTUM = BELOW_ONE
+"""Adam's beta1 along the 1cycle schedule: 0 <= beta1 < 1."""
 DROPOUT = BELOW_ONE
 """A dropout probability: 0 <= p < 1 (1 would zero every feature)."""
 SMOOTHING = BELOW_ONE

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from cov3d.errors import Cov3dError
+from cov3d.runfiles import is_run_dir, run_file_names
 
 FIGURE_MARKER = "cov3d figure"
 """The ``Creator`` metadata of every figure cov3d saves (``figure_metadata``)."""
@@ -68,34 +69,6 @@ def refuse_inside(output: Path, inputs: Iterable[Path], what: str = "output") ->
                 f"The {what} {output} would be written {'over' if target == source else 'inside'} the input "
                 f"{kind} {source}, which this command reads: choose a path outside it."
             )
-
-
-def run_file_names() -> set[str]:
-    """The names of the files ``cov3d train`` writes into a run folder."""
-    from cov3d.model.files import CHECKPOINTS, CONFIG_FILE
-    from cov3d.training.checkpoint import RESUME_FILE
-    from cov3d.training.run_figures import CONFUSION_STEM, CURVES_FILE
-    from cov3d.training.train import METRICS_FILE, SUMMARY_FILE
-
-    confusion = {f"{stem}{suffix}" for stem in CONFUSION_STEM.values() for suffix in (".png", ".csv")}
-    return {CONFIG_FILE, RESUME_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, *CHECKPOINTS.values(), *confusion}
-
-
-def is_run_dir(folder: Path) -> bool:
-    """Whether ``folder`` holds a cov3d run: ``config.json`` beside weights or a checkpoint."""
-    from cov3d.model.files import CHECKPOINTS, CONFIG_FILE
-    from cov3d.training.checkpoint import RESUME_FILE
-
-    folder = Path(folder)
-    return (folder / CONFIG_FILE).is_file() and any((folder / name).is_file() for name in (RESUME_FILE, *CHECKPOINTS.values()))
-
-
-def existing_run_files(folder: Path) -> list[Path]:
-    """The files of a run (``run_file_names``) present in ``folder``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(folder / name for name in run_file_names() if os.path.lexists(folder / name))
 
 
 def refuse_run_file(output: Path) -> None:
@@ -311,37 +284,3 @@ def submission_name_problem(name: str) -> str | None:
         if character in SUBMISSION_NAME_SEPARATORS:
             return f"it holds the separator {character!r}"
     return None
-
-
-# Run folders of 'cov3d train' --------------------------------------------------------------
-
-
-def check_new_run(run_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> list[Path]:
-    """Refuse to start a run in ``run_dir`` if it lies inside the data read, is itself a scan
-    folder, or already holds a run's files, unless ``overwrite`` (then those files are returned,
-    for ``remove_run_files`` to delete before the new run writes anything)."""
-    from cov3d.dataset.scans import is_scan
-
-    run_dir = Path(run_dir)
-    refuse_inside(run_dir, inputs, "run folder")
-    if os.path.lexists(run_dir) and not run_dir.is_dir():
-        raise Cov3dError(f"{run_dir} exists and is not a folder: give a folder for the run (--output-dir).")
-    if run_dir.is_dir() and is_scan(run_dir):
-        raise Cov3dError(f"{run_dir} is a CT scan folder: give another --output-dir for the run.")
-    existing = existing_run_files(run_dir)
-    if existing and not overwrite:
-        names = ", ".join(path.name for path in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise Cov3dError(
-            f"{run_dir} already holds a cov3d run ({names}): continue it with 'cov3d train --resume {run_dir}', "
-            "give another --output-dir, or --overwrite to replace it."
-        )
-    return existing
-
-
-def remove_run_files(run_dir: Path, files: Sequence[Path]) -> None:
-    """Delete an earlier run's files (``check_new_run`` with ``overwrite``), so that no weights of
-    other settings stay beside the new run's; say so in one line."""
-    for path in files:
-        Path(path).unlink(missing_ok=True)
-    if files:
-        notice(f"Replacing the earlier run in {run_dir} (--overwrite): removed {', '.join(Path(p).name for p in files)}")

@@ -18,15 +18,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.errors import Cov3dError
 from cov3d.limits import (
     DEMO_SCANS,
     DEPTH_SCALE,
+    DIV_FACTOR,
     DROPOUT,
     FRACTION,
     LEARNING_RATE,
     LIMIT_KEY,
+    MOMENTUM,
     OPTIONAL_SIZE,
     SEED,
     SIZE,
@@ -37,6 +38,8 @@ from cov3d.limits import (
     check_fields,
     limited,
 )
+from cov3d.logits import model_outputs
+from cov3d.window import DEFAULT_WINDOW, MODEL_WINDOW, ModelWindow, Window
 
 SHAPE_FOLDER = re.compile(r"(\d+)x(\d+)x(\d+)(-fast)?(?:-warp([0-9.e-]+))?")
 """``VolumeShape.folder_name``: ``DxHxW``, with ``-fast`` for fast-decoded volumes and ``-warp<f>``
@@ -51,8 +54,7 @@ class VolumeShape:
     """A preprocessed volume's size (1, ``depth``, ``height``, ``width``) and how it is made: whether
     JPEG slices are decoded at reduced scale (``fast_decode``), the factor of the original code's cubic
     coordinate warp (``warp``, 0: off; see ``cov3d.preprocessing.preprocess``) and the HU -> grey
-    mapping of DICOM and NIfTI scans (``window``, ``cov3d.dataset.intensity``; a ``LEVEL,WIDTH``
-    string is accepted).
+    mapping of DICOM and NIfTI scans (``window``, ``cov3d.window``).
 
     Hashable: inference keys the volumes of an ensemble's different inputs by it.
     """
@@ -67,7 +69,8 @@ class VolumeShape:
     def __post_init__(self) -> None:
         check_fields(self)
         object.__setattr__(self, "warp", float(self.warp))
-        object.__setattr__(self, "window", Window.parse(self.window))
+        if not isinstance(self.window, Window):
+            raise TypeError(f"window must be a Window (parse `LEVEL,WIDTH` with Window.parse), got {self.window!r}")
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -85,9 +88,22 @@ class VolumeShape:
     def __str__(self) -> str:
         return self.folder_name
 
-    def with_window(self, window: Window | str | None) -> VolumeShape:
-        """This shape with DICOM/NIfTI HU mapped through ``window`` instead (``None``: unchanged)."""
-        return self if window is None else dataclasses.replace(self, window=Window.parse(window))
+    def with_window(self, window: Window | ModelWindow) -> VolumeShape:
+        """This shape with DICOM/NIfTI HU mapped through ``window`` instead (``MODEL_WINDOW``: unchanged)."""
+        return self if window is MODEL_WINDOW else dataclasses.replace(self, window=window)
+
+    def stored_as(self, holds_hu: bool) -> VolumeShape:
+        """The shape that keys a scan's cache entry: this one for scans in HU (DICOM, NIfTI), which
+        the window maps to grey levels; for JPEG slices, grey levels already that no window changes,
+        this one with ``DEFAULT_WINDOW`` (the key of every JPEG entry, also of those made before
+        ``--window`` existed), so that another window finds the same entries."""
+        return self if holds_hu else dataclasses.replace(self, window=DEFAULT_WINDOW)
+
+    @property
+    def config(self) -> dict[str, int | float | bool | str]:
+        """The shape as config.json records it (keys depth, height, width, fast_decode, warp, window)."""
+        return {"depth": self.depth, "height": self.height, "width": self.width, "fast_decode": self.fast_decode,
+                "warp": self.warp, "window": str(self.window)}
 
     @property
     def cache_params(self) -> dict[str, int | float | str]:
@@ -109,6 +125,17 @@ class VolumeShape:
         return cls(*PRESETS[name].dims, fast_decode=fast_decode, warp=warp)
 
     @classmethod
+    def parse(cls, text: str) -> VolumeShape:
+        """A preset name (``small``) or ``DxHxW`` (``16x64x64``), e.g. a script's ``--size``."""
+        if text in PRESETS:
+            return PRESETS[text]
+        try:
+            depth, height, width = (int(number) for number in text.lower().split("x"))
+        except ValueError:
+            raise Cov3dError(f"A size is {PRESET_NAMES} or DxHxW (e.g. 16x64x64), got '{text}'.") from None
+        return cls(depth, height, width)
+
+    @classmethod
     def from_width(cls, width: int, depth: int | None = None, height: int | None = None, *,
                    fast_decode: bool = False, warp: float = 0.0) -> VolumeShape:
         """``width`` with ``height`` (default: the width) and ``depth`` (default: width / 2, paper §3.1)."""
@@ -119,10 +146,10 @@ class VolumeShape:
     @classmethod
     def from_options(cls, size: str | None = None, depth: int | None = None, height: int | None = None,
                      width: int | None = None, *, fast_decode: bool = False, warp: float = 0.0,
-                     window: Window | str | None = None, default: VolumeShape | None = None) -> VolumeShape:
+                     window: Window = DEFAULT_WINDOW, default: VolumeShape | None = None) -> VolumeShape:
         """The shape of a command's options: the preset ``size``, or the numbers given (width
         default: small's, then ``from_width``), or ``default`` (small) when none is given; made with
-        ``fast_decode``, ``warp`` and ``window`` (``None``: ``DEFAULT_WINDOW``)."""
+        ``fast_decode``, ``warp`` and ``window``."""
         return cls._sized(size, depth, height, width, fast_decode=fast_decode, warp=warp, default=default).with_window(window)
 
     @classmethod
@@ -144,8 +171,9 @@ class VolumeShape:
         """The shape recorded in a run's config.json (keys depth, height, width, fast_decode, warp,
         window; runs written before fast decoding, the warp or the window existed lack those: off,
         off and ``DEFAULT_WINDOW``)."""
+        window = config.get("window")
         return cls(config["depth"], config["height"], config["width"], bool(config.get("fast_decode", False)),
-                   float(config.get("warp", 0.0)), Window.parse(config.get("window")))
+                   float(config.get("warp", 0.0)), DEFAULT_WINDOW if window is None else Window.parse(window))
 
 
 PRESETS = {
@@ -158,6 +186,9 @@ SMALL = PRESETS["small"]
 _NAMED = [f"{name} ({shape})" for name, shape in PRESETS.items()]
 PRESET_NAMES = f"{', '.join(_NAMED[:-1])} or {_NAMED[-1]}"
 """'small (64x128x128), medium (128x256x256) or large (160x320x320)'."""
+
+ONE_CYCLE_POINTS = 3
+"""The 1cycle momentum schedule runs through three values: start, peak, end."""
 
 POOLS = ("avg", "max")
 """Global pooling before the model's head."""
@@ -184,13 +215,12 @@ class TrainSettings:
     and, where it is silent (pool, final_bias, presence_averaging), the original code at the paper's
     time; ``warp`` (the original's coordinate warp, not in the paper) is off. See docs/faithfulness.md.
 
-    The volume shape is kept as the fields depth, height, width, fast_decode, warp and window
-    (config.json's keys); ``shape`` gives them as one value.
+    The volume shape is one value, ``shape``; config.json records it flat (``to_config``:
+    depth, height, width, fast_decode, warp and window, the keys it has always had).
     """
 
-    depth: int = limited(SMALL.depth, SIZE)
-    height: int = limited(SMALL.height, SIZE)
-    width: int = limited(SMALL.width, SIZE)
+    shape: VolumeShape = SMALL
+    """The volumes (size, decoding, warp) and the window of DICOM/NIfTI HU, which the model expects at inference."""
     epochs: int = limited(40, SIZE)
     batch_size: int = limited(2, SIZE)
     learning_rate: float = limited(1e-4, LEARNING_RATE)
@@ -204,18 +234,26 @@ class TrainSettings:
     final_bias: bool = DEFAULT_FINAL_BIAS
     presence_averaging: str = DEFAULT_PRESENCE_AVERAGING
     reflect: bool = True
-    fast_decode: bool = False
-    warp: float = limited(0.0, WARP)
-    window: str = str(DEFAULT_WINDOW)
-    """The HU -> grey mapping (``LEVEL,WIDTH``) of DICOM/NIfTI scans; the model expects it at inference."""
     seed: int = limited(0, SEED)
+    pct_start: float = limited(0.25, FRACTION)
+    """Share of the 1cycle schedule spent raising the learning rate (fastai's ``fit_one_cycle``)."""
+    div_factor: float = limited(25.0, DIV_FACTOR)
+    """The schedule starts at ``learning_rate / div_factor`` (fastai's ``div``)."""
+    final_div_factor: float = limited(1e5, DIV_FACTOR)
+    """The schedule ends at ``learning_rate / final_div_factor`` (fastai's ``div_final``)."""
+    momentums: tuple[float, float, float] = (0.95, 0.85, 0.95)
+    """Adam's beta1 at the start, the peak and the end of the schedule (fastai's ``moms``)."""
     optimizer: str = FUSED_ADAMW
 
     def __post_init__(self) -> None:
         """Reject settings out of range (``cov3d.limits``) or that the model cannot be built with,
         before any data is read."""
         check_fields(self)
-        self.window = str(Window.parse(self.window))
+        self.momentums = tuple(self.momentums)
+        if len(self.momentums) != ONE_CYCLE_POINTS:
+            raise Cov3dError(f"`momentums` are three numbers (start, peak, end), got {list(self.momentums)}.")
+        for momentum in self.momentums:
+            MOMENTUM.check("momentums", momentum)
         if self.pool not in POOLS:
             raise Cov3dError(f"`pool` must be one of {', '.join(POOLS)}, got '{self.pool}'.")
         if self.optimizer not in OPTIMIZERS:
@@ -226,15 +264,54 @@ class TrainSettings:
             )
 
     @property
-    def shape(self) -> VolumeShape:
-        return VolumeShape(self.depth, self.height, self.width, self.fast_decode, self.warp, Window.parse(self.window))
-
-    @property
     def outputs(self) -> int:
-        """Logits of the model (``cov3d.model.loss.model_outputs``)."""
-        from cov3d.model.loss import model_outputs
-
+        """Outputs of the model (``cov3d.logits.model_outputs``)."""
         return model_outputs(self.severity_factor)
+
+    def to_config(self) -> dict[str, Any]:
+        """These settings as config.json records them: the shape flat (``VolumeShape.config``), the
+        momentums as a list."""
+        fields = {name: getattr(self, name) for name in self.field_names()}
+        return {**self.shape.config, **fields, "momentums": list(self.momentums)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrainSettings:
+        """The settings ``to_config`` recorded (``KeyError`` for a missing key; checked like new settings)."""
+        return cls(shape=VolumeShape.from_config(config), **{name: config[name] for name in cls.field_names()})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The fields besides ``shape``, each one key of config.json."""
+        return [setting.name for setting in dataclasses.fields(cls) if setting.name != "shape"]
+
+    @classmethod
+    def config_keys(cls) -> list[str]:
+        """Every key ``to_config`` writes."""
+        return [*SMALL.config, *cls.field_names()]
+
+
+RESUMABLE = ("data_dir", "cache_dir", "device", "precision", "workers", "loader_workers", "use_wandb")
+"""What a resumed run takes from config.json unless it is given again (keyword arguments of
+``cov3d.training.train.train``); its other settings cannot change."""
+
+TRAIN_DEFAULTS = TrainSettings()
+"""The defaults of a run, for the library's functions and the command line to show and pass on."""
+
+
+@dataclass(frozen=True)
+class SyntheticSettings:
+    """Defaults of a synthetic dataset (``cov3d.synthetic.generator.generate_dataset``, ``cov3d synthetic``)."""
+
+    scans: int = 120
+    seed: int = 0
+    slice_size: int = 128
+    depth_scale: float = 0.1
+    """Scale of the slice-count distribution (1.0: like COV19-CT-DB)."""
+    annotated_fraction: float = 0.5
+    mixed_size_fraction: float = 0.03
+
+
+SYNTHETIC_DEFAULTS = SyntheticSettings()
 
 
 @dataclass(frozen=True)
@@ -327,8 +404,7 @@ class DemoSettings:
         if self.epochs is None:
             raise Cov3dError("The demo's epochs depend on the precision: call `with_workload` first.")
         return TrainSettings(
-            depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode,
-            warp=shape.warp, epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            shape=shape, epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate,
             severity_factor=self.severity_factor, penultimate=self.penultimate, dropout=self.dropout,
             seed=self.seed,
         )

@@ -28,9 +28,11 @@ from safetensors.torch import save_file
 from cov3d.dataset.scans import find_scans
 from cov3d.inference.ensemble import Ensemble
 from cov3d.inference.infer import infer
-from cov3d.model.files import CHECKPOINTS, load_source
+from cov3d.model.files import load_source
 from cov3d.model.network import build_model
-from cov3d.preprocessing.preprocess import SIZES, VolumeCache
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.runfiles import WEIGHTS_FILES
+from cov3d.settings import PRESETS, VolumeShape
 from cov3d.synthetic.generator import generate_dataset
 
 OVERLAP_LIMIT = 1.2
@@ -46,8 +48,8 @@ def make_run(folder: Path, size: tuple[int, int, int]) -> Path:
     config = {"depth": depth, "height": height, "width": width, "outputs": 6, "penultimate": 512, "dropout": 0.5,
               "pool": "max", "final_bias": False}
     (folder / "config.json").write_text(json.dumps(config))
-    for name in CHECKPOINTS.values():
-        state = build_model(outputs=6).state_dict()
+    for name in WEIGHTS_FILES.values():
+        state = build_model().state_dict()
         save_file({key: value.contiguous() for key, value in state.items()}, str(folder / name))
     return folder
 
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
-    size = SIZES["small"]
+    size = PRESETS["small"].dims
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         generate_dataset(root / "data", scans=max(args.scans, MIN_DATASET_SCANS), seed=0, slice_size=args.slice_size)
@@ -75,7 +77,7 @@ def main() -> None:
         print(f"{len(scans)} scans, {slices} slices of {args.slice_size}x{args.slice_size}, size {size}, "
               f"{torch.get_num_threads()} torch threads, {args.workers} preprocessing worker(s)")
 
-        cache = VolumeCache(root / "cache-alone", *size)
+        cache = VolumeCache(root / "cache-alone", VolumeShape(*size))
         prep_s, volumes = timed(lambda: [cache.levels(scan) for scan in scans])
         results = {}
         for reflect in (True, False):

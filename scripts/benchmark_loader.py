@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from cov3d.preprocessing.preprocess import SIZES, VolumeCache
+from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
+from cov3d.settings import PRESETS, VolumeShape
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.data import collect_items
 from cov3d.training.distributed import Distributed
@@ -42,16 +43,16 @@ def record_time(action, rounds: list[float]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="large", choices=sorted(SIZES))
+    parser.add_argument("--size", default="large", choices=sorted(PRESETS))
     parser.add_argument("--scans", type=int, default=8, help="synthetic scans (a fifth go to validation)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=2)
     args = parser.parse_args()
-    depth, height, width = SIZES[args.size]
+    depth, height, width = PRESETS[args.size].dims
     with tempfile.TemporaryDirectory() as work:
         generate_dataset(Path(work) / "data", scans=args.scans, test_scans=0, seed=0, slice_size=width, depth_scale=1.0)
         items = collect_items(Path(work) / "data")
-        cache = VolumeCache(Path(work) / "cache", depth, height, width)
+        cache = VolumeCache(Path(work) / "cache", VolumeShape(depth, height, width))
         preprocess_many([item.path for item in items], cache, progress=False)
         slices = sum(len(list(item.path.glob("*.jpg"))) for item in items) / len(items)
         dls = training_loaders(items, cache, batch_size=args.batch_size, reflect=True, device=torch.device("cpu"),

@@ -25,9 +25,9 @@ import torch
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.network import build_model
 from cov3d.runtime import cpu_bf16_features, cpu_model
-from cov3d.synthetic.demo import DemoSettings
 from cov3d.training import bf16_convs
 from cov3d.training.bf16_convs import checked_bf16_convs
+from cov3d.workflows.demo import DemoSettings
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     target = torch.stack([has_covid, has_covid * (1 + torch.arange(args.batch_size) % 4)], dim=1)
     loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([1, 1]),
                           severity_weights=class_weights([1, 1, 1, 1, 1, 1]))
-    model = build_model(outputs=6, penultimate=demo.penultimate, dropout=demo.dropout, pretrained_weights=None)
+    model = build_model(penultimate=demo.penultimate, dropout=demo.dropout, pretrained_weights=None)
     model.to(memory_format=torch.channels_last_3d)
 
     def step(dtype) -> dict[str, torch.Tensor]:

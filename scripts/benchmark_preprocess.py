@@ -44,8 +44,9 @@ from PIL import Image
 from scipy.interpolate import CubicSpline
 
 from cov3d.dataset.scans import list_slices
-from cov3d.preprocessing.preprocess import SIZES, VolumeCache, interpolate_depth, preprocess_scan
+from cov3d.preprocessing.preprocess import VolumeCache, interpolate_depth, preprocess_scan
 from cov3d.preprocessing.workers import preprocess_many
+from cov3d.settings import PRESETS, VolumeShape
 
 SLICE_SIZE = 512
 """In-plane size of the generated slices (COV19-CT-DB slices are usually 512x512)."""
@@ -129,8 +130,8 @@ def naive_interpolation(stack: np.ndarray, depth: int) -> np.ndarray:
 
 def cache_build(scan: Path, cache_dir: Path, size: tuple[int, int, int]) -> None:
     """Build one cache entry from scratch, as a ``preprocess_many`` worker does."""
-    VolumeCache(cache_dir, *size).path_for(scan).unlink(missing_ok=True)
-    VolumeCache(cache_dir, *size).update(scan)
+    VolumeCache(cache_dir, VolumeShape(*size)).path_for(scan).unlink(missing_ok=True)
+    VolumeCache(cache_dir, VolumeShape(*size)).update(scan)
 
 
 def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None:
@@ -139,7 +140,8 @@ def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None
     header = f"{'size':<7}{'slices':>7}{'floor':>8}{'cov3d':>8}{'ratio':>7}{'cache':>8}{'ratio':>7}{'load':>7}"
     print(header + f"{'fast':>8}{'fast max|d|':>13}{'fast mean|d|':>14}{'naive':>8}{'naive/cov3d':>12}{'naive/fast':>11}{'stored max|d|':>14}"
           f"{'splines':>9}{'matrix':>9}{'ratio':>8}")
-    for name, size in SIZES.items():
+    for name, shape in PRESETS.items():
+        size = shape.dims
         depth, height, width = size
         for scan in stacks:
             n_slices = len(list_slices(scan))
@@ -152,7 +154,7 @@ def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None
                 ],
                 args.repeats,
             )
-            t_load = best_time(lambda: VolumeCache(work / "bench-cache", *size).load(scan), args.repeats)
+            t_load = best_time(lambda: VolumeCache(work / "bench-cache", VolumeShape(*size)).load(scan), args.repeats)
             difference = (preprocess_scan(scan, *size) - preprocess_scan(scan, *size, fast_decode=True)).abs()
             row = (
                 f"{name:<7}{n_slices:>7}{t_floor:>8.3f}{t_cov3d:>8.3f}{t_cov3d / t_floor:>7.2f}{t_cache:>8.3f}"
@@ -165,7 +167,7 @@ def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None
                 t_naive = time.perf_counter() - start
                 t_spline = time.perf_counter() - start - t_floor
                 t_matrix = best_time(lambda: interpolate_depth(stack, depth), args.repeats)
-                cached = VolumeCache(work / "bench-cache", *size).get(scan)[0].numpy()
+                cached = VolumeCache(work / "bench-cache", VolumeShape(*size)).get(scan)[0].numpy()
                 row += (
                     f"{t_naive:>8.2f}{t_naive / t_cov3d:>12.1f}{t_naive / t_fast:>11.1f}{np.abs(cached - reference).max():>14.2e}"
                     f"{t_spline:>9.2f}{t_matrix:>9.4f}{t_spline / t_matrix:>8.0f}"
@@ -175,7 +177,7 @@ def time_sizes(stacks: list[Path], work: Path, args: argparse.Namespace) -> None
 
 def time_throughput(stack: Path, work: Path, args: argparse.Namespace) -> None:
     """preprocess_many over ``--scans`` copies of a stack (linked files) with 1 and 2 workers."""
-    size = SIZES[args.throughput_size]
+    size = PRESETS[args.throughput_size].dims
     scans = []
     for index in range(args.scans):
         scan = work / "throughput" / f"ct_scan_{index}"
@@ -190,13 +192,13 @@ def time_throughput(stack: Path, work: Path, args: argparse.Namespace) -> None:
     for workers in (1, 2):
         if workers > 1:  # start the worker server once (it imports torch), as any long run does
             start = time.perf_counter()
-            preprocess_many(scans[:workers], VolumeCache(work / "throughput-cache-1", *size), workers=workers, progress=False)
+            preprocess_many(scans[:workers], VolumeCache(work / "throughput-cache-1", VolumeShape(*size)), workers=workers, progress=False)
             print(f"  one-time start of the worker server: {time.perf_counter() - start:.2f} s (not counted below)")
         cache_dir = work / f"throughput-cache-{workers}"
         shutil.rmtree(cache_dir, ignore_errors=True)
         machine_before = machine_busy_seconds()
         start = time.perf_counter()
-        summary = preprocess_many(scans, VolumeCache(cache_dir, *size), workers=workers, progress=False)
+        summary = preprocess_many(scans, VolumeCache(cache_dir, VolumeShape(*size)), workers=workers, progress=False)
         results[workers] = time.perf_counter() - start
         busy = (machine_busy_seconds() - machine_before) / results[workers]
         print(
@@ -205,14 +207,14 @@ def time_throughput(stack: Path, work: Path, args: argparse.Namespace) -> None:
             f"whole machine busy {busy:.2f} of {os.cpu_count()} cores (all processes, ours and others)"
         )
     start = time.perf_counter()
-    preprocess_many(scans, VolumeCache(work / "throughput-cache-2", *size), workers=2, progress=False)
+    preprocess_many(scans, VolumeCache(work / "throughput-cache-2", VolumeShape(*size)), workers=2, progress=False)
     resume = time.perf_counter() - start
     print(f"  2 workers vs 1: {results[1] / results[2]:.2f}x (worker start-up included); load after: {os.getloadavg()[0]:.1f}")
     print(f"  resume (all {args.scans} up to date, 2 workers): {resume:.2f} s, i.e. about the cost of starting 2 workers")
     print(f"  2 workers vs 1 without that start-up: {results[1] / max(results[2] - resume, 1e-9):.2f}x")
     cpu = {}
     for workers in (1, 2):
-        cache = VolumeCache(work / f"cpu-cache-{workers}", *size)
+        cache = VolumeCache(work / f"cpu-cache-{workers}", VolumeShape(*size))
         shutil.rmtree(cache.cache_dir, ignore_errors=True)
         context = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
@@ -246,12 +248,12 @@ PEAK_RSS_CHILD = textwrap.dedent(
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
-    from cov3d.preprocessing.preprocess import SIZES, VolumeCache, preprocess_scan
+    from cov3d.preprocessing.preprocess import VolumeCache, preprocess_scan
     mode, scan, cache_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if mode == "scan":
-        preprocess_scan(scan, *SIZES["large"])
+        preprocess_scan(scan, *PRESETS["large"].dims)
     elif mode == "cache":
-        VolumeCache(cache_dir, *SIZES["large"]).get(scan)
+        VolumeCache(cache_dir, PRESETS["large"]).get(scan)
     status = dict(line.split(":", 1) for line in open("/proc/self/status"))
     print(status["VmHWM"].split()[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """
@@ -288,7 +290,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="Runs per timing (the minimum is reported).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process (workers use 1).")
     parser.add_argument("--scans", type=int, default=16, help="Scans in the throughput test.")
-    parser.add_argument("--throughput-size", choices=list(SIZES), default="medium", help="Size for the throughput test.")
+    parser.add_argument("--throughput-size", choices=list(PRESETS), default="medium", help="Size for the throughput test.")
     parser.add_argument("--throughput-slices", type=int, default=300, help="Slices per scan in the throughput test.")
     parser.add_argument("--rss-slices", type=int, default=1201, help="Slices of the peak-RSS scan (0 skips it).")
     parser.add_argument("--skip", nargs="*", default=[], choices=["sizes", "throughput", "rss"], help="Parts to skip.")

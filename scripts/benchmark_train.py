@@ -20,32 +20,23 @@ deterministic kernels are those of `cov3d train` (``seed_everything``). Not a te
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.progress import ProgressCallback
+from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 
-from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.metrics import task_metrics
-from cov3d.model.network import build_model
-from cov3d.preprocessing.preprocess import SIZES, VolumeCache
-from cov3d.preprocessing.workers import preprocess_many
 from cov3d.runtime import autocast, resolve_device, resolve_precision, use_channels_last
-from cov3d.synthetic.generator import generate_dataset
+from cov3d.settings import PRESETS, TrainSettings, VolumeShape
 from cov3d.training.callbacks import OneCycleSchedule
-from cov3d.training.data import collect_items, presence_counts, severity_group_counts
-from cov3d.training.distributed import Distributed
-from cov3d.training.loaders import training_loaders
 from cov3d.training.precision import precision_callbacks
-from cov3d.training.train import TrainSettings, seed_everything
+from cov3d.workflows.benchmark import make_dataset, peak_memory, training_parts
 
-VALIDATION_SHARE = 0.2  # synthetic.py puts about a fifth of the labelled scans in validation/
 MEMORY_BATCH_SIZES = (2, 4, 8)
 
 
@@ -75,36 +66,10 @@ class TrainTimer(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def make_dataset(work: Path, size: tuple[int, int, int], batches: int, batch_size: int) -> tuple[list, VolumeCache]:
-    """Synthetic scans preprocessed at `size`: enough training scans for `batches` full batches."""
-    depth, height, width = size
-    scans = math.ceil(batches * batch_size / (1 - VALIDATION_SHARE)) + 2
-    generate_dataset(work / "data", scans=scans, test_scans=0, seed=0, slice_size=max(width, 32), depth_scale=0.05)
-    cache = VolumeCache(work / "cache", depth, height, width)
-    items = collect_items(work / "data")
-    preprocess_many([item.path for item in items], cache)
-    return items, cache
-
-
-def parts(items, cache, settings: TrainSettings, device: torch.device):
-    """Loaders, a freshly seeded model and the combined loss, as `cov3d train` builds them (with its
-    seeding and deterministic kernels, so the timings are those of training)."""
-    seed_everything(settings.seed, device)
-    train_items = [item for item in items if item.partition == "train"]
-    dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=True, device=device, workers=0,
-                           dist=Distributed())
-    model = build_model(outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
-                        pool=settings.pool, final_bias=settings.final_bias)
-    loss = Cov3dLoss(severity_factor=settings.severity_factor, presence_weights=class_weights(presence_counts(train_items)),
-                     severity_weights=class_weights(severity_group_counts(train_items)),
-                     presence_averaging=settings.presence_averaging)
-    return dls, model, loss.to(device)
-
-
 def fastai_loop(items, cache, settings, device, dtype, warmup: int) -> float:
-    dls, model, loss = parts(items, cache, settings, device)
+    dls, model, loss = training_parts(items, cache, settings, device)
     timer = TrainTimer(warmup, device)
-    callbacks = [OneCycleSchedule(settings.learning_rate, 1), *precision_callbacks(device, dtype), timer]
+    callbacks = [OneCycleSchedule(dataclasses.replace(settings, epochs=1)), *precision_callbacks(device, dtype), timer]
     learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
                       wd=settings.weight_decay, cbs=callbacks)
     learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
@@ -112,7 +77,7 @@ def fastai_loop(items, cache, settings, device, dtype, warmup: int) -> float:
 
 
 def bare_loop(items, cache, settings, device, dtype, warmup: int) -> float:
-    dls, model, loss = parts(items, cache, settings, device)
+    dls, model, loss = training_parts(items, cache, settings, device)
     channels_last = use_channels_last(dtype)
     model.to(device)
     if channels_last:
@@ -139,41 +104,6 @@ def bare_loop(items, cache, settings, device, dtype, warmup: int) -> float:
     return timed / (time.perf_counter() - start)
 
 
-class FirstStepOnly(Callback):
-    """End the fit after its first training batch (forward, backward and optimiser step)."""
-
-    order = 100
-
-    def after_batch(self) -> None:
-        if self.training:
-            raise CancelFitException()
-
-
-def peak_memory(items, cache, settings: TrainSettings, device: torch.device, dtype: torch.dtype | None) -> float:
-    """Peak GiB allocated on `device` by the first training step of the Learner as `cov3d train` builds it
-    (loaders, precision callbacks, channels-last, loss, Adam: its state is created in that step)."""
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    dls, model, loss = parts(items, cache, settings, device)
-    callbacks = [OneCycleSchedule(settings.learning_rate, 1), *precision_callbacks(device, dtype), FirstStepOnly()]
-    learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
-                      wd=settings.weight_decay, cbs=callbacks)
-    learner.remove_cb(ProgressCallback)
-    learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    del learner, model, dls
-    torch.cuda.empty_cache()
-    return peak
-
-
-def parse_size(text: str) -> tuple[int, int, int]:
-    if text in SIZES:
-        return SIZES[text]
-    depth, height, width = (int(n) for n in text.lower().split("x"))
-    return depth, height, width
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="small", help="small, medium, large or DxHxW (default small = 64x128x128)")
@@ -186,12 +116,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, size = resolve_device(args.device), parse_size(args.size)
-    settings = TrainSettings(depth=size[0], height=size[1], width=size[2], batch_size=args.batch_size, epochs=1)
-    print(f"device {device}, size {'x'.join(map(str, size))}, batch {args.batch_size}, "
+    device, shape = resolve_device(args.device), VolumeShape.parse(args.size)
+    settings = TrainSettings(shape=shape, batch_size=args.batch_size, epochs=1)
+    print(f"device {device}, size {shape}, batch {args.batch_size}, "
           f"{args.steps} timed steps after {args.warmup}, torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as work:
-        items, cache = make_dataset(Path(work), size, args.warmup + args.steps, args.batch_size)
+        items, cache = make_dataset(Path(work), shape, args.warmup + args.steps, args.batch_size)
         results: dict[tuple[str, str], float] = {}
         loops = (("bare", bare_loop), ("fastai", fastai_loop))
         for repeat in range(args.repeats):
@@ -209,10 +139,10 @@ def main() -> None:
     if device.type == "cuda":
         dtype = resolve_precision("auto", device)
         with tempfile.TemporaryDirectory() as work:
-            items, cache = make_dataset(Path(work), SIZES["large"], 1, max(MEMORY_BATCH_SIZES))
+            items, cache = make_dataset(Path(work), PRESETS["large"], 1, max(MEMORY_BATCH_SIZES))
             for batch_size in MEMORY_BATCH_SIZES:
-                large = TrainSettings(*SIZES["large"], batch_size=batch_size, epochs=1)
-                print(f"peak GPU memory of a training step (fastai, autocast {dtype}), large {SIZES['large']}, "
+                large = TrainSettings(shape=PRESETS["large"], batch_size=batch_size, epochs=1)
+                print(f"peak GPU memory of a training step (fastai, autocast {dtype}), large {PRESETS['large']}, "
                       f"batch {batch_size}: {peak_memory(items, cache, large, device, dtype):.2f} GiB")
 
 

@@ -59,20 +59,21 @@ from fastai.learner import Learner
 from fastai.optimizer import Adam
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from cov3d.dataset.scans import find_scans  # noqa: E402
-from cov3d.errors import one_line  # noqa: E402
-from cov3d.inference.infer import infer  # noqa: E402
-from cov3d.preprocessing.cache import from_levels, values_on  # noqa: E402
-from cov3d.preprocessing.preprocess import SIZES, VolumeCache  # noqa: E402
-from cov3d.runtime import CUDA_NATIVE_BF16, choose_precision, cpu_bf16_features, resolve_device  # noqa: E402
-from cov3d.synthetic.generator import generate_dataset  # noqa: E402
-from cov3d.training import train as train_module  # noqa: E402
-from cov3d.training.callbacks import FiniteGuard  # noqa: E402
-from cov3d.training.checkpoint import misplaced_optimizer_state  # noqa: E402
-from cov3d.training.data import LevelsToValues, TensorCT, collect_items  # noqa: E402
-from cov3d.training.train import TrainSettings, resume_training, train  # noqa: E402
+from cov3d.dataset.scans import find_scans
+from cov3d.errors import one_line
+from cov3d.inference.infer import infer
+from cov3d.preprocessing.cache import from_levels, values_on
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.runfiles import WEIGHTS_BY_METRIC
+from cov3d.runtime import CUDA_NATIVE_BF16, choose_precision, cpu_bf16_features, resolve_device
+from cov3d.settings import PRESETS, VolumeShape
+from cov3d.synthetic.generator import generate_dataset
+from cov3d.training import train as train_module
+from cov3d.training.callbacks import FiniteGuard
+from cov3d.training.checkpoint import misplaced_optimizer_state
+from cov3d.training.data import LevelsToValues, TensorCT, collect_items
+from cov3d.training.train import TrainSettings, resume_training, train
+from cov3d.workflows.benchmark import make_dataset, peak_memory, training_parts
 
 AUTOCAST_TOLERANCE = 0.05
 """Largest |P(covid) under autocast - P(covid) in fp32 (TF32 off)| accepted."""
@@ -221,13 +222,13 @@ def finished_run(run: Path) -> list[str]:
     for name, score in summary["best_scores"].items():
         if not math.isfinite(score):
             problems.append(f"best {name} never set")
-        elif not (run / train_module.CHECKPOINTS[name]).is_file():
-            problems.append(f"{train_module.CHECKPOINTS[name]} missing")
+        elif not (run / WEIGHTS_BY_METRIC[name]).is_file():
+            problems.append(f"{WEIGHTS_BY_METRIC[name]} missing")
     return problems
 
 
 def check_train_and_resume(work: Path, device: torch.device, precision: str, size: tuple[int, int, int]) -> tuple[bool, str]:
-    settings = TrainSettings(depth=size[0], height=size[1], width=size[2], epochs=2, penultimate=16)
+    settings = TrainSettings(shape=VolumeShape(*size), epochs=2, penultimate=16)
     options = {"cache_dir": work / "cache", "device": str(device), "precision": precision, "workers": 2}
     full, split = work / f"run-{precision}", work / f"run-{precision}-resumed"
     start = time.perf_counter()
@@ -330,10 +331,8 @@ class StepRecorder(Callback):
 def short_learner(work: Path, device: torch.device, dtype: torch.dtype, recorder: StepRecorder,
                   size: tuple[int, int, int]) -> Learner:
     """The model, loss, loaders and precision callbacks as ``cov3d train`` builds them, on the checks' data."""
-    from benchmark_train import parts
-
-    settings = TrainSettings(*size, penultimate=16, batch_size=2)
-    dls, model, loss = parts(collect_items(work / "data"), VolumeCache(work / "cache", *size), settings, device)
+    settings = TrainSettings(shape=VolumeShape(*size), penultimate=16, batch_size=2)
+    dls, model, loss = training_parts(collect_items(work / "data"), VolumeCache(work / "cache", VolumeShape(*size)), settings, device)
     guard = FiniteGuard(run_dir=work, epochs=1, first_epoch=0, precision=str(dtype), learning_rate=1e-4,
                         check_gradients=dtype != torch.float16)
     learner = Learner(dls, model, loss_func=loss, opt_func=Adam, wd=1e-5,
@@ -397,14 +396,12 @@ def check_explain(work: Path, run: Path, device: torch.device, size: tuple[int, 
 def check_memory(work: Path, device: torch.device) -> tuple[bool, str]:
     if device.type != "cuda":
         raise Skip("device memory is measured on CUDA only")
-    from benchmark_train import make_dataset, peak_memory
-
     precision = choose_precision("auto", device)
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
-    items, cache = make_dataset(work / "memory", SIZES["large"], 1, max(MEMORY_BATCHES))
+    items, cache = make_dataset(work / "memory", PRESETS["large"], 1, max(MEMORY_BATCHES))
     peaks: dict[int, float | None] = {}
     for batch in MEMORY_BATCHES:
-        settings = TrainSettings(*SIZES["large"], batch_size=batch, epochs=1)
+        settings = TrainSettings(shape=PRESETS["large"], batch_size=batch, epochs=1)
         try:
             peaks[batch] = peak_memory(items, cache, settings, device, precision.dtype)
         except torch.cuda.OutOfMemoryError:
@@ -415,7 +412,7 @@ def check_memory(work: Path, device: torch.device) -> tuple[bool, str]:
     fits = peaks[2] is not None and peaks[2] <= PAPER_GPU_GIB
     shown = ", ".join(f"batch {b}: " + ("out of memory" if p is None else f"{p:.2f} GiB") for b, p in peaks.items())
     return fits and growing, (
-        f"large {SIZES['large']}, {precision.name}, fastai step: {shown} of {total:.0f} GiB; batch 2 within the "
+        f"large {PRESETS['large']}, {precision.name}, fastai step: {shown} of {total:.0f} GiB; batch 2 within the "
         f"paper's {PAPER_GPU_GIB:g} GiB {fits}, growing with the batch {growing}")
 
 
@@ -455,13 +452,6 @@ def check_torchrun(work: Path, device: torch.device, size: tuple[int, int, int])
         f"2 processes ({backend}): identical final weights {same_weights}, own seeds {own_seeds}, one shuffled order {one_order}")
 
 
-def parse_size(text: str) -> tuple[int, int, int]:
-    if text in SIZES:
-        return SIZES[text]
-    depth, height, width = (int(n) for n in text.lower().split("x"))
-    return depth, height, width
-
-
 CHECKS = ("precision", "levels", "train", "inference", "infer-mc", "explain", "scaler", "bf16", "memory", "torchrun")
 
 
@@ -469,7 +459,7 @@ def trained_run(work: Path, device: torch.device, precision: str, size: tuple[in
     """The run of the first `train + resume` check, or (that check not selected) a 1-epoch run."""
     run = work / f"run-{precision}"
     if not (run / "summary.json").is_file():
-        settings = TrainSettings(depth=size[0], height=size[1], width=size[2], epochs=1, penultimate=16)
+        settings = TrainSettings(shape=VolumeShape(*size), epochs=1, penultimate=16)
         train(work / "data", run, settings, pretrained=False, cache_dir=work / "cache", device=str(device),
               precision=precision, workers=2)
     return run
@@ -494,8 +484,8 @@ def main() -> None:
         LOG.write_text("")
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
-    size = parse_size(args.size or ("16x64x64" if gpu else "8x32x32"))
-    explain_size = parse_size(args.explain_size or ("large" if gpu else "small"))
+    size = VolumeShape.parse(args.size or ("16x64x64" if gpu else "8x32x32")).dims
+    explain_size = VolumeShape.parse(args.explain_size or ("large" if gpu else "small")).dims
     name = f"{torch.cuda.get_device_name(device)}, {torch.cuda.device_count()} visible" if gpu else "CPU"
     print(f"device {device} ({name}), torch {torch.__version__}, CUDA {torch.version.cuda}"
           + (f"; the checks' own output: {LOG}" if LOG else ""), flush=True)

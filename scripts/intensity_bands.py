@@ -23,19 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-from cov3d.dataset.dicom_nifti import gray_slices, scan_sources
+from cov3d.dataset.dicom_nifti import grey_slices, scan_sources
 from cov3d.dataset.intensity import (
     BAND_EDGES,
     COV19_CT_DB_AIR_GREY,
     COV19_CT_DB_BANDS,
     COV19_CT_DB_SOFT_TISSUE_GREY,
-    DEFAULT_WINDOW,
-    Window,
     band_distance,
     band_fractions,
     middle_half,
 )
 from cov3d.dataset.scans import find_scans, read_slice
+from cov3d.window import DEFAULT_WINDOW, Window
 
 AIR_RANGE, SOFT_TISSUE_RANGE = (0, 100), (150, 251)
 """Grey ranges in which the air and soft-tissue peaks are looked for."""
@@ -47,7 +46,7 @@ def middle_slices(scan: Path, window: Window) -> list[np.ndarray]:
     if sources.kind == "jpeg":
         keep = middle_half(len(sources.files))
         return [np.asarray(read_slice(sources.files[i])) for i in keep]
-    count, slices = gray_slices(sources.kind, sources.files, window)
+    count, slices = grey_slices(sources.kind, sources.files, window)
     keep = set(middle_half(count))
     return [grey for i, grey in enumerate(slices) if i in keep]
 

@@ -17,7 +17,6 @@ From the demo's output folder (``data/``, ``cache/``, ``run/``):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,8 +28,8 @@ from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severi
 from cov3d.dataset.stats import dataset_stats, stats_report, write_stats
 from cov3d.inference.explain import explain
 from cov3d.inference.views import show_scans
+from cov3d.runfiles import CONFUSION_STEMS, CURVES_FILE
 from cov3d.settings import EXPLAIN_METHODS
-from cov3d.training.run_figures import CONFUSION_STEM, CURVES_FILE
 
 FIGURES = Path("docs/figures")
 MAX_FIGURE_BYTES = 300_000
@@ -80,15 +79,12 @@ def lesion_figure(data: Path, scan: Path, result: dict, run: Path, cache: Path, 
     from cov3d.model.files import load_source
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.synthetic.generator import mask_path, read_masks
+    from cov3d.synthetic.masks import resample_mask
     from cov3d.viz.figures import attribution_overlay, peak_voxel, save_figure
 
-    spec = importlib.util.spec_from_file_location("pointing_game", Path(__file__).with_name("pointing_game.py"))
-    pointing_game = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pointing_game)
-
     cam = torch.load(result["tensor"], weights_only=True).numpy()
-    lesion = pointing_game.resample_mask(read_masks(mask_path(data, scan))[0], cam.shape)
-    volume = VolumeCache.for_shape(cache, load_source(run).shape).get(scan)[0].numpy()
+    lesion = resample_mask(read_masks(mask_path(data, scan))[0], cam.shape)
+    volume = VolumeCache(cache, load_source(run).shape).get(scan)[0].numpy()
     title = f"{scan.name}: P(covid) = {result['probability']:.2f}, lesions outlined"
     save_figure(attribution_overlay(volume, cam, title, label=LABELS[method], outline=lesion), output)
     dilated = ndimage.binary_dilation(lesion, structure=np.ones((3, 3, 3), dtype=bool))
@@ -118,7 +114,7 @@ def main() -> None:
                    overwrite=True)  # its own figure, re-saved below without cov3d's metadata
         shutil.copy(paths["histogram"], args.output / "depth-histogram.png")
         shutil.copy(run / CURVES_FILE, args.output / CURVES_FILE)
-        for stem in CONFUSION_STEM.values():
+        for stem in CONFUSION_STEMS.values():
             shutil.copy(run / f"{stem}.png", args.output / f"{stem}.png")
         scan = explained_scan(data)
         for method in EXPLAIN_METHODS:

@@ -28,33 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.inference.explain import attribution_map, map_precision, occlusion_fill
 from cov3d.model.files import load_source
-from cov3d.preprocessing.preprocess import VolumeCache, depth_interpolation_matrix
+from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.settings import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS
+from cov3d.synthetic.masks import resample_mask
 from cov3d.viz.figures import peak_voxel
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
-MASK_THRESHOLD = 0.5
-"""A model voxel belongs to a mask when at least half of it does (after resampling)."""
-
-
-def resample_mask(mask: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """A (n, S, S) bool mask on the model's (D, H, W) grid: bilinear in-plane, the preprocessing's
-    cubic spline along depth, thresholded at ``MASK_THRESHOLD``."""
-    depth, height, width = size
-    planes = np.stack([
-        np.asarray(Image.fromarray(plane.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
-        for plane in mask
-    ])
-    stacked = depth_interpolation_matrix(len(planes), depth) @ planes.reshape(len(planes), -1)
-    return stacked.reshape(depth, height, width) >= MASK_THRESHOLD
-
-
 def pointing_game(demo_dir: Path, method: str = DEFAULT_EXPLAIN_METHOD, layer: str = "layer4",
                   partition: str = "validation", per_scan: bool = False) -> dict:
     """The pointing-game score and chance rates of a demo output folder (see the module docstring)."""
@@ -68,7 +52,7 @@ def pointing_game(demo_dir: Path, method: str = DEFAULT_EXPLAIN_METHOD, layer: s
     dtype = map_precision(method, "auto", torch.device("cpu"))  # as `cov3d explain` on this CPU
     block = _block(model, layer)
     fill = occlusion_fill(source.shape.window)
-    cache = VolumeCache.for_shape(cache_dir, source.shape)
+    cache = VolumeCache(cache_dir, source.shape)
     records, skipped, seconds = [], [], []
     for scan in sorted((data / partition / "covid").iterdir()):
         lesion, lung = read_masks(mask_path(data, scan))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cov3d.settings import VolumeShape
 from cov3d.synthetic.generator import generate_dataset
 
 TINY_SIZE = (8, 32, 32)  # (D, H, W): small enough for r3d_18 on a CPU in well under a second per step
@@ -101,7 +102,7 @@ def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
 
     root = tmp_path_factory.mktemp("tiny-run")
     depth, height, width = TINY_SIZE
-    settings = TrainSettings(depth=depth, height=height, width=width, epochs=1, penultimate=16, severity_factor=0.5)
+    settings = TrainSettings(shape=VolumeShape(depth, height, width), epochs=1, penultimate=16, severity_factor=0.5)
     train(
         tiny_dataset, root / "run", settings, cache_dir=root / "cache", pretrained=False,
         device="cpu", precision="fp32", workers=1,

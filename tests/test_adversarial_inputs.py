@@ -145,13 +145,12 @@ def test_resume_with_a_truncated_or_incomplete_config_is_one_line(tmp_path, text
 
 
 def test_resume_with_an_invalid_recorded_setting_is_one_line(tmp_path):
-    from dataclasses import asdict
 
     from cov3d.training.train import TrainSettings
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({**asdict(TrainSettings()), "learning_rate": -1, "data_dir": str(tmp_path)}))
+    (run / "config.json").write_text(json.dumps({**TrainSettings().to_config(), "learning_rate": -1, "data_dir": str(tmp_path)}))
     error_line(invoke("train", "--resume", run), str(run / "config.json"), "invalid setting", "--learning-rate")
 
 

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from cov3d import atomic
 from cov3d.cli import app
 from cov3d.inference.infer import CSV_COLUMNS
+from cov3d.settings import VolumeShape
 
 runner = CliRunner()
 FAST = ("--device", "cpu", "--precision", "fp32", "--workers", "0", "--no-tta")
@@ -298,7 +299,7 @@ def test_atomically_written_files_get_the_users_umask(tmp_path, world, mask):
         text = tmp_path / "config.json"
         atomic.write_text_atomically(text, "{}", "free some space")
         figure = save_figure(training_curves({"train_loss": [1.0, 0.5]}), tmp_path / "curves.png")
-        cache = VolumeCache(tmp_path / "cache", 4, 16, 16)
+        cache = VolumeCache(tmp_path / "cache", VolumeShape(4, 16, 16))
         cache.update(world.scans[0])
         for path in (text, figure, cache.path_for(world.scans[0])):
             assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
@@ -314,7 +315,7 @@ def test_a_slice_replaced_by_a_file_of_the_same_size_and_time_is_rebuilt(world, 
 
     scan = tmp_path / world.scans[0].name
     shutil.copytree(world.scans[0], scan)
-    cache = VolumeCache(tmp_path / "cache", 4, 16, 16)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(4, 16, 16))
     stale = cache.levels(scan).clone()
     victim = scan / "0.jpg"
     old = victim.stat()
@@ -326,7 +327,7 @@ def test_a_slice_replaced_by_a_file_of_the_same_size_and_time_is_rebuilt(world, 
     assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
     fresh = cache.levels(scan)
     assert not torch.equal(fresh, stale)
-    assert torch.equal(fresh, VolumeCache(tmp_path / "new-cache", 4, 16, 16).levels(scan))
+    assert torch.equal(fresh, VolumeCache(tmp_path / "new-cache", VolumeShape(4, 16, 16)).levels(scan))
 
 
 # The other figure and file outputs ---------------------------------------------------------

@@ -5,6 +5,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cov3d.cli import app
@@ -38,9 +39,9 @@ def shape_of(monkeypatch, tmp_path):
     import cov3d.dataset.scans
     import cov3d.inference.views
     import cov3d.preprocessing.workers
-    import cov3d.synthetic.demo
     import cov3d.training.train
-    from cov3d.synthetic.demo import DemoReport
+    import cov3d.workflows.demo
+    from cov3d.workflows.demo import DemoReport
 
     seen = []
 
@@ -63,7 +64,7 @@ def shape_of(monkeypatch, tmp_path):
     monkeypatch.setattr(cov3d.dataset.scans, "find_scans", lambda paths: [])
     monkeypatch.setattr(cov3d.preprocessing.workers, "preprocess_many", preprocess_many)
     monkeypatch.setattr(cov3d.training.train, "train", train)
-    monkeypatch.setattr(cov3d.synthetic.demo, "run_demo", run_demo)
+    monkeypatch.setattr(cov3d.workflows.demo, "run_demo", run_demo)
     monkeypatch.setattr(cov3d.inference.views, "show_scans", show_scans)
     base = {
         "preprocess": ["preprocess", str(tmp_path)],
@@ -97,8 +98,10 @@ def test_a_fast_decoded_cache_is_the_one_training_reads(shape_of, tmp_path):
     options = ["--depth", "8", "--width", "32", "--fast-decode"]
     preprocessed, trained = shape_of("preprocess", options), shape_of("train", options)
     scan = tmp_path / "scan"
-    assert VolumeCache.for_shape(tmp_path, preprocessed).path_for(scan) == VolumeCache.for_shape(tmp_path, trained).path_for(scan)
-    assert VolumeCache.for_shape(tmp_path, trained).path_for(scan).parent.name == "8x32x32-fast"
+    scan.mkdir()
+    Image.new("L", (4, 4)).save(scan / "0.jpg")
+    assert VolumeCache(tmp_path, preprocessed).path_for(scan) == VolumeCache(tmp_path, trained).path_for(scan)
+    assert VolumeCache(tmp_path, trained).path_for(scan).parent.name == "8x32x32-fast"
 
 
 @pytest.mark.parametrize("command", WITHOUT_OPTIONS)

@@ -7,14 +7,12 @@ import pytest
 
 from cov3d.errors import Cov3dError, OptionOutOfRange
 from cov3d.limits import SIZE
-from cov3d.preprocessing.preprocess import SIZES
 from cov3d.settings import PRESETS, SMALL, DemoSettings, TrainSettings, VolumeShape
 
 
 def test_presets_follow_the_depth_rule_and_name_their_folders():
     for name, shape in PRESETS.items():
         assert shape == VolumeShape.from_width(shape.width) == VolumeShape.from_size(name)
-        assert SIZES[name] == shape.dims
     assert PRESETS["large"].folder_name == "160x320x320"
     assert VolumeShape.from_size("small", fast_decode=True).folder_name == "64x128x128-fast"
     assert TrainSettings().shape == SMALL
@@ -68,26 +66,26 @@ def test_the_demo_workload_follows_the_precision(precision, shape, epochs):
 def test_the_cli_spells_the_settings_a_message_names_as_its_options():
     from cov3d import cli
 
-    assert cli.phrase("`learning_rate` must be > 0; try `precision=fp32`.", cli.train) == (
+    assert cli.phrase("`learning_rate` must be > 0; try `precision=fp32`.", cli.train_command) == (
         "--learning-rate must be > 0; try --precision fp32.")
-    assert cli.phrase("or `pretrained=False`, from `data_dir`", cli.train) == "or --no-pretrained, from --directory"
-    assert cli.phrase("choose another `output_dir`", cli.train) == "choose another --output-dir"
-    assert cli.phrase("choose another `output_dir`", cli.explain) == "choose another --output"
-    assert cli.phrase("a smaller `slice_size`, not `weight_decay`", cli.synthetic) == "a smaller --slice-size, not weight_decay"
-    assert cli.phrase("`output` exists", cli.synthetic) == "OUTPUT exists"
+    assert cli.phrase("or `pretrained=False`, from `data_dir`", cli.train_command) == "or --no-pretrained, from --directory"
+    assert cli.phrase("choose another `output_dir`", cli.train_command) == "choose another --output-dir"
+    assert cli.phrase("choose another `output_dir`", cli.explain_command) == "choose another --output"
+    assert cli.phrase("a smaller `slice_size`, not `weight_decay`", cli.synthetic_command) == "a smaller --slice-size, not weight_decay"
+    assert cli.phrase("`output` exists", cli.synthetic_command) == "OUTPUT exists"
 
 
 def test_cli_defaults_are_the_librarys():
     from cov3d import cli
     from cov3d.inference.infer import infer
 
-    defaults = {name: parameter.default.default for name, parameter in inspect.signature(cli.train).parameters.items()
+    defaults = {name: parameter.default.default for name, parameter in inspect.signature(cli.train_command).parameters.items()
                 if hasattr(parameter.default, "default")}
     for field in dataclasses.fields(TrainSettings):
         if field.name in defaults and defaults[field.name] is not None:
             assert defaults[field.name] == getattr(TrainSettings(), field.name), field.name
     library = inspect.signature(infer).parameters
-    command = inspect.signature(cli.infer).parameters
+    command = inspect.signature(cli.infer_command).parameters
     for name in ("batch_size", "seed", "workers"):
         assert command[name].default.default == library[name].default, name
 
@@ -100,3 +98,10 @@ def test_infer_chooses_its_own_workers(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(infer_module, "volume_stream", lambda scans, caches, workers: asked.append(workers) or iter(()))
     infer_module.infer([], tiny_run, tmp_path / "p.csv", cache_dir=tmp_path, device="cpu", progress=False)
     assert asked == [infer_module.default_workers()] and asked[0] >= 1
+
+
+def test_a_size_is_a_preset_or_d_x_h_x_w():
+    assert VolumeShape.parse("large") == PRESETS["large"]
+    assert VolumeShape.parse("16x64x48").dims == (16, 64, 48)
+    with pytest.raises(Cov3dError, match="DxHxW"):
+        VolumeShape.parse("16x64")

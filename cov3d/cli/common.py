@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import re
 import sys
 import warnings
@@ -16,16 +17,21 @@ from typing import Optional
 import typer
 
 from cov3d.errors import Cov3dError
+from cov3d.limits import command_parameter
 from cov3d.settings import (
     ORIGINAL_WARP,
     PRESET_NAMES,
     SMALL,
+    TRAIN_DEFAULTS,
     DemoSettings,
-    TrainSettings,
 )
+from cov3d.window import ModelWindow, Window
 
 # Libraries that cov3d imports (fastai, via torch.jit) warn about their own internals on every run.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
+MATPLOTLIB_BACKEND_ENV, HEADLESS_BACKEND = "MPLBACKEND", "Agg"
+"""The command line draws its figures without a display."""
 
 app = typer.Typer(
     help="Cov3d: detect COVID-19 and grade its severity from chest CT scans with a 3D ResNet.",
@@ -38,7 +44,9 @@ app = typer.Typer(
 
 @app.callback()
 def show_progress_messages() -> None:
-    """Show the library's progress messages (the ``cov3d`` logger, INFO and up) as plain lines on stderr."""
+    """Show the library's progress messages (the ``cov3d`` logger, INFO and up) as plain lines on stderr,
+    and draw figures headless (matplotlib's Agg backend, unless ``MPLBACKEND`` says otherwise)."""
+    os.environ.setdefault(MATPLOTLIB_BACKEND_ENV, HEADLESS_BACKEND)
     logger = logging.getLogger("cov3d")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -47,12 +55,12 @@ def show_progress_messages() -> None:
     logger.propagate = False
 
 
-TRAIN_DEFAULTS, DEMO_DEFAULTS = TrainSettings(), DemoSettings()
-"""The library's defaults, which the options below show and pass on."""
+DEMO_DEFAULTS = DemoSettings()
+"""The demo's defaults, which its options show and pass on."""
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-WarpOption = typer.Option(TRAIN_DEFAULTS.warp, "--warp", help=(
+WarpOption = typer.Option(TRAIN_DEFAULTS.shape.warp, "--warp", help=(
     "Cubic coordinate warp factor f (u -> f u^3 + (1 - f) u along width, height and depth) that the original code "
     f"applied by default with {ORIGINAL_WARP}; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key."))
 WindowHelp = (
@@ -68,6 +76,11 @@ PrecisionOption = typer.Option("auto", "--precision", help=(
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace existing files that are not cov3d's earlier outputs of the same kind (never an input).")
 
 
+def parse_window(text: Optional[str], default: Window | ModelWindow) -> Window | ModelWindow:
+    """``--window LEVEL,WIDTH`` as a ``Window`` (the one place it is parsed), or ``default`` when not given."""
+    return default if text is None else Window.parse(text)
+
+
 def fail(message: str) -> None:
     """Print a one-line error and exit with status 1."""
     typer.secho(f"Error: {message}", fg=typer.colors.RED, err=True)
@@ -76,8 +89,6 @@ def fail(message: str) -> None:
 
 SETTING = re.compile(r"`([A-Za-z_]\w*)(?:=([^`]*))?`")
 """A setting named in a library message: `name` or `name=value` (``cov3d.errors``)."""
-OPTION_ALIASES = {"data_dir": "directory", "use_wandb": "wandb", "output_dir": "output", "reflect": "tta", "models": "model"}
-"""Library names of settings whose option is spelt otherwise, where the command has no option of the name itself."""
 
 
 def spellings(command: Callable) -> dict[str, tuple[str, str]]:
@@ -103,7 +114,7 @@ def phrase(message: str, command: Callable) -> str:
 
     def spelt(match: re.Match) -> str:
         name, value = match.groups()
-        option = options.get(name) or options.get(OPTION_ALIASES.get(name, ""))
+        option = options.get(name) or options.get(command_parameter(name))
         if option is None:
             return match.group(0).strip("`")
         if value == "False":

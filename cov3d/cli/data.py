@@ -24,18 +24,21 @@ from cov3d.cli.common import (
     app,
     cache_directory,
     parse_shard,
+    parse_window,
     size_option,
     user_errors,
 )
 from cov3d.settings import (
     PRESET_NAMES,
+    SYNTHETIC_DEFAULTS,
     VolumeShape,
 )
+from cov3d.window import DEFAULT_WINDOW, MODEL_WINDOW
 
 
-@app.command()
+@app.command("preprocess")
 @user_errors
-def preprocess(
+def preprocess_command(
     data: list[Path] = typer.Argument(None, help="Scan folders, or folders that contain scan folders (searched recursively). Default: the current folder."),
     size: Optional[str] = size_option("small"),
     depth: Optional[int] = DepthOption,
@@ -55,9 +58,10 @@ def preprocess(
     from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.preprocessing.workers import preprocess_many
 
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, window=window)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp,
+                                     window=parse_window(window, DEFAULT_WINDOW))
     WORKERS.check("workers", workers)
-    cache = VolumeCache.for_shape(cache_directory(cache_dir), shape)
+    cache = VolumeCache(cache_directory(cache_dir), shape)
     scans = find_scans(data or [Path(".")])
     summary = preprocess_many(scans, cache, workers=workers, strict=strict, shard=parse_shard(shard))
     for path, reason in summary.failed:
@@ -72,16 +76,16 @@ def preprocess(
 
 @app.command("prune-cache")
 @user_errors
-def prune_cache(
+def prune_cache_command(
     cache_dir: Optional[Path] = CacheDirOption,
     missing_scans: bool = typer.Option(False, "--missing-scans", help="Also remove entries whose scan folder or file no longer exists (not while a data drive is unmounted)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
 ):
     """Free the cache of entries that can never be read again: older format versions, damaged entries, leftovers of killed writers (only files that prove to be entries)."""
-    from cov3d.preprocessing.cache import prune_cache as prune
+    from cov3d.preprocessing.cache import prune_cache
 
     directory = cache_directory(cache_dir)
-    summary = prune(directory, missing_scans=missing_scans, dry_run=dry_run)
+    summary = prune_cache(directory, missing_scans=missing_scans, dry_run=dry_run)
     for path, reason in summary.removed:
         typer.echo(f"{'Would remove' if dry_run else 'Removed'} {path}: {reason}")
     count = len(summary.removed)
@@ -90,14 +94,14 @@ def prune_cache(
         f"({summary.freed_bytes / 2**20:.1f} MiB), {summary.kept} entries kept."
     )
 
-@app.command()
+@app.command("synthetic")
 @user_errors
-def synthetic(
+def synthetic_command(
     output: Path = typer.Argument(..., help="Folder to write the dataset to (must not hold a dataset already)."),
-    scans: int = typer.Option(120, "--scans", help="Number of scans, all splits together."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same files."),
-    slice_size: int = typer.Option(128, "--slice-size", help="Slice width and height in pixels (real data: 512)."),
-    depth_scale: float = typer.Option(0.1, "--depth-scale", help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
+    scans: int = typer.Option(SYNTHETIC_DEFAULTS.scans, "--scans", help="Number of scans, all splits together."),
+    seed: int = typer.Option(SYNTHETIC_DEFAULTS.seed, "--seed", help="Random seed: the same seed gives the same files."),
+    slice_size: int = typer.Option(SYNTHETIC_DEFAULTS.slice_size, "--slice-size", help="Slice width and height in pixels (real data: 512)."),
+    depth_scale: float = typer.Option(SYNTHETIC_DEFAULTS.depth_scale, "--depth-scale", help="Scale of the slice-count distribution (1.0 = like COV19-CT-DB)."),
     masks: bool = typer.Option(False, "--masks", help="Also write each scan's lesion and lung masks to lesion-masks/ (.npz)."),
 ):
     """Write a synthetic chest-CT dataset in the COV19-CT-DB layout (train, validation, unlabelled test + answer key)."""
@@ -106,9 +110,9 @@ def synthetic(
     summary = generate_dataset(output, scans=scans, seed=seed, slice_size=slice_size, depth_scale=depth_scale, masks=masks)
     typer.echo(f"{summary.total_scans} synthetic scans written to {output}.")
 
-@app.command()
+@app.command("show")
 @user_errors
-def show(
+def show_command(
     scans: list[Path] = typer.Argument(..., help="Scans (JPEG slice folders, DICOM series folders, NIfTI files), folders of them, and cached tensor files (.pt)."),
     output: Path = typer.Option(Path("scans.png"), "--output", "-o", help="PNG file for the figure."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="A run folder: add its prediction to each row."),
@@ -131,13 +135,13 @@ def show(
     preprocessed = size is not None or (depth, height, width) != (None, None, None) or fast_decode
     shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode) if preprocessed else None
     titles = show_scans(scans, output, run_dir=model, cache_dir=cache_dir, device=device, precision=precision,
-                        shape=shape, overwrite=overwrite, window=window)
+                        shape=shape, overwrite=overwrite, window=parse_window(window, MODEL_WINDOW))
     typer.echo(f"{len(titles)} scans -> {output}")
 
 
-@app.command()
+@app.command("stats")
 @user_errors
-def stats(
+def stats_command(
     data: Path = typer.Argument(..., help="Dataset folder (train/, validation/, test/ and the severity CSVs) or a folder of scans."),
     output: Path = typer.Option(Path("stats"), "--output", "-o", help="Folder for the tables (CSV) and the depth histogram."),
     overwrite: bool = OverwriteOption,

@@ -16,6 +16,7 @@ from cov3d.cli.common import (
     PrecisionOption,
     app,
     cache_directory,
+    parse_window,
     user_errors,
 )
 from cov3d.errors import Cov3dError
@@ -25,11 +26,12 @@ from cov3d.settings import (
     INFER_SEED,
     OCCLUSION_GRID,
 )
+from cov3d.window import MODEL_WINDOW
 
 
-@app.command()
+@app.command("infer")
 @user_errors
-def infer(
+def infer_command(
     scans: list[Path] = typer.Argument(..., help="Scans (JPEG slice folders, DICOM series folders, NIfTI files) or folders that contain them."),
     model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="A run folder of 'cov3d train', a file of 'cov3d export', or a folder of them, for both tasks. Repeat for an ensemble (probabilities are averaged)."),
     presence_model: Optional[list[Path]] = typer.Option(None, "--presence-model", help="Like --model, for COVID-19 presence only (its best-presence weights). Repeatable."),
@@ -50,18 +52,18 @@ def infer(
 ):
     """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
     from cov3d.dataset.scans import find_scans
-    from cov3d.inference.infer import check_inference_options, infer as run_inference
+    from cov3d.inference.infer import check_inference_options, infer
 
     if not (model or presence_model or severity_model):
         raise Cov3dError("Give --model (both tasks), or --presence-model and/or --severity-model.")
     check_inference_options(batch_size=batch_size, mc_samples=mc_samples, workers=workers, seed=seed)
     scan_dirs = find_scans(scans)
-    summary = run_inference(
+    summary = infer(
         scan_dirs, model or [], output, presence_models=presence_model or [], severity_models=severity_model or [],
         cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers, resume=resume, seed=seed, reflect=tta, overwrite=overwrite,
-        window=window,
+        window=parse_window(window, MODEL_WINDOW),
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
@@ -71,9 +73,9 @@ def infer(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command("export")
 @user_errors
-def export(
+def export_command(
     run_dir: Path = typer.Argument(..., help="A run folder written by 'cov3d train' (or a model file to re-export)."),
     out: Path = typer.Argument(..., help="The model file to write (.safetensors), or an existing folder to write it in."),
     overwrite: bool = OverwriteOption,
@@ -84,9 +86,9 @@ def export(
     written = export_model(run_dir, out, overwrite=overwrite)
     typer.echo(f"Model written to {written} ({written.stat().st_size / 2**20:.1f} MiB).")
 
-@app.command()
+@app.command("explain")
 @user_errors
-def explain(
+def explain_command(
     scan: Path = typer.Argument(..., help="A scan (JPEG or DICOM folder, NIfTI file) or a cached tensor file (.pt)."),
     model: Path = typer.Option(..., "--model", "-m", help="A run folder written by 'cov3d train'."),
     output: Path = typer.Option(Path("explain"), "--output", "-o", help="Folder for <scan>-<method>.pt and .png."),
@@ -101,8 +103,8 @@ def explain(
     precision: str = PrecisionOption,
 ):
     """Where the model sees COVID-19: a 3D Grad-CAM or occlusion map of the presence prediction, shown through its peak."""
-    from cov3d.inference.explain import explain as run_explain
+    from cov3d.inference.explain import explain
 
-    result = run_explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
-                         overwrite=overwrite, window=window, method=method)
+    result = explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
+                     overwrite=overwrite, window=parse_window(window, MODEL_WINDOW), method=method)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")

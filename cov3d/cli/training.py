@@ -11,7 +11,6 @@ import typer
 
 from cov3d.cli.common import (
     DEMO_DEFAULTS,
-    TRAIN_DEFAULTS,
     CacheDirOption,
     DepthOption,
     DeviceOption,
@@ -24,21 +23,26 @@ from cov3d.cli.common import (
     WorkersOption,
     app,
     cache_directory,
+    parse_window,
     size_option,
     user_errors,
 )
 from cov3d.errors import BaselineNotBeaten, Cov3dError
+from cov3d.limits import command_parameter
 from cov3d.settings import (
     DEMO_WORKLOADS_HELP,
+    RESUMABLE,
+    TRAIN_DEFAULTS,
     DemoSettings,
     TrainSettings,
     VolumeShape,
 )
+from cov3d.window import DEFAULT_WINDOW
 
 
-@app.command()
+@app.command("train")
 @user_errors
-def train(
+def train_command(
     ctx: typer.Context,
     directory: Optional[Path] = typer.Option(None, "--directory", "-d", help="Dataset folder with train/, validation/ and the two severity CSVs."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder for weights, config and metrics. Default: outputs/run-<time>."),
@@ -51,6 +55,10 @@ def train(
     batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, "--batch-size", help="Scans per batch (paper: 2)."),
     learning_rate: float = typer.Option(TRAIN_DEFAULTS.learning_rate, "--learning-rate", help="Maximum learning rate of 1cycle (paper: 1e-4)."),
     weight_decay: float = typer.Option(TRAIN_DEFAULTS.weight_decay, "--weight-decay", help="Adam weight decay (paper: 1e-5)."),
+    pct_start: float = typer.Option(TRAIN_DEFAULTS.pct_start, "--pct-start", help="Share of the 1cycle schedule spent raising the learning rate."),
+    div_factor: float = typer.Option(TRAIN_DEFAULTS.div_factor, "--div-factor", help="1cycle starts at --learning-rate divided by this."),
+    final_div_factor: float = typer.Option(TRAIN_DEFAULTS.final_div_factor, "--final-div-factor", help="1cycle ends at --learning-rate divided by this."),
+    momentums: tuple[float, float, float] = typer.Option(TRAIN_DEFAULTS.momentums, "--momentums", help="Adam's beta1 at the start, the peak and the end of 1cycle (three numbers)."),
     severity_factor: float = typer.Option(TRAIN_DEFAULTS.severity_factor, "--severity-factor", help="lambda in eq. 6: 0 trains presence only, 1 severity only."),
     presence_smoothing: float = typer.Option(TRAIN_DEFAULTS.presence_smoothing, "--presence-smoothing", help="Label smoothing eps_p for presence (paper: 0 or 0.1)."),
     severity_smoothing: float = typer.Option(TRAIN_DEFAULTS.severity_smoothing, "--severity-smoothing", help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
@@ -81,7 +89,7 @@ def train(
         default="the mapping calibrated to COV19-CT-DB") + " Recorded in the run; inference uses it."),
 ):
     """Train the Cov3d model (r3d_18, combined loss, Adam with 1cycle) and keep the best weights for each task."""
-    from cov3d.training.train import resume_training, train as run_training
+    from cov3d.training.train import resume_training, train
 
     if resume is not None:
         result = resume_training(resume, **resume_overrides(ctx))
@@ -91,17 +99,18 @@ def train(
         raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
     if pretrained_weights is not None and not pretrained_weights.is_file():
         raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp, window=window)
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp,
+                                     window=parse_window(window, DEFAULT_WINDOW))
     settings = TrainSettings(
-        depth=shape.depth, height=shape.height, width=shape.width, fast_decode=shape.fast_decode, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, weight_decay=weight_decay, severity_factor=severity_factor,
+        shape=shape, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, weight_decay=weight_decay, pct_start=pct_start, div_factor=div_factor,
+        final_div_factor=final_div_factor, momentums=momentums, severity_factor=severity_factor,
         presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
         penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
-        presence_averaging=presence_averaging, reflect=reflect, warp=shape.warp, window=str(shape.window), seed=seed,
-        optimizer=optimizer,
+        presence_averaging=presence_averaging, reflect=reflect, seed=seed, optimizer=optimizer,
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    result = run_training(
+    result = train(
         directory, run_dir, settings, cache_dir=cache_directory(cache_dir),
         pretrained_weights=pretrained_weights, pretrained=pretrained, device=device,
         precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb, overwrite=overwrite,
@@ -109,10 +118,7 @@ def train(
     typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
 
 
-RESUME_OVERRIDES = {
-    "directory": "data_dir", "cache_dir": "cache_dir", "device": "device", "precision": "precision",
-    "workers": "workers", "loader_workers": "loader_workers", "wandb": "use_wandb",
-}
+RESUME_OVERRIDES = {command_parameter(name): name for name in RESUMABLE}
 """Options of 'train' that may be given again with --resume (the run's other settings cannot change),
 and the keyword argument of ``cov3d.training.train.train`` each becomes."""
 
@@ -140,9 +146,9 @@ def resume_overrides(ctx: typer.Context) -> dict[str, object]:
 def format_scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4f}" if math.isfinite(value) else f"{name} none" for name, value in scores.items())
 
-@app.command()
+@app.command("demo")
 @user_errors
-def demo(
+def demo_command(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
     scans: int = typer.Option(DEMO_DEFAULTS.scans, "--scans", help="Synthetic scans to generate."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs. Default: the workload's (below)."),
@@ -159,7 +165,7 @@ def demo(
     warp: float = WarpOption,
 ):
     """Run the whole job on a synthetic dataset: generate, preprocess, train, infer, and score against a baseline."""
-    from cov3d.synthetic.demo import run_demo
+    from cov3d.workflows.demo import run_demo
 
     if (size, depth, height, width) == (None, None, None, None):  # the workload of the precision in use
         settings = DemoSettings(scans=scans, epochs=epochs, seed=seed, fast_decode=fast_decode, warp=warp)

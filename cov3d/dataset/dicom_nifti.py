@@ -1,47 +1,11 @@
-"""CT scans stored as DICOM series or NIfTI volumes, read as 8-bit gray slices like the JPEG data.
+"""CT scans stored as DICOM series or NIfTI volumes, read as 8-bit grey slices like the JPEG data.
 
-Both formats hold Hounsfield units (HU). They are mapped to 8-bit grey levels with an intensity
-window (``cov3d.dataset.intensity``): by default ``DEFAULT_WINDOW``, the mapping calibrated to
-COV19-CT-DB's grey levels (level -470 HU, width 1410 HU), or the one a model or ``--window``
-asks for. They then follow the JPEG path of ``cov3d.preprocessing.preprocess`` (bicubic resize of
-each 8-bit slice, cubic spline along depth, / 255 -> [0, 1]). A DICOM or NIfTI copy of a JPEG
-scan made with the same window therefore gives the same volume up to the JPEG compression.
-
-**DICOM series** (``pip install cov3d[dicom]``, i.e. pydicom): a folder whose files are DICOM
-(name ending ``.dcm``, or the ``DICM`` marker at byte 128). Slices are ordered by their position
-along the slice normal (``ImagePositionPatient`` projected on the cross product of the two
-``ImageOrientationPatient`` directions), head first (decreasing patient z, as in the synthetic
-scans, apex to base); if any slice lacks position or orientation, by ``InstanceNumber``, then by
-file name. HU = stored pixel value x ``RescaleSlope`` + ``RescaleIntercept`` (defaults 1 and 0).
-Rows and columns are used as stored (DICOM's radiological view: rows anterior -> posterior,
-columns patient right -> left). What real archives hold:
-
-- *several series in one folder* (several ``SeriesInstanceUID``): the series with the most image
-  slices is used and the choice is logged as a warning; a tie is refused, listing the series;
-- *MONOCHROME1*: read like MONOCHROME2. The photometric interpretation only says how stored
-  values are displayed; the rescaled values are HU either way, and the window maps them to grey
-  levels with air dark, as in COV19-CT-DB. Colour images (RGB, palette) are refused;
-- *multi-frame files* (``NumberOfFrames`` > 1, e.g. enhanced CT) are refused: convert them to
-  one slice per file or to NIfTI (``dcm2niix``);
-- *duplicated slice positions* (the same position twice) are refused, naming the position;
-  *missing positions* fall back to ``InstanceNumber`` as above;
-- *non-uniform spacing*: the depth interpolation assumes evenly spaced slices, so spacings
-  that differ by more than ``SPACING_TOLERANCE`` (missing slices, mixed acquisitions) are
-  refused with the range found;
-- *gantry tilt* (slice positions stepping obliquely to the slice normal): each slice is still an
-  axial image and is used as stored; the volume is sheared by the tilt angle, which is logged;
-- *non-axial series* (slice normal further than ``MAX_AXIAL_ANGLE_DEG`` from the body axis) are
-  refused: a coronal or sagittal stack is not what the model was trained on.
-
-**NIfTI** (``pip install cov3d[nifti]``, i.e. nibabel): a ``.nii`` or ``.nii.gz`` file holding one
-3-D volume (a 4-D one with a single volume is accepted). The voxel axes are first reoriented to the
-closest RAS+ axes from the affine (flips and transposes only, no resampling); with ``(i, j, k)`` the
-RAS axes, slice ``d`` of our ``(D, H, W)`` volume is ``k = K-1-d`` (head first) and its pixel
-``(row, column)`` is ``(i, j) = (I-1-column, J-1-row)``: rows anterior -> posterior, columns patient
-right -> left, as in DICOM and the JPEG data. Values (after the header's scl_slope/scl_inter) are HU
-when the volume's minimum is below ``HU_MINIMUM_BELOW`` (-500; air is -1000 HU) and go through the
-window; otherwise they are taken as grey levels already: ``[0, 1]`` when the maximum is at most
-1, else ``0..255``, rounded and clipped.
+Both hold Hounsfield units, mapped to grey levels through a ``cov3d.window.Window``; the slices then
+follow the JPEG path of ``cov3d.preprocessing.preprocess``, so a DICOM or NIfTI copy of a JPEG scan
+gives the same volume up to the JPEG compression. Slices come head first, rows anterior -> posterior,
+columns patient right -> left, as in the JPEG data; what real archives hold and how each case is read
+or refused is in docs/inference.md (and in the docstrings of ``_slice_order``, ``_check_geometry``
+and ``_nifti_grey``). The readers are optional: ``cov3d[dicom]`` (pydicom), ``cov3d[nifti]`` (nibabel).
 """
 
 from __future__ import annotations
@@ -57,19 +21,19 @@ from types import ModuleType
 
 import numpy as np
 
-from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.dataset.scans import (
     MAX_8BIT,
     is_dicom_dir,
+    is_jpeg_scan_dir,
     is_nifti_file,
-    is_scan_dir,
     list_slices,
     looks_dicom,
     visible_files,
 )
 from cov3d.errors import Cov3dError, one_line
+from cov3d.window import DEFAULT_WINDOW, Window
 
-__all__ = ["DEFAULT_WINDOW", "ScanSources", "Window", "dicom_series_files", "gray_slices", "hu_to_uint8", "scan_sources"]
+__all__ = ["ScanSources", "dicom_series_files", "grey_slices", "hu_to_uint8", "scan_sources"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +55,10 @@ TILT_NOTE_DEG = 0.5
 """Gantry tilts from this angle on are logged."""
 
 
-def hu_to_uint8(hu: np.ndarray, window: Window | str | None = None) -> np.ndarray:
+def hu_to_uint8(hu: np.ndarray, window: Window = DEFAULT_WINDOW) -> np.ndarray:
     """Map HU to 8-bit grey levels through ``window`` (default ``DEFAULT_WINDOW``); any shape in,
     same shape uint8 out."""
-    return Window.parse(window).to_uint8(hu)
+    return window.to_uint8(hu)
 
 
 def _optional(package: str) -> ModuleType:
@@ -155,7 +119,10 @@ def _check_geometry(folder: Path, normal: np.ndarray, positions: np.ndarray) -> 
 
 
 def _slice_order(headers: list, files: list[Path], folder: Path | None = None) -> list[int]:
-    """Indices of ``headers`` in slice order (see the module docstring); checks the geometry."""
+    """Indices of ``headers`` in slice order; checks the geometry. The order is the position along the
+    slice normal (``ImagePositionPatient`` projected on the cross product of the two
+    ``ImageOrientationPatient`` directions), head first (decreasing patient z); if any slice lacks
+    position or orientation, ``InstanceNumber``, then the file name."""
     geometry = _positions(headers)
     if geometry is None:
         keys = [int(getattr(header, "InstanceNumber", 0) or 0) for header in headers]
@@ -222,7 +189,7 @@ def dicom_series_files(folder: Path) -> list[Path]:
     return [files[i] for i in _slice_order(headers, files, folder)]
 
 
-def _dicom_gray(path: Path, window: Window | None = None) -> np.ndarray:
+def _dicom_grey(path: Path, window: Window) -> np.ndarray:
     """One DICOM slice as (rows, columns) uint8 through ``window`` (MONOCHROME1 too: its rescaled
     values are HU like MONOCHROME2's)."""
     pydicom = _optional("pydicom")
@@ -263,9 +230,14 @@ def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
     return orientations.apply_orientation(raw, to_ras), slope, intercept
 
 
-def _nifti_gray(path: Path, window: Window | None = None) -> tuple[int, Iterator[np.ndarray]]:
-    """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first (HU
-    through ``window``)."""
+def _nifti_grey(path: Path, window: Window) -> tuple[int, Iterator[np.ndarray]]:
+    """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first.
+
+    The voxel axes are reoriented to the closest RAS+ axes of the affine (flips and transposes, no
+    resampling); with (i, j, k) those axes, slice d is k = K-1-d and its pixel (row, column) is
+    (i, j) = (I-1-column, J-1-row). Values (after scl_slope/scl_inter) are HU, mapped through
+    ``window``, when the minimum is below ``HU_MINIMUM_BELOW``; otherwise grey levels already, in
+    [0, 1] when the maximum is at most 1, else 0..255, rounded and clipped."""
     ras, slope, intercept = _nifti_ras(path)
     low, high = sorted((float(ras.min()) * slope + intercept, float(ras.max()) * slope + intercept))
     depth = ras.shape[2]
@@ -282,14 +254,13 @@ def _nifti_gray(path: Path, window: Window | None = None) -> tuple[int, Iterator
     return depth, slices()
 
 
-def gray_slices(kind: str, files: list[Path], window: Window | str | None = None) -> tuple[int, Iterator[np.ndarray]]:
+def grey_slices(kind: str, files: list[Path], window: Window = DEFAULT_WINDOW) -> tuple[int, Iterator[np.ndarray]]:
     """Slice count and slices (rows, columns) uint8 of a DICOM series (kind "dicom", ``files`` from
     ``dicom_series_files``) or a NIfTI volume (kind "nifti", ``files`` = [the file]), HU through
     ``window`` (default ``DEFAULT_WINDOW``)."""
-    window = Window.parse(window)
     if kind == "nifti":
-        return _nifti_gray(files[0], window)
-    return len(files), map(functools.partial(_dicom_gray, window=window), files)
+        return _nifti_grey(files[0], window)
+    return len(files), map(functools.partial(_dicom_grey, window=window), files)
 
 
 @dataclass
@@ -301,6 +272,11 @@ class ScanSources:
     kind: str
     files: list[Path]
 
+    @property
+    def holds_hu(self) -> bool:
+        """Whether the scan holds HU (DICOM, NIfTI), which a window maps to grey levels."""
+        return self.kind != "jpeg"
+
 
 def scan_sources(scan: Path) -> ScanSources:
     """The ``ScanSources`` of a JPEG scan folder, a DICOM series folder or a NIfTI file.
@@ -310,6 +286,6 @@ def scan_sources(scan: Path) -> ScanSources:
     scan = Path(scan)
     if is_nifti_file(scan):
         return ScanSources("nifti", [scan])
-    if not is_scan_dir(scan) and is_dicom_dir(scan):
+    if not is_jpeg_scan_dir(scan) and is_dicom_dir(scan):
         return ScanSources("dicom", dicom_series_files(scan))
     return ScanSources("jpeg", list_slices(scan))

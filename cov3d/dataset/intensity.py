@@ -1,101 +1,32 @@
-"""The intensity mapping from Hounsfield units (HU) to 8-bit grey levels, calibrated to COV19-CT-DB.
+"""The calibration of the default HU window to COV19-CT-DB's grey levels, and the grey-band measure
+it was fitted with.
 
-COV19-CT-DB ships its scans as 8-bit JPEG slices; DICOM and NIfTI scans hold HU and the synthetic
-phantoms are rendered in HU. A model trained on COV19-CT-DB only works on the others if they reach
-it with the grey levels of COV19-CT-DB, so all of them go through one linear window,
-``COV19_CT_DB_WINDOW`` (``Window.to_uint8``: ``level - width / 2`` -> 0, ``level + width / 2`` ->
-255, rounded and clipped). Its numbers come from the measurement below; ``docs/intensities.md``
-describes it in full.
-
-**What COV19-CT-DB looks like** (``COV19_CT_DB_BANDS``, measured on real 512x512 slices of the
-dataset, covid and non-covid): air outside the body at grey level ~30 (25-35), the soft-tissue
-peak at ~195 (189-200), and the fractions of pixels in the grey bands ``< 40 / 40-99 / 100-159 /
-160-219 / >= 220`` (``BAND_EDGES``) about 0.32 / 0.26 / 0.07 / 0.24 / 0.11.
-
-**The fit.** On a real chest CT series (``../shared/data/real-ct/``: TCIA Lung-PET-CT-Dx
-A0002, 30 slices of 512x512, 8 mm), level and width were searched on a grid (level -700..-300 HU,
-width 1000..2000 HU, steps of 5 and 10 HU) for the smallest L1 distance between the band fractions
-of the series' middle half (slices from 1/4 to 3/4 of the depth, native resolution) and
-``COV19_CT_DB_BANDS``; ``scripts/intensity_bands.py --fit`` repeats it. The minimum, level -470 HU
-and width 1410 HU, gives an L1 distance of 0.084 (the former window: 0.80) and puts air (-1000 HU)
-at grey level 31.6, inside COV19-CT-DB's 25-35; +40 HU lands at 220 and the series' fat peak
-(-110 HU) at 188, next to COV19-CT-DB's soft-tissue peak (~195).
-
-The former lung window (level -600, width 1500: ``LEGACY_LUNG_WINDOW``) put air at ~60 and soft
-tissue at ~236 and is kept only for comparisons.
+COV19-CT-DB ships 8-bit JPEG slices; DICOM, NIfTI and the synthetic phantoms hold HU. A model trained
+on COV19-CT-DB works on them only if they reach it with COV19-CT-DB's grey levels, so they go through
+``COV19_CT_DB_WINDOW`` (``cov3d.window``), the window whose band fractions (``band_fractions`` over
+``BAND_EDGES``) on a real CT series are nearest to COV19-CT-DB's (``COV19_CT_DB_BANDS``).
+docs/intensities.md gives the measurements and the fit; ``scripts/intensity_bands.py --fit`` repeats
+it. ``LEGACY_LUNG_WINDOW``, cov3d's former window, is kept for comparisons.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
-from cov3d.errors import Cov3dError
+from cov3d.window import MAX_GREY, Window
 
 __all__ = [
     "BAND_EDGES",
     "COV19_CT_DB_BANDS",
-    "COV19_CT_DB_WINDOW",
-    "DEFAULT_WINDOW",
     "HEALTHY_LUNG_HU",
     "LEGACY_LUNG_WINDOW",
-    "Window",
     "band_distance",
     "band_fractions",
     "middle_half",
 ]
 
-MAX_GREY = 255
-
-
-@dataclass(frozen=True)
-class Window:
-    """A linear HU window: ``level - width / 2`` HU -> grey 0, ``level + width / 2`` HU -> 255.
-
-    ``str(window)`` is its ``LEVEL,WIDTH`` spelling (``--window``, config files), which
-    ``Window.parse`` reads back."""
-
-    level: float
-    width: float
-
-    def __post_init__(self) -> None:
-        if not (np.isfinite(self.level) and np.isfinite(self.width)) or self.width <= 0:
-            raise Cov3dError(f"An intensity window needs a finite level and a positive width, got {self.level}, {self.width}.")
-
-    def __str__(self) -> str:
-        return f"{self.level:g},{self.width:g}"
-
-    @classmethod
-    def parse(cls, text: str | Window | None) -> Window:
-        """``"LEVEL,WIDTH"`` (HU) -> Window; a Window is returned as is, ``None`` gives the default."""
-        if text is None:
-            return DEFAULT_WINDOW
-        if isinstance(text, Window):
-            return text
-        try:
-            level, width = (float(part) for part in str(text).split(","))
-        except ValueError:
-            raise Cov3dError(f"A window is LEVEL,WIDTH in HU (e.g. {DEFAULT_WINDOW}), got '{text}'.") from None
-        return cls(level, width)
-
-    def grey(self, hu: float) -> float:
-        """The (unrounded, unclipped) grey level of ``hu``."""
-        return (hu - (self.level - self.width / 2)) * (MAX_GREY / self.width)
-
-    def to_uint8(self, hu: np.ndarray) -> np.ndarray:
-        """Map HU to 8-bit grey levels, rounded (half to even, in float64) and clipped; any shape in,
-        same shape uint8 out."""
-        low = self.level - self.width / 2
-        grey = (np.asarray(hu, dtype=np.float64) - low) * (MAX_GREY / self.width)
-        return np.clip(np.rint(grey), 0, MAX_GREY).astype(np.uint8)
-
-
-# The calibration (module docstring, docs/intensities.md); change it only with a new measurement.
-COV19_CT_DB_WINDOW = Window(level=-470.0, width=1410.0)
-DEFAULT_WINDOW = COV19_CT_DB_WINDOW
-"""The mapping for DICOM, NIfTI and the phantoms unless ``--window`` or a model says otherwise."""
 LEGACY_LUNG_WINDOW = Window(level=-600.0, width=1500.0)
 """cov3d's mapping before the calibration (air ~60, soft tissue ~236): for comparisons only."""
 HEALTHY_LUNG_HU = -850.0

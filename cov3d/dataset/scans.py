@@ -1,23 +1,9 @@
-"""Finding CT scans on disk, ordering their slices and reading slices as 8-bit grayscale.
+"""Finding CT scans on disk, ordering their slices and reading slices as 8-bit greyscale.
 
-A scan is a folder of slice files named ``<integer>.jpg`` (COV19-CT-DB layout), ordered by
-the integer (``10.jpg`` after ``9.jpg``). Every other file in the folder (hidden files such as
-``._3.jpg`` or ``.DS_Store``, ``notes.txt``, ``3a.jpg``) is ignored.
-
-``read_slice`` returns a loaded ``PIL.Image.Image`` in mode ``"L"`` (8-bit gray, 0..255),
-whatever the file holds:
-
-- 8-bit gray: unchanged;
-- RGB, palette, CMYK, with or without alpha: converted with PIL's ``convert("L")``, i.e. the
-  ITU-R 601-2 luma ``L = 0.299 R + 0.587 G + 0.114 B`` (alpha is dropped);
-- 16-bit (``"I;16*"``) and 32-bit integer (``"I"``, which Pillow uses for 16-bit PNG/TIFF data):
-  clipped to 0..65535 and scaled by 255 / 65535, the maximum of the 16-bit type, then rounded.
-  (A file named ``.jpg`` may hold PNG/TIFF data; Pillow opens files by content.)
-- 32-bit float (``"F"``, e.g. a TIFF of Hounsfield units or of values in [0, 1]): refused with
-  its reason, since no fixed mapping to grey levels fits every such file (``UNSUPPORTED_MODES``).
-
-``find_scans`` also finds DICOM series folders and NIfTI files (``.nii``, ``.nii.gz``); they are
-read by ``cov3d.dataset.dicom_nifti``.
+A scan is a folder of slice files named ``<integer>.jpg`` (COV19-CT-DB layout), ordered by the
+integer (``10.jpg`` after ``9.jpg``); every other file in the folder (``._3.jpg``, ``.DS_Store``,
+``notes.txt``, ``3a.jpg``) is ignored. ``read_slice`` reads any slice as 8-bit grey; ``find_scans``
+also finds DICOM series folders and NIfTI files, which ``cov3d.dataset.dicom_nifti`` reads.
 """
 
 from __future__ import annotations
@@ -50,7 +36,7 @@ MAX_8BIT = 255
 """Maximum of an 8-bit pixel."""
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-"""PIL modes holding 16-bit (or wider integer) gray values."""
+"""PIL modes holding 16-bit (or wider integer) grey values."""
 
 UNSUPPORTED_MODES = {"F": "32-bit float"}
 """PIL modes that ``read_slice`` refuses (converting them to 8 bits would clip, e.g. to all black)."""
@@ -121,8 +107,8 @@ def list_slices(scan_dir: Path) -> list[Path]:
     return [scan_dir / name for _, name in sorted(slices)]
 
 
-def _to_gray8(image: Image.Image) -> Image.Image:
-    """An image in mode ``"L"`` (8-bit gray); see the module docstring for the conversions."""
+def _to_grey8(image: Image.Image) -> Image.Image:
+    """An image in mode ``"L"`` (8-bit grey); see the module docstring for the conversions."""
     if image.mode == "L":
         return image
     if image.mode in SIXTEEN_BIT_MODES:
@@ -133,7 +119,16 @@ def _to_gray8(image: Image.Image) -> Image.Image:
 
 
 def read_slice(path: Path, *, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Read one slice as a loaded 8-bit gray PIL image (mode ``"L"``, values 0..255).
+    """Read one slice as a loaded 8-bit grey PIL image (mode ``"L"``, values 0..255), whatever the
+    file holds (Pillow opens files by content: a ``.jpg`` may hold PNG or TIFF data):
+
+    - 8-bit grey: unchanged;
+    - RGB, palette, CMYK, with or without alpha: PIL's ``convert("L")``, the ITU-R 601-2 luma
+      ``L = 0.299 R + 0.587 G + 0.114 B`` (alpha is dropped);
+    - 16-bit (``"I;16*"``) and 32-bit integer (``"I"``, Pillow's mode for 16-bit PNG/TIFF data):
+      clipped to 0..65535, scaled by 255 / 65535 and rounded;
+    - 32-bit float (``"F"``, e.g. a TIFF of HU or of values in [0, 1]): refused with its reason, since
+      no fixed mapping to grey levels fits every such file (``UNSUPPORTED_MODES``).
 
     ``draft_size`` ``(width, height)`` asks the JPEG decoder for DCT-domain downscaling
     (``Image.draft``): the image comes back at the smallest power-of-two reduction (1/2, 1/4,
@@ -150,22 +145,22 @@ def read_slice(path: Path, *, draft_size: tuple[int, int] | None = None) -> Imag
             if image.mode in UNSUPPORTED_MODES:
                 raise Cov3dError(
                     f"Cannot read CT slice {path}: unsupported image mode {image.mode} ({UNSUPPORTED_MODES[image.mode]}); "
-                    "save the slices as 8- or 16-bit gray images."
+                    "save the slices as 8- or 16-bit grey images."
                 )
             if draft_size is not None and image.format == "JPEG":
                 image.draft("L", draft_size)
             image.load()
-            gray = _to_gray8(image)
+            grey = _to_grey8(image)
         except BaseException:
             image.close()
             raise
     except READ_ERRORS as error:
         raise Cov3dError(f"Cannot read CT slice {path}: {_read_failure(path, error)}. {READ_HINT}") from None
-    if gray is image and image.format != "JPEG":
-        gray = image.copy()  # other formats (multi-frame TIFF, MPO) may keep the file open
-    if gray is not image:
+    if grey is image and image.format != "JPEG":
+        grey = image.copy()  # other formats (multi-frame TIFF, MPO) may keep the file open
+    if grey is not image:
         image.close()
-    return gray
+    return grey
 
 
 def _read_failure(path: Path, error: BaseException) -> str:
@@ -178,7 +173,7 @@ def _read_failure(path: Path, error: BaseException) -> str:
     return one_line(getattr(error, "strerror", None) or error) or type(error).__name__
 
 
-def is_scan_dir(path: Path) -> bool:
+def is_jpeg_scan_dir(path: Path) -> bool:
     """Whether ``path`` is a readable folder holding at least one ``<integer>.jpg`` entry."""
     try:
         with os.scandir(path) as iterator:
@@ -232,7 +227,7 @@ def is_scan(path: Path) -> bool:
     """Whether ``path`` is a JPEG scan folder, a DICOM series folder or a NIfTI file."""
     if is_nifti_file(path):
         return True
-    return Path(path).is_dir() and (is_scan_dir(path) or is_dicom_dir(path))
+    return Path(path).is_dir() and (is_jpeg_scan_dir(path) or is_dicom_dir(path))
 
 
 def _scan_sort_key(path: Path) -> tuple[str, int, str]:

@@ -10,6 +10,9 @@ Partitions are the sub-folders of the data folder: ``<partition>/<covid|non-covi
 labelled; ``<partition>/<scan>`` (a test set) is not, unless an answer key
 ``<partition>_labels.csv`` (``Name;Covid;Category``, as written by ``cov3d.synthetic.generator``) lies next
 to it. Severities of train and validation come from the competition's category CSVs.
+
+One import runs back up the stages: ``write_stats`` draws the depth histogram with ``cov3d.viz``
+(imported when it writes), so that the command's tables and its figure come from one call.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
 """`cov3d explain`: where the model sees COVID-19, as a 3D Grad-CAM (Selvaraju et al., 2017) or an
-occlusion map (Zeiler & Fergus, 2014) of the presence prediction.
-
-For activations A (C, d, h, w) of the last convolutional block (the output of the last
-``BasicBlock`` of ``layer4``) and the presence score y:
-
-    alpha_c = mean over (d, h, w) of dy / dA_c          (channel weights)
-    cam     = ReLU(sum_c alpha_c A_c)                    (d, h, w)
-
-upsampled trilinearly to the input size (D, H, W) and divided by its maximum (an all-zero map
-stays zero). The upsampling places cell j of an axis downsampled by s at input voxel s * j, where
-the strided convolutions of r3d_18 (odd kernels, padding (k - 1) / 2) centre it, not at
-s * j + (s - 1) / 2 as ``F.interpolate(align_corners=False)`` would: for layer4 (s = 16 in-plane)
-that would shift every map by 7.5 voxels. Beyond the last cell the map is held constant. The score is the presence logit x (eq. 1); for runs trained with lambda = 1, which
-have no presence head, it is the log-odds of P(covid) = sum_{c=1..4} s_c (eq. 3):
-``logsumexp(z_1..z_4) - z_0``. layer4 downsamples by 8 along the slices and 16 in-plane, so
-the map is coarse (8 x 8 x 8 cells at 64 x 128 x 128).
-
-Occlusion sensitivity, ``method="occlusion"``, needs no layer: the volume is cut into
-``OCCLUSION_GRID`` blocks, each block in turn is replaced by the grey level of healthy lung
-(``HEALTHY_LUNG_HU`` under the window of the scan's HU, or the model's) and the map holds, over the
-block, how far the score falls: ReLU(y - y_occluded), divided by its maximum. It asks "would the model still see
-COVID-19 if this block were healthy lung?", one forward pass per block. At the demo's size, where
-layer4 has 2 x 3 x 3 cells whose receptive fields span the whole chest, its peaks fall on the
+occlusion map (Zeiler & Fergus, 2014) of the presence score (``presence_score``), shown through the
+map's peak. Grad-CAM (``grad_cam``) weighs the last residual block's activations by their gradients,
+one forward and backward pass, and is coarse (layer4 downsamples by 8 along the slices and 16
+in-plane); the occlusion map (``occlusion_map``) makes each block of ``OCCLUSION_GRID`` healthy lung
+in turn, one forward pass per block. At the demo's size the occlusion map's peaks fall on the
 phantoms' lesions and Grad-CAM's do not (docs/figures.md, ``scripts/pointing_game.py``).
 """
 
@@ -35,10 +17,12 @@ import torch
 from torch import nn
 from torchvision.models.video.resnet import BasicBlock
 
-from cov3d.dataset.intensity import HEALTHY_LUNG_HU, MAX_GREY, Window
+from cov3d.dataset.intensity import HEALTHY_LUNG_HU
 from cov3d.errors import Cov3dError
+from cov3d.logits import grade_outputs, presence_output, severity_outputs
 from cov3d.runtime import autocast
 from cov3d.settings import DEFAULT_EXPLAIN_METHOD, EXPLAIN_METHODS, OCCLUSION_GRID
+from cov3d.window import MAX_GREY, MODEL_WINDOW, ModelWindow, Window
 
 LABELS = {"gradcam": "Grad-CAM", "occlusion": "occlusion"}
 """The colour bar's label of each of ``EXPLAIN_METHODS``; outputs are ``<scan name>-<method>.pt``
@@ -57,10 +41,12 @@ def last_block(model: nn.Module) -> nn.Module:
 
 
 def presence_score(logits: torch.Tensor, severity_only: bool) -> torch.Tensor:
-    """(B, outputs) logits -> (B,) presence log-odds (see the module docstring)."""
+    """(B, outputs) logits -> (B,) presence log-odds: the presence logit x (eq. 1); for runs trained
+    with lambda = 1, which have no presence head, the log-odds of P(covid) = sum_{c=1..4} s_c
+    (eq. 3): ``logsumexp(z_1..z_4) - z_0``."""
     if not severity_only:
-        return logits[:, 0]
-    return torch.logsumexp(logits[:, 2:6], dim=1) - logits[:, 1]
+        return presence_output(logits)
+    return torch.logsumexp(grade_outputs(logits), dim=1) - severity_outputs(logits)[:, 0]
 
 
 def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
@@ -78,8 +64,11 @@ def interpolation_matrix(size_out: int, size_in: int) -> torch.Tensor:
 
 
 def upsample_aligned(cam: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
-    """Trilinear upsampling of a (d, h, w) map to ``size`` (D, H, W), cells aligned as in the
-    module docstring; separable, so memory stays at a few copies of the output."""
+    """Trilinear upsampling of a (d, h, w) map to ``size`` (D, H, W); separable, so memory stays at a
+    few copies of the output. Cell j of an axis downsampled by s lands at input voxel s * j, where
+    the strided convolutions of r3d_18 (odd kernels, padding (k - 1) / 2) centre it, not at
+    s * j + (s - 1) / 2 as ``F.interpolate(align_corners=False)`` would (for layer4, s = 16
+    in-plane, a shift of 7.5 voxels). Beyond the last cell the map is held constant."""
     result = cam.double()
     for axis, size_out in enumerate(size):
         matrix = interpolation_matrix(size_out, result.shape[axis]).to(result.device)
@@ -91,6 +80,10 @@ def grad_cam(model: nn.Module, volume: torch.Tensor, *, severity_only: bool = Fa
              layer: nn.Module | None = None, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
     """Grad-CAM of one volume (1, D, H, W) -> (map (D, H, W) float32 in [0, 1], presence score).
 
+    For activations A (C, d, h, w) of ``layer`` and the presence score y: alpha_c = the mean over
+    (d, h, w) of dy / dA_c, cam = ReLU(sum_c alpha_c A_c), upsampled (``upsample_aligned``) and
+    divided by its maximum (an all-zero map stays zero).
+
     ``layer`` defaults to ``last_block(model)``; ``dtype`` is the autocast dtype of the forward pass
     (None: fp32). The model is put in eval mode; its parameters are left untouched (gradients are
     taken with respect to the activations only).
@@ -99,7 +92,7 @@ def grad_cam(model: nn.Module, volume: torch.Tensor, *, severity_only: bool = Fa
     it runs without one (its activations are freed as it goes), and a hook on ``layer`` turns its
     output into the leaf the gradient is taken for and switches recording on for the rest (the head).
     At the large size (160 x 320 x 320) a full graph of r3d_18 would hold every activation of the
-    backbone, 10-20 GB in fp32; this way the peak is that of inference.
+    backbone; this way the peak is that of inference (docs/gpu.md has the measurements).
     """
     model.eval()
     layer = layer if layer is not None else last_block(model)
@@ -143,9 +136,11 @@ def occlusion_fill(window: Window) -> float:
 def occlusion_map(model: nn.Module, volume: torch.Tensor, *, fill: float, severity_only: bool = False,
                   grid: tuple[int, int, int] = OCCLUSION_GRID, batch_size: int = OCCLUSION_BATCH,
                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, float]:
-    """Occlusion map of one volume (1, D, H, W) -> (map (D, H, W) float32 in [0, 1], presence score).
+    """Occlusion map of one volume (1, D, H, W) -> (map (D, H, W) float32 in [0, 1], presence score):
+    would the model still see COVID-19 if this block were healthy lung?
 
-    Each of the ``grid`` blocks (``block_edges`` along each axis) is set to ``fill`` in turn; the map
+    Each of the ``grid`` blocks (``block_edges`` along each axis) is set to ``fill`` (``occlusion_fill``:
+    ``HEALTHY_LUNG_HU`` under the window of the scan's HU, or the model's) in turn; the map
     is ReLU(score - occluded score) over the block, divided by its maximum (all zero stays zero).
     Every pass holds ``batch_size`` volumes, the unoccluded one first and as padding at the end, so
     that a block which changes nothing gives exactly zero. ``dtype`` is the autocast dtype of the
@@ -212,13 +207,13 @@ def explain(
     device: str = "auto",
     overwrite: bool = False,
     precision: str = "auto",
-    window: str | None = None,
+    window: Window | ModelWindow = MODEL_WINDOW,
     method: str = DEFAULT_EXPLAIN_METHOD,
 ) -> dict[str, Path | float | tuple[int, int, int]]:
     """Grad-CAM (``method="occlusion"``: the occlusion map) of a scan (JPEG or DICOM folder, NIfTI
     file) or tensor file with a run's best-presence weights (best-severity for lambda = 1 runs);
     writes ``<name>-gradcam.pt`` and ``.png`` (``-occlusion``) to ``output_dir``. DICOM/NIfTI HU go
-    through ``window`` (``LEVEL,WIDTH``), by default the model's. The forward passes run under the
+    through ``window``, by default (``MODEL_WINDOW``) the model's. The forward passes run under the
     autocast dtype of ``map_precision``.
 
     Returns the two paths, P(covid) from the score and the peak voxel (z, y, x). The outputs are

@@ -1,5 +1,5 @@
 """Inference: scans -> a predictions CSV (and competition submission files), with the ensemble of
-``cov3d.inference.ensemble`` (reflection test-time augmentation, the mean over models, Monte-Carlo dropout).
+``cov3d.inference.ensemble`` and ``cov3d.model.predictor`` (reflection test-time augmentation, the mean over models, Monte-Carlo dropout).
 
 Models are run folders or exported model files (``cov3d.model.files``: safetensors only, never
 pickles). Scans (JPEG folders, DICOM series, NIfTI files) are preprocessed by background workers
@@ -18,14 +18,14 @@ import torch
 from rich.progress import Progress
 
 from cov3d.atomic import write_text_atomically
-from cov3d.dataset.intensity import Window
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
-from cov3d.inference.ensemble import Ensemble, Prediction
+from cov3d.inference.ensemble import Ensemble
 from cov3d.inference.streaming import PredictionRows, StreamedScan, completed_paths, read_rows, volume_stream
 from cov3d.limits import COUNT, OPTIONAL_COUNT, SEED, SIZE
 from cov3d.model.files import expand_models, load_source
+from cov3d.model.predictor import Prediction
 from cov3d.outputs import (
     OutputFolder,
     check_output,
@@ -39,6 +39,7 @@ from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import available_cpus
 from cov3d.runtime import resolve_device, resolve_precision
 from cov3d.settings import INFER_BATCH_SIZE, INFER_SEED
+from cov3d.window import MODEL_WINDOW, ModelWindow, Window
 
 CSV_COLUMNS = (
     "name", "path", "covid_probability", "covid", "severity",
@@ -139,7 +140,7 @@ def infer(
     resume: bool = False,
     seed: int = INFER_SEED,
     reflect: bool = True,
-    window: Window | str | None = None,
+    window: Window | ModelWindow = MODEL_WINDOW,
     on_row: Callable[[dict[str, str]], None] | None = None,
     overwrite: bool = False,
 ) -> InferenceSummary:
@@ -155,8 +156,8 @@ def infer(
     ``None``: ``default_workers()``).
     ``resume``: keep the rows already in ``output`` and predict only the other scans.
     ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
-    ``window``: the HU -> grey mapping (``LEVEL,WIDTH``) for DICOM/NIfTI scans, for every model;
-    default: each model's own (``ModelSource.window``).
+    ``window``: the HU -> grey mapping for DICOM/NIfTI scans, for every model; ``MODEL_WINDOW``:
+    each model's own (``ModelSource.window``).
     Submission files, if asked for, cover every row of ``output``.
 
     Outputs are checked before anything is written (``check_outputs``). Scans are told apart by
@@ -187,7 +188,7 @@ def infer(
         if problem is not None:
             summary.failed.append((scan, f"its name {scan_name(scan)!r} cannot be written in a submission file: {problem}. Rename the scan."))
     pending = [scan for scan in pending if submission_name_problem(scan_name(scan)) is None]
-    caches = {shape: VolumeCache.for_shape(cache_dir, shape) for shape in ensemble.shapes}
+    caches = {shape: VolumeCache(cache_dir, shape) for shape in ensemble.shapes}
 
     def predict(batch: list[StreamedScan], rows_file: PredictionRows) -> None:
         levels = {shape: torch.stack([item.volumes[shape] for item in batch]) for shape in caches}

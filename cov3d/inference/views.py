@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cov3d.dataset.dicom_nifti import gray_slices, scan_sources
-from cov3d.dataset.intensity import Window
+from cov3d.dataset.dicom_nifti import grey_slices, scan_sources
 from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
 from cov3d.dataset.scans import find_scans, is_nifti_file
 from cov3d.errors import Cov3dError, one_line
@@ -29,6 +28,7 @@ from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
 from cov3d.preprocessing.preprocess import preprocess_scan
 from cov3d.settings import VolumeShape
 from cov3d.viz.figures import save_figure, slice_views
+from cov3d.window import DEFAULT_WINDOW, MODEL_WINDOW, ModelWindow, Window
 
 DISPLAY_SIZE = 256
 """In-plane pixels (H = W) a JPEG scan is resized to for display; its depth is kept up to this too."""
@@ -71,11 +71,11 @@ def is_tensor_file(path: Path) -> bool:
 def slice_count(path: Path) -> int:
     """The number of slices of a scan folder or NIfTI file."""
     sources = scan_sources(path)
-    return gray_slices(sources.kind, sources.files)[0] if sources.kind == "nifti" else len(sources.files)
+    return grey_slices(sources.kind, sources.files)[0] if sources.kind == "nifti" else len(sources.files)
 
 
 def load_view(path: Path, size: int = DISPLAY_SIZE, *, shape: VolumeShape | None = None,
-              cache_dir: Path | None = None, window: Window | str | None = None) -> ViewedScan:
+              cache_dir: Path | None = None, window: Window = DEFAULT_WINDOW) -> ViewedScan:
     """Read a tensor file, or a scan (JPEG or DICOM folder, NIfTI file; HU through ``window``):
     resized to ``size`` x ``size`` with at most ``size`` slices, or with ``shape`` the cached volume
     of that shape (and its window) in ``cache_dir``."""
@@ -87,7 +87,7 @@ def load_view(path: Path, size: int = DISPLAY_SIZE, *, shape: VolumeShape | None
     if shape is not None:
         from cov3d.preprocessing.preprocess import VolumeCache
 
-        volume = VolumeCache.for_shape(cache_dir, shape).get(path)[0]
+        volume = VolumeCache(cache_dir, shape).get(path)[0]
     else:
         depth = min(slice_count(path), size)
         volume = preprocess_scan(path, depth, size, size, window=window)[0]
@@ -144,7 +144,7 @@ def model_volume(path: Path, shape: VolumeShape, cache_dir: Path, volume: torch.
     from cov3d.preprocessing.preprocess import VolumeCache
 
     if not is_tensor_file(path):
-        return VolumeCache.for_shape(cache_dir, shape).get(path)
+        return VolumeCache(cache_dir, shape).get(path)
     if volume is None:
         volume = load_tensor_file(path)[0]
     return F.interpolate(volume[None, None], size=shape.dims, mode="trilinear", align_corners=False)[0].clamp(0, 1)
@@ -160,14 +160,14 @@ def show_scans(
     precision: str = "auto",
     overwrite: bool = False,
     shape: VolumeShape | None = None,
-    window: Window | str | None = None,
+    window: Window | ModelWindow = MODEL_WINDOW,
 ) -> list[str]:
     """Write the mid-plane figure of ``paths`` to ``output``; returns the row titles.
 
     ``output`` may replace an earlier cov3d figure, or with ``overwrite`` any file, but never an
     input (``cov3d.outputs.check_figure``). ``shape``: show scans as preprocessed to it (see the
-    module docstring). DICOM and NIfTI scans go through ``window`` if given, else the model's (with
-    ``run_dir``), else ``DEFAULT_WINDOW``.
+    module docstring). DICOM and NIfTI scans go through ``window``; ``MODEL_WINDOW``: the model's
+    (with ``run_dir``), else ``DEFAULT_WINDOW``.
     """
     from cov3d.outputs import check_figure
     from cov3d.preprocessing.preprocess import default_cache_dir
@@ -178,14 +178,16 @@ def show_scans(
     titles = []
     predictor = None
     if run_dir is not None:
-        from cov3d.inference.ensemble import RunPredictor
         from cov3d.model.files import load_source
+        from cov3d.model.predictor import RunPredictor
         from cov3d.runtime import resolve_device, resolve_precision
 
         torch_device = resolve_device(device)
         predictor = RunPredictor(load_source(run_dir), torch_device, resolve_precision(precision, torch_device),
                                  window=window)
         window = predictor.shape.window
+    elif window is MODEL_WINDOW:
+        window = DEFAULT_WINDOW
     shown = shape.with_window(window) if shape is not None else None
     views = [load_view(path, shape=shown, cache_dir=cache_dir, window=window) for path in scan_paths]
     for path, view in zip(scan_paths, views):

@@ -24,6 +24,7 @@ before it was recorded get ``DEFAULT_WINDOW``, the mapping calibrated to COV19-C
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -37,17 +38,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from cov3d.atomic import write_bytes_atomically
-from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
 from cov3d.model.network import build_model
+from cov3d.runfiles import CONFIG_FILE, MODEL_SUFFIX, WEIGHTS_FILES
 from cov3d.settings import FASTAI_ADAM, POOLS, VolumeShape
+from cov3d.window import DEFAULT_WINDOW, Window
 
-CONFIG_FILE = "config.json"
-CHECKPOINTS = {"presence": "best-presence.safetensors", "severity": "best-severity.safetensors"}
-"""Weights of a run folder, by task (the names ``cov3d.training.train`` writes)."""
 EXPORT_FORMAT, EXPORT_VERSION = "cov3d-model", "1"
-MODEL_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".tar")
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 """File starts of pickles (protocol 2+ opcode) and of torch.save's zip container."""
@@ -60,11 +58,15 @@ REQUIRED_CONFIG = {
     "depth": int, "height": int, "width": int, "outputs": int, "penultimate": int,
     "dropout": (int, float), "pool": str,
 }
-LEGACY_CONFIG = {"final_bias": True, "presence_averaging": "weighted", "warp": 0.0, "window": str(DEFAULT_WINDOW),
-                 "optimizer": FASTAI_ADAM}
+LEGACY_CONFIG = {
+    "final_bias": True, "presence_averaging": "weighted", "warp": 0.0, "window": str(DEFAULT_WINDOW),
+    "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e5, "momentums": [0.95, 0.85, 0.95],
+    "optimizer": FASTAI_ADAM,
+}
 """What runs made before these keys were recorded used: a last linear layer with a bias, presence
 terms averaged over their weights, no warp; for DICOM/NIfTI scans, the calibrated default window;
-fastai's Adam. A config without a key is read with this value."""
+the 1cycle schedule that was fixed in the code (fastai's defaults); fastai's Adam. A config without
+a key is read with this value."""
 
 
 def with_legacy_defaults(config: dict) -> dict:
@@ -81,9 +83,9 @@ class ModelSource:
     config: dict
     states: dict[str, dict[str, torch.Tensor]]
 
-    @property
+    @functools.cached_property
     def shape(self) -> VolumeShape:
-        """The input volumes' shape and how they are made (``VolumeShape.from_config``)."""
+        """The input volumes' shape and how they are made (``VolumeShape.from_config``, read once)."""
         return VolumeShape.from_config(self.config)
 
     @property
@@ -181,7 +183,7 @@ def _load_run(run_dir: Path) -> ModelSource:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise Cov3dError(f"{config_path} is not valid JSON ({error}); re-create the run or restore the file.") from None
     states = {}
-    for task, name in CHECKPOINTS.items():
+    for task, name in WEIGHTS_FILES.items():
         path = run_dir / name
         if path.is_file():
             _refuse_pickle(path)
@@ -191,7 +193,7 @@ def _load_run(run_dir: Path) -> ModelSource:
                 raise Cov3dError(f"Cannot load weights {path}: {str(error).splitlines()[0]}. Restore or re-train the run.") from None
             _refuse_non_finite(states[task], path)
     if not states:
-        raise Cov3dError(f"{run_dir} holds no weights ({', '.join(CHECKPOINTS.values())}); train it first.")
+        raise Cov3dError(f"{run_dir} holds no weights ({', '.join(WEIGHTS_FILES.values())}); train it first.")
     return ModelSource(run_dir, check_config(config, config_path), states)
 
 
@@ -224,7 +226,7 @@ def _load_export(path: Path) -> ModelSource:
             states: dict[str, dict[str, torch.Tensor]] = {}
             for name in handle.keys():
                 task, _, key = name.partition("/")
-                if task not in CHECKPOINTS or not key:
+                if task not in WEIGHTS_FILES or not key:
                     raise Cov3dError(f"{refuse}: unexpected tensor '{name}'; get a fresh copy.")
                 states.setdefault(task, {})[key] = handle.get_tensor(name)
     except (SafetensorError, OSError, struct.error) as error:

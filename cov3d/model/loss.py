@@ -17,14 +17,8 @@ from torch import Tensor, nn
 
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_GROUPS
 from cov3d.limits import SMOOTHING
-from cov3d.settings import DEFAULT_PRESENCE_AVERAGING, PRESENCE_AVERAGING
-
-N_SEVERITY_CLASSES = 5
-"""Softmax classes of eq. 3: 0 = COVID negative, 1..4 = mild..critical."""
-PRESENCE_OUTPUTS = 1
-"""Logits needed when only the presence task is trained (lambda = 0)."""
-OUTPUTS = PRESENCE_OUTPUTS + N_SEVERITY_CLASSES
-"""Logits per scan for the combined model: x_i then z_0..z_4."""
+from cov3d.logits import GRADES, SEVERITY_CLASSES, model_outputs, presence_output, severity_outputs
+from cov3d.settings import PRESENCE_AVERAGING, TRAIN_DEFAULTS
 
 _UNANNOTATED_GROUP = SEVERITY_GROUPS.index("positive-unannotated")
 _FIRST_SEVERITY_GROUP = SEVERITY_GROUPS.index("mild")
@@ -53,9 +47,9 @@ def severity_smoothing_matrix(smoothing: float) -> Tensor:
     single neighbour.
     """
     _check_smoothing(smoothing, "severity smoothing")
-    matrix = torch.eye(N_SEVERITY_CLASSES) * (1.0 - smoothing)
-    for c in range(N_SEVERITY_CLASSES):
-        neighbours = [n for n in (c - 1, c + 1) if 0 <= n < N_SEVERITY_CLASSES]
+    matrix = torch.eye(SEVERITY_CLASSES) * (1.0 - smoothing)
+    for c in range(SEVERITY_CLASSES):
+        neighbours = [n for n in (c - 1, c + 1) if 0 <= n < SEVERITY_CLASSES]
         for n in neighbours:
             matrix[c, n] = smoothing / len(neighbours)
     return matrix
@@ -68,8 +62,8 @@ def severity_target_distribution(severity_class: Tensor, smoothing: float) -> Te
     Returns (B, 5) float rows summing to one.
     """
     classes = severity_class.long()
-    if classes.numel() and (classes.min() < 0 or classes.max() >= N_SEVERITY_CLASSES):
-        raise ValueError(f"severity classes must lie in 0..{N_SEVERITY_CLASSES - 1}")
+    if classes.numel() and (classes.min() < 0 or classes.max() >= SEVERITY_CLASSES):
+        raise ValueError(f"severity classes must lie in 0..{SEVERITY_CLASSES - 1}")
     return severity_smoothing_matrix(smoothing).to(classes.device)[classes]
 
 
@@ -85,8 +79,8 @@ def severity_group(has_covid: Tensor, severity: Tensor) -> Tensor:
     if positive.numel():
         if ((positive != 0) & (positive != 1)).any():
             raise ValueError("has_covid must be 0 or 1")
-        if grade.min() < 0 or grade.max() >= N_SEVERITY_CLASSES:
-            raise ValueError(f"severity must lie in 0..{N_SEVERITY_CLASSES - 1}")
+        if grade.min() < 0 or grade.max() >= SEVERITY_CLASSES:
+            raise ValueError(f"severity must lie in 0..{SEVERITY_CLASSES - 1}")
         if ((positive == 0) & (grade != 0)).any():
             raise ValueError("a covid-negative scan cannot have a severity grade (expected severity 0)")
     annotated_group = grade + (_FIRST_SEVERITY_GROUP - 1)
@@ -132,11 +126,6 @@ def _batch_mean(losses: Tensor, weights: Tensor) -> Tensor:
     return (weights * losses).sum() / max(losses.numel(), 1)
 
 
-def model_outputs(severity_factor: float) -> int:
-    """Logits the model produces: the presence logit alone when lambda = 0, else it and z_0..z_4."""
-    return PRESENCE_OUTPUTS if severity_factor == 0.0 else OUTPUTS
-
-
 class Cov3dLoss(nn.Module):
     """Combined loss (1 - lambda) l_covid + lambda l_severity (eq. 6).
 
@@ -154,12 +143,12 @@ class Cov3dLoss(nn.Module):
     def __init__(
         self,
         *,
-        severity_factor: float = 0.5,
-        presence_smoothing: float = 0.1,
-        severity_smoothing: float = 0.1,
+        severity_factor: float = TRAIN_DEFAULTS.severity_factor,
+        presence_smoothing: float = TRAIN_DEFAULTS.presence_smoothing,
+        severity_smoothing: float = TRAIN_DEFAULTS.severity_smoothing,
         presence_weights: Sequence[float] | Tensor | None = None,
         severity_weights: Sequence[float] | Tensor | None = None,
-        presence_averaging: str = DEFAULT_PRESENCE_AVERAGING,
+        presence_averaging: str = TRAIN_DEFAULTS.presence_averaging,
     ) -> None:
         super().__init__()
         if presence_averaging not in PRESENCE_AVERAGING:
@@ -203,7 +192,7 @@ class Cov3dLoss(nn.Module):
         classes = severity.long() * (has_covid.long() == 1)
         targets = severity_target_distribution(classes, self.severity_smoothing)
         cross_entropy = -(targets * log_s).sum(dim=1)
-        positive_any_grade = -(torch.logsumexp(z[:, 1:], dim=1) - torch.logsumexp(z, dim=1))
+        positive_any_grade = -(torch.logsumexp(z[:, GRADES], dim=1) - torch.logsumexp(z, dim=1))
         losses = torch.where(group == _UNANNOTATED_GROUP, positive_any_grade, cross_entropy)
         return _weighted_mean(losses, self.severity_weights.to(z.device)[group])
 
@@ -217,11 +206,10 @@ class Cov3dLoss(nn.Module):
                 f"got {tuple(logits.shape)}"
             )
         has_covid = target[:, 0].round().long()
-        severity = target[:, 1].round().long()
+        grade = target[:, 1].round().long()
         total = logits.new_zeros((), dtype=torch.float32)
         if self.severity_factor < 1.0:
-            total = total + (1.0 - self.severity_factor) * self.presence_loss(logits[:, 0], has_covid)
+            total = total + (1.0 - self.severity_factor) * self.presence_loss(presence_output(logits), has_covid)
         if self.severity_factor > 0.0:
-            severity_logits = logits[:, PRESENCE_OUTPUTS:OUTPUTS]
-            total = total + self.severity_factor * self.severity_loss(severity_logits, has_covid, severity)
+            total = total + self.severity_factor * self.severity_loss(severity_outputs(logits), has_covid, grade)
         return total

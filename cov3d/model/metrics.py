@@ -19,18 +19,19 @@ from numpy.typing import ArrayLike
 from sklearn.metrics import accuracy_score, f1_score
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES
+from cov3d.logits import grade_outputs, presence_output
 
 PRESENCE_THRESHOLD = 0.5
 
 
 def presence_predictions(logits: torch.Tensor) -> np.ndarray:
     """(B, >=1) logits -> (B,) 0/1 predictions of COVID-19 presence."""
-    return (torch.sigmoid(logits[:, 0].float()) >= PRESENCE_THRESHOLD).long().cpu().numpy()
+    return (torch.sigmoid(presence_output(logits).float()) >= PRESENCE_THRESHOLD).long().cpu().numpy()
 
 
 def severity_predictions(logits: torch.Tensor) -> np.ndarray:
     """(B, 6) logits -> (B,) severity category 1..4 (argmax over z_1..z_4)."""
-    return (logits[:, 2:6].float().argmax(dim=1) + 1).cpu().numpy()
+    return (grade_outputs(logits).float().argmax(dim=1) + 1).cpu().numpy()
 
 
 def macro_f1(truth: ArrayLike, predicted: ArrayLike, labels: list[int]) -> float:

@@ -28,7 +28,8 @@ from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from cov3d.errors import Cov3dError
 from cov3d.limits import DROPOUT
-from cov3d.settings import DEFAULT_FINAL_BIAS, DEFAULT_POOL, POOLS
+from cov3d.logits import OUTPUTS
+from cov3d.settings import POOLS, TRAIN_DEFAULTS
 
 KINETICS_WEIGHTS = R3D_18_Weights.KINETICS400_V1
 """torchvision's Kinetics-400 weights for r3d_18 (paper sec. 3.2)."""
@@ -126,11 +127,11 @@ def _load_backbone(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
 
 def build_model(
     *,
-    outputs: int = 6,
-    penultimate: int = 512,
-    dropout: float = 0.5,
-    pool: str = DEFAULT_POOL,
-    final_bias: bool = DEFAULT_FINAL_BIAS,
+    outputs: int = OUTPUTS,
+    penultimate: int = TRAIN_DEFAULTS.penultimate,
+    dropout: float = TRAIN_DEFAULTS.dropout,
+    pool: str = TRAIN_DEFAULTS.pool,
+    final_bias: bool = TRAIN_DEFAULTS.final_bias,
     pretrained_weights: Path | str | dict | None = None,
 ) -> nn.Module:
     """The Cov3d r3d_18: input (B, 1, D, H, W) -> logits (B, outputs).

@@ -1,32 +1,13 @@
 """Storage format of the preprocessed-volume cache (used by ``cov3d.preprocessing.preprocess.VolumeCache``).
 
 Layout: ``<cache_dir>/<D>x<H>x<W>[-fast][-warp<f>]/<scan folder name>-<key>.pt`` (the folder is the
-``cov3d.settings.VolumeShape``'s ``folder_name``), one file per scan and shape. The cache lives in an explicit directory (``default_cache_dir``), never next to the data.
-
-- **Key.** ``key`` is a hash of the preprocessing parameters (depth, height, width,
-  fast_decode, the intensity window of DICOM/NIfTI scans, the warp factor when there is one,
-  ``CACHE_FORMAT_VERSION``) and the scan's absolute (resolved) path.
-- **Entry.** Each file is ``torch.save`` of a plain dict of ints, strings and one tensor, so
-  it loads with ``torch.load(..., weights_only=True)``: the parameters, the source path, a
-  fingerprint of the source (name, size, modification and status-change time and inode of every
-  slice file, so the entry is rebuilt when a slice is added, removed, replaced or touched) and the volume
-  ``(1, D, H, W)`` as uint8 grey levels with a CRC-32 of its bytes.
-- **uint8 levels.** A value v in [0, 1] is stored as the level round(255 v) and read back as
-  level / 255 (``from_levels``): the 8-bit grid of the JPEG slices themselves.
-  Rounding changes a value by at most 1/510 (about 1.96e-3, half a grey level), and the entry
-  is a quarter of float32's size: a large volume takes 16 MB (45 GB for the 2,776 labelled
-  COV19-CT-DB scans), so writing and reading it costs little next to decoding the slices.
-- **Atomic writes.** An entry is written to a temporary file in the same directory and moved
-  into place with ``os.replace``, so a reader never sees a half-written entry. A writer killed
-  mid-write leaves only a ``.tmp`` file, which is never read and is removed by a later write
-  of the same entry once it is ``STALE_TEMP_SECONDS`` old. There is no fsync (it would cost
-  more than the preprocessing at small): an entry torn by a system crash fails validation.
-- **Validation.** An entry that is truncated, unreadable, of another format version, shape,
-  dtype, parameters, source or fingerprint, or whose CRC does not match, counts as missing.
-- **Pruning.** A stale entry is overwritten when its scan is read again, but entries of an older
-  format version, of scans that were moved or deleted, damaged entries and temporary files of
-  killed writers would stay forever: ``prune_cache`` removes them (``cov3d prune-cache``), and
-  only files whose first bytes prove them entries (``looks_like_entry``), never on a name alone.
+``cov3d.settings.VolumeShape``'s ``folder_name``), one file per scan and shape, in an explicit
+directory (``default_cache_dir``), never next to the data. ``key`` hashes the preprocessing
+parameters (``VolumeShape.cache_params``: depth, height, width, fast_decode, the window, the warp
+when there is one), ``CACHE_FORMAT_VERSION`` and the scan's resolved path. An entry (``make_entry``)
+loads with ``torch.load(weights_only=True)``, is written atomically (``save_cache_entry``), is used
+only while it is valid and current (``load_valid_volume``), and ``prune_cache`` removes what can
+never be read again. docs/preprocessing.md describes the cache for users.
 """
 
 from __future__ import annotations
@@ -91,8 +72,7 @@ def source_fingerprint(slices: Sequence[Path]) -> str:
     A slice replaced by another file of the same size and modification time (``cp`` then
     ``touch -d``, or a rename over it) still changes its status-change time (which only the
     kernel sets) or its inode. Reading the slices' contents instead would catch the same
-    replacements at 30 ms per 300-slice scan (19 MB of JPEGs, from the page cache), against
-    0.9 ms for the stats: 4x a whole cache hit at small. A chmod or a new hard link also
+    replacements at many times the cost (docs/benchmarks.md). A chmod or a new hard link also
     changes the status-change time; the scan is then rebuilt once, needlessly but correctly.
     """
     digest = hashlib.sha256()
@@ -126,15 +106,18 @@ def empty_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor allocated by numpy.
 
     numpy asks Linux for transparent huge pages on large arrays (``madvise``), so the first
-    write of a large volume (65 MB of float32 at large) costs a few dozen page faults instead
-    of some 16,000, which in a virtual machine take longer than filling the volume.
+    write of a large volume takes a few dozen page faults of 2 MB instead of thousands of 4 kB
+    (docs/benchmarks.md).
     """
     numpy_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     return torch.from_numpy(np.empty(shape, dtype=numpy_dtype))
 
 
 def from_levels(levels: torch.Tensor) -> torch.Tensor:
-    """Stored uint8 levels -> float32 values level / 255 in [0, 1], same shape."""
+    """Stored uint8 levels -> float32 values level / 255 in [0, 1], same shape.
+
+    A value v in [0, 1] is stored as the level round(255 v): the 8-bit grid of the JPEG slices
+    themselves, at most half a grey level (1/510) from it, a quarter of float32's size."""
     return empty_tensor(tuple(levels.shape), torch.float32).copy_(levels).div_(LEVELS)
 
 
@@ -152,7 +135,9 @@ def values_on(levels: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def make_entry(levels: torch.Tensor, shape: VolumeShape, scan_dir: Path, fingerprint: str) -> dict:
-    """The dict stored for a volume of uint8 levels ``(1, D, H, W)`` (see the module docstring)."""
+    """The dict stored for a volume of uint8 levels ``(1, D, H, W)``: the parameters, the source
+    path, the source's ``fingerprint`` (``source_fingerprint``), the volume and its CRC-32; only
+    ints, strings and one tensor."""
     if levels.dtype != STORAGE_DTYPE:
         raise TypeError(f"cache entries store {STORAGE_DTYPE} levels, got {levels.dtype}")
     stored = levels.contiguous()
@@ -191,7 +176,12 @@ def _without_zip_checksums() -> contextlib.AbstractContextManager:
 
 def save_cache_entry(path: Path, entry: dict) -> None:
     """Write ``entry`` to ``path`` atomically (temporary file in the same folder, then
-    ``os.replace``). Raises ``Cov3dError`` if the cache directory cannot be written."""
+    ``os.replace``). Raises ``Cov3dError`` if the cache directory cannot be written.
+
+    A reader never sees a half-written entry. A writer killed mid-write leaves only a ``.tmp``
+    file, which is never read and which a later write of the same entry removes once it is
+    ``STALE_TEMP_SECONDS`` old. There is no fsync (it would cost more than preprocessing at small):
+    an entry torn by a system crash fails validation."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
@@ -223,7 +213,8 @@ def load_valid_volume(
     path: Path, shape: VolumeShape, scan_dir: Path, fingerprint: str | None
 ) -> torch.Tensor | None:
     """The stored uint8 levels ``(1, D, H, W)`` of a valid, current entry; ``None`` if the
-    entry is missing, damaged or stale (see the module docstring).
+    entry is missing, damaged or stale: truncated, unreadable, of another format version, shape,
+    dtype, parameters, source or fingerprint, or with a CRC-32 that does not match its volume.
 
     ``fingerprint=None`` skips the comparison with the source files, for an entry that was
     checked against them earlier in the same run; everything else is still checked.

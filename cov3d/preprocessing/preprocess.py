@@ -1,47 +1,14 @@
-"""Preprocessing CT scans into fixed-size volumes (paper section 3.1), cached, in parallel.
+"""Preprocessing CT scans into fixed-size volumes (paper section 3.1), and the cache of them.
 
-``preprocess_scan`` turns a folder of n slices into a float32 volume ``(1, D, H, W)`` in [0, 1]:
-
-1. **In-plane.** Each slice is read as 8-bit gray (``cov3d.dataset.scans.read_slice``) and resized to
-   H×W with PIL's bicubic filter on the 8-bit image as soon as it is decoded, so only the n
-   resized uint8 slices are held (a 1,201-slice scan at large: 123 MB; slices of mixed sizes
-   are each resized to H×W).
-2. **Depth.** The stack is interpolated along the slice axis to exactly D with a cubic spline
-   (scipy ``CubicSpline``, default not-a-knot ends) through slice k at position k/(n-1),
-   evaluated at j/(D-1). The spline is linear in the data, so it is the (D, n) matrix
-   ``depth_interpolation_matrix`` (the spline of the identity matrix) applied as one matrix
-   product to the stack seen as (n, H*W); the product is evaluated in blocks of columns of at
-   most ``MATMUL_BLOCK_BYTES`` of float32 so that memory stays bounded, skipping the weights
-   below ``WEIGHT_TOLERANCE`` (results change by < 3e-9; see ``_weight_bands``). With 2 slices the
-   spline is a straight line, with 3 a parabola (what ``CubicSpline`` does); a 1-slice scan
-   is repeated; D = 1 takes the first slice.
-3. **Range.** Values are divided by 255 (folded into the matrix) and clipped to [0, 1]: the
-   spline can overshoot the data. The cache stores them rounded to uint8 levels
-   (``cov3d.preprocessing.cache``), computed straight from the product without a float32 volume.
-
-``warp=f`` (0 < f < 1; off by default) adds the cubic coordinate warp u -> f u^3 + (1 - f) u that the
-original code (rbturnbull/cov3d at c562971, the paper's time) applied by default with f = 0.5 and the
-paper does not describe: it magnifies the middle of the scan and squeezes its borders, along width,
-height and depth. In-plane, each decoded 8-bit slice of W0 x H0 pixels is sampled, before the bicubic
-resize, at the pixel coordinates (w(u) + 1) W0 / 2 for u in ``linspace(-1, 1, W0)`` (and likewise for
-H0) with ``scipy.ndimage.map_coordinates`` at its defaults (cubic, 0 outside, uint8 output), as the
-original did (its (u + 1) W0 / 2 rather than (W0 - 1) / 2 shifts the image by half a pixel and darkens
-the last row and column). Along depth the spline is fitted at ``linspace(-1, 1, n)`` and evaluated at
-w(``linspace(-1, 1, D)``). Warped volumes are cached under their own key.
-
-``fast_decode=True`` lets libjpeg downscale in the DCT domain (``Image.draft``) to the smallest
-power-of-two reduction (1/2, 1/4, 1/8) still at least H×W before the bicubic resize. For
-512×512 slices it changes nothing at large (320 > 512/2, identical output); at small and medium
-it decodes less and its volumes differ slightly from the normal path, most near sharp edges
-(bounded in the tests; timings and differences measured with ``scripts/benchmark_preprocess.py``
-are in docs/benchmarks.md).
-
-DICOM series folders and NIfTI files are read by ``cov3d.dataset.dicom_nifti`` as 8-bit slices (HU through
-an intensity window: ``window``, default the one calibrated to COV19-CT-DB, ``cov3d.dataset.intensity``)
-and then follow steps 1-3 like JPEG slices; JPEG slices are grey levels already and ignore it.
-
-``VolumeCache`` stores one file of uint8 levels per scan and size (format: ``cov3d.preprocessing.cache``);
-``cov3d.preprocessing.workers.preprocess_many`` fills it for many scans with worker processes.
+``preprocess_scan`` turns a scan of n slices into a float32 volume ``(1, D, H, W)`` in [0, 1]: each
+slice is read as 8-bit grey (JPEG, or DICOM/NIfTI HU through a window: ``cov3d.dataset.dicom_nifti``)
+and resized bicubically to H x W as soon as it is decoded (``resize_slice``; ``fast_decode`` lets
+libjpeg decode at reduced scale first), then the stack is interpolated to exactly D slices with a
+cubic spline (``depth_interpolation_matrix``, ``interpolate_depth``) and divided by 255. ``warp``
+adds the original code's cubic coordinate warp (``warp_slice``; not in the paper, off by default).
+``VolumeCache`` stores one file of uint8 levels per scan and shape (``cov3d.preprocessing.cache``);
+``cov3d.preprocessing.workers.preprocess_many`` fills it for many scans. docs/preprocessing.md has the
+details, docs/benchmarks.md the timings.
 """
 
 from __future__ import annotations
@@ -55,8 +22,7 @@ from PIL import Image
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import map_coordinates
 
-from cov3d.dataset.dicom_nifti import ScanSources, gray_slices, scan_sources
-from cov3d.dataset.intensity import Window
+from cov3d.dataset.dicom_nifti import ScanSources, grey_slices, scan_sources
 from cov3d.dataset.scans import MAX_8BIT, read_slice
 from cov3d.errors import Cov3dError
 from cov3d.limits import WARP
@@ -72,10 +38,10 @@ from cov3d.preprocessing.cache import (
     save_cache_entry,
     source_fingerprint,
 )
-from cov3d.settings import PRESETS, VolumeShape
+from cov3d.settings import VolumeShape
+from cov3d.window import DEFAULT_WINDOW, Window
 
 __all__ = [
-    "SIZES",
     "VolumeCache",
     "cubic_warp",
     "default_cache_dir",
@@ -87,8 +53,6 @@ __all__ = [
     "warp_slice",
 ]
 
-SIZES: dict[str, tuple[int, int, int]] = {name: shape.dims for name, shape in PRESETS.items()}
-"""The presets of ``cov3d.settings.PRESETS`` as (depth, height, width), for unpacking into ``preprocess_scan``."""
 
 MATMUL_BLOCK_BYTES = 4 * 2**20
 """Float32 bytes of stack columns per block of the depth product (about a core's L2 cache)."""
@@ -112,7 +76,12 @@ def cubic_warp(u: np.ndarray, warp: float) -> np.ndarray:
 
 
 def warp_slice(pixels: np.ndarray, warp: float) -> np.ndarray:
-    """An (H0, W0) uint8 slice resampled on the warped grid (see the module docstring); same shape and dtype."""
+    """An (H0, W0) uint8 slice resampled on the warped grid; same shape and dtype.
+
+    The pixel coordinates (w(u) + 1) W0 / 2 for u in ``linspace(-1, 1, W0)`` (and likewise for H0),
+    with w the ``cubic_warp``, are sampled with ``scipy.ndimage.map_coordinates`` at its defaults
+    (cubic, 0 outside), as the original code (rbturnbull/cov3d at c562971) did: its (u + 1) W0 / 2
+    rather than (W0 - 1) / 2 shifts the image by half a pixel and darkens the last row and column."""
     height, width = pixels.shape
     rows = (cubic_warp(np.linspace(-1.0, 1.0, height), warp) + 1.0) * height / 2
     columns = (cubic_warp(np.linspace(-1.0, 1.0, width), warp) + 1.0) * width / 2
@@ -127,8 +96,11 @@ def _check_size(depth: int, height: int, width: int) -> None:
 
 def depth_interpolation_matrix(n_slices: int, depth: int, warp: float = 0.0) -> np.ndarray:
     """The (depth, n_slices) float64 matrix that maps n evenly spaced slices to ``depth`` by
-    cubic-spline interpolation (``CubicSpline`` semantics; see the module docstring), at warped
-    positions if ``warp`` > 0."""
+    cubic-spline interpolation: scipy's ``CubicSpline`` (not-a-knot ends) of the identity through
+    slice k at k / (n - 1), evaluated at j / (depth - 1). The spline is linear in the data, so this
+    matrix is the whole interpolation. 2 slices give a straight line, 3 a parabola, 1 slice is
+    repeated. With ``warp`` > 0, the spline is fitted at ``linspace(-1, 1, n)`` and evaluated at the
+    ``cubic_warp`` of ``linspace(-1, 1, depth)``."""
     if n_slices < 1 or depth < 1:
         raise ValueError(f"need n_slices >= 1 and depth >= 1, got {n_slices} and {depth}")
     if n_slices == 1:
@@ -141,7 +113,7 @@ def depth_interpolation_matrix(n_slices: int, depth: int, warp: float = 0.0) -> 
 
 
 def resize_slice(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """An 8-bit gray slice resized bicubically (PIL) to an (height, width) uint8 array."""
+    """An 8-bit grey slice resized bicubically (PIL) to an (height, width) uint8 array."""
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
@@ -157,7 +129,7 @@ def _weight_bands(n_slices: int, depth: int, scale: float, warp: float = 0.0) ->
     than about 2e-6 on the [0, 1] scale (a two-thousandth of an 8-bit grey level) and leaves each
     row group a band of about 22 + ROW_GROUP * n / depth slices instead of all n. Dropping them
     also avoids float32 subnormal numbers, which would make the product several times slower.
-    Cached per (n, depth, scale, warp): building it for 1,201 slices takes a few tenths of a second.
+    Cached per (n, depth, scale, warp): building it for a long scan is costly (docs/benchmarks.md).
     """
     matrix = depth_interpolation_matrix(n_slices, depth, warp)
     matrix[np.abs(matrix) < WEIGHT_TOLERANCE] = 0.0
@@ -212,7 +184,7 @@ def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False, wa
 
 def _preprocess_slices(
     sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, *, levels: bool = False,
-    warp: float = 0.0, window: Window | None = None,
+    warp: float = 0.0, window: Window = DEFAULT_WINDOW,
 ) -> torch.Tensor:
     """``preprocess_scan`` for a scan's sources; uint8 levels instead with ``levels``."""
     if sources.kind == "jpeg":
@@ -220,8 +192,8 @@ def _preprocess_slices(
         count = len(sources.files)
         images = (read_slice(path, draft_size=draft_size) for path in sources.files)
     else:
-        count, grays = gray_slices(sources.kind, sources.files, window)
-        images = (Image.fromarray(gray) for gray in grays)
+        count, greys = grey_slices(sources.kind, sources.files, window)
+        images = (Image.fromarray(grey) for grey in greys)
     stack = np.empty((count, height, width), dtype=np.uint8)
     for index, image in enumerate(images):
         if warp:
@@ -232,10 +204,14 @@ def _preprocess_slices(
 
 def preprocess_scan(
     scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0,
-    window: Window | str | None = None,
+    window: Window = DEFAULT_WINDOW,
 ) -> torch.Tensor:
     """A scan (JPEG or DICOM folder, NIfTI file) as a float32 volume (1, depth, height, width) in [0, 1];
-    DICOM and NIfTI HU through ``window`` (``LEVEL,WIDTH``; default ``DEFAULT_WINDOW``).
+    DICOM and NIfTI HU through ``window``.
+
+    ``fast_decode``: libjpeg downscales in the DCT domain (``Image.draft``) to the smallest
+    power-of-two reduction still at least height x width before the bicubic resize; the volume then
+    differs slightly from the normal path, most near sharp edges (bounded in the tests).
 
     ``warp``: the original code's cubic coordinate warp factor (0: none, the paper; 0.5: the original's).
     Raises ``Cov3dError`` naming the folder or file if the scan cannot be read.
@@ -243,39 +219,31 @@ def preprocess_scan(
     _check_size(depth, height, width)
     warp = float(WARP.check("warp", warp))
     return _preprocess_slices(scan_sources(Path(scan_dir)), depth, height, width, fast_decode, warp=warp,
-                              window=Window.parse(window))
+                              window=window)
 
 
 class VolumeCache:
-    """Preprocessed volumes of one shape, stored in ``cache_dir`` (format: ``cov3d.preprocessing.cache``).
+    """Preprocessed volumes of one ``shape`` (``cov3d.settings.VolumeShape``), stored in ``cache_dir``
+    (format: ``cov3d.preprocessing.cache``). The window is part of an entry's key only for scans in
+    HU (``VolumeShape.stored_as``): JPEG volumes are shared by every window."""
 
-    ``VolumeCache(cache_dir, depth, height, width, fast_decode=..., warp=..., window=...)`` or
-    ``VolumeCache.for_shape(cache_dir, shape)``; ``shape`` is the ``cov3d.settings.VolumeShape``.
-    """
-
-    def __init__(
-        self, cache_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0,
-        window: Window | str | None = None,
-    ):
-        _check_size(depth, height, width)
+    def __init__(self, cache_dir: Path, shape: VolumeShape):
         self.cache_dir = Path(cache_dir).expanduser()
-        self.shape = VolumeShape(depth, height, width, fast_decode, warp, Window.parse(window))
-
-    @classmethod
-    def for_shape(cls, cache_dir: Path, shape: VolumeShape) -> VolumeCache:
-        return cls(cache_dir, *shape.dims, fast_decode=shape.fast_decode, warp=shape.warp, window=shape.window)
+        self.shape = shape
 
     def __repr__(self) -> str:
-        return f"VolumeCache.for_shape({str(self.cache_dir)!r}, {self.shape!r})"
+        return f"VolumeCache({str(self.cache_dir)!r}, {self.shape!r})"
 
-    def path_for(self, scan_dir: Path) -> Path:
-        """The cache file of ``scan_dir`` (which need not exist)."""
-        return entry_path(self.cache_dir, self.shape, Path(scan_dir))
+    def path_for(self, scan_dir: Path, sources: ScanSources | None = None) -> Path:
+        """The cache file of ``scan_dir`` (which need not exist); lists the scan unless ``sources`` are given."""
+        sources = scan_sources(Path(scan_dir)) if sources is None else sources
+        return entry_path(self.cache_dir, self.shape.stored_as(sources.holds_hu), Path(scan_dir))
 
     def _stored(self, scan_dir: Path, sources: ScanSources) -> tuple[torch.Tensor | None, str]:
         """The stored uint8 levels if current (else ``None``) and the source fingerprint."""
         fingerprint = source_fingerprint(sources.files)
-        return load_valid_volume(self.path_for(scan_dir), self.shape, scan_dir, fingerprint), fingerprint
+        keyed = self.shape.stored_as(sources.holds_hu)
+        return load_valid_volume(entry_path(self.cache_dir, keyed, scan_dir), keyed, scan_dir, fingerprint), fingerprint
 
     def _fetch(self, scan_dir: Path, sources: ScanSources | None = None) -> tuple[torch.Tensor, bool]:
         """The uint8 levels (1, D, H, W), loaded or built and stored, and whether they were built."""
@@ -287,8 +255,9 @@ class VolumeCache:
             sources, *self.shape.dims, self.shape.fast_decode, levels=True, warp=self.shape.warp,
             window=self.shape.window,
         )
-        entry = make_entry(volume, self.shape, scan_dir, fingerprint)
-        save_cache_entry(self.path_for(scan_dir), entry)
+        keyed = self.shape.stored_as(sources.holds_hu)
+        entry = make_entry(volume, keyed, scan_dir, fingerprint)
+        save_cache_entry(entry_path(self.cache_dir, keyed, scan_dir), entry)
         return entry["volume"], True
 
     def load(self, scan_dir: Path) -> torch.Tensor | None:
@@ -306,11 +275,15 @@ class VolumeCache:
         earlier in this run, read without listing the scan again (the entry's own checks and
         CRC still hold); rebuilt from the scan if the entry has gone missing or been damaged.
 
-        This is what a training loader reads on every item of every epoch.
+        This is what a training loader reads on every item of every epoch. The scan is not listed, so
+        the entry keyed for HU is tried first, then the one of JPEG slices (``VolumeShape.stored_as``).
         """
         scan_dir = Path(scan_dir)
-        stored = load_valid_volume(self.path_for(scan_dir), self.shape, scan_dir, fingerprint=None)
-        return self.levels(scan_dir) if stored is None else stored
+        for keyed in dict.fromkeys(self.shape.stored_as(holds_hu) for holds_hu in (True, False)):
+            stored = load_valid_volume(entry_path(self.cache_dir, keyed, scan_dir), keyed, scan_dir, fingerprint=None)
+            if stored is not None:
+                return stored
+        return self.levels(scan_dir)
 
     def update(self, scan_dir: Path) -> bool:
         """Make sure a current entry exists; ``True`` if it had to be (re)built."""

@@ -1,1 +1,1 @@
-"""Synthetic data: chest-CT phantoms, the COV19-CT-DB-style dataset generator and the end-to-end demo."""
+"""Synthetic data: chest-CT phantoms and the COV19-CT-DB-style dataset generator."""

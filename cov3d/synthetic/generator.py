@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cov3d.dataset.intensity import DEFAULT_WINDOW
 from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
 from cov3d.dataset.scans import scan_number
 from cov3d.errors import Cov3dError
 from cov3d.limits import DEPTH_SCALE, FRACTION, OPTIONAL_COUNT, SEED, SLICE_SIZE, SYNTHETIC_SCANS, WORKERS
+from cov3d.settings import SYNTHETIC_DEFAULTS
 from cov3d.synthetic.phantom import render_phantom
+from cov3d.window import DEFAULT_WINDOW
 
 CLASS_FOLDERS = {bool(code): name for name, code in reversed(PRESENCE_FOLDERS.items())}  # covid first
 TEST_FOLDER = "test"
@@ -245,13 +246,13 @@ def _outputs(out_dir: Path) -> list[Path]:
 def generate_dataset(
     out_dir: Path,
     *,
-    scans: int = 120,
-    seed: int = 0,
-    slice_size: int = 128,
-    depth_scale: float = 0.1,
-    annotated_fraction: float = 0.5,
+    scans: int = SYNTHETIC_DEFAULTS.scans,
+    seed: int = SYNTHETIC_DEFAULTS.seed,
+    slice_size: int = SYNTHETIC_DEFAULTS.slice_size,
+    depth_scale: float = SYNTHETIC_DEFAULTS.depth_scale,
+    annotated_fraction: float = SYNTHETIC_DEFAULTS.annotated_fraction,
     test_scans: int | None = None,
-    mixed_size_fraction: float = 0.03,
+    mixed_size_fraction: float = SYNTHETIC_DEFAULTS.mixed_size_fraction,
     overwrite: bool = False,
     masks: bool = False,
     progress: Callable[[int, int], None] | None = None,

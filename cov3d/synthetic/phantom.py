@@ -10,7 +10,7 @@ coarse white noise, separable, hence fast) give vessels, textures and lesions.
 
 The proportions (body, lungs, fat, the foam mattress and table under the patient, a reconstruction
 disc in ``FOV_DISC_SHARE`` of the scans only) were set so that the middle slices, mapped to grey
-levels by the calibrated window (``cov3d.dataset.intensity.DEFAULT_WINDOW``), fall into
+levels by the calibrated window (``cov3d.window.DEFAULT_WINDOW``), fall into
 COV19-CT-DB's grey-level bands (``scripts/intensity_bands.py``; docs/intensities.md).
 """
 

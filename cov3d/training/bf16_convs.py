@@ -1,24 +1,14 @@
 """bf16 training on CPUs with 3D convolution weight gradients that are checked against fp32.
 
-oneDNN's bf16 backward-weights kernel for AVX-512 BF16 CPUs without AMX (``jit_bf16:avx512_core_bf16``
-in oneDNN 3.x, e.g. AMD Zen 4) returns garbage for 3x3x3 convolutions whose input is two slices deep:
-relative errors from 1 to 1e36 that change from call to call (uninitialised accumulators), while the
-forward pass and the input gradient stay right. r3d_18's layer4 sees exactly that depth for 16-slice
-volumes (16 -> 8 -> 4 -> 2), so Adam's second moment overflows and the weights turn NaN within an
-epoch or two. Other CPUs pick other kernels, and other geometries may fail on kernels not tried yet.
-
-So no geometry is trusted blindly: the first time a convolution runs under CPU bf16 autocast with a
-given input shape, layout and parameters, its bf16 weight gradient on random data is compared with
-the fp32 one (``bf16_weight_grad_is_right``). Where it is right, the convolution runs as usual. Where
-it is wrong, its weight gradient is computed another way (``Conv3dWithRepairedWeightGrad``; forward
-pass and input gradient stay as they were):
-
-- **depth-padded bf16**, when that passes its own probe: the input is padded with the convolution's
-  zero slices explicitly and the kernel runs without depth padding. The gradient is the same sum, but
-  the kernel sees an input two slices deeper (four for layer4), a depth it computes right. It costs
-  what a bf16 weight gradient costs;
-- **fp32** from the same bf16 tensors otherwise, which is slower (on the AMD EPYC of docs/numerics.md
-  a demo training step took a quarter longer than with the padded route).
+Some oneDNN bf16 backward-weights kernels return garbage for some convolution geometries (on AVX-512
+BF16 CPUs without AMX, inputs two slices deep, as r3d_18's layer4 sees for 16-slice volumes; the
+measurements are in docs/numerics.md), so no geometry is trusted blindly: the first time a
+convolution runs under CPU bf16 autocast with a given input shape, layout and parameters, its bf16
+weight gradient on random data is compared with the fp32 one (``bf16_weight_grad_is_right``). Where
+it is wrong, ``Conv3dWithRepairedWeightGrad`` computes it another way (forward pass and input
+gradient unchanged): in bf16 on an input padded with the convolution's zero slices explicitly (a
+depth the kernel computes right) when that passes its own probe, else in fp32 from the same bf16
+tensors (slower: docs/numerics.md).
 """
 
 from __future__ import annotations

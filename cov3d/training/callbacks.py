@@ -19,24 +19,20 @@ from fastai.callback.schedule import combined_cos
 
 from cov3d.atomic import write_text_atomically
 from cov3d.errors import NonFiniteTraining
-from cov3d.model.files import CONFIG_FILE
-from cov3d.training.checkpoint import RESUME_FILE, resume_remedy, unwrap
+from cov3d.runfiles import CONFIG_FILE, RESUME_FILE
+from cov3d.settings import TrainSettings
+from cov3d.training.checkpoint import resume_remedy
+from cov3d.training.distributed import unwrap
 from cov3d.training.runconfig import NEW_RUN_REMEDY, read_run_config
 
 WANDB_PROJECT = "cov3d"
 WANDB_ID_BYTES = 4  # run ids of 8 hex characters, kept in config.json so that a resumed run logs to the same W&B run
-ONE_CYCLE_PCT_START = 0.25
-"""Fraction of the run spent warming up; fastai `fit_one_cycle` default."""
-ONE_CYCLE_DIV = 25.0
-"""Initial lr = lr_max / 25; fastai `fit_one_cycle` default."""
-ONE_CYCLE_DIV_FINAL = 1e5
-"""Final lr = lr_max / 1e5; fastai `fit_one_cycle` default."""
-ONE_CYCLE_MOMENTUMS = (0.95, 0.85, 0.95)
-"""Adam beta1 from 0.95 down to 0.85 and back; fastai `Learner.moms` default."""
 
 
 class OneCycleSchedule(Callback):
-    """fastai's 1cycle policy for lr and momentum (as in `fit_one_cycle`), positioned by the absolute batch.
+    """fastai's 1cycle policy for lr and momentum (as in `fit_one_cycle`), positioned by the absolute batch,
+    with the run's schedule settings (``TrainSettings``: learning_rate, epochs, pct_start, div_factor,
+    final_div_factor, momentums).
 
     The position of batch `i` of epoch `e` in a run of `E` epochs of `n` batches is (e·n + i) / (E·n),
     computed the same way whether the run was interrupted or not.
@@ -44,11 +40,12 @@ class OneCycleSchedule(Callback):
 
     order, run_valid = 60, False  # fastai's ParamScheduler slot
 
-    def __init__(self, lr_max: float, epochs: int, first_epoch: int = 0):
-        self.epochs, self.first_epoch = epochs, first_epoch
+    def __init__(self, settings: TrainSettings, first_epoch: int = 0):
+        self.epochs, self.first_epoch = settings.epochs, first_epoch
+        lr_max = settings.learning_rate
         self.schedules = {
-            "lr": combined_cos(ONE_CYCLE_PCT_START, lr_max / ONE_CYCLE_DIV, lr_max, lr_max / ONE_CYCLE_DIV_FINAL),
-            "mom": combined_cos(ONE_CYCLE_PCT_START, *ONE_CYCLE_MOMENTUMS),
+            "lr": combined_cos(settings.pct_start, lr_max / settings.div_factor, lr_max, lr_max / settings.final_div_factor),
+            "mom": combined_cos(settings.pct_start, *settings.momentums),
         }
 
     def position(self) -> float:

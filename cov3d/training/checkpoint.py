@@ -17,18 +17,13 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.optimizer import OptimWrapper
-from torch import nn
 
 from cov3d.atomic import replaced_atomically
 from cov3d.errors import Cov3dError
+from cov3d.runfiles import RESUME_FILE
+from cov3d.training.distributed import seed_replica, unwrap
 
-RESUME_FILE = "checkpoint.pth"
 CHECKPOINT_FORMAT = 1
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return getattr(model, "module", model)
 
 
 def pack_python_state(state: tuple) -> dict[str, Any]:
@@ -197,8 +192,6 @@ class TrainingState(Callback):
         if self.rank < len(replicas):
             set_rng_states(replicas[self.rank])
         else:
-            from cov3d.training.distributed import seed_replica
-
             set_rng_states(replicas[0])
             seed_replica(int(torch.randint(2**62, ())), self.rank)
         scaler = getattr(self.learn, "scaler", None)  # fastai MixedPrecision's GradScaler (fp16 on CUDA)

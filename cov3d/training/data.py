@@ -14,7 +14,7 @@ from fastai.vision.augment import RandTransform
 from fasttransform import Transform
 
 from cov3d.dataset.layout import PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, read_severity_csv
-from cov3d.dataset.scans import is_scan_dir, scan_number
+from cov3d.dataset.scans import is_jpeg_scan_dir, scan_number
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.cache import values_on
 from cov3d.preprocessing.preprocess import VolumeCache
@@ -46,7 +46,7 @@ def partition_items(data_dir: Path, partition: str, severities: dict[str, int]) 
         class_dir = data_dir / partition / folder
         if not class_dir.is_dir():
             raise Cov3dError(f"Missing folder {class_dir}: expected {partition}/covid and {partition}/non-covid.")
-        scan_dirs = sorted((p for p in class_dir.iterdir() if is_scan_dir(p)), key=lambda p: (scan_number(p.name), p.name))
+        scan_dirs = sorted((p for p in class_dir.iterdir() if is_jpeg_scan_dir(p)), key=lambda p: (scan_number(p.name), p.name))
         items += [
             TrainingItem(path, partition, has_covid, severities.get(path.name, 0) if has_covid else 0) for path in scan_dirs
         ]

@@ -31,9 +31,8 @@ import torch
 import torch.distributed as torch_dist
 from fastai.callback.core import Callback
 from fastai.data.core import TfmdDL
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-
-from cov3d.training.checkpoint import unwrap
 
 T = TypeVar("T")
 CPU_BACKEND = "gloo"
@@ -47,6 +46,12 @@ WAIT_MINUTES_ENV = "COV3D_DDP_WAIT_MINUTES"
 """Environment variable that overrides ``MAIN_ONLY_TIMEOUT`` (in minutes)."""
 
 _host_group: Any = None  # the gloo group for coordination (see the module docstring), while DDP runs
+
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ the training loop validates. The paper's inference averages each scan with its s
 (§3.5), so the weights kept for a task are scored again that way: ``tta_scores`` in ``summary.json``,
 the macro F1 of presence (from ``best-presence.safetensors``) and of severity (from
 ``best-severity.safetensors``, annotated scans only) on the validation set, with the same
-probabilities ``cov3d infer`` computes (``cov3d.inference.ensemble.RunPredictor``, fp32). Only the first
+probabilities ``cov3d infer`` computes (``cov3d.model.predictor.RunPredictor``, fp32). Only the first
 process (rank 0) computes them.
 """
 
@@ -19,8 +19,7 @@ from fastai.torch_core import rank_distrib
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES
 from cov3d.model.metrics import PRESENCE_THRESHOLD, macro_f1
-
-TASK_SCORES = {"presence": "presence_f1", "severity": "severity_f1"}
+from cov3d.runfiles import TASK_METRICS
 
 
 def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, reflect: bool = True) -> dict[str, float]:
@@ -29,12 +28,12 @@ def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, reflect:
     weights (or, for severity, without annotated scans) is left out."""
     if rank_distrib() != 0:
         return {}
-    from cov3d.inference.ensemble import RunPredictor
     from cov3d.model.files import load_source
+    from cov3d.model.predictor import RunPredictor
 
     source = load_source(Path(run_dir))
     scores = {}
-    for task, name in TASK_SCORES.items():
+    for task, name in TASK_METRICS.items():
         if task not in source.states:
             continue
         predictor = RunPredictor(source, device, None, reflect=reflect, tasks=(task,))

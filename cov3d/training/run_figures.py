@@ -20,9 +20,7 @@ from fastai.torch_core import rank_distrib
 
 from cov3d.atomic import write_csv_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_LABELS
-
-CURVES_FILE = "curves.png"
-CONFUSION_STEM = {"presence_f1": "confusion-presence", "severity_f1": "confusion-severity"}
+from cov3d.runfiles import CONFUSION_STEMS, CURVES_FILE, TASK_METRICS
 
 
 class TrainingCurves(Callback):
@@ -90,15 +88,15 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
     run_dir = Path(run_dir)
     source = load_source(run_dir)
     matrices = {}
-    for monitored, stem in CONFUSION_STEM.items():
-        model = source.build(monitored.removesuffix("_f1"))
+    for task, stem in CONFUSION_STEMS.items():
+        model = source.build(task)
         if model is None:
             continue
         logits, targets = validation_logits(model.to(device), loader, device)
+        monitored = TASK_METRICS[task]
         matrix = task_matrix(monitored, logits, targets)
-        labels = PRESENCE_CLASSES if monitored == "presence_f1" else SEVERITY_LABELS
+        labels = PRESENCE_CLASSES if task == "presence" else SEVERITY_LABELS
         write_matrix_csv(run_dir / f"{stem}.csv", matrix, labels)
-        task = stem.removeprefix("confusion-")
         title = f"{task} (best {task} weights)\nmacro F1 {confusion_macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"
         save_figure(confusion_figure(matrix, labels, title), run_dir / f"{stem}.png")
         matrices[monitored] = matrix

@@ -1,4 +1,9 @@
-"""A training run's config.json read back, and what ``cov3d train --resume`` takes from it.
+"""A training run's folder: the checks before a new run is started in it, its config.json read
+back, and what ``cov3d train --resume`` takes from it.
+
+A new run refuses a folder inside the data it reads, a scan folder, or one that holds a run's
+files already (unless ``--overwrite``: those files are then removed first, so that no weights of
+other settings stay beside the new run's).
 
 A resumed run is the run that was started: its settings, data folder, cache folder, device,
 precision (the one the run resolved, e.g. bf16 for ``auto`` on a bf16 CPU), worker counts and
@@ -9,23 +14,23 @@ is a one-line error naming it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cov3d.dataset.scans import is_scan
 from cov3d.errors import Cov3dError
 from cov3d.limits import option_name
-from cov3d.model.files import CONFIG_FILE, with_legacy_defaults
+from cov3d.model.files import with_legacy_defaults
+from cov3d.outputs import notice, refuse_inside
+from cov3d.runfiles import CONFIG_FILE, existing_run_files
 from cov3d.runtime import PRECISION_NAMES
 
 RESTORE = "Restore it from a copy or start a new run."
 NEW_RUN_REMEDY = "Free some space or choose another `output_dir`."
 """What to do when a new run's config.json cannot be written."""
-OPTION_NAMES = {"data_dir": "--directory", "use_wandb": "--wandb"}
-"""Keyword arguments of ``cov3d.training.train.train`` whose option is not spelt like them."""
-RESUMABLE = ("data_dir", "cache_dir", "device", "precision", "workers", "loader_workers", "use_wandb")
-"""What a resumed run takes from config.json unless it is given again (keyword arguments of ``train``)."""
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -43,17 +48,15 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def recorded_settings(config: dict[str, Any], run_dir: Path, settings_class: type) -> Any:
-    """The ``settings_class`` dataclass (``TrainSettings``) recorded in ``config``, checked like new
+    """The ``settings_class`` (``TrainSettings``) recorded in ``config``, checked like new
     settings; keys that older runs lack take the value their code used (``with_legacy_defaults``)."""
     path = Path(run_dir) / CONFIG_FILE
     config = with_legacy_defaults(config)
-    missing = [field.name for field in dataclasses.fields(settings_class) if field.name not in config]
-    if "data_dir" not in config:
-        missing.append("data_dir")
+    missing = [key for key in (*settings_class.config_keys(), "data_dir") if key not in config]
     if missing:
         raise Cov3dError(f"{path} is incomplete: it lacks {', '.join(missing)}. {RESTORE}")
     try:
-        return settings_class(**{field.name: config[field.name] for field in dataclasses.fields(settings_class)})
+        return settings_class.from_config(config)
     except (Cov3dError, TypeError) as error:
         raise Cov3dError(f"{path} records an invalid setting ({error}). {RESTORE}") from None
 
@@ -97,7 +100,35 @@ def resumed_options(config: dict[str, Any], given: dict[str, Any]) -> tuple[dict
         overrides.append(f"precision: {options['precision']}, as the run resolved --precision auto when it started")
     for name, value in given.items():
         if name in options and _shown(value) != _shown(options[name]):
-            option = OPTION_NAMES.get(name, option_name(name))
+            option = option_name(name)
             overrides.append(f"overriding {option.removeprefix('--')}: recorded {_shown(options[name])}, now {_shown(value)}")
         options[name] = value
     return options, overrides
+
+
+def check_new_run(run_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> list[Path]:
+    """Refuse to start a run in ``run_dir`` if it lies inside the data read, is itself a scan
+    folder, or already holds a run's files, unless ``overwrite`` (then those files are returned,
+    for ``remove_run_files`` to delete before the new run writes anything)."""
+    run_dir = Path(run_dir)
+    refuse_inside(run_dir, inputs, "run folder")
+    if os.path.lexists(run_dir) and not run_dir.is_dir():
+        raise Cov3dError(f"{run_dir} exists and is not a folder: give a folder for the run (--output-dir).")
+    if run_dir.is_dir() and is_scan(run_dir):
+        raise Cov3dError(f"{run_dir} is a CT scan folder: give another --output-dir for the run.")
+    existing = existing_run_files(run_dir)
+    if existing and not overwrite:
+        names = ", ".join(path.name for path in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise Cov3dError(
+            f"{run_dir} already holds a cov3d run ({names}): continue it with 'cov3d train --resume {run_dir}', "
+            "give another --output-dir, or --overwrite to replace it."
+        )
+    return existing
+
+
+def remove_run_files(run_dir: Path, files: Sequence[Path]) -> None:
+    """Delete an earlier run's files (``check_new_run`` with ``overwrite``) and say so in one line."""
+    for path in files:
+        Path(path).unlink(missing_ok=True)
+    if files:
+        notice(f"Replacing the earlier run in {run_dir} (--overwrite): removed {', '.join(Path(p).name for p in files)}")

@@ -9,7 +9,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,13 +24,13 @@ from cov3d.atomic import write_bytes_atomically, write_text_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS
 from cov3d.errors import Cov3dError
 from cov3d.limits import LOADER_WORKERS, WORKERS
-from cov3d.model.files import CHECKPOINTS as TASK_CHECKPOINTS, CONFIG_FILE, non_finite_tensor
+from cov3d.model.files import non_finite_tensor
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.metrics import task_metrics
 from cov3d.model.network import build_model, load_kinetics_state_dict
-from cov3d.outputs import check_new_run, remove_run_files
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
+from cov3d.runfiles import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SUMMARY_FILE, WEIGHTS_BY_METRIC
 from cov3d.runtime import Precision, choose_precision, machine_description, reproducible_kernels, resolve_device
 from cov3d.settings import FASTAI_ADAM, TrainSettings
 from cov3d.training.callbacks import (
@@ -45,11 +45,9 @@ from cov3d.training.callbacks import (
     start_wandb,
 )
 from cov3d.training.checkpoint import (
-    RESUME_FILE,
     TrainingState,
     load_resume_state,
     resume_remedy,
-    unwrap,
 )
 from cov3d.training.data import TrainingItem, collect_items, presence_counts, severity_group_counts
 from cov3d.training.distributed import (
@@ -61,6 +59,7 @@ from cov3d.training.distributed import (
     seed_replica,
     start_distributed,
     stop_distributed,
+    unwrap,
 )
 from cov3d.training.evaluation import kept_weights_scores
 from cov3d.training.loaders import training_loaders
@@ -68,14 +67,16 @@ from cov3d.training.optimizer import optimizer_function
 from cov3d.training.precision import precision_callbacks
 from cov3d.training.provenance import dataset_fingerprint, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
-from cov3d.training.runconfig import NEW_RUN_REMEDY, read_run_config, recorded_settings, resumed_options
+from cov3d.training.runconfig import (
+    NEW_RUN_REMEDY,
+    check_new_run,
+    read_run_config,
+    recorded_settings,
+    remove_run_files,
+    resumed_options,
+)
 
 logger = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.csv"
-SUMMARY_FILE = "summary.json"
-CHECKPOINTS = {f"{task}_f1": name for task, name in TASK_CHECKPOINTS.items()}
-"""The best weights of each monitored metric (the files ``cov3d.model.files`` reads)."""
 
 
 @dataclass
@@ -110,7 +111,7 @@ class BestCheckpoints(Callback):
                 self.best[name], self.best_epoch[name] = value, self.first_epoch + self.epoch
                 if self.write:
                     state = {key: t.detach().cpu().contiguous() for key, t in unwrap(self.model).state_dict().items()}
-                    write_bytes_atomically(self.run_dir / CHECKPOINTS[name], safetensors_bytes(state), resume_remedy(self.run_dir))
+                    write_bytes_atomically(self.run_dir / WEIGHTS_BY_METRIC[name], safetensors_bytes(state), resume_remedy(self.run_dir))
 
 
 def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int | None) -> list[TrainingItem]:
@@ -125,12 +126,12 @@ def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int 
 def write_config(run_dir: Path, settings: TrainSettings, extra: dict) -> None:
     """config.json: sizes, hyperparameters and class names needed to rebuild the model for inference."""
     config = {
-        **asdict(settings),
+        **settings.to_config(),
         "outputs": settings.outputs,
         "presence_classes": list(PRESENCE_CLASSES),
         "severity_classes": list(SEVERITY_CLASSES),
         "severity_groups": list(SEVERITY_GROUPS),
-        "checkpoints": CHECKPOINTS,
+        "checkpoints": WEIGHTS_BY_METRIC,
         **extra,
     }
     write_text_atomically(run_dir / CONFIG_FILE, json.dumps(config, indent=2), NEW_RUN_REMEDY)
@@ -156,7 +157,7 @@ def train(
 
     With `resume`, continue the run in `run_dir` from its last end-of-epoch checkpoint. Launched by
     torchrun, every process trains on its shard of the data and only rank 0 writes files.
-    A new run refuses a `run_dir` that holds a run already (``cov3d.outputs.check_new_run``),
+    A new run refuses a `run_dir` that holds a run already (``cov3d.training.runconfig.check_new_run``),
     unless `overwrite`: the earlier run's files are then removed before the first is written.
     """
     arguments = {
@@ -219,7 +220,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     earlier_run = [] if resume_state is not None else check_new_run(run_dir, overwrite=overwrite, inputs=[item.path for item in items])
     state_dict = load_kinetics_state_dict(pretrained_weights) if pretrained and resume_state is None else None
 
-    cache = VolumeCache.for_shape(cache_dir, settings.shape)
+    cache = VolumeCache(cache_dir, settings.shape)
     items = run_on_main(dist, lambda: prepare_volumes(items, cache, workers))
     train_items = [item for item in items if item.partition == "train"]
     if not train_items or len(train_items) == len(items):
@@ -263,12 +264,12 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         severity_weights=severity_weights, presence_averaging=settings.presence_averaging,
     )
     metrics = task_metrics(settings.severity_factor)
-    checkpoints = BestCheckpoints(run_dir, [m.name for m in metrics if m.name in CHECKPOINTS], first_epoch, dist.is_main)
+    checkpoints = BestCheckpoints(run_dir, [m.name for m in metrics if m.name in WEIGHTS_BY_METRIC], first_epoch, dist.is_main)
     if resume_state is not None:
         checkpoints.best.update(resume_state["best"])
         checkpoints.best_epoch.update(resume_state["best_epoch"])
     callbacks = [
-        OneCycleSchedule(settings.learning_rate, settings.epochs, first_epoch), checkpoints,
+        OneCycleSchedule(settings, first_epoch), checkpoints,
         MetricsLog(run_dir / METRICS_FILE, first_epoch, dist.is_main),
         TrainingState(run_dir / RESUME_FILE, checkpoints, first_epoch, resume_state, dist.is_main,
                       gather=lambda value: gather_objects(dist, value), rank=dist.rank),

@@ -1,1 +1,1 @@
-"""Figures (matplotlib, Agg): slice views, histograms, training curves, confusion matrices, Grad-CAM overlays."""
+"""Figures (matplotlib's object API, no pyplot): slice views, histograms, training curves, confusion matrices, Grad-CAM overlays."""

@@ -1,6 +1,9 @@
 """Figures: slice views of scans (paper Fig. 2), the depth histogram (Fig. 1), training curves,
-confusion matrices and attribution maps (Grad-CAM, occlusion) over scans. Headless (matplotlib's
-Agg backend), fixed pixel sizes.
+confusion matrices and attribution maps (Grad-CAM, occlusion) over scans, at fixed pixel sizes.
+
+Figures are made with matplotlib's object API (``Figure``), never through pyplot, so drawing one
+needs no display and leaves the process's backend and style settings alone: a notebook keeps its
+own. The command line makes matplotlib headless for itself (``cov3d.cli.common``).
 
 Volumes are ``(D, H, W)`` arrays in [0, 1]: D slices from the first file (apex) to the last,
 rows H anterior to posterior, columns W across the patient. The three mid-planes are
@@ -17,21 +20,18 @@ proportions roughly right for any depth.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib import ticker
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: set before pyplot is imported
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from cov3d.atomic import replaced_atomically  # noqa: E402
-from cov3d.errors import Cov3dError  # noqa: E402
-from cov3d.outputs import figure_metadata  # noqa: E402
+from cov3d.atomic import replaced_atomically
+from cov3d.errors import Cov3dError
+from cov3d.outputs import figure_metadata
 
 DPI = 100
 """Pixels per inch of every saved figure (sizes below are in inches)."""
@@ -61,7 +61,19 @@ OUTLINE_COLOUR = "lime"
 PEAK_COLOUR = "white"
 """The cross on an attribution map's peak."""
 
-plt.rcParams.update({"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE, "axes.labelsize": FONT_SIZE})
+STYLE = {"font.size": FONT_SIZE, "axes.titlesize": FONT_SIZE, "axes.labelsize": FONT_SIZE}
+"""matplotlib settings of cov3d's figures, in force only while one is drawn."""
+
+
+def styled(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+    """``draw`` run with ``STYLE`` (the process's own settings are restored afterwards)."""
+
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs) -> Figure:
+        with matplotlib.rc_context(STYLE):
+            return draw(*args, **kwargs)
+
+    return drawn
 
 
 def mid_planes(volume: np.ndarray, point: Sequence[int] | None = None) -> dict[str, np.ndarray]:
@@ -84,7 +96,8 @@ def _show_plane(ax, image: np.ndarray, *, cmap: str = "gray", vmin: float = 0.0,
 def _panel_grid(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
     """A figure of ``rows`` x ``cols`` square panels with a title strip above each row."""
     height = rows * (PANEL_INCHES + TITLE_INCHES)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL_INCHES, height), dpi=DPI, squeeze=False)
+    fig = Figure(figsize=(cols * PANEL_INCHES, height), dpi=DPI)
+    axes = fig.subplots(rows, cols, squeeze=False)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - TITLE_INCHES / height,
                         wspace=0.04, hspace=TITLE_INCHES / PANEL_INCHES)
     return fig, axes
@@ -92,22 +105,20 @@ def _panel_grid(rows: int, cols: int) -> tuple[Figure, np.ndarray]:
 
 def save_figure(fig: Figure, output: Path) -> Path:
     """Write ``fig`` to ``output`` (at ``DPI``, exact figure size, all or nothing; PNG unless the
-    suffix names another format matplotlib writes) and close it. PNG, PDF, SVG and PostScript
+    suffix names another format matplotlib writes). PNG, PDF, SVG and PostScript
     figures carry cov3d's marker in their metadata (``cov3d.outputs.figure_metadata``)."""
     output = Path(output)
     image_format = output.suffix.lstrip(".").lower() or "png"
-    try:
-        formats = fig.canvas.get_supported_filetypes()
-        if image_format not in formats:
-            raise Cov3dError(f"{output}: cannot write .{image_format} images; end the name with .png (or {', '.join('.' + name for name in sorted(formats))}).")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with replaced_atomically(output, "Free some space or choose another output folder.") as temp:
-            fig.savefig(temp, dpi=DPI, format=image_format, metadata=figure_metadata(image_format))
-    finally:
-        plt.close(fig)
+    formats = fig.canvas.get_supported_filetypes()
+    if image_format not in formats:
+        raise Cov3dError(f"{output}: cannot write .{image_format} images; end the name with .png (or {', '.join('.' + name for name in sorted(formats))}).")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_atomically(output, "Free some space or choose another output folder.") as temp:
+        fig.savefig(temp, dpi=DPI, format=image_format, metadata=figure_metadata(image_format))
     return output
 
 
+@styled
 def slice_views(volumes: Sequence[np.ndarray], titles: Sequence[str]) -> Figure:
     """One row per scan: axial, sagittal and coronal mid-planes of each (D, H, W) volume."""
     fig, axes = _panel_grid(len(volumes), len(PLANES))
@@ -130,6 +141,7 @@ def peak_voxel(attribution: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(i) for i in top[nearest])
 
 
+@styled
 def attribution_overlay(volume: np.ndarray, attribution: np.ndarray, title: str, label: str = "Grad-CAM",
                         outline: np.ndarray | None = None) -> Figure:
     """The three planes through the voxel of highest attribution, the (D, H, W) attribution in
@@ -159,10 +171,12 @@ def attribution_overlay(volume: np.ndarray, attribution: np.ndarray, title: str,
     return fig
 
 
+@styled
 def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     """Losses (left) and F1 scores (right) per epoch from ``history`` (column name -> values per
     epoch, e.g. fastai's ``train_loss``, ``valid_loss``, ``presence_f1``, ``severity_f1``)."""
-    fig, (loss_ax, f1_ax) = plt.subplots(1, 2, figsize=CURVES_SIZE, dpi=DPI)
+    fig = Figure(figsize=CURVES_SIZE, dpi=DPI)
+    loss_ax, f1_ax = fig.subplots(1, 2)
     for ax, suffix, title in ((loss_ax, "_loss", "loss"), (f1_ax, "_f1", "validation macro F1")):
         for name, values in history.items():
             if not name.endswith(suffix):
@@ -184,12 +198,14 @@ def training_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     return fig
 
 
+@styled
 def confusion_figure(matrix: np.ndarray, labels: Sequence[str], title: str) -> Figure:
     """A confusion matrix (rows: truth, columns: prediction) with counts in the cells, coloured by
     the share of each true class (row-normalised) so that rare classes stay visible."""
     totals = matrix.sum(axis=1, keepdims=True)
     shares = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
-    fig, ax = plt.subplots(figsize=(CONFUSION_INCHES, CONFUSION_INCHES), dpi=DPI)
+    fig = Figure(figsize=(CONFUSION_INCHES, CONFUSION_INCHES), dpi=DPI)
+    ax = fig.subplots()
     ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     for (row, col), count in np.ndenumerate(matrix):
         ax.text(col, row, str(count), ha="center", va="center",
@@ -204,6 +220,7 @@ def confusion_figure(matrix: np.ndarray, labels: Sequence[str], title: str) -> F
     return fig
 
 
+@styled
 def depth_histogram(depths: Mapping[str, Sequence[int]]) -> Figure:
     """Histogram of slices per scan (paper Fig. 1) over all partitions, logarithmic count axis; each
     partition is outlined on top. Bins are whole numbers of slices, at most ``HISTOGRAM_BINS``."""
@@ -212,7 +229,8 @@ def depth_histogram(depths: Mapping[str, Sequence[int]]) -> Figure:
     top = int(everything.max()) if everything.size else 1
     width = -(-top // HISTOGRAM_BINS)
     bins = np.arange(0.5, top + width + 0.5, width)
-    fig, ax = plt.subplots(figsize=HISTOGRAM_SIZE, dpi=DPI)
+    fig = Figure(figsize=HISTOGRAM_SIZE, dpi=DPI)
+    ax = fig.subplots()
     counts, _, _ = ax.hist(everything, bins=bins, color="0.75", label=f"all ({everything.size})")
     for name, d in named:
         ax.hist(d, bins=bins, histtype="step", linewidth=1.2, label=f"{name} ({len(d)})")

@@ -9,6 +9,7 @@ import nibabel
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -17,7 +18,10 @@ from cov3d.dataset.dicom_nifti import scan_sources
 from cov3d.dataset.scans import find_scans
 from cov3d.errors import Cov3dError
 from cov3d.inference.infer import infer
-from cov3d.preprocessing.preprocess import preprocess_scan
+from cov3d.preprocessing.cache import entry_path
+from cov3d.preprocessing.preprocess import VolumeCache, preprocess_scan
+from cov3d.settings import VolumeShape
+from cov3d.window import DEFAULT_WINDOW, Window
 
 N_SLICES = 5
 SLICE_GAP_MM = 5.0
@@ -86,7 +90,7 @@ def test_dicom_order_follows_positions_not_names_or_instance_numbers(series):
 def test_hu_and_window_by_hand(series):
     root, hu = series
     size = hu.shape  # no resizing: the volume is the windowed HU / 255
-    for window, by_hand in ((None, window_by_hand), ("-600,1500", lambda pixels: window_by_hand(pixels, -600, 1500))):
+    for window, by_hand in ((DEFAULT_WINDOW, window_by_hand), (Window(-600, 1500), lambda pixels: window_by_hand(pixels, -600, 1500))):
         expected = np.stack([by_hand(pixels) for pixels in hu]) / 255.0
         for name in ("ct_scan_2", "ct_scan_3.nii", "ct_scan_4.nii.gz"):
             volume = preprocess_scan(root / name, *size, window=window)[0].numpy()
@@ -230,3 +234,21 @@ def test_missing_positions_fall_back_to_instance_numbers(series, tmp_path):
 
     folder = copy_series(root / "ct_scan_2", tmp_path / "numbered", numbered)
     assert torch_equal(preprocess_scan(folder, *hu.shape), preprocess_scan(root / "ct_scan_2", *hu.shape))
+
+
+def test_the_window_keys_the_cache_of_hu_scans_only(series, tmp_path):
+    """A JPEG volume, grey levels already, is the same under any window: another --window finds its
+    entry (keyed as every JPEG entry was before windows existed); a DICOM volume is made again."""
+    root, hu = series
+    size = (N_SLICES, *hu.shape[1:])
+    default, other = VolumeShape(*size), VolumeShape(*size, window=Window(-600, 1500))
+    jpeg, dicom = root / "ct_scan_1", root / "ct_scan_2"
+    for scan in (jpeg, dicom):
+        assert VolumeCache(tmp_path, default).update(scan)
+    assert VolumeCache(tmp_path, default).path_for(jpeg) == entry_path(tmp_path, default, jpeg)  # the old key
+    assert VolumeCache(tmp_path, other).path_for(jpeg) == VolumeCache(tmp_path, default).path_for(jpeg)
+    assert not VolumeCache(tmp_path, other).update(jpeg)
+    assert torch.equal(VolumeCache(tmp_path, other).checked_levels(jpeg), VolumeCache(tmp_path, default).levels(jpeg))
+    assert VolumeCache(tmp_path, other).path_for(dicom) != VolumeCache(tmp_path, default).path_for(dicom)
+    assert VolumeCache(tmp_path, other).update(dicom)
+    assert not torch.equal(VolumeCache(tmp_path, other).levels(dicom), VolumeCache(tmp_path, default).levels(dicom))

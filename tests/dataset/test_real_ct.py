@@ -13,10 +13,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.dataset.dicom_nifti import gray_slices, scan_sources
+from cov3d.dataset.dicom_nifti import grey_slices, scan_sources
 from cov3d.dataset.intensity import LEGACY_LUNG_WINDOW, band_distance, band_fractions, middle_half
 from cov3d.dataset.scans import find_scans
 from cov3d.preprocessing.preprocess import preprocess_scan
+from cov3d.window import DEFAULT_WINDOW
 
 REAL_CT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "real-ct"
 SERIES = REAL_CT / "lung-pet-ct-dx-A0002-thorax-8mm"
@@ -26,9 +27,9 @@ MAX_BAND_DISTANCE = 0.35
 pytestmark = pytest.mark.skipif(not SERIES.is_dir(), reason=f"the shared real CT series is not at {SERIES.resolve()}")
 
 
-def middle_bands(window=None):
+def middle_bands(window=DEFAULT_WINDOW):
     sources = scan_sources(SERIES)
-    count, slices = gray_slices(sources.kind, sources.files, window)
+    count, slices = grey_slices(sources.kind, sources.files, window)
     keep = set(middle_half(count))
     return band_fractions([grey for index, grey in enumerate(slices) if index in keep])
 

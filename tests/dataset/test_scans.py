@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cov3d.dataset.scans import NO_SCAN_NUMBER, find_scans, is_scan_dir, list_slices, read_slice, scan_number
+from cov3d.dataset.scans import NO_SCAN_NUMBER, find_scans, is_jpeg_scan_dir, list_slices, read_slice, scan_number
 from cov3d.errors import Cov3dError
 
 
@@ -21,7 +21,7 @@ def write_png_as_jpg(path: Path, array: np.ndarray) -> Path:
 
 
 def make_scan(folder: Path, n_slices: int = 2) -> Path:
-    """A scan folder of n small gray slices."""
+    """A scan folder of n small grey slices."""
     for index in range(n_slices):
         write_png_as_jpg(folder / f"{index}.jpg", np.full((4, 4), index, dtype=np.uint8))
     return folder
@@ -84,12 +84,12 @@ def test_unreadable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(Cov3dError, match="Cannot read folder .*Permission denied") as error:
         list_slices(scan)
     assert_one_line_naming(error, scan)
-    assert not is_scan_dir(scan)
+    assert not is_jpeg_scan_dir(scan)
     with pytest.raises(Cov3dError, match="Cannot read folder"):
         find_scans([tmp_path])
 
 
-def test_read_slice_gray_is_exact(tmp_path: Path) -> None:
+def test_read_slice_grey_is_exact(tmp_path: Path) -> None:
     array = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
     image = read_slice(write_png_as_jpg(tmp_path / "0.jpg", array))
     assert image.mode == "L"
@@ -102,16 +102,16 @@ def test_read_slice_rgb_is_luminance(tmp_path: Path) -> None:
     rgb[0, 1] = (0, 255, 0)
     rgb[0, 2] = (0, 0, 255)
     rgb[1, :] = (100, 150, 200)
-    gray = np.asarray(read_slice(write_png_as_jpg(tmp_path / "0.jpg", rgb)))
+    grey = np.asarray(read_slice(write_png_as_jpg(tmp_path / "0.jpg", rgb)))
     expected = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))  # ITU-R 601-2 luma
-    np.testing.assert_allclose(gray, expected, atol=1)
+    np.testing.assert_allclose(grey, expected, atol=1)
 
 
 def test_read_slice_real_rgb_jpeg(tmp_path: Path) -> None:
     rgb = np.zeros((16, 16, 3), dtype=np.uint8) + np.array([200, 100, 50], dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "0.jpg", quality=95)
-    gray = np.asarray(read_slice(tmp_path / "0.jpg"))
-    assert abs(gray.mean() - (0.299 * 200 + 0.587 * 100 + 0.114 * 50)) < 2
+    grey = np.asarray(read_slice(tmp_path / "0.jpg"))
+    assert abs(grey.mean() - (0.299 * 200 + 0.587 * 100 + 0.114 * 50)) < 2
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I"])
@@ -123,8 +123,8 @@ def test_read_slice_16bit_scaled_by_type_max(tmp_path: Path, mode: str) -> None:
     image.save(path, format="PNG" if mode == "I;16" else "TIFF")
     with Image.open(path) as stored:
         assert stored.mode in ("I;16", "I")
-    gray = np.asarray(read_slice(path))
-    np.testing.assert_array_equal(gray, np.rint(values * 255 / 65535).astype(np.uint8))
+    grey = np.asarray(read_slice(path))
+    np.testing.assert_array_equal(grey, np.rint(values * 255 / 65535).astype(np.uint8))
 
 
 def test_read_slice_draft_downscales_jpeg(tmp_path: Path) -> None:
@@ -159,13 +159,13 @@ def test_read_slice_broken_link(tmp_path: Path) -> None:
     assert_one_line_naming(error, link)
 
 
-def test_is_scan_dir(tmp_path: Path) -> None:
-    assert is_scan_dir(make_scan(tmp_path / "ct_scan_1"))
+def test_is_jpeg_scan_dir(tmp_path: Path) -> None:
+    assert is_jpeg_scan_dir(make_scan(tmp_path / "ct_scan_1"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "a.jpg").write_bytes(b"x")
-    assert not is_scan_dir(tmp_path / "other")
-    assert not is_scan_dir(tmp_path / "missing")
-    assert not is_scan_dir(tmp_path / "other" / "a.jpg")
+    assert not is_jpeg_scan_dir(tmp_path / "other")
+    assert not is_jpeg_scan_dir(tmp_path / "missing")
+    assert not is_jpeg_scan_dir(tmp_path / "other" / "a.jpg")
 
 
 def test_find_scans_sorted_recursive(tmp_path: Path) -> None:

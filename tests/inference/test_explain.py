@@ -11,7 +11,7 @@ from torchvision.models.video.resnet import BasicBlock, Conv3DSimple
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.dataset.intensity import DEFAULT_WINDOW, LEGACY_LUNG_WINDOW, Window
+from cov3d.dataset.intensity import LEGACY_LUNG_WINDOW
 from cov3d.inference.explain import (
     block_edges,
     grad_cam,
@@ -24,6 +24,7 @@ from cov3d.inference.explain import (
 )
 from cov3d.model.network import build_model
 from cov3d.viz.figures import peak_voxel
+from cov3d.window import DEFAULT_WINDOW, Window
 
 LESION_SHAPE = (12, 24, 24)  # (D, H, W) of the lesion scans
 LESION_RADIUS = 2.5  # voxels

@@ -11,11 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from cov3d.dataset.scans import find_scans, scan_number
 from cov3d.errors import Cov3dError
-from cov3d.inference.ensemble import RunPredictor
 from cov3d.inference.infer import CSV_COLUMNS, infer
-from cov3d.model.files import CHECKPOINTS, load_source
+from cov3d.model.files import load_source
 from cov3d.model.network import build_model
+from cov3d.model.predictor import RunPredictor
 from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.runfiles import WEIGHTS_FILES
+from cov3d.settings import VolumeShape
 
 
 def read_csv(path):
@@ -56,7 +58,7 @@ def test_probability_is_the_mean_over_the_scan_and_its_reflection(predictions, t
     config = json.loads((tiny_run / "config.json").read_text())
     model = build_model(outputs=6, penultimate=config["penultimate"]).eval()
     model.load_state_dict(load_file(str(tiny_run / "best-presence.safetensors")))
-    volume = VolumeCache(out / "cache", 8, 32, 32).get(scans[0])[None]
+    volume = VolumeCache(out / "cache", VolumeShape(8, 32, 32)).get(scans[0])[None]
     with torch.no_grad():
         both = [torch.sigmoid(model(view)[0, 0]) for view in (volume, volume.flip(-1))]
     assert float(rows[0]["covid_probability"]) == pytest.approx(float((both[0] + both[1]) / 2), abs=1e-5)
@@ -87,7 +89,7 @@ def make_run(folder, size, *, seed, outputs=6, tasks=("presence", "severity")):
     torch.manual_seed(seed)
     for task in tasks:
         state = build_model(outputs=outputs, penultimate=8).state_dict()
-        save_file({key: value.contiguous() for key, value in state.items()}, str(folder / CHECKPOINTS[task]))
+        save_file({key: value.contiguous() for key, value in state.items()}, str(folder / WEIGHTS_FILES[task]))
     return folder
 
 
@@ -140,7 +142,7 @@ def test_separate_models_for_presence_and_severity(tiny_dataset, tmp_path):
         assert only_severity[i] == alone["c"][i]  # P(covid) = s_1 + ... + s_4 of the severity model
     # by hand: P(covid) of the lambda = 1 run is s_1 + ... + s_4, averaged over the scan and its reflection
     model = load_source(c).build("severity")
-    volume = VolumeCache(tmp_path / "cache", 2, 24, 24).get(scans[0])[None]
+    volume = VolumeCache(tmp_path / "cache", VolumeShape(2, 24, 24)).get(scans[0])[None]
     with torch.no_grad():
         expected = sum(torch.softmax(model(view)[0, 1:], dim=0)[1:].sum() for view in (volume, volume.flip(-1))) / 2
     assert float(only_severity[0]["covid_probability"]) == pytest.approx(float(expected), abs=1e-5)
@@ -163,7 +165,7 @@ def test_mc_dropout_samples_differ_with_a_sensible_spread(tiny_dataset, tmp_path
     predictor = RunPredictor(load_source(run), torch.device("cpu"), None, mc_samples=4)
     for model in (predictor.severity_model,):
         assert all(m.training == isinstance(m, torch.nn.Dropout) for m in model.modules() if m is not model)
-    volumes = torch.stack([VolumeCache(tmp_path / "cache", 4, 16, 16).get(scan) for scan in scans])
+    volumes = torch.stack([VolumeCache(tmp_path / "cache", VolumeShape(4, 16, 16)).get(scan) for scan in scans])
     samples = predictor.samples(volumes)
     assert samples.shape == (4, 2, 5)
     covid = samples[:, :, 0]

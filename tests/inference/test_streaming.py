@@ -17,8 +17,8 @@ from cov3d.errors import Cov3dError
 from cov3d.inference.ensemble import Ensemble
 from cov3d.inference.infer import infer
 from cov3d.inference.streaming import StreamedScan
-from cov3d.model.files import CHECKPOINTS
 from cov3d.model.network import build_model
+from cov3d.runfiles import WEIGHTS_FILES
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
@@ -32,7 +32,7 @@ def presence_run(module_dir):
     (folder / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     state = build_model(outputs=1, penultimate=8).state_dict()
-    save_file({key: value.contiguous() for key, value in state.items()}, str(folder / CHECKPOINTS["presence"]))
+    save_file({key: value.contiguous() for key, value in state.items()}, str(folder / WEIGHTS_FILES["presence"]))
     return folder
 
 

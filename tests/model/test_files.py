@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from cov3d.cli import app
 from cov3d.errors import Cov3dError
-from cov3d.model.files import CHECKPOINTS, expand_models, export_model, load_source
-from cov3d.training import train
+from cov3d.model.files import expand_models, export_model, load_source
+from cov3d.runfiles import CONFIG_FILE, WEIGHTS_BY_METRIC, WEIGHTS_FILES
+from cov3d.settings import VolumeShape
 
 
 class Payload:
@@ -31,8 +32,8 @@ def exported(tiny_run, module_dir):
     return export_model(tiny_run, module_dir / "model.safetensors")
 
 
-def test_checkpoint_names_match_training():
-    assert set(CHECKPOINTS.values()) == set(train.CHECKPOINTS.values())
+def test_config_names_the_weights_files(tiny_run):
+    assert json.loads((tiny_run / CONFIG_FILE).read_text())["checkpoints"] == WEIGHTS_BY_METRIC
 
 
 def test_export_round_trip(tiny_run, exported):
@@ -40,7 +41,7 @@ def test_export_round_trip(tiny_run, exported):
     config = json.loads((tiny_run / "config.json").read_text())
     assert "data_dir" not in source.config
     assert source.config["penultimate"] == config["penultimate"] and source.size == (8, 32, 32)
-    for task, name in CHECKPOINTS.items():
+    for task, name in WEIGHTS_FILES.items():
         original = load_file(str(tiny_run / name))
         assert source.states[task].keys() == original.keys()
         assert all(torch.equal(source.states[task][key], original[key]) for key in original)
@@ -71,7 +72,7 @@ def test_pickle_inside_a_run_folder_is_refused(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     marker = tmp_path / "ran"
-    (run / CHECKPOINTS["presence"]).write_bytes(pickle.dumps(Payload(marker)))
+    (run / WEIGHTS_FILES["presence"]).write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(Cov3dError, match="pickle"):
         load_source(run)
     assert not marker.exists()
@@ -161,11 +162,11 @@ def test_old_run_without_the_new_keys_loads_and_predicts_as_before(tmp_path, tin
     from cov3d.training.runconfig import recorded_settings
 
     torch.manual_seed(0)
-    old_models = {task: build_model(outputs=6, penultimate=8, pool="avg", final_bias=True).eval() for task in CHECKPOINTS}
+    old_models = {task: build_model(outputs=6, penultimate=8, pool="avg", final_bias=True).eval() for task in WEIGHTS_FILES}
     run = tmp_path / "old-run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(OLD_CONFIG))
-    for task, name in CHECKPOINTS.items():
+    for task, name in WEIGHTS_FILES.items():
         save_file({k: v.contiguous() for k, v in old_models[task].state_dict().items()}, str(run / name))
 
     source = load_source(run)
@@ -179,14 +180,14 @@ def test_old_run_without_the_new_keys_loads_and_predicts_as_before(tmp_path, tin
     infer([scan], run, tmp_path / "preds.csv", cache_dir=tmp_path / "cache", device="cpu", precision="fp32",
           progress=False)
     row = (tmp_path / "preds.csv").read_text().splitlines()[1].split(",")
-    levels = VolumeCache(tmp_path / "cache", 4, 16, 16).get(scan)[None]
+    levels = VolumeCache(tmp_path / "cache", VolumeShape(4, 16, 16)).get(scan)[None]
     with torch.no_grad():
         expected = (torch.sigmoid(old_models["presence"](levels)[0, 0])
                     + torch.sigmoid(old_models["presence"](levels.flip(-1))[0, 0])) / 2
     assert float(row[2]) == pytest.approx(float(expected), abs=1e-6)
 
     settings = recorded_settings(OLD_CONFIG, run, TrainSettings)  # what --resume rebuilds for an old run
-    assert (settings.pool, settings.final_bias, settings.presence_averaging, settings.warp) == ("avg", True, "weighted", 0.0)
+    assert (settings.pool, settings.final_bias, settings.presence_averaging, settings.shape.warp) == ("avg", True, "weighted", 0.0)
     export_model(run, tmp_path / "old.safetensors")  # an old run still exports, with the keys written out
     assert load_source(tmp_path / "old.safetensors").config["final_bias"] is True
 
@@ -194,11 +195,11 @@ def test_old_run_without_the_new_keys_loads_and_predicts_as_before(tmp_path, tin
 def test_new_run_records_the_faithful_defaults(tiny_run):
     config = json.loads((tiny_run / "config.json").read_text())
     assert (config["pool"], config["final_bias"], config["presence_averaging"], config["warp"]) == ("max", False, "batch", 0.0)
-    assert "fc.3.bias" not in load_file(str(tiny_run / CHECKPOINTS["presence"]))
+    assert "fc.3.bias" not in load_file(str(tiny_run / WEIGHTS_FILES["presence"]))
 
 
 def test_the_window_is_recorded_in_the_run_and_the_model_file(tiny_run, exported):
-    from cov3d.dataset.intensity import DEFAULT_WINDOW
+    from cov3d.window import DEFAULT_WINDOW
 
     assert json.loads((tiny_run / "config.json").read_text())["window"] == str(DEFAULT_WINDOW)
     assert load_source(exported).config["window"] == str(DEFAULT_WINDOW)
@@ -213,14 +214,14 @@ def run_with_config(tiny_run, folder, change):
     config = json.loads((tiny_run / "config.json").read_text())
     change(config)
     (folder / "config.json").write_text(json.dumps(config))
-    for name in CHECKPOINTS.values():
+    for name in WEIGHTS_FILES.values():
         os.link(tiny_run / name, folder / name)
     return folder
 
 
 def test_models_without_a_window_use_the_default_and_inference_follows_the_model(tiny_run, tmp_path):
-    from cov3d.dataset.intensity import DEFAULT_WINDOW, Window
-    from cov3d.inference.ensemble import RunPredictor
+    from cov3d.model.predictor import RunPredictor
+    from cov3d.window import DEFAULT_WINDOW, Window
 
     old = load_source(run_with_config(tiny_run, tmp_path / "old", lambda config: config.pop("window")))
     assert old.window == DEFAULT_WINDOW
@@ -228,7 +229,7 @@ def test_models_without_a_window_use_the_default_and_inference_follows_the_model
     assert other.window == Window(-600, 1500)
     cpu = torch.device("cpu")
     assert RunPredictor(other, cpu, None).shape.window == Window(-600, 1500)
-    assert RunPredictor(other, cpu, None, window="-450,1500").shape.window == Window(-450, 1500)  # --window overrides
+    assert RunPredictor(other, cpu, None, window=Window(-450, 1500)).shape.window == Window(-450, 1500)  # --window overrides
 
 
 def test_an_invalid_window_is_refused(tiny_run, tmp_path):

@@ -20,13 +20,13 @@ from scipy.interpolate import CubicSpline
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing import cache as cache_module, preprocess as preprocess_module
 from cov3d.preprocessing.preprocess import (
-    SIZES,
     VolumeCache,
     default_cache_dir,
     depth_interpolation_matrix,
     preprocess_scan,
 )
 from cov3d.preprocessing.workers import PreprocessSummary, preprocess_many, select_shard
+from cov3d.settings import PRESETS, VolumeShape
 
 STORAGE_TOLERANCE = 2e-3
 """Required bound on |cached volume - reference| after storage rounding (issue #4)."""
@@ -59,8 +59,8 @@ def reference_volume(scan: Path, depth: int, height: int, width: int) -> np.ndar
         with Image.open(path) as image:
             if image.mode.startswith("I"):  # 16-bit: scaled by 255 / 65535 (documented in cov3d.dataset.scans)
                 image = Image.fromarray(np.rint(np.asarray(image) * (255 / 65535)).astype(np.uint8))
-            gray = image.convert("L").resize((width, height), Image.Resampling.BICUBIC)
-            stack.append(np.asarray(gray) / 255.0)
+            grey = image.convert("L").resize((width, height), Image.Resampling.BICUBIC)
+            stack.append(np.asarray(grey) / 255.0)
     stack = np.stack(stack)
     if len(stack) == 1:
         return np.repeat(stack, depth, axis=0)
@@ -78,7 +78,8 @@ def cache_dir(tmp_path: Path) -> Path:
 
 
 def test_sizes_match_paper() -> None:
-    assert SIZES == {"small": (64, 128, 128), "medium": (128, 256, 256), "large": (160, 320, 320)}
+    assert {name: shape.dims for name, shape in PRESETS.items()} == {
+        "small": (64, 128, 128), "medium": (128, 256, 256), "large": (160, 320, 320)}
 
 
 @pytest.mark.parametrize("n_slices", [1, 2, 3, 4, 7, 12])
@@ -202,8 +203,8 @@ def test_fast_decode_close_to_normal(tmp_path: Path) -> None:
 def test_invalid_sizes(tmp_path: Path) -> None:
     with pytest.raises(Cov3dError, match="positive"):
         preprocess_scan(make_scan(tmp_path / "s", 2), 0, 8, 8)
-    with pytest.raises(Cov3dError, match="positive"):
-        VolumeCache(tmp_path, 4, 0, 8)
+    with pytest.raises(Cov3dError, match="height"):  # the shape checks its sizes before any cache is made
+        VolumeCache(tmp_path, VolumeShape(4, 0, 8))
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -216,12 +217,12 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 def test_cache_paths_keyed_by_parameters_and_source(tmp_path: Path, cache_dir: Path) -> None:
     scan_a, scan_b = make_scan(tmp_path / "a" / "ct_scan_1", 2), make_scan(tmp_path / "b" / "ct_scan_1", 2)
-    small = VolumeCache(cache_dir, 4, 8, 8)
+    small = VolumeCache(cache_dir, VolumeShape(4, 8, 8))
     paths = {
         small.path_for(scan_a),
         small.path_for(scan_b),
-        VolumeCache(cache_dir, 5, 8, 8).path_for(scan_a),
-        VolumeCache(cache_dir, 4, 8, 8, fast_decode=True).path_for(scan_a),
+        VolumeCache(cache_dir, VolumeShape(5, 8, 8)).path_for(scan_a),
+        VolumeCache(cache_dir, VolumeShape(4, 8, 8, fast_decode=True)).path_for(scan_a),
     }
     assert len(paths) == 4
     assert all(path.is_relative_to(cache_dir) for path in paths)
@@ -230,7 +231,7 @@ def test_cache_paths_keyed_by_parameters_and_source(tmp_path: Path, cache_dir: P
 
 def test_cache_round_trip_within_storage_tolerance(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 5)
-    cache = VolumeCache(cache_dir, 7, 12, 10)
+    cache = VolumeCache(cache_dir, VolumeShape(7, 12, 10))
     before = sorted(tmp_path.rglob("*"))
     assert cache.load(scan) is None
     built = cache.get(scan)
@@ -277,7 +278,7 @@ def damage(path: Path, how: str) -> None:
 )
 def test_damaged_cache_is_rebuilt(tmp_path: Path, cache_dir: Path, how: str) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 3)
-    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 8, 6))
     good = cache.get(scan)
     damage(cache.path_for(scan), how)
     assert cache.load(scan) is None
@@ -294,7 +295,7 @@ def test_checked_levels_read_without_listing_the_scan(
 ) -> None:
     """Training reads entries that update() made current without listing or fingerprinting the scan again."""
     scan = make_scan(tmp_path / "ct_scan_1", 3)
-    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 8, 6))
     cache.update(scan)
     values = cache.get(scan)
     listings = []
@@ -309,7 +310,7 @@ def test_checked_levels_read_without_listing_the_scan(
 @pytest.mark.parametrize("how", ["truncated", "contents", "missing"])
 def test_checked_levels_rebuild_a_damaged_or_missing_entry(tmp_path: Path, cache_dir: Path, how: str) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 3)
-    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 8, 6))
     cache.update(scan)
     good = cache.checked_levels(scan)
     if how == "missing":
@@ -322,7 +323,7 @@ def test_checked_levels_rebuild_a_damaged_or_missing_entry(tmp_path: Path, cache
 
 def test_source_change_rebuilds(tmp_path: Path, cache_dir: Path) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 3)
-    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 8, 6))
     first = cache.get(scan)
     stat = (scan / "1.jpg").stat()
     os.utime(scan / "1.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touch
@@ -340,7 +341,7 @@ def test_source_change_rebuilds(tmp_path: Path, cache_dir: Path) -> None:
 
 def test_leftover_temp_file_is_ignored_and_stale_ones_removed(tmp_path: Path, cache_dir: Path) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 3)
-    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 8, 6))
     path = cache.path_for(scan)
     path.parent.mkdir(parents=True)
     fresh, stale = path.parent / f".{path.name}.a1{cache_module.TEMP_SUFFIX}", path.parent / f".{path.name}.b2.tmp"
@@ -361,6 +362,7 @@ KILLED_WRITER = textwrap.dedent(
     import torch
     from cov3d.preprocessing import cache as cache_module
     from cov3d.preprocessing.preprocess import VolumeCache
+    from cov3d.settings import VolumeShape
 
     real_save = torch.save
 
@@ -372,7 +374,7 @@ KILLED_WRITER = textwrap.dedent(
         time.sleep(60)
 
     cache_module.torch.save = slow_save
-    VolumeCache(Path(sys.argv[1]), 4, 8, 6).get(Path(sys.argv[2]))
+    VolumeCache(Path(sys.argv[1]), VolumeShape(4, 8, 6)).get(Path(sys.argv[2]))
     """
 )
 
@@ -380,7 +382,7 @@ KILLED_WRITER = textwrap.dedent(
 def test_writer_killed_mid_write(tmp_path: Path, cache_dir: Path) -> None:
     """A real process killed with SIGKILL while writing leaves no loadable entry behind."""
     scan = make_scan(tmp_path / "ct_scan_1", 3)
-    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 8, 6))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     writer = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(cache_dir), str(scan)], stdout=subprocess.PIPE, env=env, text=True
@@ -414,7 +416,7 @@ def test_full_disk_fails_each_scan_with_its_cache_file_named(
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     scans = make_scans(tmp_path / "data", 2)
-    cache = VolumeCache(cache_dir, 4, 6, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 6, 6))
     monkeypatch.setattr(cache_module.torch, "save", torn_save)
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 0})())
     summary = preprocess_many(scans, cache, workers=1, progress=False)
@@ -429,7 +431,7 @@ def test_full_disk_fails_each_scan_with_its_cache_file_named(
 
 def test_resume_skips_up_to_date(tmp_path: Path, cache_dir: Path) -> None:
     scans = make_scans(tmp_path / "data", 4)
-    cache = VolumeCache(cache_dir, 4, 6, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 6, 6))
     first = preprocess_many(scans, cache, workers=1, progress=True)
     assert (first.processed, first.skipped, first.failed) == (4, 0, [])
     second = preprocess_many(scans, cache, workers=1, progress=False)
@@ -442,14 +444,14 @@ def test_failures_do_not_stop_others_unless_strict(tmp_path: Path, cache_dir: Pa
     (scans[1] / "0.jpg").write_bytes(b"")
     empty = tmp_path / "data" / "ct_scan_9"
     empty.mkdir()
-    cache = VolumeCache(cache_dir, 4, 6, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 6, 6))
     summary = preprocess_many([*scans, empty], cache, workers=1, progress=False)
     assert (summary.processed, summary.skipped) == (3, 0)
     assert [path for path, _ in summary.failed] == [scans[1], empty]
     assert str(scans[1] / "0.jpg") in summary.failed[0][1] and "empty" in summary.failed[0][1]
     assert "No CT slices" in summary.failed[1][1]
     with pytest.raises(Cov3dError, match="0.jpg"):
-        preprocess_many(scans, VolumeCache(cache_dir, 5, 6, 6), workers=1, strict=True, progress=False)
+        preprocess_many(scans, VolumeCache(cache_dir, VolumeShape(5, 6, 6)), workers=1, strict=True, progress=False)
 
 
 def test_unexpected_errors_are_reported(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -459,17 +461,17 @@ def test_unexpected_errors_are_reported(tmp_path: Path, cache_dir: Path, monkeyp
         raise MemoryError("no room")
 
     monkeypatch.setattr(preprocess_module, "_preprocess_slices", broken)
-    summary = preprocess_many(scans, VolumeCache(cache_dir, 4, 6, 6), workers=1, progress=False)
+    summary = preprocess_many(scans, VolumeCache(cache_dir, VolumeShape(4, 6, 6)), workers=1, progress=False)
     assert len(summary.failed) == 2 and "MemoryError" in summary.failed[0][1]
 
 
 def test_two_workers_match_one(tmp_path: Path, cache_dir: Path) -> None:
     scans = make_scans(tmp_path / "data", 5)
     (scans[2] / "1.jpg").write_bytes(b"broken")
-    parallel = VolumeCache(cache_dir / "two", 4, 6, 6)
+    parallel = VolumeCache(cache_dir / "two", VolumeShape(4, 6, 6))
     summary = preprocess_many(scans, parallel, workers=2, progress=False)
     assert (summary.processed, summary.skipped, [path for path, _ in summary.failed]) == (4, 0, [scans[2]])
-    serial = VolumeCache(cache_dir / "one", 4, 6, 6)
+    serial = VolumeCache(cache_dir / "one", VolumeShape(4, 6, 6))
     for scan in (scans[0], scans[4]):
         assert torch.equal(parallel.load(scan), serial.get(scan))
 
@@ -480,7 +482,7 @@ def test_shards_partition_the_scans(tmp_path: Path, cache_dir: Path) -> None:
     assert sorted(path for shard in shards for path in shard) == sorted(scans)
     assert sum(len(shard) for shard in shards) == len(scans)
     assert shards == [select_shard(scans, (index, 3)) for index in range(3)]  # order-independent
-    cache = VolumeCache(cache_dir, 4, 6, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 6, 6))
     summary = preprocess_many(scans, cache, workers=1, shard=(1, 3), progress=False)
     assert summary == PreprocessSummary(processed=len(shards[1]))
     assert {scan for scan in scans if cache.path_for(scan).exists()} == set(shards[1])
@@ -491,7 +493,7 @@ def test_shards_partition_the_scans(tmp_path: Path, cache_dir: Path) -> None:
 
 def test_prune_removes_only_what_can_never_be_read(tmp_path: Path, cache_dir: Path) -> None:
     kept_scan, gone_scan = make_scan(tmp_path / "ct_scan_1", 3), make_scan(tmp_path / "ct_scan_2", 3, seed=1)
-    cache, other_size = VolumeCache(cache_dir, 4, 8, 6), VolumeCache(cache_dir, 2, 4, 4)
+    cache, other_size = VolumeCache(cache_dir, VolumeShape(4, 8, 6)), VolumeCache(cache_dir, VolumeShape(2, 4, 4))
     for scan in (kept_scan, gone_scan):
         cache.update(scan)
     other_size.update(gone_scan)
@@ -551,7 +553,7 @@ def test_prune_a_missing_cache_dir(tmp_path: Path) -> None:
 
 def test_values_on_a_device_are_the_stored_values(tmp_path: Path, cache_dir: Path) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 3)
-    cache = VolumeCache(cache_dir, 4, 8, 6)
+    cache = VolumeCache(cache_dir, VolumeShape(4, 8, 6))
     levels = cache.levels(scan)
     assert levels.dtype == torch.uint8
     assert torch.equal(cache_module.values_on(levels, torch.device("cpu")), cache.get(scan))

@@ -15,10 +15,11 @@ from PIL import Image
 from scipy.interpolate import CubicSpline
 from scipy.ndimage import map_coordinates
 
-from cov3d.dataset.intensity import DEFAULT_WINDOW
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.cache import CACHE_FORMAT_VERSION, KEY_HEX_CHARS, prune_cache
 from cov3d.preprocessing.preprocess import VolumeCache, depth_interpolation_matrix, preprocess_scan, warp_slice
+from cov3d.settings import VolumeShape
+from cov3d.window import DEFAULT_WINDOW
 
 WARP = 0.5
 
@@ -110,13 +111,13 @@ def test_invalid_warp(tmp_path: Path, bad: float) -> None:
     with pytest.raises(Cov3dError, match="warp"):
         preprocess_scan(scan, 4, 8, 8, warp=bad)
     with pytest.raises(Cov3dError, match="warp"):
-        VolumeCache(tmp_path / "cache", 4, 8, 8, warp=bad)
+        VolumeCache(tmp_path / "cache", VolumeShape(4, 8, 8, warp=bad))
 
 
 def test_warped_volumes_are_cached_under_their_own_key(tmp_path: Path) -> None:
     scan = make_scan(tmp_path / "ct_scan_1", 4)
     cache_dir = tmp_path / "cache"
-    plain, warped = VolumeCache(cache_dir, 6, 12, 10), VolumeCache(cache_dir, 6, 12, 10, warp=WARP)
+    plain, warped = VolumeCache(cache_dir, VolumeShape(6, 12, 10)), VolumeCache(cache_dir, VolumeShape(6, 12, 10, warp=WARP))
     assert plain.path_for(scan) != warped.path_for(scan)
     assert warped.path_for(scan).parent.name == "6x12x10-warp0.5"
     # the unwarped volume's key has no warp in it: the key it had before the warp option existed
@@ -137,7 +138,7 @@ def test_warped_training_run_records_the_warp(tmp_path: Path, tiny_dataset: Path
     from cov3d.inference.infer import infer
     from cov3d.training.train import TrainSettings, train
 
-    settings = TrainSettings(depth=4, height=16, width=16, epochs=1, penultimate=8, warp=WARP)
+    settings = TrainSettings(shape=VolumeShape(4, 16, 16, warp=WARP), epochs=1, penultimate=8)
     run = train(tiny_dataset, tmp_path / "run", settings, cache_dir=tmp_path / "cache", pretrained=False,
                 device="cpu", precision="fp32", workers=1).run_dir
     assert json.loads((run / "config.json").read_text())["warp"] == WARP

@@ -9,11 +9,12 @@ import pytest
 from PIL import Image
 
 from cov3d.dataset.dicom_nifti import hu_to_uint8
-from cov3d.dataset.intensity import DEFAULT_WINDOW, band_distance, band_fractions, middle_half
+from cov3d.dataset.intensity import band_distance, band_fractions, middle_half
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.errors import Cov3dError
 from cov3d.synthetic.generator import MASKS_FOLDER, generate_dataset, mask_path, read_masks, render_scan, sample_depths
 from cov3d.synthetic.phantom import HU_GGO, SEVERITY_BANDS, render_phantom
+from cov3d.window import DEFAULT_WINDOW
 
 TINY = dict(scans=12, slice_size=32, depth_scale=0.05)
 NAME = re.compile(r"^ct_scan_?(\d+)$")
@@ -58,7 +59,7 @@ def test_layout_and_summary(tiny):
     assert any(n.startswith("ct_scan") and not n.startswith("ct_scan_") for n in names)
 
 
-def test_slices_numbered_and_valid_grayscale_jpeg(tiny):
+def test_slices_numbered_and_valid_greyscale_jpeg(tiny):
     out, summary = tiny
     folders = list(out.glob("*/*/ct_scan*")) + scan_dirs(out / "test")
     depths = []

@@ -6,6 +6,7 @@ import torch
 from cov3d.dataset.layout import read_severity_csv
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.settings import VolumeShape
 from cov3d.training.data import (
     DEFAULT_BATCH_SIZE,
     LevelsToValues,
@@ -100,7 +101,7 @@ def test_reflection_flips_width_of_volumes_only_in_training():
 
 def test_dataloaders_give_batches_of_two_volumes_and_targets(tmp_path, tiny_dataset):
     items = collect_items(tiny_dataset)
-    cache = VolumeCache(tmp_path / "cache", 8, 32, 32)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(8, 32, 32))
     dls = build_dataloaders(items, cache)
     assert len(dls.train_ds) == sum(i.partition == "train" for i in items)
     assert len(dls.valid_ds) == sum(i.partition == "validation" for i in items)
@@ -114,7 +115,7 @@ def test_dataloaders_give_batches_of_two_volumes_and_targets(tmp_path, tiny_data
 def test_items_stay_uint8_and_batches_hold_the_cached_values(tmp_path, tiny_dataset):
     """Items carry a quarter of the bytes; the batch equals VolumeCache.get, value for value."""
     items = collect_items(tiny_dataset)
-    cache = VolumeCache(tmp_path / "cache", 8, 32, 32)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(8, 32, 32))
     dls = build_dataloaders(items, cache, reflect=False)
     volume, _ = dls.valid_ds[0]
     assert isinstance(volume, TensorCT) and volume.dtype == torch.uint8 and volume.shape == (1, 8, 32, 32)
@@ -127,7 +128,7 @@ def test_items_stay_uint8_and_batches_hold_the_cached_values(tmp_path, tiny_data
 
 def test_training_batches_convert_levels_after_the_device_copy(tmp_path, tiny_dataset):
     items = collect_items(tiny_dataset)
-    cache = VolumeCache(tmp_path / "cache", 8, 32, 32)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(8, 32, 32))
     dls = training_loaders(items, cache, batch_size=2, reflect=True, device=torch.device("cpu"), workers=0,
                            dist=Distributed())
     for loader in dls.loaders:

@@ -1,9 +1,7 @@
 """The CUDA and DDP paths that CPUs can reach: the chosen GPU becomes the current one, deterministic kernels,
 loader workers from a fork server sized per process, DDP timeouts, rank-0-only work and per-process seeds."""
 
-import importlib.util
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +10,12 @@ import torch.distributed as torch_dist
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.runtime import CUBLAS_WORKSPACE_CONFIG, reproducible_kernels, resolve_device
+from cov3d.settings import TrainSettings, VolumeShape
 from cov3d.training import distributed, loaders
 from cov3d.training.data import collect_items
 from cov3d.training.distributed import Distributed, distributed_from_env, replica_seed, run_on_main, seed_replica
 from cov3d.training.loaders import ForkServerLoader, default_loader_workers, training_loaders
 from cov3d.training.train import kept_determinism_flags, seed_everything
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -59,13 +56,12 @@ def test_gpu_runs_use_deterministic_kernels_and_say_so(monkeypatch):
 
 
 def test_the_benchmark_times_the_kernels_training_uses(monkeypatch, tiny_dataset, tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark_train", ROOT / "scripts" / "benchmark_train.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    from cov3d.workflows import benchmark
+
     calls = []
     monkeypatch.setattr(benchmark, "seed_everything", lambda seed, device: calls.append((seed, device)) or "")
-    settings = benchmark.TrainSettings(depth=8, height=32, width=32, penultimate=8, seed=5)
-    benchmark.parts(collect_items(tiny_dataset), VolumeCache(tmp_path, 8, 32, 32), settings, torch.device("cpu"))
+    settings = TrainSettings(shape=VolumeShape(8, 32, 32), penultimate=8, seed=5)
+    benchmark.training_parts(collect_items(tiny_dataset), VolumeCache(tmp_path, VolumeShape(8, 32, 32)), settings, torch.device("cpu"))
     assert calls == [(5, torch.device("cpu"))]
 
 
@@ -73,7 +69,7 @@ def test_loader_workers_start_from_a_fork_server(tiny_dataset, tmp_path):
     """Forking the training process after CUDA started is unsafe: the workers come from a fork server,
     and still deliver batches (the loader pickles to them), sharded under DDP as well."""
     items = collect_items(tiny_dataset)
-    cache = VolumeCache(tmp_path / "cache", 8, 32, 32)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(8, 32, 32))
     for dist in (Distributed(), Distributed(rank=1, world_size=2, local_world_size=2)):
         dls = training_loaders(items, cache, batch_size=2, reflect=True, device=torch.device("cpu"), workers=1, dist=dist)
         for loader in dls.loaders:

@@ -13,7 +13,7 @@ from cov3d.errors import Cov3dError, NonFiniteTraining
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.network import build_model
 from cov3d.runtime import choose_precision
-from cov3d.synthetic.demo import DemoReport, DemoSettings, check_beats_baseline
+from cov3d.settings import VolumeShape
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training import bf16_convs
 from cov3d.training.bf16_convs import (
@@ -23,6 +23,7 @@ from cov3d.training.bf16_convs import (
     depth_padded,
 )
 from cov3d.training.train import TrainSettings, train
+from cov3d.workflows.demo import DemoReport, DemoSettings, check_beats_baseline
 
 DEPTH_TWO_INPUT = (4, 64, 2, 8, 8)
 """A (B, C, D, H, W) conv input two slices deep: oneDNN's AVX-512 BF16 (non-AMX) backward-weights kernel
@@ -193,7 +194,7 @@ def guard_dataset(module_dir) -> Path:
 
 
 def tiny_settings(**changes) -> TrainSettings:
-    return TrainSettings(depth=8, height=32, width=32, batch_size=3, penultimate=8, **changes)
+    return TrainSettings(shape=VolumeShape(8, 32, 32), batch_size=3, penultimate=8, **changes)
 
 
 @pytest.mark.slow
@@ -289,8 +290,8 @@ def test_cpu_bf16_training_checks_every_convolution_once(module_dir, guard_datas
     verdicts, models = {}, []
     monkeypatch.setattr(bf16_convs, "_verdicts", verdicts)
     monkeypatch.setattr(train_module, "build_model", lambda **kwargs: models.append(build_model(**kwargs)) or models[-1])
-    train(guard_dataset, module_dir / "bf16-run", TrainSettings(depth=16, height=BF16_SLICE, width=BF16_SLICE,
-                                                                batch_size=3, penultimate=8, epochs=1),
+    settings = TrainSettings(shape=VolumeShape(16, BF16_SLICE, BF16_SLICE), batch_size=3, penultimate=8, epochs=1)
+    train(guard_dataset, module_dir / "bf16-run", settings,
           cache_dir=module_dir / "cache16", pretrained=False, device="cpu", precision="bf16", workers=1)
     assert any(geometry[0][2] == 2 for geometry in verdicts)  # layer4's depth
     assert len(verdicts) >= 11  # stem, layer1..4 convolutions and downsamples, for each batch shape

@@ -20,10 +20,11 @@ from fastai.optimizer import Adam
 from torch import nn
 
 from cov3d.errors import Cov3dError
+from cov3d.runfiles import RESUME_FILE
+from cov3d.settings import TrainSettings
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.training.checkpoint import (
-    RESUME_FILE,
     TrainingState,
     load_optimizer_state,
     load_resume_state,
@@ -164,7 +165,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
 def test_one_cycle_schedule_matches_fastai_formula():
     """lr at the start, at the peak (25 % of the run) and at the end: 1e-4/25, 1e-4, 1e-4/1e5 (fastai defaults)."""
-    schedule = OneCycleSchedule(lr_max=1e-4, epochs=4, first_epoch=1)
+    schedule = OneCycleSchedule(TrainSettings(learning_rate=1e-4, epochs=4), first_epoch=1)
     lr = schedule.schedules["lr"]
     assert lr(0.0) == pytest.approx(4e-6) and lr(0.25) == pytest.approx(1e-4) and lr(1.0) == pytest.approx(1e-9)
     schedule.epoch, schedule.iter, schedule.n_iter = 0, 5, 10  # absolute epoch 1, batch 5 of 10

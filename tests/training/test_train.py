@@ -11,8 +11,11 @@ from safetensors.torch import load_file
 
 from cov3d.errors import Cov3dError
 from cov3d.model.network import build_model
-from cov3d.training.checkpoint import RESUME_FILE, resume_remedy
-from cov3d.training.train import CHECKPOINTS, TrainSettings, kept_determinism_flags, seed_everything, train
+from cov3d.runfiles import RESUME_FILE, WEIGHTS_BY_METRIC
+from cov3d.settings import VolumeShape
+from cov3d.training.checkpoint import resume_remedy
+from cov3d.training.train import TrainSettings, kept_determinism_flags, seed_everything, train
+from cov3d.window import Window
 
 
 def test_paper_defaults():
@@ -29,7 +32,7 @@ def test_one_epoch_writes_checkpoints_config_and_metrics(tiny_run):
     assert config["severity_classes"] == ["negative", "mild", "moderate", "severe", "critical"]
     assert len(config["presence_weights"]) == 2 and len(config["severity_weights"]) == 6
 
-    for file_name in CHECKPOINTS.values():
+    for file_name in WEIGHTS_BY_METRIC.values():
         state = load_file(str(tiny_run / file_name))
         model = build_model(outputs=6, penultimate=16)
         model.load_state_dict(state)  # strict: every key and shape matches the architecture
@@ -47,13 +50,13 @@ def test_one_epoch_writes_checkpoints_config_and_metrics(tiny_run):
 
 @pytest.mark.slow
 def test_presence_only_run_keeps_one_checkpoint(tmp_path, tiny_dataset):
-    settings = TrainSettings(depth=8, height=32, width=32, epochs=1, penultimate=8, severity_factor=0.0)
+    settings = TrainSettings(shape=VolumeShape(8, 32, 32), epochs=1, penultimate=8, severity_factor=0.0)
     result = train(
         tiny_dataset, tmp_path / "run", settings, cache_dir=tmp_path / "cache", pretrained=False,
         device="cpu", precision="fp32", workers=1,
     )
-    assert (result.run_dir / CHECKPOINTS["presence_f1"]).is_file()
-    assert not (result.run_dir / CHECKPOINTS["severity_f1"]).exists()
+    assert (result.run_dir / WEIGHTS_BY_METRIC["presence_f1"]).is_file()
+    assert not (result.run_dir / WEIGHTS_BY_METRIC["severity_f1"]).exists()
     assert json.loads((result.run_dir / "config.json").read_text())["outputs"] == 1
 
 
@@ -97,11 +100,11 @@ def test_full_disk_while_saving_the_best_weights(tmp_path, tiny_dataset, monkeyp
 
     monkeypatch.setattr(Path, "write_bytes", fill_the_disk)
     run = tmp_path / "run"
-    settings = TrainSettings(depth=8, height=32, width=32, epochs=1, penultimate=8, severity_factor=0.0)
+    settings = TrainSettings(shape=VolumeShape(8, 32, 32), epochs=1, penultimate=8, severity_factor=0.0)
     with pytest.raises(Cov3dError) as error:
         train(tiny_dataset, run, settings, cache_dir=tmp_path / "cache", pretrained=False, device="cpu",
               precision="fp32", workers=1)
-    best = run / CHECKPOINTS["presence_f1"]
+    best = run / WEIGHTS_BY_METRIC["presence_f1"]
     assert str(error.value) == f"Cannot write {best}: No space left on device. {resume_remedy(run)}"
     assert "start the run again" in str(error.value)
     assert not best.exists() and not list(run.glob(".*"))
@@ -113,8 +116,11 @@ def test_resume_remedy_names_the_command_once_a_checkpoint_exists(tmp_path):
     assert resume_remedy(tmp_path).endswith(f"cov3d train --resume {tmp_path}")
 
 
-def test_the_window_setting_is_checked_and_normalised():
-    assert TrainSettings().window == "-470,1410"
-    assert TrainSettings(window=" -450 , 1500 ").window == "-450,1500"
+def test_the_window_is_parsed_once_and_recorded_as_text():
+    assert TrainSettings().to_config()["window"] == "-470,1410"
+    shape = VolumeShape(4, 8, 8, window=Window.parse(" -450 , 1500 "))
+    assert TrainSettings(shape=shape).to_config()["window"] == "-450,1500"
     with pytest.raises(Cov3dError, match="window"):
-        TrainSettings(window="-450")
+        Window.parse("-450")
+    with pytest.raises(TypeError, match="Window"):
+        VolumeShape(4, 8, 8, window="-450,1500")  # text is parsed where it is read, not below

@@ -4,6 +4,8 @@ labels from the dataset layout, matrices checked against scikit-learn and the ru
 import csv
 import errno
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from cov3d.errors import Cov3dError
 from cov3d.inference.views import layout_label, load_tensor_file, show_scans
 from cov3d.model.metrics import confusion_macro_f1
 from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.settings import VolumeShape
 from cov3d.training.run_figures import confusion_matrix
 from cov3d.viz.figures import mid_planes, peak_voxel, save_figure
 
@@ -65,7 +68,7 @@ def test_show_command_draws_jpeg_and_cached_scans(tmp_path, tiny_dataset):
     categories = read_categories(tiny_dataset / "train_partition_covid_categories.csv")
     annotated = tiny_dataset / "train" / "covid" / sorted(categories)[0]
     deepest = max((p for p in (tiny_dataset / "train" / "non-covid").iterdir()), key=lambda p: len(list(p.glob("*.jpg"))))
-    cache = VolumeCache(tmp_path / "cache", 16, 32, 32)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(16, 32, 32))
     cache.update(deepest)
     output = tmp_path / "figs" / "scans.png"
     result = invoke("show", annotated, cache.path_for(deepest), "--output", output)
@@ -76,7 +79,7 @@ def test_show_command_draws_jpeg_and_cached_scans(tmp_path, tiny_dataset):
 
 def test_cache_file_is_shown_as_values_in_0_1(tmp_path, tiny_dataset):
     scan = next(p for p in sorted((tiny_dataset / "train" / "covid").iterdir()))
-    cache = VolumeCache(tmp_path / "cache", 8, 16, 16)
+    cache = VolumeCache(tmp_path / "cache", VolumeShape(8, 16, 16))
     assert cache.update(scan)
     volume, source = load_tensor_file(cache.path_for(scan))
     assert torch.equal(volume, cache.get(scan)[0]) and source == scan.resolve()
@@ -141,9 +144,9 @@ def test_help_lists_the_figure_commands():
 
 
 def small_figure():
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig = plt.figure(figsize=(2, 1))
+    fig = Figure(figsize=(2, 1))
     fig.add_subplot().plot([0, 1], [1, 0])
     return fig
 
@@ -169,3 +172,15 @@ def test_a_figure_that_does_not_fit_on_the_disk_leaves_nothing(tmp_path, monkeyp
     with pytest.raises(Cov3dError, match=r"old\.png: No space left on device\. Free some space"):
         save_figure(small_figure(), tmp_path / "old.png")
     assert [path.name for path in tmp_path.iterdir()] == ["old.png"] and (tmp_path / "old.png").read_bytes() == b"old"
+
+
+def test_drawing_leaves_the_backend_and_the_style_alone():
+    """A notebook's backend and settings survive importing cov3d's figures and drawing one."""
+    script = (
+        "import matplotlib; matplotlib.use('svg'); size = matplotlib.rcParams['font.size'] + 1; "
+        "matplotlib.rcParams['font.size'] = size; "
+        "from cov3d.viz.figures import depth_histogram; depth_histogram({'train': [1, 2, 3]}); "
+        "print(matplotlib.get_backend(), matplotlib.rcParams['font.size'] == size)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["svg", "True"]

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from cov3d.errors import BaselineNotBeaten
-from cov3d.synthetic.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
+from cov3d.workflows.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 

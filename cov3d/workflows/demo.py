@@ -137,7 +137,7 @@ def run_demo(
     logger.info("2/4 Preprocessing to %s", settings.shape)
     items = collect_items(data_dir)
     splits = {"validation": labelled(items, "validation"), "test": labelled_test_split(data_dir)}
-    cache = VolumeCache.for_shape(cache_dir, settings.shape)
+    cache = VolumeCache(cache_dir, settings.shape)
     preprocess_many([i.path for i in items] + [s.path for s in splits["test"]], cache, workers=workers)
     step_done("preprocess")
 

@@ -1,9 +1,9 @@
-"""The ensemble's arithmetic: means, spread and agreement over models and Monte-Carlo samples."""
+"""combine: the arithmetic of ensembles: means, spread and agreement over models and Monte-Carlo samples."""
 
 import pytest
 import torch
 
-from cov3d.inference.ensemble import combine
+from cov3d.model.predictor import combine
 
 
 def test_combine_by_hand():

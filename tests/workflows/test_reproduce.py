@@ -1,10 +1,8 @@
-"""scripts/table3.py: the paper's 28 settings, commands that the `cov3d train` CLI accepts, a tiny run, collect."""
+"""cov3d reproduce: the paper's 28 settings, commands that the `cov3d train` CLI accepts, a tiny run, collect, submissions."""
 
-import importlib.util
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +11,15 @@ from typer.testing import CliRunner
 
 from cov3d.cli import app as cov3d_app
 from cov3d.synthetic.generator import generate_dataset
+from cov3d.workflows import reproduce as table3
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT.parent / "shared" / "spec" / "cov3d-paper.md"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("table3", ROOT / "scripts" / "table3.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["table3"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-table3 = load_script()
+def invoke(*arguments: str):
+    """``cov3d reproduce ARGUMENTS``."""
+    return CliRunner().invoke(cov3d_app, ["reproduce", *arguments])
 
 
 def parse_train(arguments: list[str]) -> dict:
@@ -57,7 +50,7 @@ def test_settings_match_the_paper_text():
 
 
 def test_every_command_parses_with_the_row_settings():
-    result = CliRunner().invoke(table3.app, ["commands", "--directory", "DATA", "--output-root", "out"])
+    result = invoke("plan", "--directory", "DATA", "--output-root", "out")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert len(lines) == 28
@@ -76,25 +69,24 @@ def test_every_command_parses_with_the_row_settings():
 
 
 def test_warp_switch_adds_the_original_warp():
-    result = CliRunner().invoke(table3.app, ["commands", "1", "14", "--warp", "--output-root", "warped"])
+    result = invoke("plan", "1", "14", "--warp", "--output-root", "warped")
     lines = result.output.splitlines()
     assert len(lines) == 2
     assert all(parse_train(shlex.split(line)[1:])["warp"] == 0.5 for line in lines)
 
 
 def test_subsets_and_overrides():
-    result = CliRunner().invoke(table3.app, ["commands", "3-4,27", "--extra=--epochs 1 --no-pretrained"])
+    result = invoke("plan", "3-4,27", "--extra=--epochs 1 --no-pretrained")
     lines = result.output.splitlines()
     assert [shlex.split(line)[shlex.split(line).index("--output-dir") + 1] for line in lines] == [
         "outputs/table3-3", "outputs/table3-4", "outputs/table3-27"]
     params = parse_train(shlex.split(lines[0])[1:])
     assert params["epochs"] == 1 and params["pretrained"] is False  # the last value wins
-    assert CliRunner().invoke(table3.app, ["commands", "29"]).exit_code != 0
+    assert invoke("plan", "29").exit_code != 0
 
 
 def test_a_failing_run_exits_non_zero(tmp_path):
-    result = CliRunner().invoke(table3.app, ["run", "1", "--directory", str(tmp_path / "missing"),
-                                             "--output-root", str(tmp_path)])
+    result = invoke("run", "1", "--directory", str(tmp_path / "missing"), "--output-root", str(tmp_path))
     assert result.exit_code != 0
 
 
@@ -103,9 +95,8 @@ def test_one_epoch_tiny_run_of_one_setting_and_collect(tmp_path):
     generate_dataset(tmp_path / "data", scans=8, test_scans=0, seed=3, slice_size=32, depth_scale=0.05)
     overrides = (f"--epochs 1 --depth 8 --width 32 --batch-size 3 --penultimate 8 --no-pretrained --device cpu "
                  f"--precision fp32 --workers 1 --cache-dir {tmp_path / 'cache'}")
-    result = CliRunner().invoke(
-        table3.app, ["run", "26", "--directory", str(tmp_path / "data"), "--output-root", str(tmp_path),
-                     f"--extra={overrides}"])
+    result = invoke("run", "26", "--directory", str(tmp_path / "data"), "--output-root", str(tmp_path),
+                    f"--extra={overrides}")
     assert result.exit_code == 0, result.output
     run = tmp_path / "table3-26"
     config = json.loads((run / "config.json").read_text())
@@ -115,7 +106,7 @@ def test_one_epoch_tiny_run_of_one_setting_and_collect(tmp_path):
     tta = json.loads((run / "summary.json").read_text())["tta_scores"]
     assert set(tta) == {"presence_f1", "severity_f1"}
 
-    table = CliRunner().invoke(table3.app, ["collect", "--output-root", str(tmp_path)]).output.splitlines()
+    table = invoke("collect", "--output-root", str(tmp_path)).output.splitlines()
     assert len(table) == 3  # header, rule, one run
     cells = [cell.strip() for cell in table[2].strip("|").split("|")]
     assert cells[0] == "26" and cells[3] == "No"
@@ -123,9 +114,9 @@ def test_one_epoch_tiny_run_of_one_setting_and_collect(tmp_path):
                          f"{tta['presence_f1']:.4f}", f"{tta['severity_f1']:.4f}", "0.8973", "0.6143"]
 
     # the paper's submissions from this one-run grid: five folders of competition files
-    result = CliRunner().invoke(table3.app, [
+    result = invoke(
         "submission", str(tmp_path / "data" / "validation"), "--output-root", str(tmp_path),
-        "--submission-root", str(tmp_path / "subs"), f"--extra=--device cpu --precision fp32 --cache-dir {tmp_path / 'cache'}"])
+        "--submission-root", str(tmp_path / "subs"), f"--extra=--device cpu --precision fp32 --cache-dir {tmp_path / 'cache'}")
     assert result.exit_code == 0, result.output
     folders = sorted(path.name for path in (tmp_path / "subs").iterdir())
     assert folders == [f"submission-{k}" for k in range(1, 5)] + ["submission-5-ensemble"]
@@ -154,8 +145,8 @@ def test_submission_plan_takes_the_four_best_of_each_task(tmp_path):
     assert [[r.setting.id for r in presence] for _, presence, _ in plan] == [[4], [5], [1], [3], [4, 5, 1, 3]]
     assert [[r.setting.id for r in severity] for _, _, severity in plan] == [[14], [28], [16], [5], [14, 28, 16, 5]]
 
-    result = CliRunner().invoke(table3.app, ["submission", "TEST1", "--severity-test", "TEST2", "--output-root",
-                                             str(tmp_path), "--submission-root", "subs", "--dry-run"])
+    result = invoke("submission", "TEST1", "--severity-test", "TEST2", "--output-root",
+                    str(tmp_path), "--submission-root", "subs", "--dry-run")
     assert result.exit_code == 0, result.output
     lines = [shlex.split(line) for line in result.output.splitlines()]
     assert len(lines) == 10  # per submission: task 1 on TEST1 with presence models, task 2 on TEST2 with severity models

@@ -1,0 +1,2 @@
+"""Workflows: whole jobs that run the stages in turn: the demo, the paper's Table 3, and training
+measured as `cov3d train` runs it (for the benchmarks)."""
