@@ -1,21 +1,11 @@
 """Guards for what cov3d writes: never over its own inputs, a run it did not start, or a file that
 is not its own earlier output of the same kind.
 
-Every command checks its outputs with these functions before it opens anything for writing:
-
-- **Inputs.** An output that is an input file, or lies inside an input scan folder or a run
-  folder being read, is refused, whatever the options (``refuse_inside``).
-- **Runs.** A file named like one of a run's files (``config.json``, the weights, ``checkpoint.pth``
-  ...) inside a run folder is refused too, unless the command is training that run.
-- **Existing files.** An existing output is replaced only if it is provably cov3d's own earlier
-  output of the same kind, and a one-line notice says so: a predictions CSV whose header row is
-  cov3d's exact header; a figure whose metadata carries ``FIGURE_MARKER`` (PNG text chunk, PDF
-  Info dictionary, SVG Dublin Core, PostScript comment; other image formats carry none); a file
-  of an output folder (stats tables, Grad-CAM maps, submission files) whose SHA-256 is the one
-  recorded in that folder's ``MANIFEST_FILE`` when cov3d wrote it (so a file edited since is the
-  user's). Anything else is refused with a one-line error unless the user gives ``--overwrite``.
-
-Notices go to standard error, so that standard output keeps each command's summary line.
+Every command checks its outputs here before opening anything for writing: outputs inside an input or
+a run folder being read are refused (``refuse_inside``); an existing output is replaced only when it is
+provably cov3d's own (its exact CSV header, ``FIGURE_MARKER`` in a figure's metadata, or the SHA-256 in
+an output folder's ``MANIFEST_FILE``), with a one-line notice on standard error; anything else needs
+``--overwrite`` (docs/safety.md).
 """
 
 from __future__ import annotations

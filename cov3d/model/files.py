@@ -1,25 +1,10 @@
-"""Safe model files: a training run or an exported model file, loaded without unpickling anything.
+"""Safe model files: a run folder or an exported model file, loaded without unpickling anything.
 
-Two sources are accepted, both safetensors (tensors and JSON text only, no code):
-
-- a **run folder** written by ``cov3d train``: ``config.json`` with ``best-presence.safetensors``
-  and/or ``best-severity.safetensors``;
-- an **exported model file** (``cov3d export RUN_DIR OUT``): one ``.safetensors`` file whose
-  tensors are named ``presence/<key>`` and ``severity/<key>`` and whose header metadata holds
-  ``format`` (``EXPORT_FORMAT``), ``format_version``, ``config`` (the run's config as JSON, minus the
-  local ``data_dir``) and ``sha256``, a digest of the config text and the file's tensor bytes. A
-  file whose digest does not match (edited, truncated or corrupted) is refused. The digest guards
-  against damage, not against a deliberate forger: it is not a signature. Whatever a file holds,
-  loading it can never run code.
-
-Pickle-based files (``torch.save`` checkpoints, fastai ``Learner.export`` files: ``.pth``, ``.pt``,
-``.pkl`` ...) are refused by name and by content (pickle opcode or zip signature at the start),
-before anything is read from them. A config that does not match its weights (keys or shapes)
-is refused too, and so are weights with a NaN or infinite value (a diverged run), naming the file.
-
-The config's ``window`` (``LEVEL,WIDTH`` in HU, written by ``cov3d train``) is the mapping from HU to
-grey levels the model expects for DICOM and NIfTI scans (``ModelSource.window``); files written
-before it was recorded get ``DEFAULT_WINDOW``, the mapping calibrated to COV19-CT-DB.
+Both are safetensors (tensors and JSON text, no code): a run folder's ``config.json`` with its weights by
+task, or one exported ``.safetensors`` file whose metadata holds the run's config and a SHA-256 of config
+and tensors (checked: a damaged file is refused; not a signature). Pickle files are refused by name and
+content before they are read; so are configs that do not fit their weights and non-finite weights. The
+config's ``window`` is the HU -> grey mapping the model expects (docs/inference.md#model-files-and-export).
 """
 
 from __future__ import annotations

@@ -1,27 +1,11 @@
 """Synthetic chest-CT datasets in the COV19-CT-DB layout, for ``cov3d demo`` and the tests.
 
-Layout written under ``out_dir`` (the competition's, see ``cov3d.dataset.layout``)::
-
-    train/covid/ct_scan_K/0.jpg ... (N-1).jpg      train/non-covid/ct_scan_K/...
-    validation/covid/...                            validation/non-covid/...
-    train_partition_covid_categories.csv            val_partition_covid_categories.csv  (Name;Category)
-    test/ct_scan_K/...                              test_labels.csv  (Name;Covid;Category, the answer key)
-    lesion-masks/train/covid/ct_scan_K.npz ...      (with ``masks``: each scan's lesion and lung masks)
-
-As in the real data, scan numbers restart in every folder (``train/covid/ct_scan_3`` and
-``train/non-covid/ct_scan_3`` may both exist), a few names lack the underscore (``ct_scan7``), depths
-follow a bimodal distribution, a few scans are one slice thick and a few mix slice sizes. Every covid
-scan has a severity 1..4 (the involved share of lung, see :mod:`cov3d.synthetic.phantom`); only
-``annotated_fraction`` of the training and validation covid scans are listed in the category CSVs.
-The test answer key lists the category of every covid test scan. Scans are rendered from independent
-child seeds, so a seed always gives the same bytes.
-
-Slices are rendered in HU and mapped to grey levels with ``DEFAULT_WINDOW``, the mapping calibrated
-to COV19-CT-DB (``cov3d.dataset.intensity``). With ``masks``, the truth the phantoms know is written
-beside the data, in ``MASKS_FOLDER`` (never inside a scan folder, and never named like a slice):
-``lesion-masks/<scan path relative to the dataset>.npz``, a compressed NumPy archive of two bool
-arrays (depth, slice_size, slice_size) in slice order, ``lesion`` and ``lung`` (read them with
-``read_masks``). Scans with mixed slice sizes have masks at the main size.
+``generate_dataset`` writes train/, validation/ and test/ scan folders of numbered JPEG slices, the two
+severity CSVs, the test answer key (``test_labels.csv``) and, with ``masks``, each scan's lesion and lung
+masks under ``lesion-masks/`` (``read_masks``). Like the real data, scan numbers restart per folder, a few
+names lack the underscore, depths are bimodal and a few scans mix slice sizes; slices are rendered in HU
+(``cov3d.synthetic.phantom``) and mapped with ``DEFAULT_WINDOW``. Each scan has its own child seed, so a
+seed always gives the same bytes (docs/demo.md).
 """
 
 import csv
