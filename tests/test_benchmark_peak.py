@@ -1,23 +1,16 @@
 """scripts/benchmark_peak.py: its FLOP count against torch's own counter, its peak against a hand count."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from scripts_loader import load_script
 from torch.utils.flop_counter import FlopCounterMode
 
 from cov3d.model.network import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("benchmark_peak", ROOT / "scripts" / "benchmark_peak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark_peak")
 
 
 def test_conv_flops_match_torchs_flop_counter(script):

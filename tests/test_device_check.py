@@ -1,24 +1,19 @@
 """scripts/device_check.py: every check ends in one line, an exception is a FAIL line, not a crash."""
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from scripts_loader import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("device_check", ROOT / "scripts" / "device_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_each_check_prints_one_line_and_never_raises(capsys):
-    script = load_script()
+    script = load_script("device_check")
 
     def broken():
         raise RuntimeError("Expected all tensors to be on the same device\nsecond line")

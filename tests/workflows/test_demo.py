@@ -1,12 +1,12 @@
 """`cov3d demo` end to end on a tiny setting, and the trivial baseline's scoring."""
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from scripts_loader import load_script
 
 from cov3d.errors import BaselineNotBeaten
 from cov3d.workflows.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
@@ -14,11 +14,6 @@ from cov3d.workflows.demo import DemoSettings, LabelledScan, labelled_test_split
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
