@@ -11,7 +11,6 @@ from scripts_loader import load_script
 from cov3d.errors import BaselineNotBeaten
 from cov3d.workflows.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 
