@@ -2,7 +2,6 @@
 
 import math
 import sys
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -10,9 +9,6 @@ from scripts_loader import load_script
 
 from cov3d.errors import BaselineNotBeaten
 from cov3d.workflows.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
-
-
-
 
 
 @pytest.fixture(scope="module")
