@@ -31,12 +31,11 @@ import time
 
 import torch
 
-from cov3d.model.loss import Cov3dLoss, class_weights
-from cov3d.model.network import build_model
 from cov3d.runtime import cpu_bf16_features
-from cov3d.settings import FASTAI_ADAM, FUSED_ADAMW, DemoSettings
+from cov3d.settings import FASTAI_ADAM, FUSED_ADAMW, DemoSettings, VolumeShape
 from cov3d.training.bf16_convs import checked_bf16_convs
 from cov3d.training.optimizer import optimizer_function
+from cov3d.workflows.benchmark import demo_step_parts
 
 FMA_PIPES = 2
 """FMA pipes per core assumed for the peak (see the module docstring)."""
@@ -104,15 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="Also time the step under bf16 autocast.")
     args = parser.parse_args()
-    size = tuple(int(n) for n in args.size.split("x"))
-
-    torch.manual_seed(0)
-    volume = torch.rand(args.batch_size, 1, *size)
-    has_covid = torch.arange(args.batch_size) % 2
-    target = torch.stack([has_covid, has_covid * (1 + torch.arange(args.batch_size) % 4)], dim=1)
-    loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([1, 1]),
-                          severity_weights=class_weights([1, 1, 1, 1, 1, 1]))
-    model = build_model(outputs=6, penultimate=demo.penultimate, dropout=demo.dropout, pretrained_weights=None)
+    volume, target, loss_func, model = demo_step_parts(VolumeShape.parse(args.size), args.batch_size, demo)
     forward, backward = conv_flops(model, volume)
     cpu = fp32_peak(lscpu())
     print(f"CPU: {cpu['model']}; {cpu['cores']} cores at {cpu['ghz']:.2f} GHz; AVX-512: {cpu['avx512']}; "

@@ -22,31 +22,23 @@ from unittest import mock
 
 import torch
 
-from cov3d.model.loss import Cov3dLoss, class_weights
-from cov3d.model.network import build_model
 from cov3d.runtime import cpu_bf16_features, cpu_model
+from cov3d.settings import DemoSettings, VolumeShape
 from cov3d.training import bf16_convs
 from cov3d.training.bf16_convs import checked_bf16_convs
-from cov3d.workflows.demo import DemoSettings
+from cov3d.workflows.benchmark import demo_step_parts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    demo = DemoSettings()
-    parser.add_argument("--size", default=f"{demo.depth}x{demo.width}x{demo.width}", help="DxHxW")
+    demo = DemoSettings().with_workload("bf16")
+    parser.add_argument("--size", default=str(demo.shape), help="DxHxW (default: the demo's bf16 volumes)")
     parser.add_argument("--batch-size", type=int, default=demo.batch_size)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--reference-kernels", action="store_true", help="Also time bf16 with oneDNN off (slow).")
     args = parser.parse_args()
-    size = tuple(int(n) for n in args.size.split("x"))
-
-    torch.manual_seed(0)
-    volume = torch.rand(args.batch_size, 1, *size).contiguous(memory_format=torch.channels_last_3d)
-    has_covid = torch.arange(args.batch_size) % 2
-    target = torch.stack([has_covid, has_covid * (1 + torch.arange(args.batch_size) % 4)], dim=1)
-    loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([1, 1]),
-                          severity_weights=class_weights([1, 1, 1, 1, 1, 1]))
-    model = build_model(penultimate=demo.penultimate, dropout=demo.dropout, pretrained_weights=None)
+    volume, target, loss_func, model = demo_step_parts(VolumeShape.parse(args.size), args.batch_size, demo)
+    volume = volume.contiguous(memory_format=torch.channels_last_3d)
     model.to(memory_format=torch.channels_last_3d)
 
     def step(dtype) -> dict[str, torch.Tensor]:

@@ -173,6 +173,7 @@ class StepTimer(Callback):
     def __init__(self, announce, shape: str, machine: str, precision: str):
         self.announce, self.shape, self.machine, self.precision = announce, shape, machine, precision
         self.starts: list[float] = []
+        self.done = False
 
     def before_batch(self) -> None:
         if self.epoch == 0 and len(self.starts) <= TIMED_STEPS:
@@ -188,7 +189,7 @@ class StepTimer(Callback):
             self.finish()
 
     def finish(self) -> None:
-        if not self.starts or getattr(self, "done", False):
+        if not self.starts or self.done:
             return
         self.done = True
         steps = self.starts[1:] if len(self.starts) > 2 else self.starts

@@ -20,7 +20,7 @@ from cov3d.model.metrics import task_metrics
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.settings import TrainSettings, VolumeShape
+from cov3d.settings import DemoSettings, TrainSettings, VolumeShape
 from cov3d.synthetic.generator import VALIDATION_SHARE, generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.training.data import TrainingItem, collect_items, presence_counts, severity_group_counts
@@ -84,3 +84,17 @@ def peak_memory(items, cache, settings: TrainSettings, device: torch.device, dty
     del learner, model, dls
     torch.cuda.empty_cache()
     return peak
+
+
+def demo_step_parts(shape: VolumeShape, batch_size: int, demo: DemoSettings) -> tuple[torch.Tensor, torch.Tensor, Cov3dLoss, torch.nn.Module]:
+    """What a benchmark of one training step of the demo's network needs: a random batch (B, 1, D, H, W)
+    (seeded), labels (B, 2) with every severity, the demo's loss with balanced class weights and an
+    untrained network of the demo's head and dropout."""
+    torch.manual_seed(0)
+    volume = torch.rand(batch_size, 1, *shape.dims)
+    has_covid = torch.arange(batch_size) % 2
+    target = torch.stack([has_covid, has_covid * (1 + torch.arange(batch_size) % 4)], dim=1)
+    loss_func = Cov3dLoss(severity_factor=demo.severity_factor, presence_weights=class_weights([1, 1]),
+                          severity_weights=class_weights([1, 1, 1, 1, 1, 1]))
+    model = build_model(penultimate=demo.penultimate, dropout=demo.dropout, pretrained_weights=None)
+    return volume, target, loss_func, model
