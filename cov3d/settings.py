@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from cov3d import recipes
 from cov3d.errors import Cov3dError
 from cov3d.limits import (
     DEMO_SCANS,
@@ -44,9 +45,6 @@ from cov3d.window import DEFAULT_WINDOW, MODEL_WINDOW, ModelWindow, Window
 SHAPE_FOLDER = re.compile(r"(\d+)x(\d+)x(\d+)(-fast)?(?:-warp([0-9.e-]+))?")
 """``VolumeShape.folder_name``: ``DxHxW``, with ``-fast`` for fast-decoded volumes and ``-warp<f>``
 for warped ones."""
-ORIGINAL_WARP = 0.5
-"""The warp factor the original code (rbturnbull/cov3d at c562971, the paper's time) applied by
-default; the paper does not describe the warp, so cov3d's default is 0 (off)."""
 
 
 @dataclass(frozen=True)
@@ -211,9 +209,10 @@ runs recorded without an optimizer used it)."""
 
 @dataclass
 class TrainSettings:
-    """Everything that defines a run; saved as config.json. Defaults follow the paper (§3.4, §3.5)
-    and, where it is silent (pool, final_bias, presence_averaging), the original code at the paper's
-    time; ``warp`` (the original's coordinate warp, not in the paper) is off. See docs/faithfulness.md.
+    """Everything that defines a run; saved as config.json. Defaults are the paper recipe: the paper
+    (§3.4, §3.5) and, where it is silent (pool, final_bias, presence_averaging), the original code at
+    the paper's time; ``warp`` (the original's coordinate warp, not in the paper) is off. ``for_recipe``
+    gives the original code's defaults instead (``cov3d.recipes``). See docs/faithfulness.md.
 
     The volume shape is one value, ``shape``; config.json records it flat (``to_config``:
     depth, height, width, fast_decode, warp and window, the keys it has always had).
@@ -244,6 +243,14 @@ class TrainSettings:
     momentums: tuple[float, float, float] = (0.95, 0.85, 0.95)
     """Adam's beta1 at the start, the peak and the end of the schedule (fastai's ``moms``)."""
     optimizer: str = FUSED_ADAMW
+    recipe: str = recipes.PAPER
+    """Which defaults the run was made with (``cov3d.recipes``); the settings below are its own."""
+    severity_loss: str = recipes.EVERY_SCAN
+    presence_weighting: str = recipes.ITEM_WEIGHTS
+    validation_reflection: bool = False
+    """With ``reflect``, reflect validation scans at random too (the original code)."""
+    presence_decision: str = recipes.MEAN_PROBABILITY
+    kept_weights: str = recipes.PER_TASK
 
     def __post_init__(self) -> None:
         """Reject settings out of range (``cov3d.limits``) or that the model cannot be built with,
@@ -262,11 +269,19 @@ class TrainSettings:
             raise Cov3dError(
                 f"`presence_averaging` must be one of {', '.join(PRESENCE_AVERAGING)}, got '{self.presence_averaging}'."
             )
+        recipes.check_recipe_settings(self)
+
+    @classmethod
+    def for_recipe(cls, recipe: str = recipes.PAPER, **given: Any) -> TrainSettings:
+        """The settings of ``recipe`` (``cov3d.recipes.recipe_defaults``; without a ``shape``, small
+        volumes with its warp), except those ``given``."""
+        given.setdefault("shape", dataclasses.replace(SMALL, warp=recipes.recipe_warp(recipe)))
+        return cls(recipe=recipe, **{**recipes.recipe_defaults(recipe), **given})
 
     @property
     def outputs(self) -> int:
         """Outputs of the model (``cov3d.logits.model_outputs``)."""
-        return model_outputs(self.severity_factor)
+        return model_outputs(self.severity_factor, graded_only=self.severity_loss == recipes.GRADED_ONLY)
 
     def to_config(self) -> dict[str, Any]:
         """These settings as config.json records them: the shape flat (``VolumeShape.config``), the

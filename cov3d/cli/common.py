@@ -18,8 +18,8 @@ import typer
 
 from cov3d.errors import Cov3dError
 from cov3d.limits import command_parameter
+from cov3d.recipes import ORIGINAL_WARP
 from cov3d.settings import (
-    ORIGINAL_WARP,
     PRESET_NAMES,
     SMALL,
     TRAIN_DEFAULTS,
@@ -60,9 +60,10 @@ DEMO_DEFAULTS = DemoSettings()
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where preprocessed tensors are kept. Default: $COV3D_CACHE_DIR or ~/.cache/cov3d.")
 WorkersOption = typer.Option(None, "--workers", help="Parallel preprocessing processes. Default: all CPU cores.")
 DeviceOption = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-WarpOption = typer.Option(TRAIN_DEFAULTS.shape.warp, "--warp", help=(
+WARP_HELP = (
     "Cubic coordinate warp factor f (u -> f u^3 + (1 - f) u along width, height and depth) that the original code "
-    f"applied by default with {ORIGINAL_WARP}; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key."))
+    f"applied by default with {ORIGINAL_WARP}; not in the paper. 0: off; 0 <= f < 1. Warped volumes are cached under their own key.")
+WarpOption = typer.Option(TRAIN_DEFAULTS.shape.warp, "--warp", help=WARP_HELP)
 WindowHelp = (
     "LEVEL,WIDTH in HU: how DICOM and NIfTI scans are mapped to grey levels (e.g. -470,1410). "
     "Default: {default}.")

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from cov3d.cli.common import app, user_errors
+from cov3d.recipes import PAPER, RECIPES
 from cov3d.workflows.reproduce import (
     BY_ID,
     DEFAULT_OUTPUT_ROOT,
@@ -32,7 +33,11 @@ app.add_typer(reproduce_app, name="reproduce")
 DirectoryOption = typer.Option(Path("DATA"), "--directory", "-d", help="Dataset folder given to every run.")
 OutputRootOption = typer.Option(DEFAULT_OUTPUT_ROOT, "--output-root", help="Runs go to OUTPUT_ROOT/table3-<ID>.")
 ExtraOption = typer.Option("", "--extra", help='More `cov3d train` options for every run, e.g. --extra="--seed 1 --wandb" (the last value of an option wins).')
-WarpOption = typer.Option(False, "--warp/--no-warp", help="Add the original code's cubic coordinate warp (--warp 0.5) to every run.")
+WarpOption = typer.Option(None, "--warp/--no-warp", help=(
+    "Add the original code's cubic coordinate warp (--warp 0.5) to every run, or --warp 0. Default: the recipe's."))
+RecipeOption = typer.Option(PAPER, "--recipe", help=(
+    f"The `cov3d train` recipe of every run: {' or '.join(RECIPES)} (the original code's defaults where the row sets "
+    "nothing; its graded-only severity loss takes no eps_s). Give each recipe its own --output-root to compare them."))
 
 
 def call_cov3d(arguments: list[str]) -> None:
@@ -62,11 +67,12 @@ def plan_command(
     directory: Path = DirectoryOption,
     output_root: Path = OutputRootOption,
     extra: str = ExtraOption,
-    warp: bool = WarpOption,
+    warp: Optional[bool] = WarpOption,
+    recipe: str = RecipeOption,
 ) -> None:
     """Print one `cov3d train` command per setting (one line per job-array task)."""
     for setting_id in parse_ids(ids):
-        arguments = train_arguments(BY_ID[setting_id], directory, output_root, shlex.split(extra), warp=warp)
+        arguments = train_arguments(BY_ID[setting_id], directory, output_root, shlex.split(extra), warp=warp, recipe=recipe)
         typer.echo(shlex.join(["cov3d", *arguments]))
 
 
@@ -77,11 +83,12 @@ def run_command(
     directory: Path = DirectoryOption,
     output_root: Path = OutputRootOption,
     extra: str = ExtraOption,
-    warp: bool = WarpOption,
+    warp: Optional[bool] = WarpOption,
+    recipe: str = RecipeOption,
 ) -> None:
     """Train one setting in this process (through the `cov3d train` command line)."""
     (setting_id,) = parse_ids([str(setting_id)])
-    call_cov3d(train_arguments(BY_ID[setting_id], directory, output_root, shlex.split(extra), warp=warp))
+    call_cov3d(train_arguments(BY_ID[setting_id], directory, output_root, shlex.split(extra), warp=warp, recipe=recipe))
 
 
 @reproduce_app.command("collect")

@@ -11,6 +11,7 @@ import typer
 
 from cov3d.cli.common import (
     DEMO_DEFAULTS,
+    WARP_HELP,
     CacheDirOption,
     DepthOption,
     DeviceOption,
@@ -29,6 +30,7 @@ from cov3d.cli.common import (
 )
 from cov3d.errors import BaselineNotBeaten, Cov3dError
 from cov3d.limits import command_parameter
+from cov3d.recipes import ORIGINAL, ORIGINAL_DEFAULTS, PAPER, RECIPE_HELP, RECIPE_WARPS, recipe_warp
 from cov3d.settings import (
     DEMO_WORKLOADS_HELP,
     RESUMABLE,
@@ -38,6 +40,13 @@ from cov3d.settings import (
     VolumeShape,
 )
 from cov3d.window import DEFAULT_WINDOW
+
+
+def recipe_help(text: str, name: str) -> str:
+    """An option's help with its default under each recipe (``cov3d.recipes``)."""
+    paper = getattr(TRAIN_DEFAULTS, name)
+    original = ORIGINAL_DEFAULTS.get(name, paper)
+    return f"{text} Default: {paper}; --recipe {ORIGINAL}: {original}."
 
 
 @app.command("train")
@@ -51,17 +60,25 @@ def train_command(
     width: Optional[int] = WidthOption,
     height: Optional[int] = HeightOption,
     fast_decode: bool = FastDecodeOption,
-    epochs: int = typer.Option(TRAIN_DEFAULTS.epochs, "--epochs", help="Epochs of the 1cycle schedule (paper: 30, 40 or 50)."),
-    batch_size: int = typer.Option(TRAIN_DEFAULTS.batch_size, "--batch-size", help="Scans per batch (paper: 2)."),
+    recipe: str = typer.Option(PAPER, "--recipe", help=RECIPE_HELP),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=recipe_help("Epochs of the 1cycle schedule (paper: 30, 40 or 50).", "epochs")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=recipe_help("Scans per batch (paper: 2).", "batch_size")),
     learning_rate: float = typer.Option(TRAIN_DEFAULTS.learning_rate, "--learning-rate", help="Maximum learning rate of 1cycle (paper: 1e-4)."),
-    weight_decay: float = typer.Option(TRAIN_DEFAULTS.weight_decay, "--weight-decay", help="Adam weight decay (paper: 1e-5)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help=recipe_help("Adam weight decay (paper: 1e-5).", "weight_decay")),
     pct_start: float = typer.Option(TRAIN_DEFAULTS.pct_start, "--pct-start", help="Share of the 1cycle schedule spent raising the learning rate."),
     div_factor: float = typer.Option(TRAIN_DEFAULTS.div_factor, "--div-factor", help="1cycle starts at --learning-rate divided by this."),
     final_div_factor: float = typer.Option(TRAIN_DEFAULTS.final_div_factor, "--final-div-factor", help="1cycle ends at --learning-rate divided by this."),
     momentums: tuple[float, float, float] = typer.Option(TRAIN_DEFAULTS.momentums, "--momentums", help="Adam's beta1 at the start, the peak and the end of 1cycle (three numbers)."),
     severity_factor: float = typer.Option(TRAIN_DEFAULTS.severity_factor, "--severity-factor", help="lambda in eq. 6: 0 trains presence only, 1 severity only."),
     presence_smoothing: float = typer.Option(TRAIN_DEFAULTS.presence_smoothing, "--presence-smoothing", help="Label smoothing eps_p for presence (paper: 0 or 0.1)."),
-    severity_smoothing: float = typer.Option(TRAIN_DEFAULTS.severity_smoothing, "--severity-smoothing", help="Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1)."),
+    severity_smoothing: Optional[float] = typer.Option(None, "--severity-smoothing", help=recipe_help(
+        "Label smoothing eps_s for severity, shared by neighbouring classes (paper: 0 or 0.1; none with --severity-loss graded-only).", "severity_smoothing")),
+    severity_loss: Optional[str] = typer.Option(None, "--severity-loss", help=recipe_help(
+        "every-scan (eqs. 3-5: 1 + 5 outputs, negatives and ungraded positives included, weighted) or graded-only "
+        "(the original code's 4-way unweighted cross entropy over graded scans: 1 + 4 outputs).", "severity_loss")),
+    presence_weighting: Optional[str] = typer.Option(None, "--presence-weighting", help=recipe_help(
+        "item-weights (eq. 2's class-balancing w_i) or pos-weight (the original code's BCE pos_weight = non-covid / "
+        "covid training scans, on the y log p term only).", "presence_weighting")),
     penultimate: int = typer.Option(TRAIN_DEFAULTS.penultimate, "--penultimate", help="Size of the head's hidden layer."),
     dropout: float = typer.Option(TRAIN_DEFAULTS.dropout, "--dropout", help="Dropout after each ResNet layer and in the head."),
     pool: str = typer.Option(TRAIN_DEFAULTS.pool, "--pool", help="Global pooling before the head: max (the original code) or avg (torchvision's)."),
@@ -69,8 +86,16 @@ def train_command(
     presence_averaging: str = typer.Option(TRAIN_DEFAULTS.presence_averaging, "--presence-averaging", help=(
         "How the weighted presence terms of a batch are averaged: batch (1/B sum w l, the original code) or "
         "weighted (sum w l / sum w). Severity terms are always averaged over their weights.")),
-    warp: float = WarpOption,
-    reflect: bool = typer.Option(TRAIN_DEFAULTS.reflect, "--reflect/--no-reflect", help="Random sagittal reflection in training."),
+    warp: Optional[float] = typer.Option(None, "--warp", help=f"{WARP_HELP} Default: {RECIPE_WARPS[PAPER]}; --recipe original: {RECIPE_WARPS[ORIGINAL]}."),
+    reflect: Optional[bool] = typer.Option(None, "--reflect/--no-reflect", help=recipe_help("Random sagittal reflection in training.", "reflect")),
+    validation_reflection: Optional[bool] = typer.Option(None, "--validation-reflection/--no-validation-reflection", help=recipe_help(
+        "With --reflect, reflect validation scans at random too (the original code).", "validation_reflection")),
+    presence_decision: Optional[str] = typer.Option(None, "--presence-decision", help=recipe_help(
+        "P(covid) of a scan and its reflection: mean-probability (paper) or mean-logit (sigmoid of the mean logit, the "
+        "original code). Recorded in the run; inference uses it.", "presence_decision")),
+    kept_weights: Optional[str] = typer.Option(None, "--kept-weights", help=recipe_help(
+        "per-task (the best weights of each task, paper) or one (one checkpoint, the best presence F1, or severity F1 "
+        "when lambda = 1, predicting both tasks: the original code).", "kept_weights")),
     optimizer: str = typer.Option(TRAIN_DEFAULTS.optimizer, "--optimizer", help=(
         "How Adam is computed: fused-adamw (torch's fused kernel) or fastai-adam (the original code's fastai "
         "implementation: the same steps, about ten operations per parameter per step).")),
@@ -99,15 +124,19 @@ def train_command(
         raise Cov3dError("Give --directory DATA (or --resume RUN_DIR to continue a run).")
     if pretrained_weights is not None and not pretrained_weights.is_file():
         raise Cov3dError(f"--pretrained-weights {pretrained_weights}: no such file.")
-    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=warp,
+    shape = VolumeShape.from_options(size, depth, height, width, fast_decode=fast_decode, warp=recipe_warp(recipe, warp),
                                      window=parse_window(window, DEFAULT_WINDOW))
-    settings = TrainSettings(
-        shape=shape, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, weight_decay=weight_decay, pct_start=pct_start, div_factor=div_factor,
+    recipe_options = {
+        "epochs": epochs, "batch_size": batch_size, "weight_decay": weight_decay, "severity_smoothing": severity_smoothing,
+        "severity_loss": severity_loss, "presence_weighting": presence_weighting, "reflect": reflect,
+        "validation_reflection": validation_reflection, "presence_decision": presence_decision, "kept_weights": kept_weights,
+    }
+    settings = TrainSettings.for_recipe(
+        recipe, shape=shape, learning_rate=learning_rate, pct_start=pct_start, div_factor=div_factor,
         final_div_factor=final_div_factor, momentums=momentums, severity_factor=severity_factor,
-        presence_smoothing=presence_smoothing, severity_smoothing=severity_smoothing,
-        penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
-        presence_averaging=presence_averaging, reflect=reflect, seed=seed, optimizer=optimizer,
+        presence_smoothing=presence_smoothing, penultimate=penultimate, dropout=dropout, pool=pool, final_bias=final_bias,
+        presence_averaging=presence_averaging, seed=seed, optimizer=optimizer,
+        **{name: value for name, value in recipe_options.items() if value is not None},
     )
     run_dir = output_dir or Path("outputs") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
     result = train(

@@ -25,8 +25,10 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
+from cov3d.logits import has_severity
 from cov3d.model.network import build_model
-from cov3d.runfiles import CONFIG_FILE, MODEL_SUFFIX, WEIGHTS_FILES
+from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, MEAN_PROBABILITY, ONE_CHECKPOINT, PAPER, PER_TASK
+from cov3d.runfiles import CONFIG_FILE, MODEL_SUFFIX, TASKS, WEIGHTS_FILES
 from cov3d.settings import FASTAI_ADAM, POOLS, VolumeShape
 from cov3d.window import DEFAULT_WINDOW, Window
 
@@ -46,12 +48,13 @@ REQUIRED_CONFIG = {
 LEGACY_CONFIG = {
     "final_bias": True, "presence_averaging": "weighted", "warp": 0.0, "window": str(DEFAULT_WINDOW),
     "pct_start": 0.25, "div_factor": 25.0, "final_div_factor": 1e5, "momentums": [0.95, 0.85, 0.95],
-    "optimizer": FASTAI_ADAM,
+    "optimizer": FASTAI_ADAM, "recipe": PAPER, "severity_loss": EVERY_SCAN, "presence_weighting": ITEM_WEIGHTS,
+    "validation_reflection": False, "presence_decision": MEAN_PROBABILITY, "kept_weights": PER_TASK,
 }
 """What runs made before these keys were recorded used: a last linear layer with a bias, presence
 terms averaged over their weights, no warp; for DICOM/NIfTI scans, the calibrated default window;
-the 1cycle schedule that was fixed in the code (fastai's defaults); fastai's Adam. A config without
-a key is read with this value."""
+the 1cycle schedule that was fixed in the code (fastai's defaults); fastai's Adam; the paper recipe
+(``cov3d.recipes``). A config without a key is read with this value."""
 
 
 def with_legacy_defaults(config: dict) -> dict:
@@ -67,6 +70,14 @@ class ModelSource:
     path: Path
     config: dict
     states: dict[str, dict[str, torch.Tensor]]
+
+    def __post_init__(self) -> None:
+        """A run that kept one checkpoint (``kept_weights="one"``, the original recipe) predicts with it
+        every task its outputs have."""
+        if self.config.get("kept_weights") == ONE_CHECKPOINT and len(self.states) == 1:
+            (state,) = self.states.values()
+            tasks = TASKS if has_severity(self.config["outputs"]) else TASKS[:1]
+            self.states = dict.fromkeys(tasks, state)
 
     @functools.cached_property
     def shape(self) -> VolumeShape:
@@ -289,7 +300,8 @@ def export_model(source: Path, out: Path, *, overwrite: bool = False) -> Path:
                  option="output file")
     config = {key: value for key, value in model.config.items() if key not in PRIVATE_CONFIG_KEYS}
     config_text = json.dumps(config, sort_keys=True)
-    tensors = {f"{task}/{key}": tensor.contiguous() for task, state in model.states.items() for key, tensor in state.items()}
+    kept = {id(state): task for task, state in model.states.items()}  # one checkpoint predicting both tasks: once
+    tensors = {f"{task}/{key}": tensor.contiguous() for task in kept.values() for key, tensor in model.states[task].items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "config": config_text, "sha256": ""}
     metadata["sha256"] = _data_digest(io.BytesIO(safetensors_bytes(tensors, metadata=metadata)), config_text)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from cov3d.dataset.layout import SEVERITY_LABELS
-from cov3d.logits import grade_outputs, has_severity, presence_output, severity_outputs
+from cov3d.logits import grade_outputs, has_negative_class, has_severity, presence_output, severity_outputs
 from cov3d.model.files import ModelSource
 from cov3d.model.metrics import PRESENCE_THRESHOLD
+from cov3d.recipes import MEAN_LOGIT
 from cov3d.runfiles import TASKS
 from cov3d.runtime import autocast
 from cov3d.window import MODEL_WINDOW, ModelWindow, Window
@@ -74,6 +75,7 @@ class RunPredictor:
         tasks: Sequence[str] = TASKS, window: Window | ModelWindow = MODEL_WINDOW,
     ):
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
+        self.mean_logit = source.config.get("presence_decision") == MEAN_LOGIT
         self.shape = source.shape.with_window(window)
         self.samples_per_scan = max(1, mc_samples)
         self.tasks = tuple(tasks)
@@ -90,16 +92,22 @@ class RunPredictor:
         return (enable_mc_dropout(model) if mc_dropout else model).to(self.device)
 
     def _probabilities(self, model: torch.nn.Module, volumes: torch.Tensor) -> torch.Tensor:
-        """Mean over the scan and its sagittal reflection (unless ``reflect`` is off) of [sigmoid(x), softmax(z)] -> (B, 1 or 6)."""
+        """Mean over the scan and its sagittal reflection (unless ``reflect`` is off) of [sigmoid(x), softmax(z)]
+        -> (B, 1, 5 or 6); for a run with ``presence_decision="mean-logit"`` (the original code), sigmoid of the
+        mean x instead, so that P(covid) >= 0.5 exactly when the mean logit is >= 0."""
         outputs = []
         for view in (volumes, volumes.flip(-1)) if self.reflect else (volumes,):
             with torch.no_grad(), autocast(self.device, self.dtype):
                 logits = model(view).float()
-            parts = [torch.sigmoid(presence_output(logits))[:, None]]
+            parts = [presence_output(logits)[:, None]]
             if has_severity(logits.shape[1]):
                 parts.append(torch.softmax(severity_outputs(logits), dim=1))
             outputs.append(torch.cat(parts, dim=1))
-        return torch.stack(outputs).mean(dim=0)
+        stacked = torch.stack(outputs)
+        if self.mean_logit:
+            mean = stacked.mean(dim=0)
+            return torch.cat([torch.sigmoid(mean[:, :1]), mean[:, 1:]], dim=1)
+        return torch.cat([torch.sigmoid(stacked[..., :1]), stacked[..., 1:]], dim=2).mean(dim=0)
 
     def _sample(self, volumes: torch.Tensor) -> torch.Tensor:
         """One prediction (B, 5): [P(covid), P(mild..critical | covid)], NaN for a task this member does
@@ -112,8 +120,10 @@ class RunPredictor:
             covid = torch.full((batch,), math.nan, device=volumes.device)
         elif presence_probabilities is not None:
             covid = presence_output(presence_probabilities)
-        else:  # lambda = 1 runs: P(covid) = sum of the four severity classes (paper, after eq. 3)
+        elif has_negative_class(severity_probabilities.shape[1]):  # lambda = 1: P(covid) = s_1 + .. + s_4 (after eq. 3)
             covid = grade_outputs(severity_probabilities).sum(dim=1)
+        else:  # no z_0 (graded-only severity loss): the presence output of the severity weights
+            covid = presence_output(severity_probabilities)
         if "severity" in self.tasks and severity_probabilities is not None and has_severity(severity_probabilities.shape[1]):
             graded = grade_outputs(severity_probabilities)
             given_covid = graded / graded.sum(dim=1, keepdim=True)

@@ -109,6 +109,12 @@ class SagittalReflection(RandTransform):
         return volume.flip(-1)
 
 
+class EverySplitReflection(SagittalReflection):
+    """``SagittalReflection`` in validation too (the original code reflected validation scans at random)."""
+
+    split_idx = None
+
+
 class VolumeLoader(Transform):
     """Picklable getter: TrainingItem -> cached uint8 levels (1, D, H, W) as a TensorCT.
 
@@ -149,16 +155,19 @@ def split_by_partition(items: Sequence[TrainingItem]) -> tuple[list[int], list[i
     )
 
 
-def build_datablock(cache: VolumeCache, *, reflect: bool = True) -> DataBlock:
+def build_datablock(cache: VolumeCache, *, reflect: bool = True, validation_reflection: bool = False) -> DataBlock:
     """A DataBlock over TrainingItems: x = cached volume (1, D, H, W), y = tensor([has_covid, severity]).
 
-    Items hold uint8 levels; batches hold float32 values in [0, 1] (``LevelsToValues``).
+    Items hold uint8 levels; batches hold float32 values in [0, 1] (``LevelsToValues``). With
+    ``reflect``, training items are reflected at random; with ``validation_reflection`` as well,
+    validation items too.
     """
+    reflection = EverySplitReflection() if validation_reflection else SagittalReflection()
     return DataBlock(
         blocks=(TransformBlock(), TransformBlock()),
         get_x=VolumeLoader(cache),
         get_y=scan_target,
         splitter=split_by_partition,
-        item_tfms=[SagittalReflection()] if reflect else [],
+        item_tfms=[reflection] if reflect else [],
         batch_tfms=[LevelsToValues()],
     )

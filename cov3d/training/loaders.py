@@ -64,11 +64,13 @@ def training_loaders(
     *,
     batch_size: int,
     reflect: bool,
+    validation_reflection: bool = False,
     device: torch.device,
     workers: int | None,
     dist: Distributed,
 ) -> DataLoaders:
-    """Train (shuffled, reflected, sharded under DDP) and validation loaders of `items`.
+    """Train (shuffled, reflected, sharded under DDP) and validation loaders of `items` (validation
+    reflected at random too with `validation_reflection`, as the original code did).
 
     Batches are collated by `workers` processes (default: `default_loader_workers`) into pinned
     memory on CUDA and copied to the device by `AsyncToDevice`, so the copy overlaps the GPU's work.
@@ -76,7 +78,7 @@ def training_loaders(
     They start from a fork server, never forked from this process (``ForkServerLoader``).
     """
     workers = default_loader_workers(device, dist.local_world_size) if workers is None else workers
-    block = build_datablock(cache, reflect=reflect)
+    block = build_datablock(cache, reflect=reflect, validation_reflection=validation_reflection)
     block.batch_tfms = [*block.batch_tfms, AsyncToDevice(device)]
     dls = block.dataloaders(
         list(items), bs=batch_size, num_workers=workers, pin_memory=device.type == "cuda", device=device

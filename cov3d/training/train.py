@@ -28,8 +28,10 @@ from cov3d.model.files import non_finite_tensor
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.metrics import task_metrics
 from cov3d.model.network import build_model, load_kinetics_state_dict
+from cov3d.model.original_loss import OriginalCodeLoss, pos_weight_from_counts
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
+from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, ONE_CHECKPOINT, POS_WEIGHT
 from cov3d.runfiles import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SUMMARY_FILE, WEIGHTS_BY_METRIC
 from cov3d.runtime import Precision, choose_precision, machine_description, reproducible_kernels, resolve_device
 from cov3d.settings import FASTAI_ADAM, TrainSettings
@@ -123,6 +125,29 @@ def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int 
     return [item for item in items if item.path not in failed]
 
 
+def kept_metrics(settings: TrainSettings) -> list[str]:
+    """The validation scores whose best epoch a run keeps: each task's (``per-task``), or only the
+    first, presence unless lambda = 1 (``kept_weights="one"``, the original code)."""
+    monitored = [metric.name for metric in task_metrics(settings.severity_factor) if metric.name in WEIGHTS_BY_METRIC]
+    return monitored[:1] if settings.kept_weights == ONE_CHECKPOINT else monitored
+
+
+def build_loss(settings: TrainSettings, train_items: list[TrainingItem]) -> Cov3dLoss:
+    """The run's loss: the paper's (``Cov3dLoss``) with class weights from the training scans' counts,
+    or with the original code's terms where the settings ask for them (``OriginalCodeLoss``)."""
+    paper_terms = {
+        "severity_factor": settings.severity_factor, "presence_smoothing": settings.presence_smoothing,
+        "severity_smoothing": settings.severity_smoothing, "presence_averaging": settings.presence_averaging,
+        "presence_weights": class_weights(presence_counts(train_items)),
+        "severity_weights": class_weights(severity_group_counts(train_items)),
+    }
+    if (settings.severity_loss, settings.presence_weighting) == (EVERY_SCAN, ITEM_WEIGHTS):
+        return Cov3dLoss(**paper_terms)
+    pos_weight = pos_weight_from_counts(presence_counts(train_items)) if settings.presence_weighting == POS_WEIGHT else 1.0
+    return OriginalCodeLoss(severity_loss=settings.severity_loss, presence_weighting=settings.presence_weighting,
+                            pos_weight=pos_weight, **paper_terms)
+
+
 def write_config(run_dir: Path, settings: TrainSettings, extra: dict) -> None:
     """config.json: sizes, hyperparameters and class names needed to rebuild the model for inference."""
     config = {
@@ -131,7 +156,7 @@ def write_config(run_dir: Path, settings: TrainSettings, extra: dict) -> None:
         "presence_classes": list(PRESENCE_CLASSES),
         "severity_classes": list(SEVERITY_CLASSES),
         "severity_groups": list(SEVERITY_GROUPS),
-        "checkpoints": WEIGHTS_BY_METRIC,
+        "checkpoints": {name: WEIGHTS_BY_METRIC[name] for name in kept_metrics(settings)},
         **extra,
     }
     write_text_atomically(run_dir / CONFIG_FILE, json.dumps(config, indent=2), NEW_RUN_REMEDY)
@@ -230,16 +255,16 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if resume_state is not None:
         check_same_dataset(run_dir, fingerprint)
 
-    presence_weights = class_weights(presence_counts(train_items))
-    severity_weights = class_weights(severity_group_counts(train_items))
+    loss = build_loss(settings, train_items)
     if dist.is_main and resume_state is None:
         remove_run_files(run_dir, earlier_run)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, settings, {
             "data_dir": str(data_dir.resolve()),
             "pretrained": str(pretrained_weights) if pretrained_weights else ("kinetics-400" if pretrained else None),
-            "presence_weights": presence_weights,
-            "severity_weights": severity_weights,
+            "presence_weights": class_weights(presence_counts(train_items)),
+            "severity_weights": class_weights(severity_group_counts(train_items)),
+            "presence_pos_weight": getattr(loss, "pos_weight", None),
             "precision": precision.name,
             "precision_reason": precision.reason,
             "world_size": dist.world_size,
@@ -249,7 +274,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         })
 
     dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=settings.reflect,
-                           device=torch_device, workers=loader_workers, dist=dist)
+                           validation_reflection=settings.validation_reflection, device=torch_device,
+                           workers=loader_workers, dist=dist)
     model = build_model(
         outputs=settings.outputs, penultimate=settings.penultimate, dropout=settings.dropout,
         pool=settings.pool, final_bias=settings.final_bias, pretrained_weights=state_dict,
@@ -258,13 +284,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         seed_replica(settings.seed, dist.rank)
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
-    loss = Cov3dLoss(
-        severity_factor=settings.severity_factor, presence_smoothing=settings.presence_smoothing,
-        severity_smoothing=settings.severity_smoothing, presence_weights=presence_weights,
-        severity_weights=severity_weights, presence_averaging=settings.presence_averaging,
-    )
     metrics = task_metrics(settings.severity_factor)
-    checkpoints = BestCheckpoints(run_dir, [m.name for m in metrics if m.name in WEIGHTS_BY_METRIC], first_epoch, dist.is_main)
+    checkpoints = BestCheckpoints(run_dir, kept_metrics(settings), first_epoch, dist.is_main)
     if resume_state is not None:
         checkpoints.best.update(resume_state["best"])
         checkpoints.best_epoch.update(resume_state["best_epoch"])

@@ -3,7 +3,8 @@
 Every run is one ``cov3d train`` command that pins the choices of the original code at the paper's
 time where the paper is silent (max pooling, no final bias, presence terms averaged over the batch:
 ``ORIGINAL_CHOICES``), optionally with the original's cubic coordinate warp (f = 0.5), which the
-paper does not describe. Runs go to OUTPUT_ROOT/table3-<ID>; ``collected_results`` reads their
+paper does not describe. With the ``original`` recipe (``cov3d.recipes``) every run takes the original
+code's defaults instead where the row does not set them, so that the grid can be run both ways. Runs go to OUTPUT_ROOT/table3-<ID>; ``collected_results`` reads their
 summary.json, and ``submission_plan`` picks the paper's submissions from them: per task, each of its
 four best runs and the ensemble of the four.
 """
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cov3d.errors import Cov3dError
+from cov3d.recipes import GRADED_ONLY, ORIGINAL_WARP, PAPER, recipe_defaults
 from cov3d.runfiles import SUMMARY_FILE, TASK_METRICS
-from cov3d.settings import ORIGINAL_WARP
 
 DEFAULT_OUTPUT_ROOT = Path("outputs")
 MISSING = "–"
@@ -25,6 +26,7 @@ ORIGINAL_CHOICES = ("--pool", "max", "--no-final-bias", "--presence-averaging", 
 """Where the paper is silent, the original code's choices at the paper's time (also cov3d's defaults)."""
 ORIGINAL_WARP_OPTION = ("--warp", str(ORIGINAL_WARP))
 """The original code's cubic coordinate warp, on by default there; not in the paper."""
+NO_WARP_OPTION = ("--warp", "0")
 SUBMISSION_MODELS = 4
 """The paper submitted, per task, its four best models and the ensemble of the four."""
 
@@ -102,18 +104,22 @@ def run_dir(setting: Setting, output_root: Path) -> Path:
 
 
 def train_arguments(
-    setting: Setting, directory: Path, output_root: Path, extra: list[str] = (), *, warp: bool = False
+    setting: Setting, directory: Path, output_root: Path, extra: list[str] = (), *, warp: bool | None = None,
+    recipe: str = PAPER,
 ) -> list[str]:
-    """The `cov3d train` arguments (without the program name) for one setting, the original code's
-    choices (and its warp with ``warp``), then `extra`."""
+    """The `cov3d train` arguments (without the program name) for one setting under ``recipe``, the
+    original code's choices, the original's warp (``warp`` True), none (False) or the recipe's (None),
+    then `extra`. A recipe with the graded-only severity loss (the original's) gets no eps_s: that loss
+    has no smoothing (the original code ignored its eps_s)."""
+    smoothing = ("--severity-smoothing", str(setting.severity_smoothing))
+    graded_only = recipe_defaults(recipe).get("severity_loss") == GRADED_ONLY
     return [
-        "train", "--directory", str(directory), "--output-dir", str(run_dir(setting, output_root)),
+        "train", "--recipe", recipe, "--directory", str(directory), "--output-dir", str(run_dir(setting, output_root)),
         "--depth", str(setting.depth), "--width", str(setting.width),
         "--reflect" if setting.reflect else "--no-reflect",
         "--severity-factor", str(setting.severity_factor), "--epochs", str(setting.epochs),
-        "--presence-smoothing", str(setting.presence_smoothing),
-        "--severity-smoothing", str(setting.severity_smoothing), *ORIGINAL_CHOICES,
-        *(ORIGINAL_WARP_OPTION if warp else ()), *extra,
+        "--presence-smoothing", str(setting.presence_smoothing), *(() if graded_only else smoothing), *ORIGINAL_CHOICES,
+        *({True: ORIGINAL_WARP_OPTION, False: NO_WARP_OPTION}.get(warp, ())), *extra,
     ]
 
 
