@@ -1,5 +1,7 @@
 """combine: the arithmetic of ensembles: means, spread and agreement over models and Monte-Carlo samples."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -25,3 +27,51 @@ def test_combine_by_hand():
                                           [[nan, 0.1, 0.2, 0.3, 0.4]]]))
     assert prediction.covid_probability == pytest.approx(0.4) and prediction.covid_probability_std == pytest.approx(0.2)
     assert prediction.severity_probabilities == pytest.approx([0.1, 0.2, 0.3, 0.4]) and prediction.severity == "critical"
+
+
+class TwoViewModel(torch.nn.Module):
+    """Logits ``first`` for a volume whose first column is 1, ``flipped`` for its reflection (first column 0)."""
+
+    def __init__(self, first: list[float], flipped: list[float]):
+        super().__init__()
+        self.first, self.flipped = torch.tensor(first), torch.tensor(flipped)
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        left = volumes[:, 0, 0, 0, :1]  # (B, 1)
+        return left * self.first + (1 - left) * self.flipped
+
+
+def two_view_prediction(config: dict, first: list[float], flipped: list[float]):
+    from cov3d.model.files import ModelSource
+    from cov3d.model.predictor import RunPredictor
+
+    state = {}
+    source = ModelSource(Path("run"), {"depth": 1, "height": 1, "width": 2, "outputs": len(first), **config},
+                         {"presence": state})
+    source.build = lambda task: TwoViewModel(first, flipped) if task in source.states else None
+    volume = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 1, 2)
+    return RunPredictor(source, torch.device("cpu"), None).predict(volume)[0]
+
+
+def test_mean_logit_presence_and_mean_softmax_severity_by_hand():
+    """Views x = 2 and x = -1, z_1..z_4 = (1, 0, 0, 0) and (0, 1, 0, 0): the paper averages the probabilities,
+    (sigmoid(2) + sigmoid(-1)) / 2 = 0.574869; the original code averages the logits, sigmoid(0.5) = 0.622459.
+    Severity is the mean softmax in both: (e + 1) / (2 (e + 3)) = 0.325122 for mild and moderate."""
+    first, flipped = [2.0, 1.0, 0.0, 0.0, 0.0], [-1.0, 0.0, 1.0, 0.0, 0.0]
+    one = {"kept_weights": "one"}
+    paper = two_view_prediction({**one, "presence_decision": "mean-probability"}, first, flipped)
+    original = two_view_prediction({**one, "presence_decision": "mean-logit"}, first, flipped)
+    assert paper.covid_probability == pytest.approx(0.574869, abs=1e-6)
+    assert original.covid_probability == pytest.approx(0.622459, abs=1e-6)
+    for prediction in (paper, original):  # one checkpoint: the presence weights give the severity too
+        assert prediction.severity_probabilities == pytest.approx([0.325122, 0.325122, 0.174878, 0.174878], abs=1e-6)
+
+
+def test_one_checkpoint_predicts_every_task_of_its_outputs():
+    from cov3d.model.files import ModelSource
+
+    state = {"w": torch.zeros(1)}
+    both = ModelSource(Path("run"), {"kept_weights": "one", "outputs": 5}, {"presence": state})
+    assert both.states == {"presence": state, "severity": state}
+    assert ModelSource(Path("run"), {"kept_weights": "one", "outputs": 1}, {"presence": state}).states == {"presence": state}
+    assert ModelSource(Path("run"), {"outputs": 6}, {"presence": state}).states == {"presence": state}  # per task

@@ -1,5 +1,7 @@
 """Dataset layout, severity CSVs, class counts and the DataBlock."""
 
+import random
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.settings import VolumeShape
 from cov3d.training.data import (
     DEFAULT_BATCH_SIZE,
+    EverySplitReflection,
     LevelsToValues,
     SagittalReflection,
     TensorCT,
@@ -97,6 +100,23 @@ def test_reflection_flips_width_of_volumes_only_in_training():
     assert flipped[0, 0, 0, 0] == volume[0, 0, 0, 3]
     unchanged, _ = reflect((volume, target), split_idx=1)
     assert torch.equal(unchanged, volume)
+
+
+def test_validation_reflection_flips_validation_scans_at_random_too():
+    """The original code's reflection was a plain transform: validation scans were flipped at random too."""
+    volume = TensorCT(torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4))
+    always = EverySplitReflection(p=1.0)
+    for split in (0, 1):
+        flipped, _ = always((volume, torch.tensor([0, 0])), split_idx=split)
+        assert torch.equal(flipped, volume.flip(-1))
+    random.seed(0)  # fastai's RandTransform draws with Python's random
+    halves = EverySplitReflection()
+    flips = [bool(torch.equal(halves((volume, torch.tensor([0, 0])), split_idx=1)[0], volume.flip(-1))) for _ in range(400)]
+    assert 160 < sum(flips) < 240  # p = 0.5: 200 expected, sd 10
+    assert [type(tfm) for tfm in build_datablock(None, validation_reflection=True).item_tfms
+            if isinstance(tfm, SagittalReflection)] == [EverySplitReflection]
+    assert not any(isinstance(tfm, SagittalReflection)
+                   for tfm in build_datablock(None, reflect=False, validation_reflection=True).item_tfms)
 
 
 def test_dataloaders_give_batches_of_two_volumes_and_targets(tmp_path, tiny_dataset):

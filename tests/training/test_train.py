@@ -124,3 +124,51 @@ def test_the_window_is_parsed_once_and_recorded_as_text():
         Window.parse("-450")
     with pytest.raises(TypeError, match="Window"):
         VolumeShape(4, 8, 8, window="-450,1500")  # text is parsed where it is read, not below
+
+
+def test_kept_metrics_per_task_or_one_checkpoint():
+    from cov3d.training.train import kept_metrics
+
+    assert kept_metrics(TrainSettings()) == ["presence_f1", "severity_f1"]
+    assert kept_metrics(TrainSettings(severity_factor=0.0)) == ["presence_f1"]
+    assert kept_metrics(TrainSettings.for_recipe("original")) == ["presence_f1"]
+    assert kept_metrics(TrainSettings.for_recipe("original", severity_factor=1.0)) == ["severity_f1"]
+
+
+def test_the_run_loss_follows_the_recipe():
+    from cov3d.model.loss import Cov3dLoss
+    from cov3d.model.original_loss import OriginalCodeLoss
+    from cov3d.training.data import TrainingItem
+    from cov3d.training.train import build_loss
+
+    items = [TrainingItem(Path(f"s{i}"), "train", covid, 0) for i, covid in enumerate([1, 0, 0, 0, 1, 0, 0])]
+    paper = build_loss(TrainSettings(), items)
+    assert type(paper) is Cov3dLoss and paper.presence_weights.tolist() == pytest.approx([7 / 10, 7 / 4])
+    original = build_loss(TrainSettings.for_recipe("original"), items)
+    assert isinstance(original, OriginalCodeLoss) and original.pos_weight == pytest.approx(5 / 2)
+    assert original.graded_only and original.outputs == 5
+
+
+@pytest.mark.slow
+def test_one_epoch_of_the_original_recipe(tmp_path, tiny_dataset):
+    """A tiny run with the original code's defaults: 1 + 4 outputs, one checkpoint used for both tasks,
+    the recipe recorded; it exports and predicts."""
+    from cov3d.inference.infer import infer
+    from cov3d.model.files import export_model, load_source
+
+    settings = TrainSettings.for_recipe("original", shape=VolumeShape(8, 32, 32), epochs=1, penultimate=8, batch_size=3)
+    run = train(tiny_dataset, tmp_path / "run", settings, cache_dir=tmp_path / "cache", pretrained=False,
+                device="cpu", precision="fp32", workers=1).run_dir
+    config = json.loads((run / "config.json").read_text())
+    assert (config["recipe"], config["outputs"], config["presence_decision"]) == ("original", 5, "mean-logit")
+    assert config["checkpoints"] == {"presence_f1": WEIGHTS_BY_METRIC["presence_f1"]}
+    assert config["presence_pos_weight"] > 0
+    assert (run / WEIGHTS_BY_METRIC["presence_f1"]).is_file() and not (run / WEIGHTS_BY_METRIC["severity_f1"]).exists()
+    exported = export_model(run, tmp_path / "model.safetensors")
+    source = load_source(exported)
+    assert set(source.states) == {"presence", "severity"} and source.states["presence"] is source.states["severity"]
+    summary = infer(sorted((tiny_dataset / "test").iterdir()), exported, output=tmp_path / "preds.csv", cache_dir=tmp_path / "cache",
+                    device="cpu", precision="fp32", workers=0, progress=False)
+    with (tmp_path / "preds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert summary.predicted == len(rows) > 0 and all(row["severity"] for row in rows)

@@ -63,9 +63,30 @@ def test_every_command_parses_with_the_row_settings():
             setting.depth, setting.width, setting.reflect, setting.epochs)
         assert (params["severity_factor"], params["presence_smoothing"], params["severity_smoothing"]) == (
             setting.severity_factor, setting.presence_smoothing, setting.severity_smoothing)
-        # where the paper is silent: the original code's choices, pinned; no warp unless asked for
+        # where the paper is silent: the original code's choices, pinned; the paper recipe's warp (none) unless asked for
         assert (params["pool"], params["final_bias"], params["presence_averaging"], params["warp"]) == (
-            "max", False, "batch", 0.0)
+            "max", False, "batch", None)
+        assert params["recipe"] == "paper"
+
+
+def test_original_recipe_plans_the_grid_with_the_original_codes_defaults():
+    result = invoke("plan", "--recipe", "original", "--output-root", "original")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 28
+    for line, setting in zip(lines, table3.TABLE3):
+        params = parse_train(shlex.split(line)[1:])
+        assert params["recipe"] == "original" and params["output_dir"] == Path(f"original/table3-{setting.id}")
+        # the row's own settings, as in the paper recipe's plan
+        assert (params["depth"], params["width"], params["reflect"], params["epochs"]) == (
+            setting.depth, setting.width, setting.reflect, setting.epochs)
+        assert (params["severity_factor"], params["presence_smoothing"]) == (setting.severity_factor, setting.presence_smoothing)
+        # no eps_s (the original's graded-only loss has none) and the recipe's warp, batch, weight decay
+        assert (params["severity_smoothing"], params["warp"], params["batch_size"], params["weight_decay"]) == (
+            None, None, None, None)
+    warped = [parse_train(shlex.split(line)[1:])["warp"] for line in invoke("plan", "1", "--recipe", "original", "--no-warp").output.splitlines()]
+    assert warped == [0.0]
+    assert invoke("plan", "1", "--recipe", "nonsense").exit_code != 0
 
 
 def test_warp_switch_adds_the_original_warp():
