@@ -101,3 +101,13 @@ def test_help_shows_the_recipe_and_each_recipes_defaults():
                   "Default: 1e-05; --recipe original: 0.01.", "Default: 0.0; --recipe original: 0.5.",
                   "Default: every-scan; --recipe original: graded-only."):
         assert shown in text
+
+
+def test_resume_keeps_the_recipe_and_refuses_another(tmp_path):
+    from cov3d.training.runconfig import recorded_settings
+
+    original = TrainSettings.for_recipe("original", batch_size=3)
+    config = {**original.to_config(), "data_dir": "DATA"}
+    assert recorded_settings(config, tmp_path, TrainSettings) == original
+    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--recipe", "paper"])
+    assert result.exit_code != 0 and "--recipe cannot change when resuming" in result.output
