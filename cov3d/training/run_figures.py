@@ -20,6 +20,7 @@ from fastai.torch_core import rank_distrib
 
 from cov3d.atomic import write_csv_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_LABELS
+from cov3d.recipes import ONE_CHECKPOINT
 from cov3d.runfiles import CONFUSION_STEMS, CURVES_FILE, TASK_METRICS
 
 
@@ -97,7 +98,8 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
         matrix = task_matrix(monitored, logits, targets)
         labels = PRESENCE_CLASSES if task == "presence" else SEVERITY_LABELS
         write_matrix_csv(run_dir / f"{stem}.csv", matrix, labels)
-        title = f"{task} (best {task} weights)\nmacro F1 {confusion_macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"
+        kept = "the run's one checkpoint" if source.config.get("kept_weights") == ONE_CHECKPOINT else f"best {task} weights"
+        title = f"{task} ({kept})\nmacro F1 {confusion_macro_f1(matrix):.3f}, validation scans: {int(matrix.sum())}"
         save_figure(confusion_figure(matrix, labels, title), run_dir / f"{stem}.png")
         matrices[monitored] = matrix
     return matrices

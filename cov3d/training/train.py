@@ -90,13 +90,16 @@ class TrainResult:
 
 
 class BestCheckpoints(Callback):
-    """After each epoch, save the weights (safetensors) whenever a monitored F1 improves; weights
-    with a NaN or infinite value (a diverged run) are never kept, whatever their scores."""
+    """After each epoch, note each monitored F1's best and save the weights (safetensors) whenever a
+    ``kept`` one improves (default: every monitored one); weights with a NaN or infinite value (a diverged
+    run) are never kept, whatever their scores."""
 
     order = 70  # after the Recorder has computed the epoch's metrics
 
-    def __init__(self, run_dir: Path, monitored: list[str], first_epoch: int = 0, write: bool = True):
+    def __init__(self, run_dir: Path, monitored: list[str], first_epoch: int = 0, write: bool = True,
+                 kept: list[str] | None = None):
         self.run_dir, self.monitored, self.first_epoch, self.write = run_dir, monitored, first_epoch, write
+        self.kept = monitored if kept is None else kept
         self.best = {name: -math.inf for name in monitored}
         self.best_epoch = {name: -1 for name in monitored}
 
@@ -111,7 +114,7 @@ class BestCheckpoints(Callback):
             value = float(values.get(name, math.nan))
             if not math.isnan(value) and value > self.best[name]:
                 self.best[name], self.best_epoch[name] = value, self.first_epoch + self.epoch
-                if self.write:
+                if self.write and name in self.kept:
                     state = {key: t.detach().cpu().contiguous() for key, t in unwrap(self.model).state_dict().items()}
                     write_bytes_atomically(self.run_dir / WEIGHTS_BY_METRIC[name], safetensors_bytes(state), resume_remedy(self.run_dir))
 
@@ -125,10 +128,15 @@ def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int 
     return [item for item in items if item.path not in failed]
 
 
+def monitored_metrics(settings: TrainSettings) -> list[str]:
+    """The validation scores whose best a run records: each task it trains."""
+    return [metric.name for metric in task_metrics(settings.severity_factor) if metric.name in WEIGHTS_BY_METRIC]
+
+
 def kept_metrics(settings: TrainSettings) -> list[str]:
-    """The validation scores whose best epoch a run keeps: each task's (``per-task``), or only the
-    first, presence unless lambda = 1 (``kept_weights="one"``, the original code)."""
-    monitored = [metric.name for metric in task_metrics(settings.severity_factor) if metric.name in WEIGHTS_BY_METRIC]
+    """The validation scores whose best epoch's weights a run keeps: each task's (``per-task``), or only
+    the first, presence unless lambda = 1 (``kept_weights="one"``, the original code)."""
+    monitored = monitored_metrics(settings)
     return monitored[:1] if settings.kept_weights == ONE_CHECKPOINT else monitored
 
 
@@ -285,7 +293,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
     metrics = task_metrics(settings.severity_factor)
-    checkpoints = BestCheckpoints(run_dir, kept_metrics(settings), first_epoch, dist.is_main)
+    checkpoints = BestCheckpoints(run_dir, monitored_metrics(settings), first_epoch, dist.is_main, kept_metrics(settings))
     if resume_state is not None:
         checkpoints.best.update(resume_state["best"])
         checkpoints.best_epoch.update(resume_state["best_epoch"])

@@ -164,11 +164,13 @@ def test_one_epoch_of_the_original_recipe(tmp_path, tiny_dataset):
     assert config["checkpoints"] == {"presence_f1": WEIGHTS_BY_METRIC["presence_f1"]}
     assert config["presence_pos_weight"] > 0
     assert (run / WEIGHTS_BY_METRIC["presence_f1"]).is_file() and not (run / WEIGHTS_BY_METRIC["severity_f1"]).exists()
+    summary = json.loads((run / "summary.json").read_text())  # both tasks' best epochs are still recorded
+    assert set(summary["best_scores"]) == {"presence_f1", "severity_f1"}
     exported = export_model(run, tmp_path / "model.safetensors")
     source = load_source(exported)
     assert set(source.states) == {"presence", "severity"} and source.states["presence"] is source.states["severity"]
-    summary = infer(sorted((tiny_dataset / "test").iterdir()), exported, output=tmp_path / "preds.csv", cache_dir=tmp_path / "cache",
+    inferred = infer(sorted((tiny_dataset / "test").iterdir()), exported, output=tmp_path / "preds.csv", cache_dir=tmp_path / "cache",
                     device="cpu", precision="fp32", workers=0, progress=False)
     with (tmp_path / "preds.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert summary.predicted == len(rows) > 0 and all(row["severity"] for row in rows)
+    assert inferred.predicted == len(rows) > 0 and all(row["severity"] for row in rows)
