@@ -174,3 +174,18 @@ def test_one_epoch_of_the_original_recipe(tmp_path, tiny_dataset):
     with (tmp_path / "preds.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert inferred.predicted == len(rows) > 0 and all(row["severity"] for row in rows)
+
+
+def test_one_checkpoint_records_every_tasks_best_but_keeps_one_set_of_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from cov3d.training.train import BestCheckpoints
+
+    best = BestCheckpoints(tmp_path, ["presence_f1", "severity_f1"], kept=["presence_f1"])
+    names = ["epoch", "train_loss", "valid_loss", "presence_f1", "severity_f1", "time"]
+    for epoch, (presence, severity) in enumerate([(0.5, 0.4), (0.4, 0.6)]):
+        best.learn = SimpleNamespace(model=torch.nn.Linear(2, 2), epoch=epoch, recorder=SimpleNamespace(
+            metric_names=names, log=[epoch, 0.7, 0.7, presence, severity, "00:01"]))
+        best.after_epoch()
+    assert best.best == {"presence_f1": 0.5, "severity_f1": 0.6} and best.best_epoch == {"presence_f1": 0, "severity_f1": 1}
+    assert sorted(path.name for path in tmp_path.iterdir()) == [WEIGHTS_BY_METRIC["presence_f1"]]
