@@ -48,6 +48,8 @@ CONFUSION_INCHES = 3.6
 """Side of a confusion-matrix figure."""
 RELIABILITY_INCHES = 3.8
 """Side of one task's reliability diagram."""
+RELIABILITY_LEGEND_INCHES = 0.8
+"""Height under each reliability diagram for its legend."""
 RELIABILITY_MARKER_AREA = 400.0
 """Area in points^2 of the marker of a bin that holds every scan (smaller bins: in proportion)."""
 HISTOGRAM_SIZE = (6.4, 3.6)
@@ -233,7 +235,7 @@ def reliability_diagram(calibrations: Sequence) -> Figure:
     it starts at 1 / classes (0.5 for presence, 0.25 for severity)."""
     from cov3d.model.calibration import TASK_CLASSES
 
-    fig = Figure(figsize=(RELIABILITY_INCHES * len(calibrations), RELIABILITY_INCHES), dpi=DPI)
+    fig = Figure(figsize=(RELIABILITY_INCHES * len(calibrations), RELIABILITY_INCHES + RELIABILITY_LEGEND_INCHES), dpi=DPI)
     axes = fig.subplots(1, len(calibrations), squeeze=False)[0]
     for ax, result in zip(axes, calibrations):
         bins = len(result.bins["before"][0])
@@ -243,20 +245,20 @@ def reliability_diagram(calibrations: Sequence) -> Figure:
         for when, (colour, marker, temperature) in styles.items():
             counts, confidence, accuracy = result.bins[when]
             filled = counts > 0
-            ax.plot(confidence[filled], accuracy[filled], color=colour, linewidth=1.0, alpha=0.6)
+            ax.plot(confidence[filled], accuracy[filled], color=colour, marker=marker, markersize=3, linewidth=1.0,
+                    alpha=0.7, label=f"{when}, T = {temperature:.2f}: ECE {result.scores[f'ece_{when}']:.3f}")
             ax.scatter(confidence[filled], accuracy[filled], s=RELIABILITY_MARKER_AREA * counts[filled] / counts.sum(),
-                       color=colour, marker=marker, alpha=0.8, zorder=3,
-                       label=f"{when}, T = {temperature:.2f}: ECE {result.scores[f'ece_{when}']:.3f}")
+                       color=colour, marker=marker, alpha=0.5, zorder=3)
         ax.set_xticks(np.linspace(0.0, 1.0, bins + 1), minor=True)
         ax.grid(which="minor", axis="x", alpha=0.3)
         ax.grid(which="major", axis="y", alpha=0.3)
-        ax.set_xlim(low - 0.02, 1.02)
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlim(low - 0.04, 1.03)
+        ax.set_ylim(-0.04, 1.04)
         ax.set_xlabel("confidence (probability of the predicted class)")
         ax.set_ylabel("accuracy")
-        ax.set_title(f"{result.task}: {result.scans} validation scans\n"
+        ax.set_title(f"{result.task}, validation scans: {result.scans}\n"
                      f"Brier {result.scores['brier_before']:.3f} -> {result.scores['brier_after']:.3f}")
-        ax.legend(loc="upper left", fontsize=FONT_SIZE - 2)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=FONT_SIZE - 1, frameon=False)
     fig.tight_layout()
     return fig
 
