@@ -11,7 +11,9 @@ import pytest
 import torch
 from figure_checks import assert_panels_differ, assert_size
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
+from cov3d.cli import app
 from cov3d.dataset.scans import find_scans
 from cov3d.errors import Cov3dError
 from cov3d.inference.ensemble import Ensemble
@@ -69,8 +71,13 @@ def runs(module_dir):
 def test_infer_applies_the_temperatures_and_keeps_the_decisions(tiny_dataset, tmp_path, runs):
     scans = find_scans([tiny_dataset / "test"])[:2]
     calibrated, summary = run_infer(scans, runs["run"], tmp_path, "calibrated.csv")
-    raw, raw_summary = run_infer(scans, runs["run"], tmp_path, "raw.csv", calibrated=False)
-    assert "Probabilities calibrated" in summary.calibration and "--uncalibrated" in raw_summary.calibration
+    result = CliRunner().invoke(app, ["infer", *map(str, scans), "--model", str(runs["run"]), "--output", str(tmp_path / "raw.csv"),
+                                      "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--precision", "fp32",
+                                      "--workers", "0", "--uncalibrated"])
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "raw.csv").open() as handle:
+        raw = list(csv.DictReader(handle))
+    assert "Probabilities calibrated" in summary.calibration and "uncalibrated (--uncalibrated)" in result.stderr
     for scaled, plain in zip(calibrated, raw):
         assert (scaled["covid"], scaled["severity"]) == (plain["covid"], plain["severity"])
         # one model: P = sigmoid(l / T) with l = logit of the uncalibrated P (the mean over the reflection)
@@ -152,3 +159,16 @@ def test_training_fits_temperatures_on_one_pass_of_the_validation_set(tmp_path, 
         assert {"ece_before", "ece_after", "brier_before", "brier_after"} <= set(entry)
     assert set(summary["tta_scores"]) == {"presence_f1", "severity_f1"}
     assert_panels_differ(assert_size(run / "reliability.png", 760, 460), rows=1, columns=2)  # 3.8 in per task, 100 dpi
+
+
+def test_explain_reports_the_calibrated_probability(tiny_dataset, tmp_path, runs):
+    from cov3d.inference.explain import explain
+    from cov3d.inference.views import model_volume
+
+    scan = find_scans([tiny_dataset / "test"])[0]
+    result = explain(scan, runs["run"], tmp_path / "explain", cache_dir=tmp_path / "cache", device="cpu", precision="fp32")
+    source = load_source(runs["run"])
+    volume = model_volume(scan, source.shape, tmp_path / "cache")
+    with torch.no_grad():
+        x = float(source.build("presence")(volume[None])[0, 0])
+    assert result["probability"] == pytest.approx(1 / (1 + math.exp(-x / 2.5)), abs=1e-5)
