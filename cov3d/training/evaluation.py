@@ -28,7 +28,7 @@ from cov3d.dataset.layout import SEVERITY_CATEGORIES
 from cov3d.model.calibration import CALIBRATION_BINS, TaskCalibration, calibrate_task
 from cov3d.model.files import TEMPERATURES_KEY
 from cov3d.model.metrics import macro_f1
-from cov3d.runfiles import TASK_METRICS, TASKS
+from cov3d.runfiles import TASK_METRICS
 from cov3d.training.callbacks import record_in_config
 from cov3d.training.run_figures import write_reliability_diagram
 
@@ -44,17 +44,13 @@ def kept_weights_predictions(run_dir: Path, loader, device: torch.device, *, ref
     from cov3d.model.files import load_source
     from cov3d.model.predictor import RunPredictor
 
-    source = load_source(Path(run_dir))
-    predictions = {}
-    for task in TASKS:
-        predictor = RunPredictor(source, device, None, reflect=reflect, tasks=(task,), calibrated=False)
-        if task in predictor.predicted_tasks:
-            logits, targets = [], []
-            for volumes, target in loader:
-                logits.append(predictor.task_logits(volumes.as_subclass(torch.Tensor)))
-                targets.append(target.as_subclass(torch.Tensor).cpu())
-            predictions[task] = torch.cat(logits).numpy(), torch.cat(targets).numpy()
-    return predictions
+    predictor = RunPredictor(load_source(Path(run_dir)), device, None, reflect=reflect, calibrated=False)
+    logits, targets = [], []
+    for volumes, target in loader:  # each task's kept weights once per batch (both tasks from one for lambda = 1)
+        logits.append(predictor.task_logits(volumes.as_subclass(torch.Tensor)))
+        targets.append(target.as_subclass(torch.Tensor).cpu())
+    predictions = torch.cat(logits).numpy(), torch.cat(targets).numpy()
+    return {task: predictions for task in predictor.predicted_tasks}
 
 
 def task_data(task: str, predictions: TaskPredictions) -> tuple[np.ndarray, np.ndarray]:

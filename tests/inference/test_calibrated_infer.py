@@ -172,3 +172,21 @@ def test_explain_reports_the_calibrated_probability(tiny_dataset, tmp_path, runs
     with torch.no_grad():
         x = float(source.build("presence")(volume[None])[0, 0])
     assert result["probability"] == pytest.approx(1 / (1 + math.exp(-x / 2.5)), abs=1e-5)
+
+
+def test_a_lambda_one_run_gets_both_tasks_from_one_pass_of_its_severity_weights(runs, monkeypatch):
+    from cov3d.training.evaluation import kept_weights_predictions
+
+    batches = [(torch.rand(2, 1, *SIZE), torch.tensor([[1.0, 3], [0, 0]]))]
+    passes = []
+    pooled = RunPredictor._pooled
+    monkeypatch.setattr(RunPredictor, "_pooled", lambda self, model, volumes: passes.append(1) or pooled(self, model, volumes))
+    predictions = kept_weights_predictions(runs["graded"], batches, torch.device("cpu"))
+    assert sorted(predictions) == ["presence", "severity"] and len(passes) == 1
+    logits, targets = predictions["presence"]
+    model = load_source(runs["graded"]).build("severity")
+    with torch.no_grad():
+        s = [torch.softmax(model(v)[:, 1:], dim=1) for v in (batches[0][0], batches[0][0].flip(-1))]
+    covid = ((s[0] + s[1]) / 2)[:, 1:].sum(dim=1)  # the paper's P(covid) of a lambda = 1 run, averaged over the views
+    assert torch.sigmoid(torch.from_numpy(logits[:, 0])) == pytest.approx(covid, abs=1e-6)
+    assert targets.tolist() == [[1.0, 3.0], [0.0, 0.0]]
