@@ -26,6 +26,8 @@ SUMMARY_FILE = "summary.json"
 """Best scores and epochs, written when training ends."""
 CURVES_FILE = "curves.png"
 """Loss and F1 curves, redrawn after every epoch."""
+RELIABILITY_FILE = "reliability.png"
+"""Reliability diagrams of both tasks on the validation set, before and after calibration."""
 CONFUSION_STEMS = {"presence": "confusion-presence", "severity": "confusion-severity"}
 """Confusion matrices of each task's kept weights on the validation set (stems of a figure and a table)."""
 CONFUSION_SUFFIXES = (".png", ".csv")
@@ -36,7 +38,8 @@ MODEL_SUFFIX = ".safetensors"
 def run_file_names() -> set[str]:
     """The names of the files ``cov3d train`` writes into a run folder."""
     confusion = {f"{stem}{suffix}" for stem in CONFUSION_STEMS.values() for suffix in CONFUSION_SUFFIXES}
-    return {CONFIG_FILE, RESUME_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, *WEIGHTS_FILES.values(), *confusion}
+    return {CONFIG_FILE, RESUME_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, RELIABILITY_FILE, *WEIGHTS_FILES.values(),
+            *confusion}
 
 
 def is_run_dir(folder: Path) -> bool:

@@ -49,6 +49,7 @@ def infer_command(
     cache_dir: Optional[Path] = CacheDirOption,
     device: str = DeviceOption,
     precision: str = PrecisionOption,
+    uncalibrated: bool = typer.Option(False, "--uncalibrated", help="Report the models' raw probabilities, without the temperatures fitted after training (decisions are the same)."),
 ):
     """Predict COVID-19 presence and severity for scans (mean over each scan and its reflection, and over models)."""
     from cov3d.dataset.scans import find_scans
@@ -63,12 +64,13 @@ def infer_command(
         cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers, resume=resume, seed=seed, reflect=tta, overwrite=overwrite,
-        window=parse_window(window, MODEL_WINDOW),
+        window=parse_window(window, MODEL_WINDOW), calibrated=not uncalibrated,
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
     kept = f", {summary.resumed} already in the CSV" if summary.resumed else ""
     typer.echo(f"{summary.predicted} scans predicted ({summary.covid} with COVID-19){kept} -> {output}")
+    typer.echo(summary.calibration, err=True)
     if summary.failed:
         raise typer.Exit(1)
 

@@ -25,13 +25,16 @@ class Ensemble:
 
     ``sources`` predict both tasks; ``presence_sources`` only presence and ``severity_sources`` only
     severity (the paper submitted different models for the two tasks). Without any model for
-    presence, P(covid) is the severity models' sum of s_1..s_4 (as for a lambda = 1 run).
+    presence, P(covid) is the severity models' sum of s_1..s_4 (as for a lambda = 1 run). Each member
+    applies its own temperatures unless ``calibrated`` is off; decisions come from the uncalibrated
+    mean (``cov3d.model.predictor.combine``).
     """
 
     def __init__(
         self, sources: Sequence[ModelSource], device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0,
         reflect: bool = True, *, presence_sources: Sequence[ModelSource] = (),
         severity_sources: Sequence[ModelSource] = (), window: Window | ModelWindow = MODEL_WINDOW,
+        calibrated: bool = True,
     ):
         if not (sources or presence_sources or severity_sources):
             raise Cov3dError("No model given: pass `models` with a run folder or a file made by 'cov3d export'.")
@@ -43,7 +46,8 @@ class Ensemble:
         members += [(source, ("presence",)) for source in presence_sources]
         members += [(source, severity_tasks) for source in severity_sources]
         self.members = [
-            RunPredictor(source, device, dtype, mc_samples, reflect, tasks, window) for source, tasks in members
+            RunPredictor(source, device, dtype, mc_samples, reflect, tasks, window, calibrated)
+            for source, tasks in members
         ]
         self.device = device
 
@@ -58,4 +62,9 @@ class Ensemble:
         Each shape's batch goes to the device once and becomes values there (``values_on``).
         """
         volumes = {shape: values_on(batch, self.device) for shape, batch in levels.items()}
-        return combine(torch.cat([member.samples(volumes[member.shape]) for member in self.members]))
+        drawn = [member.samples(volumes[member.shape]) for member in self.members]
+        return combine(torch.cat([samples.raw for samples in drawn]), torch.cat([samples.calibrated for samples in drawn]))
+
+    def uncalibrated(self) -> list[tuple[str, str]]:
+        """(model path, task) of each task a member predicts without a temperature."""
+        return [(str(member.source.path), task) for member in self.members for task in member.uncalibrated_tasks]

@@ -216,7 +216,8 @@ def explain(
     through ``window``, by default (``MODEL_WINDOW``) the model's. The forward passes run under the
     autocast dtype of ``map_precision``.
 
-    Returns the two paths, P(covid) from the score and the peak voxel (z, y, x). The outputs are
+    Returns the two paths, P(covid) from the score (at the model's presence temperature, if it records
+    one: ``cov3d.model.calibration``) and the peak voxel (z, y, x). The outputs are
     checked first: never inside the scan or the run, and existing files only if unchanged since
     cov3d wrote them (``cov3d.outputs.OutputFolder``), or with ``overwrite``.
     """
@@ -254,7 +255,7 @@ def explain(
     fill = occlusion_fill(shape.window if holds_hu else source.shape.window)
     cam, score = attribution_map(model, volume, method, fill=fill, severity_only=severity_only,
                                  dtype=map_precision(method, precision, torch_device))
-    probability = float(torch.sigmoid(torch.tensor(score)))
+    probability = float(torch.sigmoid(torch.tensor(score) / (source.temperature("presence") or 1.0)))  # calibrated
     peak = peak_voxel(cam.numpy())
 
     output_dir = Path(output_dir)

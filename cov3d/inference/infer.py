@@ -106,6 +106,20 @@ class InferenceSummary:
     covid: int = 0
     resumed: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    calibration: str = ""
+    """One line: whether the probabilities are calibrated (``calibration_note``)."""
+
+
+def calibration_note(ensemble: Ensemble, calibrated: bool) -> str:
+    """Whether the ensemble's probabilities are calibrated, naming the models and tasks that are not."""
+    if not calibrated:
+        return "Probabilities uncalibrated (--uncalibrated); the decisions are the same either way."
+    missing = ensemble.uncalibrated()
+    if not missing:
+        return "Probabilities calibrated (each model's temperatures, fitted on its validation scans)."
+    listed = ", ".join(f"{task} of {path}" for path, task in missing)
+    return (f"Probabilities uncalibrated for {listed}: no temperature recorded (trained before calibration, "
+            "or no validation scan for the task); the decisions are the same either way.")
 
 
 def default_workers() -> int:
@@ -143,6 +157,7 @@ def infer(
     window: Window | ModelWindow = MODEL_WINDOW,
     on_row: Callable[[dict[str, str]], None] | None = None,
     overwrite: bool = False,
+    calibrated: bool = True,
 ) -> InferenceSummary:
     """Predict every scan with the ensemble of ``models`` (run folders, exported model files or
     folders of them) and write the CSV ``output`` row by row (``on_row`` is called after each).
@@ -158,6 +173,8 @@ def infer(
     ``reflect``: average each scan with its sagittal reflection (the paper's test-time augmentation).
     ``window``: the HU -> grey mapping for DICOM/NIfTI scans, for every model; ``MODEL_WINDOW``:
     each model's own (``ModelSource.window``).
+    ``calibrated``: report probabilities at each model's temperatures (decisions are the same either
+    way); ``summary.calibration`` says which are not calibrated.
     Submission files, if asked for, cover every row of ``output``.
 
     Outputs are checked before anything is written (``check_outputs``). Scans are told apart by
@@ -177,12 +194,12 @@ def infer(
         [load_source(path) for path in model_paths], torch_device, resolve_precision(precision, torch_device),
         mc_samples, reflect, presence_sources=[load_source(path) for path in presence_paths],
         severity_sources=[load_source(path) for path in severity_paths],
-        window=window,
+        window=window, calibrated=calibrated,
     )
     torch.manual_seed(seed)
     done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
     pending = [scan for scan in scan_dirs if real(scan) not in done]
-    summary = InferenceSummary(resumed=len(scan_dirs) - len(pending))
+    summary = InferenceSummary(resumed=len(scan_dirs) - len(pending), calibration=calibration_note(ensemble, calibrated))
     for scan in pending:
         problem = submission_name_problem(scan_name(scan))
         if problem is not None:

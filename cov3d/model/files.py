@@ -4,7 +4,9 @@ Both are safetensors (tensors and JSON text, no code): a run folder's ``config.j
 task, or one exported ``.safetensors`` file whose metadata holds the run's config and a SHA-256 of config
 and tensors (checked: a damaged file is refused; not a signature). Pickle files are refused by name and
 content before they are read; so are configs that do not fit their weights and non-finite weights. The
-config's ``window`` is the HU -> grey mapping the model expects (docs/inference.md#model-files-and-export).
+config's ``window`` is the HU -> grey mapping the model expects (docs/inference.md#model-files-and-export);
+its ``temperatures`` (task -> T, fitted after training; absent in older runs) calibrate the
+probabilities (``cov3d.model.calibration``). Both travel in exported files with the rest of the config.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +58,8 @@ LEGACY_CONFIG = {
 terms averaged over their weights, no warp; for DICOM/NIfTI scans, the calibrated default window;
 the 1cycle schedule that was fixed in the code (fastai's defaults); fastai's Adam; the paper recipe
 (``cov3d.recipes``). A config without a key is read with this value."""
+TEMPERATURES_KEY = "temperatures"
+"""config.json's {task: T} of the temperatures fitted after training (a task not fitted is absent)."""
 
 
 def with_legacy_defaults(config: dict) -> dict:
@@ -98,6 +103,10 @@ class ModelSource:
     def window(self) -> Window:
         """The HU -> grey mapping the model expects for DICOM/NIfTI (``DEFAULT_WINDOW`` if not recorded)."""
         return self.shape.window
+
+    def temperature(self, task: str) -> float | None:
+        """The temperature fitted for ``task`` after training, or None (older runs: uncalibrated)."""
+        return self.config.get(TEMPERATURES_KEY, {}).get(task)
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
@@ -148,7 +157,18 @@ def check_config(config: object, where: Path) -> dict:
         Window.parse(str(config["window"]))
     except Cov3dError as error:
         raise Cov3dError(f"{where}: the model config has an invalid window ({error}); re-export the run.") from None
+    if not valid_temperatures(config.get(TEMPERATURES_KEY, {})):
+        raise Cov3dError(f"{where}: the model config's '{TEMPERATURES_KEY}' are not positive numbers by task; "
+                         "restore the file or re-train the run.")
     return config
+
+
+def valid_temperatures(temperatures: object) -> bool:
+    """Whether ``temperatures`` maps tasks (of ``WEIGHTS_FILES``) to finite numbers > 0."""
+    return isinstance(temperatures, dict) and all(
+        task in WEIGHTS_FILES and isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < math.inf
+        for task, t in temperatures.items()
+    )
 
 
 def non_finite_tensor(state: dict[str, torch.Tensor]) -> str | None:

@@ -1,5 +1,7 @@
 """Figures of a training run, written to its folder: loss and F1 curves after every epoch, and
-confusion matrices of both tasks on the validation set for the best checkpoints after training.
+confusion matrices of both tasks on the validation set for the best checkpoints after training, and
+their reliability diagrams before and after calibration (``reliability.png``, the bins of the ECE in
+summary.json, from ``cov3d.training.evaluation``).
 
 Files: ``curves.png``; ``confusion-presence.png`` / ``.csv`` (truth non-covid, covid x predicted,
 from ``best-presence.safetensors``, p >= 0.5) and ``confusion-severity.png`` / ``.csv`` (truth
@@ -21,7 +23,7 @@ from fastai.torch_core import rank_distrib
 from cov3d.atomic import write_csv_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_LABELS
 from cov3d.recipes import ONE_CHECKPOINT
-from cov3d.runfiles import CONFUSION_STEMS, CURVES_FILE, TASK_METRICS
+from cov3d.runfiles import CONFUSION_STEMS, CURVES_FILE, RELIABILITY_FILE, TASK_METRICS
 
 
 class TrainingCurves(Callback):
@@ -103,3 +105,13 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
         save_figure(confusion_figure(matrix, labels, title), run_dir / f"{stem}.png")
         matrices[monitored] = matrix
     return matrices
+
+
+def write_reliability_diagram(run_dir: Path, calibrations: dict) -> Path | None:
+    """``reliability.png``: one panel per calibrated task (``cov3d.model.calibration.TaskCalibration``,
+    by task); None, and nothing written, when no task was calibrated."""
+    if not calibrations:
+        return None
+    from cov3d.viz.figures import reliability_diagram, save_figure
+
+    return save_figure(reliability_diagram(list(calibrations.values())), Path(run_dir) / RELIABILITY_FILE)

@@ -63,7 +63,7 @@ from cov3d.training.distributed import (
     stop_distributed,
     unwrap,
 )
-from cov3d.training.evaluation import kept_weights_scores
+from cov3d.training.evaluation import evaluate_kept_weights
 from cov3d.training.loaders import training_loaders
 from cov3d.training.optimizer import optimizer_function
 from cov3d.training.precision import precision_callbacks
@@ -340,7 +340,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     # A task never scored (no graded validation scan) has no best score: null, not -Infinity (not JSON).
     best_scores = {name: value if math.isfinite(value) else None for name, value in checkpoints.best.items()}
     summary = {"best_scores": best_scores, "best_epochs": checkpoints.best_epoch,
-               "tta_scores": kept_weights_scores(run_dir, dls.valid, torch_device),
+               **evaluate_kept_weights(run_dir, dls.valid, torch_device),
                **{f"replica_{key}": [replica[key] for replica in replicas] for key in replicas[0]}}
     write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False), resume_remedy(run_dir))
     if use_wandb:

@@ -1,5 +1,5 @@
 """Figures: slice views of scans (paper Fig. 2), the depth histogram (Fig. 1), training curves,
-confusion matrices and attribution maps (Grad-CAM, occlusion) over scans, at fixed pixel sizes.
+confusion matrices, reliability diagrams and attribution maps (Grad-CAM, occlusion) over scans, at fixed pixel sizes.
 
 Figures are made with matplotlib's object API (``Figure``), never through pyplot, so drawing one
 needs no display and leaves the process's backend and style settings alone: a notebook keeps its
@@ -46,6 +46,12 @@ CURVES_SIZE = (8.0, 3.2)
 """Inches of the training-curve figure (two panels: losses, F1)."""
 CONFUSION_INCHES = 3.6
 """Side of a confusion-matrix figure."""
+RELIABILITY_INCHES = 3.8
+"""Side of one task's reliability diagram."""
+RELIABILITY_LEGEND_INCHES = 0.8
+"""Height under each reliability diagram for its legend."""
+RELIABILITY_MARKER_AREA = 400.0
+"""Area in points^2 of the marker of a bin that holds every scan (smaller bins: in proportion)."""
 HISTOGRAM_SIZE = (6.4, 3.6)
 """Inches of the depth histogram."""
 HISTOGRAM_BINS = 60
@@ -216,6 +222,43 @@ def confusion_figure(matrix: np.ndarray, labels: Sequence[str], title: str) -> F
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+@styled
+def reliability_diagram(calibrations: Sequence) -> Figure:
+    """One panel per task (``cov3d.model.calibration.TaskCalibration``: task, temperature, scans,
+    scores, bins): the accuracy of each confidence bin against its mean confidence, before (T = 1) and
+    after calibration, marker areas in proportion to the bin's scans; the diagonal is perfect
+    calibration, and the grid lines are the bins' edges. Confidence is that of the predicted class, so
+    it starts at 1 / classes (0.5 for presence, 0.25 for severity)."""
+    from cov3d.model.calibration import TASK_CLASSES
+
+    fig = Figure(figsize=(RELIABILITY_INCHES * len(calibrations), RELIABILITY_INCHES + RELIABILITY_LEGEND_INCHES), dpi=DPI)
+    axes = fig.subplots(1, len(calibrations), squeeze=False)[0]
+    for ax, result in zip(axes, calibrations):
+        bins = len(result.bins["before"][0])
+        low = 1.0 / TASK_CLASSES[result.task]
+        ax.plot([low, 1.0], [low, 1.0], linestyle="--", color="0.5", linewidth=1.0, label="perfectly calibrated")
+        styles = {"before": ("tab:orange", "o", 1.0), "after": ("tab:blue", "s", result.temperature)}
+        for when, (colour, marker, temperature) in styles.items():
+            counts, confidence, accuracy = result.bins[when]
+            filled = counts > 0
+            ax.plot(confidence[filled], accuracy[filled], color=colour, marker=marker, markersize=3, linewidth=1.0,
+                    alpha=0.7, label=f"{when}, T = {temperature:.2f}: ECE {result.scores[f'ece_{when}']:.3f}")
+            ax.scatter(confidence[filled], accuracy[filled], s=RELIABILITY_MARKER_AREA * counts[filled] / counts.sum(),
+                       color=colour, marker=marker, alpha=0.5, zorder=3)
+        ax.set_xticks(np.linspace(0.0, 1.0, bins + 1), minor=True)
+        ax.grid(which="minor", axis="x", alpha=0.3)
+        ax.grid(which="major", axis="y", alpha=0.3)
+        ax.set_xlim(low - 0.04, 1.03)
+        ax.set_ylim(-0.04, 1.04)
+        ax.set_xlabel("confidence (probability of the predicted class)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{result.task}, validation scans: {result.scans}\n"
+                     f"Brier {result.scores['brier_before']:.3f} -> {result.scores['brier_after']:.3f}")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=FONT_SIZE - 1, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -166,7 +166,7 @@ def test_mc_dropout_samples_differ_with_a_sensible_spread(tiny_dataset, tmp_path
     for model in (predictor.severity_model,):
         assert all(m.training == isinstance(m, torch.nn.Dropout) for m in model.modules() if m is not model)
     volumes = torch.stack([VolumeCache(tmp_path / "cache", VolumeShape(4, 16, 16)).get(scan) for scan in scans])
-    samples = predictor.samples(volumes)
+    samples = predictor.samples(volumes).raw
     assert samples.shape == (4, 2, 5)
     covid = samples[:, :, 0]
     assert all(len(set(covid[:, i].tolist())) == 4 for i in range(2))  # four different predictions
