@@ -37,6 +37,8 @@ PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 HEADER_SIZE_BYTES = 8
 """A safetensors file starts with its JSON header's length as a little-endian uint64."""
 HASH_CHUNK_BYTES = 2**20
+ARCHITECTURE_KEYS = ("outputs", "penultimate", "dropout", "pool", "final_bias")
+"""Config entries that shape the network (the input's shape, warp and window are in ``ModelSource.shape``)."""
 PRIVATE_CONFIG_KEYS = ("data_dir",)
 """Config entries left out of exported files (local paths of the trainer's machine)."""
 REQUIRED_CONFIG = {
@@ -87,6 +89,20 @@ class ModelSource:
     def window(self) -> Window:
         """The HU -> grey mapping the model expects for DICOM/NIfTI (``DEFAULT_WINDOW`` if not recorded)."""
         return self.shape.window
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 (hex) of what the model predicts with: every task's tensors (names, dtypes, shapes,
+        bytes), the network's architecture and its input (``shape``: size, decoding, warp, window).
+        Equal for a run folder, its copies and its exported file; provenance (paths, dates) is left out."""
+        digest = hashlib.sha256(json.dumps(
+            {"architecture": {key: self.config[key] for key in ARCHITECTURE_KEYS}, "input": repr(self.shape)},
+            sort_keys=True).encode())
+        for task in sorted(self.states):
+            for key, tensor in sorted(self.states[task].items()):
+                digest.update(f"{task}/{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
