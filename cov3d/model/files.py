@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
+from cov3d.locks import writing
 from cov3d.model.network import build_model
 from cov3d.runfiles import CONFIG_FILE, MODEL_SUFFIX, WEIGHTS_FILES
 from cov3d.settings import FASTAI_ADAM, POOLS, VolumeShape
@@ -309,5 +310,6 @@ def export_model(source: Path, out: Path, *, overwrite: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "config": config_text, "sha256": ""}
     metadata["sha256"] = _data_digest(io.BytesIO(safetensors_bytes(tensors, metadata=metadata)), config_text)
-    write_bytes_atomically(out, safetensors_bytes(tensors, metadata=metadata), "Free some space or export to another folder.")
+    with writing(out, "output file"):
+        write_bytes_atomically(out, safetensors_bytes(tensors, metadata=metadata), "Free some space or export to another folder.")
     return out
