@@ -2,8 +2,9 @@
 
 Every command that writes a named output (a predictions CSV and its submission folder, a run folder, an
 exported model file, a stats or Grad-CAM folder, a figure) holds ``writing(output)`` for as long as it
-writes. A second process asking for the same output (however its path is spelled) is refused at once
-with a one-line ``OutputBusy`` naming the output and the process that holds it.
+writes. A second process asking for the same output (however its path is spelled) is refused with a
+one-line ``OutputBusy`` naming the output and the process that holds it: at once where the holder writes
+for long (``infer``, ``train``), after ``SHORT_WRITE_WAIT_SECONDS`` where writing takes a moment.
 
 The lock is ``fcntl.flock`` on a hidden lock file beside the output (``lock_path``), so it dies with its
 holder: a killed writer never leaves a stale lock, only a lock file that the next writer takes over. The
@@ -38,6 +39,12 @@ NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 """``flock`` errors of file systems that have no locks."""
 HOLDER_BYTES = 4096
 """Most bytes of the holder's description read from a lock file."""
+SHORT_WRITE_WAIT_SECONDS = 60.0
+"""How long a command that only writes for a moment at its end (``stats``, ``explain``, ``export``,
+``show``) waits for another writer of its output before it is refused: two ``explain`` runs of
+different scans into one folder then both finish."""
+RETRY_SECONDS = 0.1
+"""Interval between tries for a lock held by another process."""
 
 _held: dict[str, tuple[int, int]] = {}
 """Lock files held by this process: path -> (descriptor, nesting depth)."""
@@ -80,8 +87,10 @@ def _describe_self(descriptor: int) -> None:
         os.pwrite(descriptor, text.encode(), 0)
 
 
-def _open_locked(path: Path, output: Path, option: str) -> int | None:
-    """A descriptor of ``path`` holding its exclusive lock; ``None`` where the file system has no locks."""
+def _open_locked(path: Path, output: Path, option: str, wait: float) -> int | None:
+    """A descriptor of ``path`` holding its exclusive lock, tried for up to ``wait`` seconds; ``None``
+    where the file system has no locks."""
+    give_up = time.monotonic() + wait
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +104,10 @@ def _open_locked(path: Path, output: Path, option: str) -> int | None:
         except BlockingIOError:
             holder = holder_description(os.pread(descriptor, HOLDER_BYTES, 0).decode(errors="replace"))
             os.close(descriptor)
-            raise OutputBusy(output, holder, option) from None
+            if time.monotonic() >= give_up:
+                raise OutputBusy(output, holder, option) from None
+            time.sleep(RETRY_SECONDS)
+            continue
         except OSError as error:
             os.close(descriptor)
             if error.errno in NO_LOCKS:
@@ -111,16 +123,17 @@ def _open_locked(path: Path, output: Path, option: str) -> int | None:
 
 
 @contextlib.contextmanager
-def writing(output: Path, option: str = "--output") -> Iterator[None]:
+def writing(output: Path, option: str = "--output", *, brief: bool = False) -> Iterator[None]:
     """Hold the exclusive lock of ``output`` (a file or a folder, existing or not) while the block
-    writes it; ``OutputBusy`` (naming ``option`` as the way out) if another process holds it."""
+    writes it; ``OutputBusy`` (naming ``option`` as the way out) if another process holds it, at once
+    or, for a ``brief`` block (one that writes for a moment), after ``SHORT_WRITE_WAIT_SECONDS``."""
     path = lock_path(output)
     key = str(path)
     if key in _held:
         descriptor, depth = _held[key]
         _held[key] = (descriptor, depth + 1)
     else:
-        descriptor = _open_locked(path, Path(output), option)
+        descriptor = _open_locked(path, Path(output), option, SHORT_WRITE_WAIT_SECONDS if brief else 0.0)
         if descriptor is None:
             yield
             return

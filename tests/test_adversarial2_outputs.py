@@ -11,11 +11,14 @@ The models here are untrained (random weights, presence only), so no test trains
 import contextlib
 import csv
 import errno
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +29,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cov3d import atomic
+from cov3d import atomic, locks
 from cov3d.cli import app
 from cov3d.inference.ensemble import Ensemble
 from cov3d.locks import lock_path
@@ -116,10 +119,13 @@ def lock_held_elsewhere(output: Path):
 
 
 @pytest.mark.slow
-def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_leaves_no_lock(world, tmp_path):
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_leaves_no_lock(world, tmp_path, monkeypatch):
     """Each kind of output (predictions CSV, submission folder, run folder, export, stats and Grad-CAM
     folders): while another process writes it, a command is refused in one line naming the output and
-    the holder's PID; once the holder is killed (SIGKILL), the same command succeeds."""
+    the holder's PID (commands that write for a moment wait for it first: here 0.2 s); once the holder
+    is killed (SIGKILL), the same command succeeds. A brief writer waiting for its output gets it when
+    the holder dies."""
+    monkeypatch.setattr(locks, "SHORT_WRITE_WAIT_SECONDS", 0.2)
     export = tmp_path / "model.safetensors"
     commands = {
         tmp_path / "preds.csv": ("infer", world.scan_root, "-m", world.run_a, "-o", tmp_path / "preds.csv",
@@ -143,6 +149,12 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_leaves
         assert invoke(*command).exit_code == 0, output
         assert not lock_path(output).exists()  # removed by the writer that held it last
     assert (tmp_path / "submission" / "covid.csv").exists() or (tmp_path / "submission" / "non-covid.csv").exists()
+    monkeypatch.setattr(locks, "SHORT_WRITE_WAIT_SECONDS", 60.0)
+    with lock_held_elsewhere(tmp_path / "stats") as holder:
+        threading.Timer(1.0, holder.kill).start()
+        waited = time.monotonic()
+        assert invoke(*commands[tmp_path / "stats"]).exit_code == 0
+        assert 1.0 <= time.monotonic() - waited < 30
 
 
 def test_two_spellings_of_an_output_share_one_lock(tmp_path):
@@ -151,6 +163,21 @@ def test_two_spellings_of_an_output_share_one_lock(tmp_path):
     link.symlink_to(tmp_path / "outputs")
     assert lock_path(tmp_path / "outputs" / "run1") == lock_path(link / "." / "run1") == lock_path(tmp_path / "outputs" / "run1/")
     assert lock_path(tmp_path / "outputs" / "run1").name == ".run1.cov3d-lock"
+    target = tmp_path / "outputs" / "run1"
+    with locks.writing(target), locks.writing(link / "run1"):  # re-entrant within one process
+        assert json.loads(lock_path(target).read_text())["pid"] == os.getpid()
+    assert not lock_path(target).exists()
+    # Another holder (another open file of the lock, as another process has) refuses a writer, naming it.
+    foreign = os.open(lock_path(target), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(foreign, fcntl.LOCK_EX)
+    os.write(foreign, json.dumps({"pid": 4242, "host": "node7", "started": 0, "command": "cov3d train"}).encode())
+    with pytest.raises(locks.OutputBusy, match=r"run1 is being written by another cov3d process "
+                                               r"\(PID 4242 on node7, since 1970-01-01 00:00:00 UTC: cov3d train\)"):
+        with locks.writing(link / "run1"):
+            pass
+    os.close(foreign)  # the holder ends: its lock goes with it
+    with locks.writing(link / "run1"):
+        pass
 
 
 # 2. A resumed CSV stays one ensemble's ---------------------------------------------------

@@ -208,7 +208,7 @@ def write_stats(stats: DatasetStats, output_dir: Path, *, overwrite: bool = Fals
 
     folder = folder if folder is not None else check_stats_output(stats, output_dir, overwrite=overwrite)
     output_dir = Path(output_dir)
-    with writing(output_dir):
+    with writing(output_dir, brief=True):
         output_dir.mkdir(parents=True, exist_ok=True)
         paths = {name: output_dir / file for name, file in STATS_FILES.items()}
         _write_table(paths["partitions"], stats.presence_table, stats.partitions, "covid")

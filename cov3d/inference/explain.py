@@ -261,7 +261,7 @@ def explain(
     output_dir = Path(output_dir)
     title = f"{name}: P(covid) = {probability:.2f}"
     overlay = attribution_overlay(volume[0].cpu().numpy(), cam.numpy(), title, label=LABELS[method])
-    with writing(output_dir):
+    with writing(output_dir, brief=True):
         output_dir.mkdir(parents=True, exist_ok=True)
         tensor_path = output_dir / f"{stem}.pt"
         with replaced_atomically(tensor_path, "Free some space or choose another `output_dir`.") as temp:

@@ -209,7 +209,7 @@ def show_scans(
             parts.append(f"predicted {guess} (p = {prediction.covid_probability:.2f})")
         titles.append("  |  ".join(parts))
     figure = slice_views([view.volume for view in views], titles)
-    with writing(output):
+    with writing(output, brief=True):
         save_figure(figure, output)
     return titles
 

@@ -310,6 +310,6 @@ def export_model(source: Path, out: Path, *, overwrite: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "config": config_text, "sha256": ""}
     metadata["sha256"] = _data_digest(io.BytesIO(safetensors_bytes(tensors, metadata=metadata)), config_text)
-    with writing(out, "output file"):
+    with writing(out, "output file", brief=True):
         write_bytes_atomically(out, safetensors_bytes(tensors, metadata=metadata), "Free some space or export to another folder.")
     return out
