@@ -80,8 +80,9 @@ def holder_description(text: str) -> str:
 
 def _describe_self(descriptor: int) -> None:
     """Write this process's description into the lock file it holds (best effort: a full disk may refuse)."""
-    command = " ".join(["cov3d", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(("cov3d", "__main__.py")) else " ".join(sys.argv)
-    text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": command})
+    program = Path(sys.argv[0]).name if sys.argv else ""
+    command = ["cov3d", *sys.argv[1:]] if program in ("cov3d", "__main__.py") else sys.argv  # also `python -m cov3d`
+    text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": " ".join(command)})
     with contextlib.suppress(OSError):
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, text.encode(), 0)

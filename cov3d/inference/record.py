@@ -43,6 +43,8 @@ def read_record(path: Path) -> dict | None:
         return None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or not isinstance(record.get("members"), list):
         return None
+    if not all(isinstance(member, dict) and isinstance(member.get("tasks"), list) for member in record["members"]):
+        return None
     return record
 
 
@@ -51,21 +53,22 @@ def is_record(path: Path) -> bool:
     return read_record(path) is not None
 
 
+def _member_key(member: dict) -> tuple:
+    """What tells two members apart: the model's digest, its tasks and its window."""
+    return str(member.get("sha256")), tuple(member["tasks"]), str(member.get("window"))
+
+
 def _identity(record: dict) -> tuple:
-    members = sorted(
-        (str(member.get("sha256")), tuple(member.get("tasks", ())), str(member.get("window")))
-        for member in record["members"] if isinstance(member, dict)
-    )
+    members = sorted(_member_key(member) for member in record["members"])
     return tuple(members), record.get("tta"), record.get("mc_samples")
 
 
 def _describe(members: list[dict], others: list[dict]) -> str:
     """The members not among ``others``: 'run1 (presence, severity; window -470,1410), ...'."""
-    keys = {(member.get("sha256"), tuple(member.get("tasks", ())), member.get("window")) for member in others}
+    known = {_member_key(member) for member in others}
     return ", ".join(
-        f"{member.get('path')} ({', '.join(member.get('tasks', ()))}; window {member.get('window')})"
-        for member in members
-        if (member.get("sha256"), tuple(member.get("tasks", ())), member.get("window")) not in keys
+        f"{member.get('path')} ({', '.join(map(str, member['tasks']))}; window {member.get('window')})"
+        for member in members if _member_key(member) not in known
     ) or "none"
 
 
