@@ -4,8 +4,8 @@
 The record lists the ensemble's members (each model's ``ModelSource.digest``, the tasks it predicts and
 the window it reads DICOM/NIfTI scans with) and the settings that change a prediction's meaning (the
 reflection test-time augmentation, the Monte-Carlo samples). Paths are kept for the reader only: a
-model moved elsewhere is still the same model. Device, precision, batch size and workers are not part
-of it (they change the last digits at most).
+model moved elsewhere is still the same model. Device, precision, batch size, workers and the seed are
+not part of it (they change the last digits, or which Monte-Carlo samples are drawn).
 """
 
 from __future__ import annotations
