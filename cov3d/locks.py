@@ -94,11 +94,12 @@ def _open_locked(path: Path, output: Path, option: str, wait: float) -> int | No
     give_up = time.monotonic() + wait
     while True:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):  # a file in the way: os.open says so below
+                path.parent.mkdir(parents=True, exist_ok=True)
             descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as error:
             raise Cov3dError(
-                f"Cannot write {output}: {one_line(error.strerror or error)}. Check that {path.parent} exists and can be written."
+                f"Cannot write {output}: {one_line(error.strerror or error)}. Check the path and its permissions."
             ) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
