@@ -56,3 +56,13 @@ def existing_run_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(folder / name for name in run_file_names() if os.path.lexists(folder / name))
+
+
+PREDICTIONS_RECORD_SUFFIX = ".cov3d.json"
+"""Beside a predictions CSV ``preds.csv``: ``preds.csv.cov3d.json``, what made its rows (models and settings)."""
+
+
+def predictions_record(csv_path: Path) -> Path:
+    """The record of what made the rows of the predictions CSV ``csv_path`` (``PREDICTIONS_RECORD_SUFFIX``)."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(csv_path.name + PREDICTIONS_RECORD_SUFFIX)

@@ -203,26 +203,28 @@ def write_stats(stats: DatasetStats, output_dir: Path, *, overwrite: bool = Fals
     """Write the CSVs and the histogram to ``output_dir``; returns {what: path}.
 
     ``folder``: the result of ``check_stats_output``, if the caller checked already."""
+    from cov3d.locks import writing
     from cov3d.viz.figures import depth_histogram, save_figure
 
     folder = folder if folder is not None else check_stats_output(stats, output_dir, overwrite=overwrite)
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: output_dir / file for name, file in STATS_FILES.items()}
-    _write_table(paths["partitions"], stats.presence_table, stats.partitions, "covid")
-    _write_table(paths["severity"], stats.severity_table, stats.partitions, "severity")
-    scan_rows = [
-        [scan.partition, scan.label, scan.severity, scan.path.name, scan.depth,
-         " ".join(f"{w}x{h}" for w, h in sorted(scan.sizes)), scan.path]
-        for scan in stats.scans
-    ]
-    header = ["partition", "label", "severity", "name", "depth", "slice_sizes", "path"]
-    write_csv_atomically(paths["scans"], [header, *scan_rows], WRITE_REMEDY)
-    write_csv_atomically(paths["slice_sizes"], [["size", "scans", "slices"], *size_counts(stats.scans)], WRITE_REMEDY)
-    write_text_atomically(paths["warnings"], "".join(f"{warning}\n" for warning in stats.warnings), WRITE_REMEDY)
-    depths = {p: [s.depth for s in stats.scans if s.partition == p] for p in stats.partitions}
-    save_figure(depth_histogram(depths), paths["histogram"])
-    folder.record(paths.values())
+    with writing(output_dir, brief=True):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        paths = {name: output_dir / file for name, file in STATS_FILES.items()}
+        _write_table(paths["partitions"], stats.presence_table, stats.partitions, "covid")
+        _write_table(paths["severity"], stats.severity_table, stats.partitions, "severity")
+        scan_rows = [
+            [scan.partition, scan.label, scan.severity, scan.path.name, scan.depth,
+             " ".join(f"{w}x{h}" for w, h in sorted(scan.sizes)), scan.path]
+            for scan in stats.scans
+        ]
+        header = ["partition", "label", "severity", "name", "depth", "slice_sizes", "path"]
+        write_csv_atomically(paths["scans"], [header, *scan_rows], WRITE_REMEDY)
+        write_csv_atomically(paths["slice_sizes"], [["size", "scans", "slices"], *size_counts(stats.scans)], WRITE_REMEDY)
+        write_text_atomically(paths["warnings"], "".join(f"{warning}\n" for warning in stats.warnings), WRITE_REMEDY)
+        depths = {p: [s.depth for s in stats.scans if s.partition == p] for p in stats.partitions}
+        save_figure(depth_histogram(depths), paths["histogram"])
+        folder.record(paths.values())
     return paths
 
 

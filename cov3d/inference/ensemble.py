@@ -1,6 +1,7 @@
 """Ensembles: several runs or model files (possibly of different input sizes) whose probabilities
 are averaged (the mean over models, as in the paper's submission), each member a
-``cov3d.model.predictor.RunPredictor``.
+``cov3d.model.predictor.RunPredictor``. A model given twice (by two paths, as a run and its export, or
+inside a folder also given) counts once: models are told apart by ``ModelSource.digest``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,27 @@ from cov3d.errors import Cov3dError
 from cov3d.logits import has_severity
 from cov3d.model.files import ModelSource
 from cov3d.model.predictor import Prediction, RunPredictor, combine
+from cov3d.outputs import notice
 from cov3d.preprocessing.cache import values_on
 from cov3d.runfiles import TASKS
 from cov3d.settings import VolumeShape
 from cov3d.window import MODEL_WINDOW, ModelWindow, Window
+
+
+def distinct_models(sources: Sequence[ModelSource], seen: dict[str, ModelSource]) -> list[ModelSource]:
+    """``sources`` without the models already in ``seen`` (by ``ModelSource.digest``) or repeated among
+    them, each dropped with a one-line notice; ``seen`` gains the ones kept."""
+    kept = []
+    for source in sources:
+        first = seen.get(source.digest)
+        if first is None:
+            seen[source.digest] = source
+            kept.append(source)
+        elif first is source or first.path == source.path:
+            notice(f"Model {source.path} is given more than once: it is counted once.")
+        else:
+            notice(f"Model {source.path} is the same model as {first.path} (identical weights and settings): it is counted once.")
+    return kept
 
 
 class Ensemble:
@@ -25,9 +43,10 @@ class Ensemble:
 
     ``sources`` predict both tasks; ``presence_sources`` only presence and ``severity_sources`` only
     severity (the paper submitted different models for the two tasks). Without any model for
-    presence, P(covid) is the severity models' sum of s_1..s_4 (as for a lambda = 1 run). Each member
-    applies its own temperatures unless ``calibrated`` is off; decisions come from the uncalibrated
-    mean (``cov3d.model.predictor.combine``).
+    presence, P(covid) is the severity models' sum of s_1..s_4 (as for a lambda = 1 run). Each model
+    counts once per task (``distinct_models``): a repeat, or a one-task model also given for both
+    tasks, is dropped with a notice. Each member applies its own temperatures unless ``calibrated`` is
+    off; decisions come from the uncalibrated mean (``cov3d.model.predictor.combine``).
     """
 
     def __init__(
@@ -36,6 +55,10 @@ class Ensemble:
         severity_sources: Sequence[ModelSource] = (), window: Window | ModelWindow = MODEL_WINDOW,
         calibrated: bool = True,
     ):
+        both_tasks: dict[str, ModelSource] = {}
+        sources = distinct_models(sources, both_tasks)
+        presence_sources = distinct_models(presence_sources, dict(both_tasks))
+        severity_sources = distinct_models(severity_sources, dict(both_tasks))
         if not (sources or presence_sources or severity_sources):
             raise Cov3dError("No model given: pass `models` with a run folder or a file made by 'cov3d export'.")
         for source in severity_sources:

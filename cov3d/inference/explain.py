@@ -224,6 +224,7 @@ def explain(
     from cov3d.atomic import replaced_atomically
     from cov3d.dataset.scans import is_dicom_dir, is_nifti_file
     from cov3d.inference.views import is_tensor_file, load_tensor_file, model_volume
+    from cov3d.locks import writing
     from cov3d.model.files import load_source
     from cov3d.outputs import OutputFolder
     from cov3d.preprocessing.preprocess import default_cache_dir
@@ -259,12 +260,13 @@ def explain(
     peak = peak_voxel(cam.numpy())
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tensor_path = output_dir / f"{stem}.pt"
-    with replaced_atomically(tensor_path, "Free some space or choose another `output_dir`.") as temp:
-        torch.save(cam.contiguous(), temp)
     title = f"{name}: P(covid) = {probability:.2f}"
     overlay = attribution_overlay(volume[0].cpu().numpy(), cam.numpy(), title, label=LABELS[method])
-    image_path = save_figure(overlay, output_dir / f"{stem}.png")
-    folder.record([tensor_path, image_path])
+    with writing(output_dir, brief=True):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tensor_path = output_dir / f"{stem}.pt"
+        with replaced_atomically(tensor_path, "Free some space or choose another `output_dir`.") as temp:
+            torch.save(cam.contiguous(), temp)
+        image_path = save_figure(overlay, output_dir / f"{stem}.png")
+        folder.record([tensor_path, image_path])
     return {"tensor": tensor_path, "image": image_path, "probability": probability, "peak": peak}

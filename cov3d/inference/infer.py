@@ -9,6 +9,7 @@ scan is predicted, so that an interrupted run keeps its rows and ``resume=True``
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
 from cov3d.inference.ensemble import Ensemble
+from cov3d.inference.record import check_same_rows, ensemble_record, is_record, write_record
 from cov3d.inference.streaming import PredictionRows, StreamedScan, completed_paths, read_rows, volume_stream
 from cov3d.limits import COUNT, OPTIONAL_COUNT, SEED, SIZE
+from cov3d.locks import writing
 from cov3d.model.files import expand_models, load_source
 from cov3d.model.predictor import Prediction
 from cov3d.outputs import (
@@ -37,6 +40,7 @@ from cov3d.outputs import (
 )
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import available_cpus
+from cov3d.runfiles import predictions_record
 from cov3d.runtime import resolve_device, resolve_precision
 from cov3d.settings import INFER_BATCH_SIZE, INFER_SEED
 from cov3d.window import MODEL_WINDOW, ModelWindow, Window
@@ -177,7 +181,10 @@ def infer(
     way); ``summary.calibration`` says which are not calibrated.
     Submission files, if asked for, cover every row of ``output``.
 
-    Outputs are checked before anything is written (``check_outputs``). Scans are told apart by
+    Outputs are checked before anything is written (``check_outputs``), and locked while they are
+    (``cov3d.locks.writing``: another process writing them is refused). What made the rows is recorded
+    beside the CSV (``cov3d.inference.record``); ``resume`` refuses a CSV begun by other models or
+    settings. Scans are told apart by
     their resolved paths, so a resumed run skips them however their paths are spelled. A scan
     whose name cannot be written in a submission file, or whose prediction is not finite, is
     reported in ``failed`` and gets no row.
@@ -190,57 +197,63 @@ def infer(
     columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
     submission = check_outputs(output, submission_dir, [*scan_dirs, *model_paths, *presence_paths, *severity_paths],
                                resume=resume, overwrite=overwrite)
-    ensemble = Ensemble(
-        [load_source(path) for path in model_paths], torch_device, resolve_precision(precision, torch_device),
-        mc_samples, reflect, presence_sources=[load_source(path) for path in presence_paths],
-        severity_sources=[load_source(path) for path in severity_paths],
-        window=window, calibrated=calibrated,
-    )
-    torch.manual_seed(seed)
-    done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
-    pending = [scan for scan in scan_dirs if real(scan) not in done]
-    summary = InferenceSummary(resumed=len(scan_dirs) - len(pending), calibration=calibration_note(ensemble, calibrated))
-    for scan in pending:
-        problem = submission_name_problem(scan_name(scan))
-        if problem is not None:
-            summary.failed.append((scan, f"its name {scan_name(scan)!r} cannot be written in a submission file: {problem}. Rename the scan."))
-    pending = [scan for scan in pending if submission_name_problem(scan_name(scan)) is None]
-    caches = {shape: VolumeCache(cache_dir, shape) for shape in ensemble.shapes}
+    with writing(output), writing(submission_dir, "--submission-dir") if submission_dir else contextlib.nullcontext():
+        ensemble = Ensemble(
+            [load_source(path) for path in model_paths], torch_device, resolve_precision(precision, torch_device),
+            mc_samples, reflect, presence_sources=[load_source(path) for path in presence_paths],
+            severity_sources=[load_source(path) for path in severity_paths],
+            window=window, calibrated=calibrated,
+        )
+        record = ensemble_record(ensemble, reflect=reflect, mc_samples=mc_samples, calibrated=calibrated)
+        torch.manual_seed(seed)
+        done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
+        if done:
+            check_same_rows(output, record)
+        pending = [scan for scan in scan_dirs if real(scan) not in done]
+        summary = InferenceSummary(resumed=len(scan_dirs) - len(pending), calibration=calibration_note(ensemble, calibrated))
+        for scan in pending:
+            problem = submission_name_problem(scan_name(scan))
+            if problem is not None:
+                summary.failed.append((scan, f"its name {scan_name(scan)!r} cannot be written in a submission file: {problem}. Rename the scan."))
+        pending = [scan for scan in pending if submission_name_problem(scan_name(scan)) is None]
+        caches = {shape: VolumeCache(cache_dir, shape) for shape in ensemble.shapes}
 
-    def predict(batch: list[StreamedScan], rows_file: PredictionRows) -> None:
-        levels = {shape: torch.stack([item.volumes[shape] for item in batch]) for shape in caches}
-        rows = []
-        for item, prediction in zip(batch, ensemble.predict(levels)):
-            if not prediction.finite:
-                summary.failed.append((item.scan, "the model gave a non-finite prediction (NaN or infinity); "
-                                                  "check the scan, the model's weights, or try --precision fp32."))
-                continue
-            rows.append(prediction_row(item.scan, prediction, uncertainty=mc_samples > 0))
-            summary.predicted += 1
-            summary.covid += prediction.covid
-        rows_file.write(rows)
-        if on_row is not None:
-            for row in rows:
-                on_row(row)
+        def predict(batch: list[StreamedScan], rows_file: PredictionRows) -> None:
+            levels = {shape: torch.stack([item.volumes[shape] for item in batch]) for shape in caches}
+            rows = []
+            for item, prediction in zip(batch, ensemble.predict(levels)):
+                if not prediction.finite:
+                    summary.failed.append((item.scan, "the model gave a non-finite prediction (NaN or infinity); "
+                                                      "check the scan, the model's weights, or try --precision fp32."))
+                    continue
+                rows.append(prediction_row(item.scan, prediction, uncertainty=mc_samples > 0))
+                summary.predicted += 1
+                summary.covid += prediction.covid
+            rows_file.write(rows)
+            if on_row is not None:
+                for row in rows:
+                    on_row(row)
 
-    with PredictionRows(output, columns, resume) as rows_file, Progress(disable=not progress) as bar:
-        task = bar.add_task("Predicting", total=len(pending))
-        batch: list[StreamedScan] = []
-        for item in volume_stream(pending, caches, workers):
-            if item.volumes is None:
-                summary.failed.append((item.scan, item.error or "unknown error"))
-            else:
-                batch.append(item)
-            if len(batch) == batch_size:
+        with PredictionRows(output, columns, resume) as rows_file, Progress(disable=not progress) as bar:
+            if not done:
+                write_record(output, record)
+            task = bar.add_task("Predicting", total=len(pending))
+            batch: list[StreamedScan] = []
+            for item in volume_stream(pending, caches, workers):
+                if item.volumes is None:
+                    summary.failed.append((item.scan, item.error or "unknown error"))
+                else:
+                    batch.append(item)
+                if len(batch) == batch_size:
+                    predict(batch, rows_file)
+                    batch = []
+                if progress:  # rich keeps samples of every advance
+                    bar.advance(task)
+            if batch:
                 predict(batch, rows_file)
-                batch = []
-            if progress:  # rich keeps samples of every advance
-                bar.advance(task)
-        if batch:
-            predict(batch, rows_file)
-    if submission is not None:
-        submission.record(write_submission(read_rows(output), submission.folder))
-    return summary
+        if submission is not None:
+            submission.record(write_submission(read_rows(output), submission.folder))
+        return summary
 
 
 PREDICTION_HEADERS = (CSV_COLUMNS, CSV_COLUMNS + UNCERTAINTY_COLUMNS)
@@ -253,7 +266,8 @@ def check_outputs(
     """Refuse, before anything is written, a predictions CSV or submission folder that would
     write over an input (scans, models) or a run's file, or over a file that is not cov3d's
     earlier output of that kind (unless ``overwrite``); with ``resume`` an existing CSV is
-    continued instead (``completed_paths`` checks its header). Returns the submission folder."""
+    continued instead (``completed_paths`` checks its header, ``check_same_rows`` its record). The
+    CSV's record (``cov3d.runfiles.predictions_record``) is checked with it. Returns the submission folder."""
     output = Path(output)
     if resume and os.path.lexists(output):
         refuse_inside(output, inputs)
@@ -261,6 +275,8 @@ def check_outputs(
     else:
         check_output(output, kind="predictions CSV", is_own=lambda path: has_header(path, PREDICTION_HEADERS),
                      overwrite=overwrite, inputs=inputs)
+        check_output(predictions_record(output), kind="record of predictions", is_own=is_record, overwrite=overwrite,
+                     inputs=inputs, announce=False)
     if submission_dir is None:
         return None
     folder = OutputFolder(submission_dir, kind="submission file", overwrite=overwrite, inputs=inputs,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import IO
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cov3d.atomic import write_text_atomically
 from cov3d.errors import Cov3dError, one_line
 from cov3d.outputs import csv_header
 from cov3d.preprocessing.preprocess import VolumeCache, scan_sources
@@ -28,6 +30,8 @@ from cov3d.settings import VolumeShape
 
 PREFETCH_PER_WORKER = 2
 """Scans each worker prepares ahead of the model."""
+RESUME_REMEDY = "Free some space, then run the same command with --resume to predict the other scans."
+"""What to do when the predictions CSV cannot be written."""
 
 
 @dataclass
@@ -99,15 +103,16 @@ def completed_paths(output: Path, columns: Sequence[str]) -> set[str]:
 
 
 def open_rows(output: Path, columns: Sequence[str], resume: bool) -> tuple[IO[str], csv.DictWriter]:
-    """The CSV opened for writing rows: appended to when resuming a file with rows, else new."""
+    """The CSV opened for appending rows: when resuming a file with its header, that file; else a new
+    file holding only the header, put in place atomically (``write_text_atomically``), so that a full
+    disk or a kill never leaves an empty or headerless CSV that a retry would not recognise."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    append = resume and output.is_file() and output.stat().st_size > 0
-    handle = output.open("a" if append else "w", newline="")
-    writer = csv.DictWriter(handle, fieldnames=list(columns))
-    if not append:
-        writer.writeheader()
-        handle.flush()  # a run killed before its first row still leaves a file that is recognisably cov3d's
-    return handle, writer
+    if not (resume and output.is_file() and output.stat().st_size > 0):
+        header = io.StringIO(newline="")
+        csv.DictWriter(header, fieldnames=list(columns)).writeheader()
+        write_text_atomically(output, header.getvalue(), RESUME_REMEDY)
+    handle = output.open("a", newline="")
+    return handle, csv.DictWriter(handle, fieldnames=list(columns))
 
 
 class PredictionRows:
@@ -121,8 +126,7 @@ class PredictionRows:
 
     def _unwritable(self, error: OSError) -> Cov3dError:
         return Cov3dError(
-            f"Cannot write {self.output}: {one_line(error.strerror or error)}. "
-            "Free some space, then run the same command with --resume to predict the other scans."
+            f"Cannot write {self.output}: {one_line(error.strerror or error)}. {RESUME_REMEDY}"
         )
 
     def write(self, rows: Sequence[dict[str, str]]) -> None:

@@ -169,6 +169,7 @@ def show_scans(
     module docstring). DICOM and NIfTI scans go through ``window``; ``MODEL_WINDOW``: the model's
     (with ``run_dir``), else ``DEFAULT_WINDOW``.
     """
+    from cov3d.locks import writing
     from cov3d.outputs import check_figure
     from cov3d.preprocessing.preprocess import default_cache_dir
 
@@ -207,6 +208,8 @@ def show_scans(
                 guess += f", {prediction.severity}"
             parts.append(f"predicted {guess} (p = {prediction.covid_probability:.2f})")
         titles.append("  |  ".join(parts))
-    save_figure(slice_views([view.volume for view in views], titles), output)
+    figure = slice_views([view.volume for view in views], titles)
+    with writing(output, brief=True):
+        save_figure(figure, output)
     return titles
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
+from cov3d.locks import writing
 from cov3d.logits import has_severity
 from cov3d.model.network import build_model
 from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, MEAN_PROBABILITY, ONE_CHECKPOINT, PAPER, PER_TASK
@@ -42,6 +43,8 @@ PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")
 HEADER_SIZE_BYTES = 8
 """A safetensors file starts with its JSON header's length as a little-endian uint64."""
 HASH_CHUNK_BYTES = 2**20
+ARCHITECTURE_KEYS = ("outputs", "penultimate", "dropout", "pool", "final_bias")
+"""Config entries that shape the network (the input's shape, warp and window are in ``ModelSource.shape``)."""
 PRIVATE_CONFIG_KEYS = ("data_dir",)
 """Config entries left out of exported files (local paths of the trainer's machine)."""
 REQUIRED_CONFIG = {
@@ -107,6 +110,20 @@ class ModelSource:
     def temperature(self, task: str) -> float | None:
         """The temperature fitted for ``task`` after training, or None (older runs: uncalibrated)."""
         return self.config.get(TEMPERATURES_KEY, {}).get(task)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """SHA-256 (hex) of what the model predicts with: every task's tensors (names, dtypes, shapes,
+        bytes), the network's architecture and its input (``shape``: size, decoding, warp, window).
+        Equal for a run folder, its copies and its exported file; provenance (paths, dates) is left out."""
+        digest = hashlib.sha256(json.dumps(
+            {"architecture": {key: self.config[key] for key in ARCHITECTURE_KEYS}, "input": repr(self.shape)},
+            sort_keys=True).encode())
+        for task in sorted(self.states):
+            for key, tensor in sorted(self.states[task].items()):
+                digest.update(f"{task}/{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
@@ -325,5 +342,6 @@ def export_model(source: Path, out: Path, *, overwrite: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "config": config_text, "sha256": ""}
     metadata["sha256"] = _data_digest(io.BytesIO(safetensors_bytes(tensors, metadata=metadata)), config_text)
-    write_bytes_atomically(out, safetensors_bytes(tensors, metadata=metadata), "Free some space or export to another folder.")
+    with writing(out, "output file", brief=True):
+        write_bytes_atomically(out, safetensors_bytes(tensors, metadata=metadata), "Free some space or export to another folder.")
     return out

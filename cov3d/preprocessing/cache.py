@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -174,6 +175,19 @@ def _without_zip_checksums() -> contextlib.AbstractContextManager:
     return config.patch({"save.compute_crc32": False})
 
 
+def _temporary_beside(path: Path) -> IO[bytes]:
+    """A new temporary file in ``path``'s folder, which is made (again) if missing: ``prune-cache``
+    removes empty size folders, also one that a concurrent writer has just made."""
+    def temporary() -> IO[bytes]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX, delete=False)
+
+    try:
+        return temporary()
+    except FileNotFoundError:
+        return temporary()
+
+
 def save_cache_entry(path: Path, entry: dict) -> None:
     """Write ``entry`` to ``path`` atomically (temporary file in the same folder, then
     ``os.replace``). Raises ``Cov3dError`` if the cache directory cannot be written.
@@ -183,11 +197,8 @@ def save_cache_entry(path: Path, entry: dict) -> None:
     ``STALE_TEMP_SECONDS`` old. There is no fsync (it would cost more than preprocessing at small):
     an entry torn by a system crash fails validation."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
-        handle = tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX, delete=False
-        )
+        handle = _temporary_beside(path)
     except OSError as error:
         raise Cov3dError(
             f"Cannot write to cache directory {path.parent}: {one_line(error.strerror or error)}. "
@@ -327,7 +338,11 @@ def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool =
         raise Cov3dError(f"Cache directory not found: {cache_dir}. Give the folder passed as `cache_dir`.")
     summary, now = PruneSummary(), time.time()
     for folder in sorted(path for path in cache_dir.iterdir() if path.is_dir() and SHAPE_FOLDER.fullmatch(path.name)):
-        for path in sorted(folder.iterdir()):
+        try:
+            paths = sorted(folder.iterdir())
+        except FileNotFoundError:  # removed by a concurrent prune-cache
+            continue
+        for path in paths:
             try:
                 reason = _prune_reason(path, missing_scans, now) if path.is_file() else None
                 size = path.stat().st_size
@@ -340,12 +355,15 @@ def prune_cache(cache_dir: Path, *, missing_scans: bool = False, dry_run: bool =
             if not dry_run:
                 try:
                     path.unlink()
+                except FileNotFoundError:  # removed by a concurrent prune-cache
+                    continue
                 except OSError as error:
                     raise Cov3dError(
                         f"Cannot remove {path}: {one_line(error.strerror or error)}. Check the cache folder's permissions."
                     ) from None
             summary.removed.append((path, reason))
             summary.freed_bytes += size
-        if not dry_run and not any(folder.iterdir()):
-            folder.rmdir()
+        if not dry_run:
+            with contextlib.suppress(OSError):  # a concurrent writer may just have filled it
+                folder.rmdir()  # only an empty folder goes
     return summary

@@ -24,6 +24,7 @@ from cov3d.atomic import write_bytes_atomically, write_text_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS
 from cov3d.errors import Cov3dError
 from cov3d.limits import LOADER_WORKERS, WORKERS
+from cov3d.locks import writing
 from cov3d.model.files import non_finite_tensor
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.metrics import task_metrics
@@ -203,8 +204,10 @@ def train(
     LOADER_WORKERS.check("loader_workers", loader_workers)
     dist = distributed_from_env()
     torch_device, started = start_distributed(dist, resolve_device(device))
+    # Only the main process writes the run: it alone holds the run folder's lock (cov3d.locks).
+    locked = writing(run_dir, "--output-dir") if dist.is_main else contextlib.nullcontext()
     try:
-        with kept_determinism_flags():
+        with kept_determinism_flags(), locked:
             return _train(
                 Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
                 pretrained=pretrained, torch_device=torch_device, precision=choose_precision(precision, torch_device),
