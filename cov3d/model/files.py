@@ -4,7 +4,8 @@ Both are safetensors (tensors and JSON text, no code): a run folder's ``config.j
 task, or one exported ``.safetensors`` file whose metadata holds the run's config and a SHA-256 of config
 and tensors (checked: a damaged file is refused; not a signature). Pickle files are refused by name and
 content before they are read; so are configs that do not fit their weights and non-finite weights. The
-config's ``window`` is the HU -> grey mapping the model expects (docs/inference.md#model-files-and-export).
+config's ``window`` is the HU -> grey mapping the model expects (docs/inference.md#model-files-and-export);
+its ``training_data`` and ``grey_reference`` say what the model was trained on (docs/inference.md#flags).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save as safetensors_bytes
 from cov3d.atomic import write_bytes_atomically
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
+from cov3d.model.grey_reference import GreyReference
 from cov3d.model.network import build_model
 from cov3d.runfiles import CONFIG_FILE, MODEL_SUFFIX, WEIGHTS_FILES
 from cov3d.settings import FASTAI_ADAM, POOLS, VolumeShape
@@ -87,6 +89,18 @@ class ModelSource:
     def window(self) -> Window:
         """The HU -> grey mapping the model expects for DICOM/NIfTI (``DEFAULT_WINDOW`` if not recorded)."""
         return self.shape.window
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the model was trained on data of ``cov3d synthetic`` (config's ``training_data``;
+        models made before it was recorded: unknown, ``False``)."""
+        record = self.config.get("training_data")
+        return isinstance(record, dict) and record.get("synthetic") is True
+
+    @functools.cached_property
+    def grey_reference(self) -> GreyReference | None:
+        """The grey levels of the training scans (``cov3d.model.grey_reference``); ``None`` if not recorded."""
+        return GreyReference.from_config(self.config.get("grey_reference"))
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""
