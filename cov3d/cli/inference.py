@@ -115,3 +115,5 @@ def explain_command(
     result = explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
                      overwrite=overwrite, window=parse_window(window, MODEL_WINDOW), method=method)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")
+    for code, reason in result["flags"].items():
+        typer.secho(f"Flagged {code}: {reason} (docs/inference.md#flags)", fg=typer.colors.YELLOW, err=True)
