@@ -9,7 +9,8 @@ dict that the cache stores beside the volume, and ``scan_flags`` reads the flags
 The thresholds come from the physics of CT numbers, not from fitting files: air is -1000 HU and
 water 0 HU by definition of the scale, so a CT in HU has air near -1000 HU around the body and
 in the airways (``not-ct`` when it has none); aerated lung is a mix of air and tissue, -950 to
--300 HU, and an adult's lungs hold litres of it (``no-lungs`` below ``MIN_LUNG_LITRES``).
+-300 HU, and an adult's lungs hold litres of it in large solid regions (``no-lungs`` below
+``MIN_LUNG_LITRES``).
 JPEG slices (and NIfTI files of grey levels) carry no HU, no modality and no voxel size: only the
 grey-level version of ``no-lungs`` (a share of the body, ``MIN_LUNG_SHARE``) applies to them.
 """
@@ -57,6 +58,12 @@ ADULT_TRUNK_LITRES = 25.0
 MIN_LUNG_SHARE = MIN_LUNG_LITRES / ADULT_TRUNK_LITRES
 """``MIN_LUNG_LITRES`` as a share of the body, for scans without voxel sizes (JPEG): 2 %, what the
 least lungs would fill of the largest body a scan can show."""
+MIN_LUNG_REGION_SHARE = 0.02
+"""Lung-density voxels count only in connected regions of at least this share of the slice's body: a
+lung's cross-section is a solid region of tens to hundreds of cm^2 (several percent of the body's)
+wherever the lungs are more than a sliver, while the partial-volume rims of bowel gas are thin rings
+and the gas mottling stool is in small specks (a 5 cm gas-filled loop's rim is about 1 % of an
+abdomen's cross-section)."""
 MEASURE_GRID = 128
 """Slices are measured on every k-th pixel, k chosen so that about this many remain a side."""
 GREY_BODY = COV19_CT_DB_WINDOW.grey(BODY_HU)
@@ -78,6 +85,19 @@ def _body(tissue: np.ndarray) -> np.ndarray:
     outside, _ = ndimage.label(~largest)
     edge = np.unique(np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]]))
     return largest | ((outside > 0) & ~np.isin(outside, edge))
+
+
+def _lung(body: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """The voxels of lung density (``density``, (H, W) bool) inside the ``body`` (without its edge,
+    ``_inner``) that lie in regions of at least ``MIN_LUNG_REGION_SHARE`` of the body."""
+    candidates = _inner(body) & density
+    labels, count = ndimage.label(candidates)
+    if count == 0:
+        return candidates
+    sizes = np.bincount(labels.ravel())
+    large = sizes >= MIN_LUNG_REGION_SHARE * np.count_nonzero(body)
+    large[0] = False
+    return large[labels]
 
 
 def _inner(body: np.ndarray) -> np.ndarray:
@@ -121,7 +141,7 @@ class ScanMeasure:
         self.values = self.values or "hu"
         sample, weight = self._grid(hu)
         body = _body(sample > BODY_HU)
-        lung = _inner(body) & (sample >= LUNG_BAND_HU[0]) & (sample <= LUNG_BAND_HU[1])
+        lung = _lung(body, (sample >= LUNG_BAND_HU[0]) & (sample <= LUNG_BAND_HU[1]))
         self._count(sample, body, lung, (sample >= AIR_BAND_HU[0]) & (sample <= AIR_BAND_HU[1]), weight)
 
     def add_grey(self, grey: np.ndarray) -> None:
@@ -130,7 +150,7 @@ class ScanMeasure:
         self.values = self.values or "grey"
         sample, weight = self._grid(np.asarray(grey))
         body = _body(sample > GREY_BODY)
-        lung = _inner(body) & (sample >= GREY_LUNG_BAND[0]) & (sample <= GREY_LUNG_BAND[1])
+        lung = _lung(body, (sample >= GREY_LUNG_BAND[0]) & (sample <= GREY_LUNG_BAND[1]))
         self._count(sample, body, lung, sample <= GREY_BODY, weight)
 
     def note_dicom_geometry(self, dataset: Any) -> None:

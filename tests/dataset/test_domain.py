@@ -43,12 +43,15 @@ def measured(hu_slices, voxel_mm3=None):
 
 def test_counts_by_hand_on_a_drawn_slice():
     """A 128 x 128 slice (measured at every pixel): air, a 100 x 100 body of soft tissue, a 40 x 40
-    lung of -850 HU inside it; 10 slices of 1 mm^3 voxels."""
+    lung of -850 HU inside it, and a 10 x 10 pocket of gas whose 44-pixel rim is at -600 HU (a thin
+    ring, under 2 % of the body: not lung); 10 slices of 1 mm^3 voxels."""
     hu = np.full((128, 128), -1000.0)
     hu[10:110, 10:110] = 40.0
     hu[40:80, 40:80] = -850.0
+    hu[19:31, 19:31] = -600.0
+    hu[20:30, 20:30] = -1000.0
     result = measured([hu] * 10, voxel_mm3=1.0)
-    assert result["air_share"] == pytest.approx((128 * 128 - 100 * 100) / (128 * 128))
+    assert result["air_share"] == pytest.approx((128 * 128 - 100 * 100 + 100) / (128 * 128))
     assert result["lung_share"] == pytest.approx(1600 / 10000)  # the lung is a hole of the body, filled
     assert result["lung_litres"] == pytest.approx(10 * 1600 / 1e6)
     assert set(scan_flags(result)) == {FLAG_NO_LUNGS}  # 0.016 L < 0.5 L
