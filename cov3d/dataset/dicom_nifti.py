@@ -245,15 +245,15 @@ def _nifti_grey(path: Path, window: Window, measure: ScanMeasure | None = None) 
     (i, j) = (I-1-column, J-1-row). Values (after scl_slope/scl_inter) are HU, mapped through
     ``window``, when the minimum is below ``HU_MINIMUM_BELOW``; otherwise grey levels already, in
     [0, 1] when the maximum is at most 1, else 0..255, rounded and clipped. ``measure`` sees the HU
-    or grey slices, or is told that the values are neither (outside 0..255 without air)."""
+    slices, or is told the range of values that are not HU (``cov3d.dataset.domain``: not a CT in HU)."""
     ras, slope, intercept, voxel_mm3 = _nifti_ras(path)
     low, high = sorted((float(ras.min()) * slope + intercept, float(ras.max()) * slope + intercept))
     depth = ras.shape[2]
     holds_hu = low < HU_MINIMUM_BELOW
     if measure is not None:
         measure.voxel_mm3 = voxel_mm3 if voxel_mm3 > 0 and math.isfinite(voxel_mm3) else None
-        if not holds_hu and (low < 0 or high > MAX_8BIT):
-            measure.values = f"from {low:g} to {high:g}: no air near -1000 HU, not 0..255"
+        if not holds_hu:
+            measure.values = f"from {low:g} to {high:g}"
             measure = None
 
     def slices() -> Iterator[np.ndarray]:
@@ -265,10 +265,7 @@ def _nifti_grey(path: Path, window: Window, measure: ScanMeasure | None = None) 
                 yield hu_to_uint8(values, window)
             else:
                 scale = MAX_8BIT if high <= 1.0 else 1.0
-                grey = np.clip(np.rint(values * scale), 0, MAX_8BIT).astype(np.uint8)
-                if measure is not None:
-                    measure.add_grey(grey)
-                yield grey
+                yield np.clip(np.rint(values * scale), 0, MAX_8BIT).astype(np.uint8)
 
     return depth, slices()
 

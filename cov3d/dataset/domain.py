@@ -11,8 +11,9 @@ water 0 HU by definition of the scale, so a CT in HU has air near -1000 HU aroun
 in the airways (``not-ct`` when it has none); aerated lung is a mix of air and tissue, -950 to
 -300 HU, and an adult's lungs hold litres of it in large solid regions (``no-lungs`` below
 ``MIN_LUNG_LITRES``).
-JPEG slices (and NIfTI files of grey levels) carry no HU, no modality and no voxel size: only the
-grey-level version of ``no-lungs`` (a share of the body, ``MIN_LUNG_SHARE``) applies to them.
+JPEG slices carry no HU, no modality and no voxel size: only the grey-level version of ``no-lungs``
+(a share of the body, ``MIN_LUNG_SHARE``) applies to them. A NIfTI volume must hold HU: one that does
+not (MR, or grey levels) is ``not-ct``.
 """
 
 from __future__ import annotations
@@ -110,9 +111,9 @@ def _inner(body: np.ndarray) -> np.ndarray:
 
 class ScanMeasure:
     """Counts over the slices of one scan, fed as they are read: ``add_hu`` for CT numbers (DICOM,
-    NIfTI in HU), ``add_grey`` for 8-bit grey levels (JPEG, NIfTI of grey levels). The reader also
-    notes what it knows: ``modality`` (DICOM), ``values`` ("hu", "grey" or the reason they are
-    neither, set before the slices), and the voxel size (``voxel_mm3`` of the full grid, or ``note_dicom_geometry``)."""
+    NIfTI in HU), ``add_grey`` for 8-bit grey levels (JPEG). The reader also notes what it knows:
+    ``modality`` (DICOM), ``values`` ("hu", "grey", or the range of values that are not HU, set
+    instead of the slices), and the voxel size (``voxel_mm3`` of the full grid, or ``note_dicom_geometry``)."""
 
     def __init__(self) -> None:
         self.modality: str | None = None
@@ -205,7 +206,8 @@ def scan_flags(measures: dict[str, Any] | None) -> dict[str, str]:
     if modality and modality != "CT":
         return {FLAG_NOT_CT: f"its DICOM modality is {modality}, not CT"}
     if values not in ("hu", "grey"):
-        return {FLAG_NOT_CT: f"its values are neither HU nor grey levels ({values})"}
+        return {FLAG_NOT_CT: f"its values run {values}, not HU (no air near -1000 HU): not a CT in HU "
+                             "(MR, or grey levels that cannot be checked)"}
     if values == "hu":
         air = measures.get("air_share") or 0.0
         if air < MIN_AIR_SHARE:

@@ -109,7 +109,10 @@ def test_nifti_phantom_ct_mr_and_no_lungs(phantoms, tmp_path):
     # MR-like: no negative values, background 0, tissue in the hundreds to thousands (arbitrary units).
     mr = np.clip(phantoms[0].hu + 1000.0, 0, None) * 1.8
     result, flags = nifti_flags(write_nifti(tmp_path / "mr.nii.gz", mr, spacing))
-    assert set(flags) == {FLAG_NOT_CT} and "not 0..255" in result["values"]
+    assert set(flags) == {FLAG_NOT_CT} and result["values"] == f"from 0 to {int(mr.max()):g}"  # stored as int16
+    # The same scaled to 0..1, as some pipelines store MR: still not HU.
+    nibabel.save(nibabel.Nifti1Image(np.asarray(mr / mr.max(), dtype=np.float32), np.eye(4)), tmp_path / "mr01.nii")
+    assert set(nifti_flags(tmp_path / "mr01.nii")[1]) == {FLAG_NOT_CT}
     # MR-like values that happen to start below -500 (a signed, shifted image): no air near -1000 HU.
     result, flags = nifti_flags(write_nifti(tmp_path / "shifted-mr.nii.gz", mr - 2000.0, spacing))
     assert set(flags) == {FLAG_NOT_CT} and result["air_share"] < 0.005
