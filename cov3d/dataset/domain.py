@@ -66,7 +66,8 @@ wherever the lungs are more than a sliver, while the partial-volume rims of bowe
 and the gas mottling stool is in small specks (a 5 cm gas-filled loop's rim is about 1 % of an
 abdomen's cross-section)."""
 MEASURE_GRID = 128
-"""Slices are measured on every k-th pixel, k chosen so that about this many remain a side."""
+"""Slices are measured on every k-th pixel, k chosen so that about this many remain a side; of a scan
+of more slices than this, every k-th slice likewise (a thin-slice series needs no finer sampling)."""
 GREY_BODY = COV19_CT_DB_WINDOW.grey(BODY_HU)
 GREY_LUNG_BAND = tuple(COV19_CT_DB_WINDOW.grey(hu) for hu in LUNG_BAND_HU)
 """``BODY_HU`` and ``LUNG_BAND_HU`` in grey levels, through the mapping calibrated to COV19-CT-DB's
@@ -121,9 +122,19 @@ class ScanMeasure:
         self.voxel_mm3: float | None = None
         self.voxels = self.air = self.body = self.lung = 0
         self.measured_pixels_per_voxel = 1
+        self.slice_step, self._seen = 1, 0
         self._positions: list[np.ndarray] = []
         self._pixel_mm2: float | None = None
         self._thickness: float | None = None
+
+    def expect(self, slices: int) -> None:
+        """Measure every k-th of the scan's ``slices`` slices, so that about ``MEASURE_GRID`` are measured."""
+        self.slice_step = max(1, slices // MEASURE_GRID)
+
+    def _skips(self) -> bool:
+        """Whether the slice now given is left out (see ``expect``)."""
+        self._seen += 1
+        return (self._seen - 1) % self.slice_step != 0
 
     @staticmethod
     def _grid(image: np.ndarray) -> tuple[np.ndarray, int]:
@@ -140,6 +151,8 @@ class ScanMeasure:
     def add_hu(self, hu: np.ndarray) -> None:
         """One slice (H, W) of CT numbers."""
         self.values = self.values or "hu"
+        if self._skips():
+            return
         sample, weight = self._grid(hu)
         body = _body(sample > BODY_HU)
         lung = _lung(body, (sample >= LUNG_BAND_HU[0]) & (sample <= LUNG_BAND_HU[1]))
@@ -149,6 +162,8 @@ class ScanMeasure:
         """One slice (H, W) of 8-bit grey levels, measured as ``add_hu`` through COV19-CT-DB's mapping
         (``GREY_BODY``, ``GREY_LUNG_BAND``); air is what is darker than the body."""
         self.values = self.values or "grey"
+        if self._skips():
+            return
         sample, weight = self._grid(np.asarray(grey))
         body = _body(sample > GREY_BODY)
         lung = _lung(body, (sample >= GREY_LUNG_BAND[0]) & (sample <= GREY_LUNG_BAND[1]))
@@ -187,7 +202,7 @@ class ScanMeasure:
         voxel_mm3 = self.voxel_mm3 if self.voxel_mm3 is not None else self._dicom_voxel_mm3()
         litres = None
         if self.values == "hu" and voxel_mm3 is not None:
-            litres = self.lung * self.measured_pixels_per_voxel * voxel_mm3 / 1e6
+            litres = self.lung * self.measured_pixels_per_voxel * self.slice_step * voxel_mm3 / 1e6
         return {
             "values": self.values,
             "modality": self.modality,

@@ -198,6 +198,8 @@ def _preprocess_slices(
         count, greys = grey_slices(sources.kind, sources.files, window, measure)
         images = (Image.fromarray(grey) for grey in greys)
     stack = np.empty((count, height, width), dtype=np.uint8)
+    if measure is not None:
+        measure.expect(count)
     for index, image in enumerate(images):
         if measure is not None and sources.kind == "jpeg":
             measure.add_grey(np.asarray(image, dtype=np.uint8))

@@ -57,6 +57,19 @@ def test_counts_by_hand_on_a_drawn_slice():
     assert set(scan_flags(result)) == {FLAG_NO_LUNGS}  # 0.016 L < 0.5 L
 
 
+def test_long_scans_are_measured_every_kth_slice_to_the_same_totals():
+    hu = np.full((128, 128), -1000.0)
+    hu[10:110, 10:110] = 40.0
+    hu[40:80, 40:80] = -850.0
+    measure = ScanMeasure()
+    measure.voxel_mm3 = 1.0
+    measure.expect(300)  # every 2nd slice
+    for _ in range(300):
+        measure.add_hu(hu)
+    assert measure.slice_step == 2 and measure.voxels == 150 * 128 * 128
+    assert measure.result()["lung_litres"] == pytest.approx(300 * 1600 / 1e6)
+
+
 def test_thresholds_follow_the_hu_scale():
     # Through the calibrated window (-1175 HU -> 0, 235 HU -> 255): -500 HU is (675 / 1410) * 255 grey.
     assert GREY_BODY == pytest.approx(675 / 1410 * 255)
