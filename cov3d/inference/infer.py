@@ -201,6 +201,8 @@ def infer(
     columns = prediction_columns(mc_samples > 0)
     submission = check_outputs(output, submission_dir, [*scan_dirs, *model_paths, *presence_paths, *severity_paths],
                                resume=resume, overwrite=overwrite)
+    if resume:
+        refuse_without_flags(output, columns)
     ensemble = Ensemble(
         [load_source(path) for path in model_paths], torch_device, resolve_precision(precision, torch_device),
         mc_samples, reflect, presence_sources=[load_source(path) for path in presence_paths],
@@ -209,8 +211,6 @@ def infer(
     )
     checks = DomainChecks([(member.source, member.shape) for member in ensemble.members])
     torch.manual_seed(seed)
-    if resume:
-        refuse_without_flags(output, columns)
     done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
     pending = [scan for scan in scan_dirs if real(scan) not in done]
     summary = InferenceSummary(resumed=len(scan_dirs) - len(pending), skipped_flagged=skip_flagged)
