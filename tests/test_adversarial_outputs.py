@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from cov3d import atomic
 from cov3d.cli import app
-from cov3d.inference.infer import CSV_COLUMNS
+from cov3d.inference.infer import prediction_columns
 from cov3d.settings import VolumeShape
 
 runner = CliRunner()
@@ -247,7 +247,7 @@ def test_a_non_finite_prediction_is_an_error_for_its_scan_not_a_class(world, tmp
     for scan in world.scans:
         assert f"Failed {scan}: the model gave a non-finite prediction" in result.output
     rows = list(csv.reader(output.open()))
-    assert rows == [list(CSV_COLUMNS)] and "nan" not in output.read_text()
+    assert rows == [list(prediction_columns(uncertainty=False))] and "nan" not in output.read_text()
 
 
 # Scans told apart by their resolved paths; names that cannot go into a submission --------

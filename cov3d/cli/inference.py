@@ -41,6 +41,7 @@ def infer_command(
     batch_size: int = typer.Option(INFER_BATCH_SIZE, "--batch-size", help="Scans per forward pass."),
     mc_samples: int = typer.Option(0, "--mc-samples", help="Monte-Carlo dropout samples per model; adds covid_probability_std and severity_agreement columns. 0: off."),
     resume: bool = typer.Option(False, "--resume", help="Keep the rows already in --output and predict only the other scans."),
+    skip_flagged: bool = typer.Option(False, "--skip-flagged", help="Leave scans with a flag (not-ct, no-lungs, synthetic-model, out-of-distribution) out of the CSV and the submission files, and list them."),
     overwrite: bool = OverwriteOption,
     seed: int = typer.Option(INFER_SEED, "--seed", help="Random seed of the Monte-Carlo dropout samples."),
     tta: bool = typer.Option(True, "--tta/--no-tta", help="Average each scan with its sagittal reflection (paper) or not (twice as fast)."),
@@ -64,10 +65,16 @@ def infer_command(
         cache_dir=cache_directory(cache_dir), device=device,
         precision=precision, batch_size=batch_size, submission_dir=submission_dir, mc_samples=mc_samples,
         workers=workers, resume=resume, seed=seed, reflect=tta, overwrite=overwrite,
-        window=parse_window(window, MODEL_WINDOW), calibrated=not uncalibrated,
+        window=parse_window(window, MODEL_WINDOW), calibrated=not uncalibrated, skip_flagged=skip_flagged,
     )
     for path, reason in summary.failed:
         typer.secho(f"Failed {path}: {reason}", fg=typer.colors.RED, err=True)
+    if skip_flagged:
+        for path, flags in summary.flagged:
+            typer.secho(f"Left out {path}: {'; '.join(f'{code}: {why}' for code, why in flags.items())}",
+                        fg=typer.colors.YELLOW, err=True)
+    if summary.flagged_line:
+        typer.secho(summary.flagged_line + " (docs/inference.md#flags)", fg=typer.colors.YELLOW, err=True)
     kept = f", {summary.resumed} already in the CSV" if summary.resumed else ""
     typer.echo(f"{summary.predicted} scans predicted ({summary.covid} with COVID-19){kept} -> {output}")
     typer.echo(summary.calibration, err=True)
@@ -110,3 +117,5 @@ def explain_command(
     result = explain(scan, model, output, cache_dir=cache_dir, device=device, precision=precision,
                      overwrite=overwrite, window=parse_window(window, MODEL_WINDOW), method=method)
     typer.echo(f"P(covid) = {result['probability']:.3f}, peak (z, y, x) = {result['peak']} -> {result['image']}")
+    for code, reason in result["flags"].items():
+        typer.secho(f"Flagged {code}: {reason} (docs/inference.md#flags)", fg=typer.colors.YELLOW, err=True)

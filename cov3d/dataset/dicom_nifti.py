@@ -21,6 +21,7 @@ from types import ModuleType
 
 import numpy as np
 
+from cov3d.dataset.domain import ScanMeasure
 from cov3d.dataset.scans import (
     MAX_8BIT,
     is_dicom_dir,
@@ -189,9 +190,9 @@ def dicom_series_files(folder: Path) -> list[Path]:
     return [files[i] for i in _slice_order(headers, files, folder)]
 
 
-def _dicom_grey(path: Path, window: Window) -> np.ndarray:
+def _dicom_grey(path: Path, window: Window, measure: ScanMeasure | None = None) -> np.ndarray:
     """One DICOM slice as (rows, columns) uint8 through ``window`` (MONOCHROME1 too: its rescaled
-    values are HU like MONOCHROME2's)."""
+    values are HU like MONOCHROME2's); ``measure`` sees its HU and geometry."""
     pydicom = _optional("pydicom")
     try:
         dataset = pydicom.dcmread(path)
@@ -205,11 +206,16 @@ def _dicom_grey(path: Path, window: Window) -> np.ndarray:
         raise Cov3dError(f"{path} is a multi-frame or colour DICOM image: give one 2-D slice per file.")
     slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
     intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
-    return hu_to_uint8(pixels.astype(np.float32) * slope + intercept, window)
+    hu = pixels.astype(np.float32) * slope + intercept
+    if measure is not None:
+        measure.note_dicom_geometry(dataset)
+        measure.add_hu(hu)
+    return hu_to_uint8(hu, window)
 
 
-def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
-    """The stored voxels reoriented to RAS (a view, unscaled) and the header's (slope, intercept)."""
+def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float, float]:
+    """The stored voxels reoriented to RAS (a view, unscaled), the header's (slope, intercept) and
+    the volume of a voxel in mm^3 (from the affine)."""
     nibabel = _optional("nibabel")
     try:
         image = nibabel.load(str(path))
@@ -227,25 +233,35 @@ def _nifti_ras(path: Path) -> tuple[np.ndarray, float, float]:
         raise Cov3dError(f"{path} holds a {raw.ndim}-D image: give one 3-D CT volume per NIfTI file.")
     orientations = nibabel.orientations
     to_ras = orientations.ornt_transform(orientations.io_orientation(image.affine), orientations.axcodes2ornt("RAS"))
-    return orientations.apply_orientation(raw, to_ras), slope, intercept
+    voxel_mm3 = abs(float(np.linalg.det(np.asarray(image.affine, dtype=np.float64)[:3, :3])))
+    return orientations.apply_orientation(raw, to_ras), slope, intercept, voxel_mm3
 
 
-def _nifti_grey(path: Path, window: Window) -> tuple[int, Iterator[np.ndarray]]:
+def _nifti_grey(path: Path, window: Window, measure: ScanMeasure | None = None) -> tuple[int, Iterator[np.ndarray]]:
     """Slice count and the slices of a NIfTI volume as (rows, columns) uint8, head first.
 
     The voxel axes are reoriented to the closest RAS+ axes of the affine (flips and transposes, no
     resampling); with (i, j, k) those axes, slice d is k = K-1-d and its pixel (row, column) is
     (i, j) = (I-1-column, J-1-row). Values (after scl_slope/scl_inter) are HU, mapped through
     ``window``, when the minimum is below ``HU_MINIMUM_BELOW``; otherwise grey levels already, in
-    [0, 1] when the maximum is at most 1, else 0..255, rounded and clipped."""
-    ras, slope, intercept = _nifti_ras(path)
+    [0, 1] when the maximum is at most 1, else 0..255, rounded and clipped. ``measure`` sees the HU
+    slices, or is told the range of values that are not HU (``cov3d.dataset.domain``: not a CT in HU)."""
+    ras, slope, intercept, voxel_mm3 = _nifti_ras(path)
     low, high = sorted((float(ras.min()) * slope + intercept, float(ras.max()) * slope + intercept))
     depth = ras.shape[2]
+    holds_hu = low < HU_MINIMUM_BELOW
+    if measure is not None:
+        measure.voxel_mm3 = voxel_mm3 if voxel_mm3 > 0 and math.isfinite(voxel_mm3) else None
+        if not holds_hu:
+            measure.values = f"from {low:g} to {high:g}"
+            measure = None
 
     def slices() -> Iterator[np.ndarray]:
         for k in range(depth - 1, -1, -1):
             values = ras[::-1, ::-1, k].T.astype(np.float32) * slope + intercept
-            if low < HU_MINIMUM_BELOW:
+            if holds_hu:
+                if measure is not None:
+                    measure.add_hu(values)
                 yield hu_to_uint8(values, window)
             else:
                 scale = MAX_8BIT if high <= 1.0 else 1.0
@@ -254,13 +270,16 @@ def _nifti_grey(path: Path, window: Window) -> tuple[int, Iterator[np.ndarray]]:
     return depth, slices()
 
 
-def grey_slices(kind: str, files: list[Path], window: Window = DEFAULT_WINDOW) -> tuple[int, Iterator[np.ndarray]]:
+def grey_slices(
+    kind: str, files: list[Path], window: Window = DEFAULT_WINDOW, measure: ScanMeasure | None = None,
+) -> tuple[int, Iterator[np.ndarray]]:
     """Slice count and slices (rows, columns) uint8 of a DICOM series (kind "dicom", ``files`` from
     ``dicom_series_files``) or a NIfTI volume (kind "nifti", ``files`` = [the file]), HU through
-    ``window`` (default ``DEFAULT_WINDOW``)."""
+    ``window`` (default ``DEFAULT_WINDOW``). ``measure`` (``cov3d.dataset.domain``) sees each slice
+    as it is read."""
     if kind == "nifti":
-        return _nifti_grey(files[0], window)
-    return len(files), map(functools.partial(_dicom_grey, window=window), files)
+        return _nifti_grey(files[0], window, measure)
+    return len(files), map(functools.partial(_dicom_grey, window=window, measure=measure), files)
 
 
 @dataclass

@@ -35,6 +35,9 @@ SEVERITY_CATEGORIES = dict(enumerate(SEVERITY_LABELS, start=1))
 CSV_DELIMITER = ";"
 ANSWER_KEY = "{partition}_labels.csv"
 """Optional labels of an unlabelled partition: ``Name;Covid;Category`` (';'-delimited)."""
+SYNTHETIC_MARKER = "cov3d-synthetic.json"
+"""Written by ``cov3d synthetic`` at the top of its datasets (what made them): a model trained on a
+folder holding it is recorded as trained on synthetic data (the ``synthetic-model`` flag)."""
 
 
 def read_severity_csv(csv_path: Path) -> dict[str, int]:

@@ -209,7 +209,7 @@ def explain(
     precision: str = "auto",
     window: Window | ModelWindow = MODEL_WINDOW,
     method: str = DEFAULT_EXPLAIN_METHOD,
-) -> dict[str, Path | float | tuple[int, int, int]]:
+) -> dict[str, Path | float | tuple[int, int, int] | dict[str, str]]:
     """Grad-CAM (``method="occlusion"``: the occlusion map) of a scan (JPEG or DICOM folder, NIfTI
     file) or tensor file with a run's best-presence weights (best-severity for lambda = 1 runs);
     writes ``<name>-gradcam.pt`` and ``.png`` (``-occlusion``) to ``output_dir``. DICOM/NIfTI HU go
@@ -217,17 +217,19 @@ def explain(
     autocast dtype of ``map_precision``.
 
     Returns the two paths, P(covid) from the score (at the model's presence temperature, if it records
-    one: ``cov3d.model.calibration``) and the peak voxel (z, y, x). The outputs are
+    one: ``cov3d.model.calibration``), the peak voxel (z, y, x) and the scan's flags ``{flag: reason}``
+    (``cov3d.inference.flags``, also in the figure's title). The outputs are
     checked first: never inside the scan or the run, and existing files only if unchanged since
     cov3d wrote them (``cov3d.outputs.OutputFolder``), or with ``overwrite``.
     """
     from cov3d.atomic import replaced_atomically
     from cov3d.dataset.scans import is_dicom_dir, is_nifti_file
-    from cov3d.inference.views import is_tensor_file, load_tensor_file, model_volume
+    from cov3d.inference.flags import DomainChecks, flags_title
+    from cov3d.inference.views import as_levels, is_tensor_file, load_tensor_file, model_volume
     from cov3d.locks import writing
     from cov3d.model.files import load_source
     from cov3d.outputs import OutputFolder
-    from cov3d.preprocessing.preprocess import default_cache_dir
+    from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
     from cov3d.runtime import resolve_device
     from cov3d.viz.figures import attribution_overlay, peak_voxel, save_figure
 
@@ -251,7 +253,11 @@ def explain(
     stem = f"{name}-{method}"
     folder.claim([f"{stem}.pt", f"{stem}.png"])
     shape = source.shape.with_window(window)
-    volume = model_volume(scan, shape, cache_dir or default_cache_dir(), volume).to(torch_device)
+    cache_dir = cache_dir or default_cache_dir()
+    volume = model_volume(scan, shape, cache_dir, volume)
+    domain = None if is_tensor_file(scan) else VolumeCache(cache_dir, shape).levels_and_domain(scan)[1]
+    flags = DomainChecks([(source, shape)]).flags(domain, {shape: as_levels(volume)})
+    volume = volume.to(torch_device)
     holds_hu = is_dicom_dir(scan) or is_nifti_file(scan)  # else grey levels, which no window maps
     fill = occlusion_fill(shape.window if holds_hu else source.shape.window)
     cam, score = attribution_map(model, volume, method, fill=fill, severity_only=severity_only,
@@ -260,7 +266,7 @@ def explain(
     peak = peak_voxel(cam.numpy())
 
     output_dir = Path(output_dir)
-    title = f"{name}: P(covid) = {probability:.2f}"
+    title = f"{name}: P(covid) = {probability:.2f}" + (f"  |  {flags_title(flags)}" if flags else "")
     overlay = attribution_overlay(volume[0].cpu().numpy(), cam.numpy(), title, label=LABELS[method])
     with writing(output_dir, brief=True):
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -269,4 +275,4 @@ def explain(
             torch.save(cam.contiguous(), temp)
         image_path = save_figure(overlay, output_dir / f"{stem}.png")
         folder.record([tensor_path, image_path])
-    return {"tensor": tensor_path, "image": image_path, "probability": probability, "peak": peak}
+    return {"tensor": tensor_path, "image": image_path, "probability": probability, "peak": peak, "flags": flags}

@@ -19,10 +19,12 @@ import torch
 from rich.progress import Progress
 
 from cov3d.atomic import write_text_atomically
+from cov3d.dataset.domain import flags_cell
 from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.dataset.scans import scan_name, scan_number
 from cov3d.errors import Cov3dError
 from cov3d.inference.ensemble import Ensemble
+from cov3d.inference.flags import DomainChecks, flag_counts
 from cov3d.inference.record import check_same_rows, ensemble_record, is_record, write_record
 from cov3d.inference.streaming import PredictionRows, StreamedScan, completed_paths, read_rows, volume_stream
 from cov3d.limits import COUNT, OPTIONAL_COUNT, SEED, SIZE
@@ -32,6 +34,7 @@ from cov3d.model.predictor import Prediction
 from cov3d.outputs import (
     OutputFolder,
     check_output,
+    csv_header,
     has_header,
     real,
     refuse_inside,
@@ -51,11 +54,19 @@ CSV_COLUMNS = (
 )
 UNCERTAINTY_COLUMNS = ("covid_probability_std", "severity_agreement")
 """Added with Monte-Carlo dropout: std of P(covid) over samples and models, share of severity votes for the result."""
+FLAGS_COLUMN = "flags"
+"""The last column: the scan's flags (``cov3d.dataset.domain.flags_cell``), empty when nothing is wrong."""
 SUBMISSION_FILES = {"covid": "covid.csv", "non-covid": "non-covid.csv", **{s: f"{s}.csv" for s in SEVERITY_LABELS}}
 
 
-def prediction_row(scan: Path, prediction: Prediction, uncertainty: bool = False) -> dict[str, str]:
-    """A CSV row (see CSV_COLUMNS, plus UNCERTAINTY_COLUMNS if ``uncertainty``) for one scan."""
+def prediction_columns(uncertainty: bool) -> tuple[str, ...]:
+    """The CSV's columns in order: CSV_COLUMNS, UNCERTAINTY_COLUMNS with Monte-Carlo dropout, FLAGS_COLUMN."""
+    return CSV_COLUMNS + (UNCERTAINTY_COLUMNS if uncertainty else ()) + (FLAGS_COLUMN,)
+
+
+def prediction_row(scan: Path, prediction: Prediction, uncertainty: bool = False,
+                   flags: Iterable[str] = ()) -> dict[str, str]:
+    """A CSV row (``prediction_columns(uncertainty)``) for one scan with its ``flags`` (codes)."""
     severity = prediction.severity_probabilities or [None] * 4
     row = {
         "name": scan_name(scan),
@@ -70,6 +81,7 @@ def prediction_row(scan: Path, prediction: Prediction, uncertainty: bool = False
         row["covid_probability_std"] = f"{prediction.covid_probability_std:.6f}"
         agreement = prediction.severity_agreement
         row["severity_agreement"] = "" if agreement is None else f"{agreement:.4f}"
+    row[FLAGS_COLUMN] = flags_cell(list(flags))
     return row
 
 
@@ -104,7 +116,9 @@ def write_submission(rows: Iterable[dict[str, str]], submission_dir: Path) -> li
 
 @dataclass
 class InferenceSummary:
-    """What ``infer`` did: rows written now, scans skipped as already in the CSV, and failures."""
+    """What ``infer`` did: rows written now, scans skipped as already in the CSV, failures, and
+    the scans predicted now that were flagged (with ``{flag: reason}``; left out of the CSV when
+    ``skipped_flagged``)."""
 
     predicted: int = 0
     covid: int = 0
@@ -112,6 +126,17 @@ class InferenceSummary:
     failed: list[tuple[Path, str]] = field(default_factory=list)
     calibration: str = ""
     """One line: whether the probabilities are calibrated (``calibration_note``)."""
+    flagged: list[tuple[Path, dict[str, str]]] = field(default_factory=list)
+    skipped_flagged: bool = False
+
+    @property
+    def flagged_line(self) -> str | None:
+        """'3 of 4 scans flagged: not-ct 1, no-lungs 2, synthetic-model 3' (``None`` when none was)."""
+        if not self.flagged:
+            return None
+        counts = flag_counts(flags for _, flags in self.flagged)
+        left_out = " (left out of the CSV: --skip-flagged)" if self.skipped_flagged else ""
+        return f"{len(self.flagged)} of {self.predicted} scans flagged: {counts}{left_out}"
 
 
 def calibration_note(ensemble: Ensemble, calibrated: bool) -> str:
@@ -162,6 +187,7 @@ def infer(
     on_row: Callable[[dict[str, str]], None] | None = None,
     overwrite: bool = False,
     calibrated: bool = True,
+    skip_flagged: bool = False,
 ) -> InferenceSummary:
     """Predict every scan with the ensemble of ``models`` (run folders, exported model files or
     folders of them) and write the CSV ``output`` row by row (``on_row`` is called after each).
@@ -180,6 +206,8 @@ def infer(
     ``calibrated``: report probabilities at each model's temperatures (decisions are the same either
     way); ``summary.calibration`` says which are not calibrated.
     Submission files, if asked for, cover every row of ``output``.
+    Each scan's flags (``cov3d.inference.flags``) are in its row and in ``flagged``; with
+    ``skip_flagged`` a flagged scan gets no row (nor a line in the submission files).
 
     Outputs are checked before anything is written (``check_outputs``), and locked while they are
     (``cov3d.locks.writing``: another process writing them is refused). What made the rows is recorded
@@ -194,9 +222,11 @@ def infer(
     torch_device = resolve_device(device)
     model_paths = expand_models([models] if isinstance(models, (str, Path)) else list(models))
     presence_paths, severity_paths = expand_models(list(presence_models)), expand_models(list(severity_models))
-    columns = CSV_COLUMNS + (UNCERTAINTY_COLUMNS if mc_samples else ())
+    columns = prediction_columns(mc_samples > 0)
     submission = check_outputs(output, submission_dir, [*scan_dirs, *model_paths, *presence_paths, *severity_paths],
                                resume=resume, overwrite=overwrite)
+    if resume:
+        refuse_without_flags(output, columns)
     with writing(output), writing(submission_dir, "--submission-dir") if submission_dir else contextlib.nullcontext():
         ensemble = Ensemble(
             [load_source(path) for path in model_paths], torch_device, resolve_precision(precision, torch_device),
@@ -204,13 +234,15 @@ def infer(
             severity_sources=[load_source(path) for path in severity_paths],
             window=window, calibrated=calibrated,
         )
+        checks = DomainChecks([(member.source, member.shape) for member in ensemble.members])
         record = ensemble_record(ensemble, reflect=reflect, mc_samples=mc_samples, calibrated=calibrated)
         torch.manual_seed(seed)
         done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
         if done:
             check_same_rows(output, record)
         pending = [scan for scan in scan_dirs if real(scan) not in done]
-        summary = InferenceSummary(resumed=len(scan_dirs) - len(pending), calibration=calibration_note(ensemble, calibrated))
+        summary = InferenceSummary(resumed=len(scan_dirs) - len(pending), calibration=calibration_note(ensemble, calibrated),
+                                   skipped_flagged=skip_flagged)
         for scan in pending:
             problem = submission_name_problem(scan_name(scan))
             if problem is not None:
@@ -226,9 +258,14 @@ def infer(
                     summary.failed.append((item.scan, "the model gave a non-finite prediction (NaN or infinity); "
                                                       "check the scan, the model's weights, or try --precision fp32."))
                     continue
-                rows.append(prediction_row(item.scan, prediction, uncertainty=mc_samples > 0))
+                flags = checks.flags(item.domain, item.volumes)
                 summary.predicted += 1
                 summary.covid += prediction.covid
+                if flags:
+                    summary.flagged.append((item.scan, flags))
+                    if skip_flagged:
+                        continue
+                rows.append(prediction_row(item.scan, prediction, uncertainty=mc_samples > 0, flags=flags))
             rows_file.write(rows)
             if on_row is not None:
                 for row in rows:
@@ -256,8 +293,20 @@ def infer(
         return summary
 
 
-PREDICTION_HEADERS = (CSV_COLUMNS, CSV_COLUMNS + UNCERTAINTY_COLUMNS)
-"""The header rows of cov3d's predictions CSVs (without and with Monte-Carlo dropout)."""
+PREDICTION_HEADERS = (prediction_columns(False), prediction_columns(True), CSV_COLUMNS, CSV_COLUMNS + UNCERTAINTY_COLUMNS)
+"""The header rows of cov3d's predictions CSVs (without and with Monte-Carlo dropout; then those
+of cov3d before the flags column), which a new CSV may replace."""
+
+
+def refuse_without_flags(output: Path, columns: Sequence[str]) -> None:
+    """``Cov3dError`` for resuming a CSV of an earlier cov3d, without the flags column: its rows
+    cannot be continued with flagged ones."""
+    header = csv_header(output) if Path(output).is_file() else None
+    if header is not None and header + (FLAGS_COLUMN,) == tuple(columns):
+        raise Cov3dError(
+            f"{output} was written by an earlier cov3d, without the '{FLAGS_COLUMN}' column, so it cannot be resumed: "
+            "run without --resume to predict every scan again (it is replaced), or give another --output."
+        )
 
 
 def check_outputs(

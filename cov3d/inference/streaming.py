@@ -37,11 +37,12 @@ RESUME_REMEDY = "Free some space, then run the same command with --resume to pre
 @dataclass
 class StreamedScan:
     """One scan's stored uint8 levels ``{shape: (1, D, H, W)}`` (a quarter of float32's bytes to
-    pass from a worker), or the reason it failed."""
+    pass from a worker) and its domain measures (``cov3d.dataset.domain``), or the reason it failed."""
 
     scan: Path
     volumes: dict[VolumeShape, torch.Tensor] | None
     error: str | None = None
+    domain: dict | None = None
 
 
 class ScanVolumes(Dataset):
@@ -57,7 +58,10 @@ class ScanVolumes(Dataset):
         scan = self.scans[index]
         try:
             sources = scan_sources(scan)  # listed once for all sizes (a DICOM series reads every header)
-            return StreamedScan(scan, {shape: cache.levels(scan, sources) for shape, cache in self.caches.items()})
+            volumes, domain = {}, None
+            for shape, cache in self.caches.items():
+                volumes[shape], domain = cache.levels_and_domain(scan, sources)
+            return StreamedScan(scan, volumes, domain=domain)
         except Cov3dError as error:
             return StreamedScan(scan, None, one_line(error))
         except Exception as error:  # noqa: BLE001 - one bad scan must not stop the others

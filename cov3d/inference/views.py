@@ -6,7 +6,8 @@ window: ``--window``, else the model's, else ``DEFAULT_WINDOW``) or a cached ten
 A scan is shown at ``DISPLAY_SIZE``, or, given a ``VolumeShape``, as preprocessed to it (from the
 cache, as training reads it). Each row is titled with the scan's name and,
 when the scan lies in the dataset layout ``<partition>/<covid|non-covid>/<scan>``, its label and
-the severity from the partition's CSV; with a run folder, also the model's prediction.
+the severity from the partition's CSV; with a run folder, also the model's prediction; and the
+scan's flags (``cov3d.inference.flags``), if it has any.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import torch
 import torch.nn.functional as F
 
 from cov3d.dataset.dicom_nifti import grey_slices, scan_sources
+from cov3d.dataset.domain import ScanMeasure
 from cov3d.dataset.layout import PRESENCE_FOLDERS, SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
 from cov3d.dataset.scans import find_scans, is_nifti_file
 from cov3d.errors import Cov3dError, one_line
-from cov3d.preprocessing.cache import STORAGE_DTYPE, from_levels
+from cov3d.inference.flags import DomainChecks, flags_title
+from cov3d.preprocessing.cache import LEVELS, STORAGE_DTYPE, from_levels
 from cov3d.preprocessing.preprocess import preprocess_scan
 from cov3d.settings import VolumeShape
 from cov3d.viz.figures import save_figure, slice_views
@@ -39,11 +42,13 @@ TENSOR_SUFFIXES = (".pt", ".pth")
 
 @dataclass
 class ViewedScan:
-    """A scan ready to draw: its name, volume (D, H, W) float32 in [0, 1] and where it came from."""
+    """A scan ready to draw: its name, volume (D, H, W) float32 in [0, 1], where it came from and
+    its domain measures (``cov3d.dataset.domain``; ``None`` for a tensor file)."""
 
     name: str
     volume: np.ndarray
     source: Path | None
+    domain: dict | None = None
 
 
 def load_tensor_file(path: Path) -> tuple[torch.Tensor, Path | None]:
@@ -87,12 +92,15 @@ def load_view(path: Path, size: int = DISPLAY_SIZE, *, shape: VolumeShape | None
     if shape is not None:
         from cov3d.preprocessing.preprocess import VolumeCache
 
-        volume = VolumeCache(cache_dir, shape).get(path)[0]
+        levels, domain = VolumeCache(cache_dir, shape).levels_and_domain(path)
+        volume = from_levels(levels)[0]
     else:
         depth = min(slice_count(path), size)
-        volume = preprocess_scan(path, depth, size, size, window=window)[0]
+        measure = ScanMeasure()
+        volume = preprocess_scan(path, depth, size, size, window=window, measure=measure)[0]
+        domain = measure.result()
     name = path.name.removesuffix(".gz").removesuffix(".nii") if is_nifti_file(path) else path.name
-    return ViewedScan(name, volume.numpy(), path)
+    return ViewedScan(name, volume.numpy(), path, domain)
 
 
 @functools.lru_cache(maxsize=16)
@@ -135,6 +143,11 @@ def expand_paths(paths: Sequence[Path]) -> list[Path]:
     if len(expanded) > MAX_SCANS:
         raise Cov3dError(f"{len(expanded)} scans given: a figure shows at most {MAX_SCANS}; give fewer.")
     return expanded
+
+
+def as_levels(volume: torch.Tensor) -> torch.Tensor:
+    """A volume in [0, 1] as the cache's uint8 levels round(255 v), same shape."""
+    return volume.mul(LEVELS).round_().clamp_(0, LEVELS).to(STORAGE_DTYPE)
 
 
 def model_volume(path: Path, shape: VolumeShape, cache_dir: Path, volume: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,13 +204,19 @@ def show_scans(
         window = DEFAULT_WINDOW
     shown = shape.with_window(window) if shape is not None else None
     views = [load_view(path, shape=shown, cache_dir=cache_dir, window=window) for path in scan_paths]
+    checks = DomainChecks([] if predictor is None else [(predictor.source, predictor.shape)])
     for path, view in zip(scan_paths, views):
         parts = [view.name]
         label = layout_label(view.source)
         if label:
             parts.append(label)
+        volume = None
         if predictor is not None:
             volume = model_volume(path, predictor.shape, cache_dir, torch.from_numpy(view.volume))[None]
+        flags = checks.flags(view.domain, None if volume is None else {predictor.shape: as_levels(volume[0])})
+        if flags:
+            parts.append(flags_title(flags))
+        if predictor is not None:
             prediction = predictor.predict(volume)[0]
             if not prediction.finite:
                 parts.append("no prediction (the model's output is not finite)")

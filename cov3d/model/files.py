@@ -6,7 +6,8 @@ and tensors (checked: a damaged file is refused; not a signature). Pickle files 
 content before they are read; so are configs that do not fit their weights and non-finite weights. The
 config's ``window`` is the HU -> grey mapping the model expects (docs/inference.md#model-files-and-export);
 its ``temperatures`` (task -> T, fitted after training; absent in older runs) calibrate the
-probabilities (``cov3d.model.calibration``). Both travel in exported files with the rest of the config.
+probabilities (``cov3d.model.calibration``); its ``training_data`` and ``grey_reference`` say what the
+model was trained on (docs/inference.md#flags). All travel in exported files with the rest of the config.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
 from cov3d.locks import writing
 from cov3d.logits import has_severity
+from cov3d.model.grey_reference import GreyReference
 from cov3d.model.network import build_model
 from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, MEAN_PROBABILITY, ONE_CHECKPOINT, PAPER, PER_TASK
 from cov3d.runfiles import CONFIG_FILE, MODEL_SUFFIX, TASKS, WEIGHTS_FILES
@@ -124,6 +126,18 @@ class ModelSource:
                 digest.update(f"{task}/{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
                 digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the model was trained on data of ``cov3d synthetic`` (config's ``training_data``;
+        models made before it was recorded: unknown, ``False``)."""
+        record = self.config.get("training_data")
+        return isinstance(record, dict) and record.get("synthetic") is True
+
+    @functools.cached_property
+    def grey_reference(self) -> GreyReference | None:
+        """The grey levels of the training scans (``cov3d.model.grey_reference``); ``None`` if not recorded."""
+        return GreyReference.from_config(self.config.get("grey_reference"))
 
     def build(self, task: str) -> torch.nn.Module | None:
         """The model of ``task`` with its weights, in eval mode (None if the source lacks it)."""

@@ -33,9 +33,10 @@ from cov3d.atomic import TEMP_SUFFIX, file_mode, write_failure_reason
 from cov3d.errors import Cov3dError, one_line
 from cov3d.settings import SHAPE_FOLDER, VolumeShape
 
-CACHE_FORMAT_VERSION = 3
+CACHE_FORMAT_VERSION = 4
 """Bump when the preprocessing or the entry layout changes: older entries are then rebuilt.
-3: entries record the intensity window (DICOM/NIfTI grey levels changed to the calibrated default)."""
+3: entries record the intensity window (DICOM/NIfTI grey levels changed to the calibrated default).
+4: entries record the scan's domain measures (``cov3d.dataset.domain``)."""
 
 CACHE_DIR_ENV = "COV3D_CACHE_DIR"
 """Environment variable that overrides the default cache directory."""
@@ -135,10 +136,12 @@ def values_on(levels: torch.Tensor, device: torch.device) -> torch.Tensor:
     return levels.to(device, non_blocking=True).float().div_(divisor)
 
 
-def make_entry(levels: torch.Tensor, shape: VolumeShape, scan_dir: Path, fingerprint: str) -> dict:
+def make_entry(levels: torch.Tensor, shape: VolumeShape, scan_dir: Path, fingerprint: str,
+               domain: dict | None = None) -> dict:
     """The dict stored for a volume of uint8 levels ``(1, D, H, W)``: the parameters, the source
-    path, the source's ``fingerprint`` (``source_fingerprint``), the volume and its CRC-32; only
-    ints, strings and one tensor."""
+    path, the source's ``fingerprint`` (``source_fingerprint``), the scan's ``domain`` measures
+    (``cov3d.dataset.domain``: numbers, strings, ``None``), the volume and its CRC-32; only plain
+    values and one tensor."""
     if levels.dtype != STORAGE_DTYPE:
         raise TypeError(f"cache entries store {STORAGE_DTYPE} levels, got {levels.dtype}")
     stored = levels.contiguous()
@@ -147,6 +150,7 @@ def make_entry(levels: torch.Tensor, shape: VolumeShape, scan_dir: Path, fingerp
         "format": CACHE_FORMAT_VERSION,
         "source": str(Path(scan_dir).resolve()),
         "fingerprint": fingerprint,
+        "domain": dict(domain or {}),
         "volume": stored,
         "crc32": checksum(stored),
     }
@@ -223,9 +227,15 @@ def save_cache_entry(path: Path, entry: dict) -> None:
 def load_valid_volume(
     path: Path, shape: VolumeShape, scan_dir: Path, fingerprint: str | None
 ) -> torch.Tensor | None:
-    """The stored uint8 levels ``(1, D, H, W)`` of a valid, current entry; ``None`` if the
-    entry is missing, damaged or stale: truncated, unreadable, of another format version, shape,
-    dtype, parameters, source or fingerprint, or with a CRC-32 that does not match its volume.
+    """The stored uint8 levels ``(1, D, H, W)`` of a valid, current entry (``load_valid_entry``), or ``None``."""
+    entry = load_valid_entry(path, shape, scan_dir, fingerprint)
+    return None if entry is None else entry["volume"]
+
+
+def load_valid_entry(path: Path, shape: VolumeShape, scan_dir: Path, fingerprint: str | None) -> dict | None:
+    """A valid, current entry (``make_entry``); ``None`` if the entry is missing, damaged or
+    stale: truncated, unreadable, of another format version, shape, dtype, parameters, source or
+    fingerprint, without its domain measures, or with a CRC-32 that does not match its volume.
 
     ``fingerprint=None`` skips the comparison with the source files, for an entry that was
     checked against them earlier in the same run; everything else is still checked.
@@ -248,9 +258,9 @@ def load_valid_volume(
     volume = entry.get("volume")
     if not isinstance(volume, torch.Tensor) or volume.dtype != STORAGE_DTYPE or tuple(volume.shape) != (1, *shape.dims):
         return None
-    if entry.get("crc32") != checksum(volume):
+    if entry.get("crc32") != checksum(volume) or not isinstance(entry.get("domain"), dict):
         return None
-    return volume
+    return entry
 
 
 @dataclass

@@ -23,6 +23,7 @@ from scipy.interpolate import CubicSpline
 from scipy.ndimage import map_coordinates
 
 from cov3d.dataset.dicom_nifti import ScanSources, grey_slices, scan_sources
+from cov3d.dataset.domain import ScanMeasure
 from cov3d.dataset.scans import MAX_8BIT, read_slice
 from cov3d.errors import Cov3dError
 from cov3d.limits import WARP
@@ -33,6 +34,7 @@ from cov3d.preprocessing.cache import (
     empty_tensor,
     entry_path,
     from_levels,
+    load_valid_entry,
     load_valid_volume,
     make_entry,
     save_cache_entry,
@@ -184,18 +186,23 @@ def interpolate_depth(stack: np.ndarray, depth: int, *, levels: bool = False, wa
 
 def _preprocess_slices(
     sources: ScanSources, depth: int, height: int, width: int, fast_decode: bool, *, levels: bool = False,
-    warp: float = 0.0, window: Window = DEFAULT_WINDOW,
+    warp: float = 0.0, window: Window = DEFAULT_WINDOW, measure: ScanMeasure | None = None,
 ) -> torch.Tensor:
-    """``preprocess_scan`` for a scan's sources; uint8 levels instead with ``levels``."""
+    """``preprocess_scan`` for a scan's sources; uint8 levels instead with ``levels``. ``measure``
+    sees each slice as it is read (``cov3d.dataset.domain``)."""
     if sources.kind == "jpeg":
         draft_size = (width, height) if fast_decode else None
         count = len(sources.files)
         images = (read_slice(path, draft_size=draft_size) for path in sources.files)
     else:
-        count, greys = grey_slices(sources.kind, sources.files, window)
+        count, greys = grey_slices(sources.kind, sources.files, window, measure)
         images = (Image.fromarray(grey) for grey in greys)
     stack = np.empty((count, height, width), dtype=np.uint8)
+    if measure is not None:
+        measure.expect(count)
     for index, image in enumerate(images):
+        if measure is not None and sources.kind == "jpeg":
+            measure.add_grey(np.asarray(image, dtype=np.uint8))
         if warp:
             image = Image.fromarray(warp_slice(np.asarray(image, dtype=np.uint8), warp))
         stack[index] = resize_slice(image, height, width)
@@ -204,7 +211,7 @@ def _preprocess_slices(
 
 def preprocess_scan(
     scan_dir: Path, depth: int, height: int, width: int, *, fast_decode: bool = False, warp: float = 0.0,
-    window: Window = DEFAULT_WINDOW,
+    window: Window = DEFAULT_WINDOW, measure: ScanMeasure | None = None,
 ) -> torch.Tensor:
     """A scan (JPEG or DICOM folder, NIfTI file) as a float32 volume (1, depth, height, width) in [0, 1];
     DICOM and NIfTI HU through ``window``.
@@ -214,12 +221,13 @@ def preprocess_scan(
     differs slightly from the normal path, most near sharp edges (bounded in the tests).
 
     ``warp``: the original code's cubic coordinate warp factor (0: none, the paper; 0.5: the original's).
+    ``measure``: a ``cov3d.dataset.domain.ScanMeasure`` that sees the slices as they are read.
     Raises ``Cov3dError`` naming the folder or file if the scan cannot be read.
     """
     _check_size(depth, height, width)
     warp = float(WARP.check("warp", warp))
     return _preprocess_slices(scan_sources(Path(scan_dir)), depth, height, width, fast_decode, warp=warp,
-                              window=window)
+                              window=window, measure=measure)
 
 
 class VolumeCache:
@@ -239,26 +247,28 @@ class VolumeCache:
         sources = scan_sources(Path(scan_dir)) if sources is None else sources
         return entry_path(self.cache_dir, self.shape.stored_as(sources.holds_hu), Path(scan_dir))
 
-    def _stored(self, scan_dir: Path, sources: ScanSources) -> tuple[torch.Tensor | None, str]:
-        """The stored uint8 levels if current (else ``None``) and the source fingerprint."""
+    def _stored(self, scan_dir: Path, sources: ScanSources) -> tuple[dict | None, str]:
+        """The stored entry if current (else ``None``) and the source fingerprint."""
         fingerprint = source_fingerprint(sources.files)
         keyed = self.shape.stored_as(sources.holds_hu)
-        return load_valid_volume(entry_path(self.cache_dir, keyed, scan_dir), keyed, scan_dir, fingerprint), fingerprint
+        return load_valid_entry(entry_path(self.cache_dir, keyed, scan_dir), keyed, scan_dir, fingerprint), fingerprint
 
-    def _fetch(self, scan_dir: Path, sources: ScanSources | None = None) -> tuple[torch.Tensor, bool]:
-        """The uint8 levels (1, D, H, W), loaded or built and stored, and whether they were built."""
+    def _fetch(self, scan_dir: Path, sources: ScanSources | None = None) -> tuple[dict, bool]:
+        """The entry (uint8 levels (1, D, H, W) and the scan's domain measures), loaded or built
+        and stored, and whether it was built."""
         sources = scan_sources(scan_dir) if sources is None else sources
         stored, fingerprint = self._stored(scan_dir, sources)
         if stored is not None:
             return stored, False
+        measure = ScanMeasure()
         volume = _preprocess_slices(
             sources, *self.shape.dims, self.shape.fast_decode, levels=True, warp=self.shape.warp,
-            window=self.shape.window,
+            window=self.shape.window, measure=measure,
         )
         keyed = self.shape.stored_as(sources.holds_hu)
-        entry = make_entry(volume, keyed, scan_dir, fingerprint)
+        entry = make_entry(volume, keyed, scan_dir, fingerprint, measure.result())
         save_cache_entry(entry_path(self.cache_dir, keyed, scan_dir), entry)
-        return entry["volume"], True
+        return entry, True
 
     def load(self, scan_dir: Path) -> torch.Tensor | None:
         """The cached volume (1, D, H, W) float32, or ``None`` if missing, stale or damaged.
@@ -268,7 +278,7 @@ class VolumeCache:
         """
         scan_dir = Path(scan_dir)
         stored, _ = self._stored(scan_dir, scan_sources(scan_dir))
-        return None if stored is None else from_levels(stored)
+        return None if stored is None else from_levels(stored["volume"])
 
     def checked_levels(self, scan_dir: Path) -> torch.Tensor:
         """The stored uint8 levels (1, D, H, W) of an entry that ``update`` made current
@@ -295,7 +305,13 @@ class VolumeCache:
         ``sources`` (``scan_sources(scan_dir)``) saves listing the scan again when the caller
         reads it at several sizes.
         """
-        return self._fetch(Path(scan_dir), sources)[0]
+        return self._fetch(Path(scan_dir), sources)[0]["volume"]
+
+    def levels_and_domain(self, scan_dir: Path, sources: ScanSources | None = None) -> tuple[torch.Tensor, dict]:
+        """``levels`` and the scan's domain measures (``cov3d.dataset.domain.ScanMeasure.result``),
+        taken while the scan was read for the entry."""
+        entry = self._fetch(Path(scan_dir), sources)[0]
+        return entry["volume"], entry["domain"]
 
     def get(self, scan_dir: Path, sources: ScanSources | None = None) -> torch.Tensor:
         """The volume (1, D, H, W) float32: ``levels`` / 255.

@@ -1,7 +1,8 @@
 """Synthetic chest-CT datasets in the COV19-CT-DB layout, for ``cov3d demo`` and the tests.
 
 ``generate_dataset`` writes train/, validation/ and test/ scan folders of numbered JPEG slices, the two
-severity CSVs, the test answer key (``test_labels.csv``) and, with ``masks``, each scan's lesion and lung
+severity CSVs, the test answer key (``test_labels.csv``), a marker that the data are synthetic
+(``SYNTHETIC_MARKER``, recorded by ``cov3d train``) and, with ``masks``, each scan's lesion and lung
 masks under ``lesion-masks/`` (``read_masks``). Like the real data, scan numbers restart per folder, a few
 names lack the underscore, depths are bimodal and a few scans mix slice sizes; slices are rendered in HU
 (``cov3d.synthetic.phantom``) and mapped with ``DEFAULT_WINDOW``. Each scan has its own child seed, so a
@@ -9,6 +10,7 @@ seed always gives the same bytes (docs/demo.md).
 """
 
 import csv
+import json
 import math
 import shutil
 from collections.abc import Callable, Iterator
@@ -20,7 +22,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cov3d.dataset.layout import ANSWER_KEY, CSV_DELIMITER, PARTITIONS, PRESENCE_FOLDERS, SEVERITY_CSVS, SEVERITY_LABELS
+from cov3d import __version__
+from cov3d.dataset.layout import (
+    ANSWER_KEY,
+    CSV_DELIMITER,
+    PARTITIONS,
+    PRESENCE_FOLDERS,
+    SEVERITY_CSVS,
+    SEVERITY_LABELS,
+    SYNTHETIC_MARKER,
+)
 from cov3d.dataset.scans import scan_number
 from cov3d.errors import Cov3dError
 from cov3d.limits import DEPTH_SCALE, FRACTION, OPTIONAL_COUNT, SEED, SLICE_SIZE, SYNTHETIC_SCANS, WORKERS
@@ -224,7 +235,8 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
 
 
 def _outputs(out_dir: Path) -> list[Path]:
-    return [out_dir / p for p in (*PARTITIONS, TEST_FOLDER, *SEVERITY_CSVS.values(), TEST_LABELS_CSV, MASKS_FOLDER)]
+    return [out_dir / p for p in (*PARTITIONS, TEST_FOLDER, *SEVERITY_CSVS.values(), TEST_LABELS_CSV, MASKS_FOLDER,
+                                  SYNTHETIC_MARKER)]
 
 
 def generate_dataset(
@@ -268,6 +280,8 @@ def generate_dataset(
         else:
             path.unlink()
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SYNTHETIC_MARKER).write_text(json.dumps({"generator": "cov3d synthetic", "cov3d": __version__, "seed": seed}))
     rng = np.random.default_rng(seed)
     plans = _plan(rng, out_dir, sizes, annotated_fraction, depth_scale, slice_size, mixed_size_fraction)
     summary = SyntheticSummary(out_dir=out_dir, depths=[plan.depth for plan in plans])

@@ -68,7 +68,7 @@ from cov3d.training.evaluation import evaluate_kept_weights
 from cov3d.training.loaders import training_loaders
 from cov3d.training.optimizer import optimizer_function
 from cov3d.training.precision import precision_callbacks
-from cov3d.training.provenance import dataset_fingerprint, versions
+from cov3d.training.provenance import dataset_fingerprint, grey_reference, training_data, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
 from cov3d.training.runconfig import (
     NEW_RUN_REMEDY,
@@ -280,6 +280,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
             "precision_reason": precision.reason,
             "world_size": dist.world_size,
             "dataset_fingerprint": fingerprint,
+            "training_data": training_data(data_dir),
+            "grey_reference": grey_reference(train_items, cache),
             "versions": versions(),
             "arguments": arguments,
         })

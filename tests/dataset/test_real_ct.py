@@ -71,3 +71,6 @@ def test_show_and_infer_on_the_command_line(tiny_run, tmp_path):
     with output.open() as handle:
         (row,) = list(csv.DictReader(handle))
     assert row["name"] == SERIES.name and 0.0 <= float(row["covid_probability"]) <= 1.0
+    # A chest CT: neither not-ct nor no-lungs; the tiny run was trained on synthetic data.
+    assert row["flags"].split(";")[0] == "synthetic-model"
+    assert "1 of 1 scans flagged: synthetic-model 1" in inferred.output

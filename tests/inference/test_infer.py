@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from cov3d.dataset.scans import find_scans, scan_number
 from cov3d.errors import Cov3dError
-from cov3d.inference.infer import CSV_COLUMNS, infer
+from cov3d.inference.infer import infer, prediction_columns
 from cov3d.model.files import load_source
 from cov3d.model.network import build_model
 from cov3d.model.predictor import RunPredictor
@@ -41,7 +41,7 @@ def test_one_valid_row_per_scan(predictions):
     assert failed == []
     with (out / "preds.csv").open() as handle:
         reader = csv.DictReader(handle)
-        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        assert tuple(reader.fieldnames) == prediction_columns(uncertainty=False)
         written = list(reader)
     assert [row["path"] for row in written] == [str(scan) for scan in scans]
     for row in written:

@@ -44,7 +44,7 @@ def test_severity_names():
 def test_layout_and_summary(tiny):
     out, summary = tiny
     expected = {"train", "validation", "test", "train_partition_covid_categories.csv",
-                "val_partition_covid_categories.csv", "test_labels.csv"}
+                "val_partition_covid_categories.csv", "test_labels.csv", "cov3d-synthetic.json"}
     assert {p.name for p in out.iterdir()} == expected
     for partition in ("train", "validation"):
         assert {p.name for p in (out / partition).iterdir()} == {"covid", "non-covid"}
@@ -239,3 +239,12 @@ def test_covid_has_more_ggo_range_lung_voxels_than_negatives():
     positives = [ggo_share(True, 1 + seed % 4, seed) for seed in range(8)]
     assert min(positives) > max(negatives)
     assert max(negatives) < 0.06
+
+
+def test_the_dataset_says_it_is_synthetic_and_training_records_it(tiny, tmp_path):
+    from cov3d.training.provenance import training_data
+
+    out, _ = tiny
+    recorded = training_data(out)
+    assert recorded["synthetic"] is True and recorded["generator"] == "cov3d synthetic"
+    assert training_data(tmp_path) == {"synthetic": False}  # a dataset of the user's: no marker
