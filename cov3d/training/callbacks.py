@@ -145,7 +145,8 @@ class FiniteGuard(Callback):
             return
         named = [(name, p.grad) for name, p in unwrap(self.learn.model).named_parameters() if p.grad is not None]
         norms = torch._foreach_norm([grad for _, grad in named], float("inf")) if named else []
-        if bool(torch.isfinite(torch.stack([self.loss_finite.float(), *norms])).all() & self.loss_finite):
+        finite = self.loss_finite & torch.isfinite(torch.stack(norms)).all() if norms else self.loss_finite
+        if bool(finite):
             return  # the step's one host wait
         if not bool(self.loss_finite):
             self.stop("training loss")
