@@ -119,3 +119,35 @@ def test_the_loss_still_refuses_bad_targets(bad):
     loss = Cov3dLoss(severity_factor=0.5)
     with pytest.raises(RuntimeError, match="has_covid must be 0 or 1"):
         loss(torch.zeros(1, 6), torch.tensor(bad, dtype=torch.float32))
+
+
+class NaNForValidationItem(torch.nn.Module):
+    """A linear layer whose validation output is NaN for the scan whose first feature is 99."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(5, 6)
+
+    def forward(self, x):
+        out = self.linear(x)
+        return out if self.training else torch.where((x[:, :1] == 99), torch.nan, out)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_non_finite_validation_loss_is_reported_after_the_pass_with_its_batch(rank):
+    """Read once after the pass; a sharded loader gives the batch's number in the whole validation set."""
+    from fastai.data.core import TfmdDL
+
+    from cov3d.errors import NonFiniteTraining
+    from cov3d.training.distributed import ShardedValidDL
+
+    valid = [(torch.full((5,), 99.0 if index == 4 + 2 * rank else 0.0), torch.tensor([0.0, 0.0])) for index in range(8)]
+    loader = TfmdDL(valid, bs=2).new(cls=ShardedValidDL, rank=rank, world_size=2)  # rank 0: batches 0, 2; rank 1: 1, 3
+    learner = Learner(DataLoaders(toy_data().train, loader), NaNForValidationItem(), loss_func=Cov3dLoss(severity_factor=0.5),
+                      cbs=[FiniteGuard(run_dir=Path("."), epochs=3, first_epoch=1, precision="fp32", learning_rate=1e-3)])
+    learner.remove_cb(ProgressCallback)
+    with redirect_stdout(io.StringIO()), pytest.raises(NonFiniteTraining) as raised:
+        learner.fit(1, lr=1e-3)
+    error = raised.value
+    # the NaN scan is item 4 (rank 0's second batch, batch 3 of 4) or item 6 (rank 1's second, batch 4 of 4)
+    assert (error.what, error.epoch, error.batch, error.batches) == ("validation loss", 2, 3 + rank, 4)
