@@ -22,6 +22,8 @@ from cov3d.settings import PRESENCE_AVERAGING, TRAIN_DEFAULTS
 
 _UNANNOTATED_GROUP = SEVERITY_GROUPS.index("positive-unannotated")
 _FIRST_SEVERITY_GROUP = SEVERITY_GROUPS.index("mild")
+TARGET_RULES = (f"Cov3dLoss targets: has_covid must be 0 or 1, severity must lie in 0..{SEVERITY_CLASSES - 1}, "
+                "and a covid-negative scan must have severity 0")
 
 
 def _check_smoothing(smoothing: float, name: str) -> None:
@@ -67,6 +69,13 @@ def severity_target_distribution(severity_class: Tensor, smoothing: float) -> Te
     return severity_smoothing_matrix(smoothing).to(classes.device)[classes]
 
 
+def _target_problems(positive: Tensor, grade: Tensor) -> Tensor:
+    """() bool on the targets' device: whether a has_covid is not 0/1, a grade lies outside 0..4, or a
+    negative scan has a grade (the rules ``severity_group`` states), computed without waiting on the host."""
+    return (((positive != 0) & (positive != 1)) | (grade < 0) | (grade >= SEVERITY_CLASSES)
+            | ((positive == 0) & (grade != 0))).any()
+
+
 def severity_group(has_covid: Tensor, severity: Tensor) -> Tensor:
     """Index into SEVERITY_GROUPS for each scan, used to pick its severity weight.
 
@@ -83,6 +92,11 @@ def severity_group(has_covid: Tensor, severity: Tensor) -> Tensor:
             raise ValueError(f"severity must lie in 0..{SEVERITY_CLASSES - 1}")
         if ((positive == 0) & (grade != 0)).any():
             raise ValueError("a covid-negative scan cannot have a severity grade (expected severity 0)")
+    return _checked_group(positive, grade)
+
+
+def _checked_group(positive: Tensor, grade: Tensor) -> Tensor:
+    """``severity_group`` of targets already checked: (B,) long has_covid and grade -> (B,) group index."""
     annotated_group = grade + (_FIRST_SEVERITY_GROUP - 1)
     positive_group = torch.where(grade == 0, torch.full_like(grade, _UNANNOTATED_GROUP), annotated_group)
     return torch.where(positive == 1, positive_group, torch.zeros_like(grade))
@@ -167,6 +181,8 @@ class Cov3dLoss(nn.Module):
         self.register_buffer(
             "severity_weights", _weights_tensor(severity_weights, len(SEVERITY_GROUPS), "severity_weights")
         )
+        # Built once and moved with the loss: no matrix built on the host and uploaded at every call.
+        self.register_buffer("severity_targets", severity_smoothing_matrix(self.severity_smoothing), persistent=False)
 
     @property
     def outputs(self) -> int:
@@ -186,11 +202,11 @@ class Cov3dLoss(nn.Module):
     def severity_loss(self, severity_logits: Tensor, has_covid: Tensor, severity: Tensor) -> Tensor:
         """Weighted mean of eqs. 4/5. severity_logits: (B, 5) = z_0..z_4; has_covid, severity: (B,)."""
         z = severity_logits.float()
-        group = severity_group(has_covid, severity)
+        group = _checked_group(has_covid.long(), severity.long())  # the targets were checked by ``forward``
         log_s = F.log_softmax(z, dim=1)
         # Negative scans are class 0; annotated positives keep their grade 1..4.
         classes = severity.long() * (has_covid.long() == 1)
-        targets = severity_target_distribution(classes, self.severity_smoothing)
+        targets = self.severity_targets.to(z.device)[classes]
         cross_entropy = -(targets * log_s).sum(dim=1)
         positive_any_grade = -(torch.logsumexp(z[:, GRADES], dim=1) - torch.logsumexp(z, dim=1))
         losses = torch.where(group == _UNANNOTATED_GROUP, positive_any_grade, cross_entropy)
@@ -207,6 +223,9 @@ class Cov3dLoss(nn.Module):
             )
         has_covid = target[:, 0].round().long()
         grade = target[:, 1].round().long()
+        # One check of every rule on the device, without a host wait (an error at once on a CPU,
+        # a device-side assertion on a GPU); the loss itself never waits on the host.
+        torch._assert_async(~_target_problems(has_covid, grade), TARGET_RULES)
         total = logits.new_zeros((), dtype=torch.float32)
         if self.severity_factor < 1.0:
             total = total + (1.0 - self.severity_factor) * self.presence_loss(presence_output(logits), has_covid)

@@ -82,14 +82,14 @@ class EpochScore(Metric):
         self.targets: list[torch.Tensor] = []
 
     def accumulate(self, learn) -> None:
-        self.logits.append(learn.pred.detach().float().cpu())
-        self.targets.append(learn.yb[0].detach().cpu())
+        self.logits.append(learn.pred.detach().float())  # left on the device: copied once, by ``value``
+        self.targets.append(learn.yb[0].detach())
 
     @property
     def value(self) -> float:
         if not self.logits:
             return math.nan
-        return self.scorer(torch.cat(self.logits), torch.cat(self.targets))[self.score_name]
+        return self.scorer(torch.cat(self.logits).cpu(), torch.cat(self.targets).cpu())[self.score_name]
 
     @property
     def name(self) -> str:

@@ -110,43 +110,62 @@ class WandbLog(Callback):
 class FiniteGuard(Callback):
     """Stop training at the first loss or gradient that is not finite, before the optimiser applies it.
 
-    The loss is checked after every batch, the gradients after every backward pass unless a gradient
-    scaler is in charge of them (fp16 on CUDA skips overflowing steps itself). Under DDP every rank
-    takes part in the training-loss check (a MIN all-reduce of its verdict), so all ranks stop together;
-    gradients are already the same on every rank after backward, and validation losses (whose batch
-    counts may differ between ranks) are left to each rank's gradients. The error names the epoch and
-    batch; the end-of-epoch checkpoint and best weights written before it are left as they were.
+    A training step waits on the host once: the loss and, unless a gradient scaler is in charge of them
+    (fp16 on CUDA skips overflowing steps itself), every gradient are checked together after the
+    backward pass, with one fused max-norm over the gradients (an infinite or NaN element gives an
+    infinite or NaN norm). Validation losses are checked once, at the end of the validation pass.
+    Under DDP no collective is needed: a non-finite loss on one rank makes the averaged gradients
+    non-finite on every rank, so all ranks stop at the same batch (fp16 leaves the check to the rank
+    whose loss failed; torchrun then stops the others). The error names the epoch and batch; the
+    end-of-epoch checkpoint and best weights written before it are left as they were.
     """
 
     order = 1  # before any callback that acts on the step
 
     def __init__(self, *, run_dir: Path, epochs: int, first_epoch: int, precision: str, learning_rate: float,
-                 check_gradients: bool = True, distributed: bool = False):
+                 check_gradients: bool = True):
         self.run_dir, self.epochs, self.first_epoch = Path(run_dir), epochs, first_epoch
         self.precision, self.learning_rate = precision, learning_rate
-        self.check_gradients, self.distributed = check_gradients, distributed
+        self.check_gradients = check_gradients
+
+    def before_validate(self) -> None:
+        self.valid_finite: list[torch.Tensor] = []
 
     def after_loss(self) -> None:
-        finite = torch.isfinite(self.learn.loss.detach()).all().to(torch.int32)
-        if self.distributed:
-            if not self.training:
-                return
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if not bool(finite):
-            self.stop("training loss" if self.training else "validation loss")
+        finite = torch.isfinite(self.learn.loss.detach()).all()
+        if not self.training:
+            self.valid_finite.append(finite)  # read once, after the pass
+        elif self.check_gradients:
+            self.loss_finite = finite  # read with the gradients
+        elif not bool(finite):
+            self.stop("training loss")
 
     def after_backward(self) -> None:
         if not self.check_gradients:
             return
         named = [(name, p.grad) for name, p in unwrap(self.learn.model).named_parameters() if p.grad is not None]
-        if bool(torch.stack([torch.isfinite(grad).all() for _, grad in named]).all()):
-            return  # one device synchronisation per step when all is well
+        norms = torch._foreach_norm([grad for _, grad in named], float("inf")) if named else []
+        finite = self.loss_finite & torch.isfinite(torch.stack(norms)).all() if norms else self.loss_finite
+        if bool(finite):
+            return  # the step's one host wait
+        if not bool(self.loss_finite):
+            self.stop("training loss")
         self.stop("gradient of " + next(name for name, grad in named if not bool(torch.isfinite(grad).all())))
 
-    def stop(self, what: str) -> None:
+    def after_validate(self) -> None:
+        if not self.valid_finite or bool(torch.stack(self.valid_finite).all()):
+            return
+        batch = int(torch.stack(self.valid_finite).logical_not().nonzero()[0, 0])
+        shard = getattr(self.dl, "global_batch", None)  # a sharded validation loader numbers its batches globally
+        self.stop("validation loss", batch=shard(batch) if shard else batch,
+                  batches=getattr(self.dl, "global_batches", self.n_iter))
+
+    def stop(self, what: str, batch: int | None = None, batches: int | None = None) -> None:
+        """Raise ``NonFiniteTraining`` for the current batch (or 0-based `batch` of `batches`)."""
         epoch = self.first_epoch + self.epoch
         raise NonFiniteTraining(
-            what=what, epoch=epoch + 1, epochs=self.epochs, batch=self.iter + 1, batches=self.n_iter,
+            what=what, epoch=epoch + 1, epochs=self.epochs, batch=(self.iter if batch is None else batch) + 1,
+            batches=self.n_iter if batches is None else batches,
             precision=self.precision, learning_rate=self.learning_rate,
             resumable_epoch=epoch if epoch > 0 and (self.run_dir / RESUME_FILE).is_file() else None,
             run_dir=str(self.run_dir),

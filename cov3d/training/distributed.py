@@ -2,9 +2,10 @@
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE (and MASTER_ADDR/PORT) for every
 process; without them training runs in a single process. Each process trains on its own shard of
-every epoch's shuffled training order, DDP averages the gradients, and every process validates the
-whole validation set (identical weights give identical metrics). Only the main process (rank 0)
-writes files.
+every epoch's shuffled training order, DDP averages the gradients, and each process validates its
+share of the validation batches (``ShardedValidDL``): the predictions are gathered once per pass so
+that every process scores the whole set, as one process would (``cov3d.training.validation``). Only
+the main process (rank 0) writes files.
 
 Two process groups: the default one (nccl on GPUs, gloo on CPUs) carries DDP's gradient all-reduces
 with ``TRAINING_TIMEOUT``; a gloo group on the host carries the coordination around work that rank 0
@@ -70,6 +71,9 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+SINGLE_PROCESS = Distributed()
 
 
 def distributed_from_env() -> Distributed:
@@ -143,6 +147,14 @@ def gather_objects(dist: Distributed, value: T) -> list[T]:
     return values
 
 
+def gather_batches(dist: Distributed, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every process's per-batch tensors, on the CPU, in the order of the unsharded loader: process r ran
+    the batches r, r + W, r + 2W, ... of W processes (``ShardedValidDL``)."""
+    per_rank = gather_objects(dist, [batch.cpu() for batch in batches])
+    rounds = max(len(shard) for shard in per_rank)
+    return [shard[k] for k in range(rounds) for shard in per_rank if k < len(shard)]
+
+
 def replica_seed(seed: int, rank: int) -> int:
     """The seed of process `rank`'s own draws (dropout, reflections, loader workers): `seed` itself on rank 0,
     as in a single process, and independent streams from NumPy's ``SeedSequence`` on the other ranks."""
@@ -198,8 +210,46 @@ class ShardedDL(TfmdDL):
         return padded[self.rank :: self.world_size]
 
 
+class ShardedValidDL(TfmdDL):
+    """A validation loader that gives process r the whole batches r, r + W, r + 2W, ... of the unshuffled
+    order (W processes): the batches, and so each batch's loss, are those of a single process, no item is
+    repeated or padded, and processes may run different numbers of batches (no collective runs per batch)."""
+
+    def __init__(self, dataset=None, rank: int = 0, world_size: int = 1, **kwargs):
+        self.rank, self.world_size = rank, world_size
+        super().__init__(dataset, **kwargs)
+
+    def batch_starts(self) -> range:
+        """Index in the unsharded order of the first item of each of this process's batches."""
+        return range(self.rank * self.bs, self.n, self.bs * self.world_size)
+
+    def __len__(self) -> int:
+        return len(self.batch_starts())
+
+    @property
+    def global_batches(self) -> int:
+        """Batches of the unsharded loader."""
+        return -(-self.n // self.bs)
+
+    def global_batch(self, batch: int) -> int:
+        """The index in the unsharded loader of this process's 0-based `batch`."""
+        return batch * self.world_size + self.rank
+
+    def get_idxs(self) -> list[int]:
+        order = list(super().get_idxs())
+        return [index for start in self.batch_starts() for index in order[start:start + self.bs]]
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers (batch-norm running statistics, which each process updates
+    from its own training batches), so that all validate the same model."""
+    for buffer in unwrap(model).buffers():
+        torch_dist.broadcast(buffer, src=0)
+
+
 class DDPTrainer(Callback):
-    """Wrap the model in DistributedDataParallel for the fit (after fastai moved it to the device)."""
+    """Wrap the model in DistributedDataParallel for the fit (after fastai moved it to the device); validate
+    with the bare model and rank 0's buffers, so that a validation pass runs no collective per batch."""
 
     order = 11  # after TrainEvalCallback's before_fit (model on its device) and PlainBatches (channels-last)
 
@@ -209,6 +259,14 @@ class DDPTrainer(Callback):
     def before_fit(self) -> None:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.learn.model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def before_validate(self) -> None:
+        self.wrapped = self.model
+        broadcast_buffers(self.wrapped)
+        self.learn.model = unwrap(self.wrapped)
+
+    def after_validate(self) -> None:
+        self.learn.model = self.wrapped
 
     def after_fit(self) -> None:
         self.learn.model = unwrap(self.model)

@@ -4,7 +4,7 @@ The F1 recorded each epoch (``summary.json``'s ``best_scores``) comes from one p
 the training loop validates. The paper's inference averages each scan with its sagittal reflection
 (§3.5), so the weights kept for a task are run again that way, once, on the validation set
 (``kept_weights_predictions``: the task logits of ``cov3d.model.predictor.RunPredictor``, fp32, as
-``cov3d infer`` computes them; for a lambda = 1 run presence comes from the severity weights,
+``cov3d infer`` computes them, in the run's precision; for a lambda = 1 run presence comes from the severity weights,
 P(covid) = s_1 + .. + s_4). From these logits, without another pass of the network:
 
 - ``tta_scores`` in ``summary.json``: the macro F1 of presence (from ``best-presence.safetensors``)
@@ -13,7 +13,8 @@ P(covid) = s_1 + .. + s_4). From these logits, without another pass of the netwo
   (all of them for presence, the annotated ones for severity) and recorded in ``config.json``, with
   the ECE, Brier score and NLL before and after, and the reliability diagram ``reliability.png``.
 
-Only the first process (rank 0) computes them.
+Under DDP each process predicts its share of the validation batches (``ShardedValidDL``) and the
+first process (rank 0) scores and calibrates on the gathered predictions.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.torch_core import rank_distrib
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES
 from cov3d.model.calibration import CALIBRATION_BINS, TaskCalibration, calibrate_task
@@ -30,25 +30,30 @@ from cov3d.model.files import TEMPERATURES_KEY
 from cov3d.model.metrics import macro_f1
 from cov3d.runfiles import TASK_METRICS
 from cov3d.training.callbacks import record_in_config
+from cov3d.training.distributed import SINGLE_PROCESS, Distributed, gather_batches
 from cov3d.training.run_figures import write_reliability_diagram
 
 TaskPredictions = tuple[np.ndarray, np.ndarray]
 """A task's validation predictions: task logits (N, 5) [l, g_1..g_4] and targets (N, 2) [has_covid, severity]."""
 
 
-def kept_weights_predictions(run_dir: Path, loader, device: torch.device, *, reflect: bool = True) -> dict[str, TaskPredictions]:
-    """{task: predictions} on ``loader`` (the validation DataLoader) of each task's kept weights,
-    averaged with the reflection unless ``reflect`` is off; a task the run cannot predict is left out."""
-    if rank_distrib() != 0:
-        return {}
+def kept_weights_predictions(run_dir: Path, loader, device: torch.device, *, dtype: torch.dtype | None = None,
+                             dist: Distributed = SINGLE_PROCESS, reflect: bool = True) -> dict[str, TaskPredictions]:
+    """{task: predictions} on ``loader`` (the validation DataLoader, sharded under DDP: every process
+    calls this) of each task's kept weights, autocast to ``dtype`` (None: fp32) and averaged with the
+    reflection unless ``reflect`` is off; a task the run cannot predict is left out. Processes other than
+    rank 0 get {}."""
     from cov3d.model.files import load_source
     from cov3d.model.predictor import RunPredictor
 
-    predictor = RunPredictor(load_source(Path(run_dir)), device, None, reflect=reflect, calibrated=False)
+    predictor = RunPredictor(load_source(Path(run_dir)), device, dtype, reflect=reflect, calibrated=False)
     logits, targets = [], []
     for volumes, target in loader:  # each task's kept weights once per batch (both tasks from one for lambda = 1)
         logits.append(predictor.task_logits(volumes.as_subclass(torch.Tensor)))
-        targets.append(target.as_subclass(torch.Tensor).cpu())
+        targets.append(target.as_subclass(torch.Tensor))
+    logits, targets = gather_batches(dist, logits), gather_batches(dist, targets)
+    if not dist.is_main:
+        return {}
     predictions = torch.cat(logits).numpy(), torch.cat(targets).numpy()
     return {task: predictions for task in predictor.predicted_tasks}
 
@@ -78,9 +83,10 @@ def validation_scores(predictions: dict[str, TaskPredictions]) -> dict[str, floa
     return scores
 
 
-def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, reflect: bool = True) -> dict[str, float]:
-    """``validation_scores`` of ``kept_weights_predictions``."""
-    return validation_scores(kept_weights_predictions(run_dir, loader, device, reflect=reflect))
+def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, dtype: torch.dtype | None = None,
+                        dist: Distributed = SINGLE_PROCESS, reflect: bool = True) -> dict[str, float]:
+    """``validation_scores`` of ``kept_weights_predictions`` (every process calls this; {} off rank 0)."""
+    return validation_scores(kept_weights_predictions(run_dir, loader, device, dtype=dtype, dist=dist, reflect=reflect))
 
 
 def calibrate(predictions: dict[str, TaskPredictions]) -> dict[str, TaskCalibration]:
@@ -97,13 +103,14 @@ def calibration_summary(calibrations: dict[str, TaskCalibration]) -> dict:
     }
 
 
-def evaluate_kept_weights(run_dir: Path, loader, device: torch.device) -> dict:
-    """After training: predict the validation set with the kept weights once, record each task's
-    temperature in config.json, draw ``reliability.png``, and return summary.json's ``tta_scores`` and
-    ``calibration`` (empty on processes other than the first)."""
-    if rank_distrib() != 0:
+def evaluate_kept_weights(run_dir: Path, loader, device: torch.device, *, dtype: torch.dtype | None = None,
+                          dist: Distributed = SINGLE_PROCESS) -> dict:
+    """After training (every process calls this): predict the validation set with the kept weights once,
+    record each task's temperature in config.json, draw ``reliability.png``, and return summary.json's
+    ``tta_scores`` and ``calibration`` (empty on processes other than the first)."""
+    predictions = kept_weights_predictions(run_dir, loader, device, dtype=dtype, dist=dist)
+    if not dist.is_main:
         return {}
-    predictions = kept_weights_predictions(run_dir, loader, device)
     calibrations = calibrate(predictions)
     record_in_config(run_dir, TEMPERATURES_KEY, {task: result.temperature for task, result in calibrations.items()})
     write_reliability_diagram(run_dir, calibrations)

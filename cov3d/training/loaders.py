@@ -12,7 +12,7 @@ from fasttransform import Transform
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import available_cpus, pool_context
 from cov3d.training.data import TrainingItem, build_datablock
-from cov3d.training.distributed import Distributed, ShardedDL
+from cov3d.training.distributed import Distributed, ShardedDL, ShardedValidDL
 
 CUDA_LOADER_WORKERS = 4
 """Default loader processes per GPU: loading a cached volume takes a small part of a training step (docs/benchmarks.md)."""
@@ -69,8 +69,9 @@ def training_loaders(
     workers: int | None,
     dist: Distributed,
 ) -> DataLoaders:
-    """Train (shuffled, reflected, sharded under DDP) and validation loaders of `items` (validation
-    reflected at random too with `validation_reflection`, as the original code did).
+    """Train (shuffled, reflected, sharded under DDP) and validation (sharded by whole batches under DDP)
+    loaders of `items` (validation reflected at random too with `validation_reflection`, as the original
+    code did).
 
     Batches are collated by `workers` processes (default: `default_loader_workers`) into pinned
     memory on CUDA and copied to the device by `AsyncToDevice`, so the copy overlaps the GPU's work.
@@ -87,6 +88,7 @@ def training_loaders(
         loader.device = None  # the loader's own copy would block; AsyncToDevice does it instead
     if dist.enabled:
         dls.loaders[0] = dls.train.new(cls=ShardedDL, rank=dist.rank, world_size=dist.world_size)
+        dls.loaders[1] = dls.valid.new(cls=ShardedValidDL, rank=dist.rank, world_size=dist.world_size)
     for loader in dls.loaders:
         use_fork_server(loader)
     return dls

@@ -7,8 +7,9 @@ Files: ``curves.png``; ``confusion-presence.png`` / ``.csv`` (truth non-covid, c
 from ``best-presence.safetensors``, p >= 0.5) and ``confusion-severity.png`` / ``.csv`` (truth
 mild..critical x predicted, annotated validation scans only, argmax over z_1..z_4, from
 ``best-severity.safetensors``). Predictions are those of the validation metrics (one pass, no
-reflection averaging, fp32), so the macro F1 of a matrix is the best F1 of its task in
-``summary.json`` up to autocast rounding. Only the first process (rank 0) writes.
+reflection averaging, the run's precision), so the macro F1 of a matrix is the best F1 of its task in
+``summary.json``. Under DDP each process predicts its share of the validation batches; only the first
+process (rank 0) writes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from cov3d.atomic import write_csv_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_LABELS
 from cov3d.recipes import ONE_CHECKPOINT
 from cov3d.runfiles import CONFUSION_STEMS, CURVES_FILE, RELIABILITY_FILE, TASK_METRICS
+from cov3d.runtime import autocast
+from cov3d.training.distributed import SINGLE_PROCESS, Distributed, gather_batches
 
 
 class TrainingCurves(Callback):
@@ -51,15 +54,18 @@ def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, classes: int) -> 
     return matrix
 
 
-def validation_logits(model: torch.nn.Module, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, outputs) and targets (N, 2) of every batch of ``loader`` (eval mode, no grad)."""
+def validation_logits(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None = None,
+                      dist: Distributed = SINGLE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, outputs) and targets (N, 2) of every batch of ``loader`` (eval mode, no grad, autocast
+    to ``dtype``), gathered from every process in the unsharded order (every process calls this)."""
     model.eval()
     logits, targets = [], []
     with torch.no_grad():
         for volumes, target in loader:
-            logits.append(model(volumes.as_subclass(torch.Tensor).to(device)).float().cpu())
-            targets.append(target.as_subclass(torch.Tensor).cpu())
-    return torch.cat(logits), torch.cat(targets)
+            with autocast(device, dtype):
+                logits.append(model(volumes.as_subclass(torch.Tensor).to(device)).float())
+            targets.append(target.as_subclass(torch.Tensor))
+    return torch.cat(gather_batches(dist, logits)), torch.cat(gather_batches(dist, targets))
 
 
 def task_matrix(monitored: str, logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
@@ -79,11 +85,11 @@ def write_matrix_csv(path: Path, matrix: np.ndarray, labels: tuple[str, ...]) ->
     write_csv_atomically(path, rows, "Free some space; the run's weights are complete.")
 
 
-def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dict[str, np.ndarray]:
-    """Confusion matrices on ``loader`` (the validation DataLoader) for each best checkpoint of the
-    run; writes ``confusion-<task>.png`` and ``.csv``; returns {monitored metric: matrix}."""
-    if rank_distrib() != 0:
-        return {}
+def write_confusion_matrices(run_dir: Path, loader, device: torch.device, dtype: torch.dtype | None = None,
+                             dist: Distributed = SINGLE_PROCESS) -> dict[str, np.ndarray]:
+    """Confusion matrices on ``loader`` (the validation DataLoader, sharded under DDP: every process calls
+    this) for each best checkpoint of the run, autocast to ``dtype``; rank 0 writes ``confusion-<task>.png``
+    and ``.csv`` and returns {monitored metric: matrix}, the others {}."""
     from cov3d.model.files import load_source
     from cov3d.model.metrics import confusion_macro_f1
     from cov3d.viz.figures import confusion_figure, save_figure
@@ -95,7 +101,9 @@ def write_confusion_matrices(run_dir: Path, loader, device: torch.device) -> dic
         model = source.build(task)
         if model is None:
             continue
-        logits, targets = validation_logits(model.to(device), loader, device)
+        logits, targets = validation_logits(model.to(device), loader, device, dtype, dist)
+        if not dist.is_main:
+            continue
         monitored = TASK_METRICS[task]
         matrix = task_matrix(monitored, logits, targets)
         labels = PRESENCE_CLASSES if task == "presence" else SEVERITY_LABELS

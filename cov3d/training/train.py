@@ -65,9 +65,11 @@ from cov3d.training.distributed import (
     unwrap,
 )
 from cov3d.training.evaluation import evaluate_kept_weights
+from cov3d.training.launch import check_launch, check_shared_folders
 from cov3d.training.loaders import training_loaders
 from cov3d.training.optimizer import optimizer_function
 from cov3d.training.precision import precision_callbacks
+from cov3d.training.progress import progress_callback
 from cov3d.training.provenance import dataset_fingerprint, grey_reference, training_data, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
 from cov3d.training.runconfig import (
@@ -78,6 +80,7 @@ from cov3d.training.runconfig import (
     remove_run_files,
     resumed_options,
 )
+from cov3d.training.validation import record_on_device
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +206,9 @@ def train(
     WORKERS.check("workers", workers)
     LOADER_WORKERS.check("loader_workers", loader_workers)
     dist = distributed_from_env()
-    torch_device, started = start_distributed(dist, resolve_device(device))
+    requested = resolve_device(device)
+    check_launch(dist, requested.type)
+    torch_device, started = start_distributed(dist, requested)
     # Only the main process writes the run: it alone holds the run folder's lock (cov3d.locks).
     locked = writing(run_dir, "--output-dir") if dist.is_main else contextlib.nullcontext()
     try:
@@ -247,6 +252,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if dist.is_main:
         logger.info("Precision: %s on %s (%s)", precision.name, torch_device, precision.reason)
         logger.info("Reproducibility: %s", reproducibility)
+    if resume:
+        check_shared_folders(dist, {"run folder": run_dir})
     resume_state = load_resume_state(run_dir) if resume else None
     first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
     if first_epoch >= settings.epochs:
@@ -285,6 +292,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
             "versions": versions(),
             "arguments": arguments,
         })
+    check_shared_folders(dist, {"cache folder": cache_dir, **({} if resume_state else {"run folder": run_dir})})
 
     dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=settings.reflect,
                            validation_reflection=settings.validation_reflection, device=torch_device,
@@ -309,8 +317,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
                       gather=lambda value: gather_objects(dist, value), rank=dist.rank),
         *precision_callbacks(torch_device, dtype), TrainingCurves(run_dir),
         FiniteGuard(run_dir=run_dir, epochs=settings.epochs, first_epoch=first_epoch, precision=precision.name,
-                    learning_rate=settings.learning_rate, check_gradients=dtype != torch.float16,
-                    distributed=dist.enabled),
+                    learning_rate=settings.learning_rate, check_gradients=dtype != torch.float16),
     ]
     if dist.is_main:
         def announce(speed: dict) -> None:
@@ -329,8 +336,11 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         dls, model, loss_func=loss.to(torch_device), metrics=metrics, path=run_dir, model_dir=".", wd=fit_wd, cbs=callbacks,
         opt_func=optimizer_function(settings.optimizer, model, settings.weight_decay),
     )
-    if not dist.is_main:
-        learner.remove_cb(ProgressCallback)
+    record_on_device(learner, dist, torch_device)
+    learner.remove_cb(ProgressCallback)
+    if dist.is_main:
+        learner.add_cb(progress_callback(first_epoch, settings.epochs))
+    else:
         learner.logger = noop
     learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=fit_wd)
     if all(math.isinf(value) for value in checkpoints.best.values()):
@@ -338,14 +348,15 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
             f"{run_dir}: every epoch ended with non-finite weights (NaN or infinity), so no best weights were kept. "
             "Train again with --precision fp32 or a lower --learning-rate."
         )
-    replicas = gather_objects(dist, replica_record(learner, dls))  # the last collective: rank 0 then works alone
+    replicas = gather_objects(dist, replica_record(learner, dls))
+    # Every process scores its share of the validation batches with the kept weights, in the run's precision.
+    write_confusion_matrices(run_dir, dls.valid, torch_device, dtype, dist)
+    evaluation = evaluate_kept_weights(run_dir, dls.valid, torch_device, dtype=dtype, dist=dist)
     if not dist.is_main:
         return TrainResult(run_dir, dict(checkpoints.best))
-    write_confusion_matrices(run_dir, dls.valid, torch_device)
     # A task never scored (no graded validation scan) has no best score: null, not -Infinity (not JSON).
     best_scores = {name: value if math.isfinite(value) else None for name, value in checkpoints.best.items()}
-    summary = {"best_scores": best_scores, "best_epochs": checkpoints.best_epoch,
-               **evaluate_kept_weights(run_dir, dls.valid, torch_device),
+    summary = {"best_scores": best_scores, "best_epochs": checkpoints.best_epoch, **evaluation,
                **{f"replica_{key}": [replica[key] for replica in replicas] for key in replicas[0]}}
     write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False), resume_remedy(run_dir))
     if use_wandb:

@@ -110,3 +110,10 @@ def test_single_process_defaults(monkeypatch):
     assert dist == Distributed() and dist.is_main and not dist.enabled
     assert gather_strings(dist, "x") == ["x"]
     assert run_on_main(dist, lambda: 42) == 42
+
+
+def test_the_log_has_no_progress_bar_frames(ddp_run):
+    """Standard output is a pipe here: one line per phase and a row per epoch, no bar frames."""
+    _, result = ddp_run
+    assert "\r" not in result.stdout and "█" not in result.stdout
+    assert result.stdout.count("Epoch 1/1: training done") == 1 and result.stdout.count("Epoch 1/1: validation done") == 1
