@@ -20,16 +20,17 @@ def test_validation_logits_run_in_the_given_precision():
 
 
 class FixedPredictor:
-    """Stands for RunPredictor: records the dtype it is given, predicts fixed P(covid) per scan."""
+    """Stands for RunPredictor: records the dtype it is given, predicts a fixed P(covid) per scan."""
 
     made: list = []
+    predicted_tasks = ("presence",)
 
-    def __init__(self, source, device, dtype, reflect=True, tasks=()):
-        FixedPredictor.made.append((dtype, tasks))
+    def __init__(self, source, device, dtype, reflect=True, calibrated=True):
+        FixedPredictor.made.append((dtype, calibrated))
 
-    def samples(self, volumes: torch.Tensor) -> torch.Tensor:
-        covid = volumes[:, 0]  # the test puts each scan's P(covid) in its first value
-        return torch.stack([covid, *[torch.full_like(covid, float("nan"))] * 4], dim=1)[None]
+    def task_logits(self, volumes: torch.Tensor) -> torch.Tensor:
+        covid = torch.logit(volumes[:, 0])  # the test puts each scan's P(covid) in its first value
+        return torch.stack([covid, *[torch.full_like(covid, float("nan"))] * 4], dim=1)
 
 
 def test_kept_weights_are_scored_in_the_runs_precision(monkeypatch, tmp_path):
@@ -42,6 +43,6 @@ def test_kept_weights_are_scored_in_the_runs_precision(monkeypatch, tmp_path):
     loader = [(torch.tensor([[0.9], [0.2]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])),
               (torch.tensor([[0.8], [0.6]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))]
     scores = kept_weights_scores(tmp_path, loader, torch.device("cpu"), dtype=torch.bfloat16)
-    assert FixedPredictor.made == [(torch.bfloat16, ("presence",))]
+    assert FixedPredictor.made == [(torch.bfloat16, False)]  # one pass, uncalibrated logits
     # predicted [1, 0, 1, 1] for truth [1, 0, 1, 0]: F1 of covid 2·2/(2·2 + 1) = 0.8, of non-covid 2·1/(2·1 + 1) = 2/3
     assert scores == {"presence_f1": pytest.approx((0.8 + 2 / 3) / 2)}
