@@ -2,6 +2,7 @@
 kill, closed pipes and ASCII consoles, ambiguous slice numbers, and restart advice that leads
 somewhere. Each class ends in a one-line error or a working command; tests with real kills are slow."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cov3d.cli import app
+from cov3d.dataset.dicom_nifti import NON_FINITE_REMEDY
+from cov3d.errors import Cov3dError
 
 runner = CliRunner()
 
@@ -56,3 +59,69 @@ def test_two_files_of_one_slice_number_fail_their_scan_and_stats_reports_them(tm
     warnings = (tmp_path / "stats" / "warnings.txt").read_text().splitlines()
     assert warnings == [f"duplicate slice numbers: {scan / '05.jpg'} and {scan / '5.jpg'} have the same slice "
                         "number 5: the slice order is ambiguous. Remove or renumber one of each pair."]
+
+
+# Volumes without data: NaN or infinite voxels are refused per scan, by preprocess, infer and show alike.
+
+@pytest.fixture
+def non_finite_volumes(tmp_path) -> Path:
+    """Three NIfTI volumes (16, 16, 6) in HU: all NaN, 3 voxels NaN or infinite, and a clean one."""
+    nibabel = pytest.importorskip("nibabel")
+    data = tmp_path / "volumes"
+    data.mkdir()
+    hu = np.linspace(-1000.0, 200.0, 16 * 16 * 6, dtype=np.float32).reshape(16, 16, 6)
+    holed = hu.copy()
+    holed[0, 0, 0], holed[3, 4, 5], holed[7, 7, 2] = np.nan, np.inf, -np.inf
+    for name, volume in (("all-nan", np.full_like(hu, np.nan)), ("holed", holed), ("clean", hu)):
+        nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), data / f"{name}.nii.gz")
+    return data
+
+
+def test_non_finite_voxels_fail_their_scan_without_a_library_warning(tmp_path, non_finite_volumes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning would fail the command with a traceback
+        result = invoke("preprocess", non_finite_volumes, "--cache-dir", tmp_path / "cache", "--workers", "1",
+                        "--depth", "4", "--width", "16")
+    assert result.exit_code == 1, result.output
+    assert "Warning" not in result.output, result.output
+    assert error_lines(result.output) == [
+        f"Failed {non_finite_volumes / 'all-nan.nii.gz'}: {non_finite_volumes / 'all-nan.nii.gz'}: all 1,536 voxels "
+        f"are not finite (NaN or infinity). {NON_FINITE_REMEDY}",
+        f"Failed {non_finite_volumes / 'holed.nii.gz'}: {non_finite_volumes / 'holed.nii.gz'}: 3 of 1,536 voxels "
+        f"are not finite (NaN or infinity). {NON_FINITE_REMEDY}",
+    ]
+    assert "1 processed, 0 up to date, 2 failed" in result.output
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = invoke("show", non_finite_volumes / "holed.nii.gz", "-o", tmp_path / "holed.png")
+    assert result.exit_code == 1 and error_lines(result.output) == [
+        f"Error: {non_finite_volumes / 'holed.nii.gz'}: 3 of 1,536 voxels are not finite (NaN or infinity). "
+        f"{NON_FINITE_REMEDY}"], result.output
+    assert not (tmp_path / "holed.png").exists()
+
+
+def test_a_dicom_slice_with_a_non_finite_rescale_fails_its_scan(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    from cov3d.dataset.dicom_nifti import scan_sources
+    from cov3d.preprocessing.preprocess import preprocess_scan
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for index in range(3):
+        dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        dataset.ImagePositionPatient = [0.0, 0.0, 5.0 * index]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns that 'inf' is not a valid decimal string
+            if index == 1:
+                dataset.RescaleSlope = "inf"
+            dataset.save_as(series / f"IM{index}.dcm")
+    bad = scan_sources(series).files[1]
+    assert bad.name == "IM1.dcm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Cov3dError) as error:
+            preprocess_scan(series, 4, 16, 16)
+    assert str(error.value).startswith(f"{bad}: ") and "voxels are not finite" in str(error.value)
