@@ -2,6 +2,11 @@
 kill, closed pipes and ASCII consoles, ambiguous slice numbers, and restart advice that leads
 somewhere. Each class ends in a one-line error or a working command; tests with real kills are slow."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -125,3 +130,90 @@ def test_a_dicom_slice_with_a_non_finite_rescale_fails_its_scan(tmp_path):
         with pytest.raises(Cov3dError) as error:
             preprocess_scan(series, 4, 16, 16)
     assert str(error.value).startswith(f"{bad}: ") and "voxels are not finite" in str(error.value)
+
+
+# Nothing left running: workers (and their fork server) end when the command is killed.
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "from cov3d.cli import app; app()"]
+SETTLE_S = 10.0
+"""How long the killed command's processes get to end."""
+
+
+def session_processes(session: int) -> list[int]:
+    """The processes of session ``session`` (a command started with ``start_new_session``), zombies excluded."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == session and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def noise_scans(data: Path, scans: int, slices: int) -> Path:
+    """Scan folders of 256x256 noise slices (slow enough to decode that workers are busy when killed)."""
+    rng = np.random.default_rng(0)
+    for scan in range(scans):
+        folder = data / f"ct_scan_{scan}"
+        folder.mkdir(parents=True)
+        for index in range(slices):
+            Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)).save(folder / f"{index}.jpg")
+    return data
+
+
+def assert_nothing_left_after_sigkill(arguments: list[str], cwd: Path, running: int) -> None:
+    """Start ``arguments`` in a session of its own, wait until ``running`` processes belong to it, SIGKILL the
+    command alone and check that every process of the session ends within ``SETTLE_S``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = subprocess.Popen(arguments, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(session_processes(command.pid)) >= running, 120), session_processes(command.pid)
+        os.kill(command.pid, signal.SIGKILL)
+        assert command.wait(10) == -signal.SIGKILL  # killed while its workers ran, not finished
+        assert wait_for(lambda: not session_processes(command.pid), SETTLE_S), "left running after the kill"
+    finally:
+        for pid in session_processes(command.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_of_preprocess_leaves_no_worker_or_fork_server(tmp_path):
+    data = noise_scans(tmp_path / "data", scans=12, slices=40)
+    # the command, the resource tracker, the fork server and its two workers
+    assert_nothing_left_after_sigkill([*CLI, "preprocess", str(data), "--workers", "2", "--cache-dir",
+                                       str(tmp_path / "cache"), "--depth", "64", "--width", "256"], tmp_path, 5)
+
+
+STREAM_AND_WAIT = """
+import time
+from pathlib import Path
+from cov3d.inference.streaming import volume_stream
+from cov3d.preprocessing.preprocess import VolumeCache
+from cov3d.settings import VolumeShape
+from cov3d.dataset.scans import find_scans
+shape = VolumeShape(64, 256, 256)
+for item in volume_stream(find_scans([Path("data")]), {shape: VolumeCache(Path("cache"), shape)}, workers=2):
+    time.sleep(60)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_of_streaming_inference_leaves_no_loader_worker(tmp_path):
+    noise_scans(tmp_path / "data", scans=8, slices=30)
+    assert_nothing_left_after_sigkill([sys.executable, "-c", STREAM_AND_WAIT], tmp_path, 5)
