@@ -3,6 +3,7 @@ kill, closed pipes and ASCII consoles, ambiguous slice numbers, and restart advi
 somewhere. Each class ends in a one-line error or a working command; tests with real kills are slow."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,3 +218,39 @@ for item in volume_stream(find_scans([Path("data")]), {shape: VolumeCache(Path("
 def test_sigkill_of_streaming_inference_leaves_no_loader_worker(tmp_path):
     noise_scans(tmp_path / "data", scans=8, slices=30)
     assert_nothing_left_after_sigkill([sys.executable, "-c", STREAM_AND_WAIT], tmp_path, 5)
+
+
+# Pipes and consoles: a closed standard output loses no file; a console without Unicode gets ASCII.
+
+@pytest.fixture
+def unlabelled_test_split(tmp_path, tiny_dataset) -> Path:
+    """The tiny dataset without the test split's answer key: stats shows its unknown counts as an en dash."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns("test_labels.csv"))
+    return data
+
+
+def run_cli(arguments: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([*CLI, *arguments], cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_stats_writes_its_files_when_standard_output_is_closed(tmp_path, unlabelled_test_split):
+    command = run_cli(["stats", str(unlabelled_test_split), "-o", "out"], tmp_path)
+    command.stdout.close()  # the reader is gone before the command prints anything, like `| head -0`
+    stderr = command.stderr.read().decode()
+    assert command.wait(120) == 0, stderr
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
+    from cov3d.dataset.stats import STATS_FILES
+
+    assert all((tmp_path / "out" / name).stat().st_size > 0 for name in STATS_FILES.values() if name != "warnings.txt")
+
+
+def test_stats_on_an_ascii_console_spells_the_en_dash(tmp_path, unlabelled_test_split):
+    command = run_cli(["stats", str(unlabelled_test_split), "-o", "out"], tmp_path, PYTHONIOENCODING="ascii")
+    stdout, stderr = command.communicate(timeout=120)
+    assert command.returncode == 0, stderr.decode()
+    table = stdout.decode("ascii")  # nothing but ASCII reached the console
+    [covid_row] = [line for line in table.splitlines() if line.startswith("| covid ")]
+    assert covid_row.endswith(" |    - |"), table  # the test split's unknown count, an en dash in Unicode
+    assert "Traceback" not in stderr.decode()
