@@ -254,3 +254,53 @@ def test_stats_on_an_ascii_console_spells_the_en_dash(tmp_path, unlabelled_test_
     [covid_row] = [line for line in table.splitlines() if line.startswith("| covid ")]
     assert covid_row.endswith(" |    - |"), table  # the test split's unknown count, an en dash in Unicode
     assert "Traceback" not in stderr.decode()
+
+
+# Restart advice that leads somewhere: a run that never finished an epoch is started again by the same
+# command or by --resume; a run that cannot be continued is never sent to --resume.
+
+def unfinished_run(tmp_path: Path, data: Path, pretrained: str | None = "kinetics-400") -> Path:
+    """A run folder as a run killed in its first epoch leaves it: config.json, no checkpoint, no weights."""
+    from cov3d.settings import VolumeShape
+    from cov3d.training.train import TrainSettings, write_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = TrainSettings(shape=VolumeShape(8, 32, 32), epochs=1, penultimate=8)
+    write_config(run, settings, {"data_dir": str(data), "pretrained": pretrained,
+                                 "arguments": {"cache_dir": str(tmp_path / "cache"), "precision": "fp32", "device": "cpu"}})
+    return run
+
+
+def test_a_run_that_never_finished_an_epoch_restarts_by_either_command(tmp_path, tiny_dataset, monkeypatch, capsys):
+    from cov3d.runfiles import CONFIG_FILE, RESUME_FILE, WEIGHTS_FILES
+    from cov3d.training import train as training
+    from cov3d.training.runconfig import check_new_run, remove_run_files
+
+    run = unfinished_run(tmp_path, tiny_dataset)
+    (run / "notes.txt").write_text("mine")
+    earlier = check_new_run(run, overwrite=False)  # the same command again: no refusal
+    assert [path.name for path in earlier] == [CONFIG_FILE]
+    remove_run_files(run, earlier)
+    assert f"Replacing the earlier run in {run} (it had not finished an epoch): removed {CONFIG_FILE}" in capsys.readouterr().err
+    assert [path.name for path in run.iterdir()] == ["notes.txt"]
+
+    (tmp_path / "second").mkdir()
+    run = unfinished_run(tmp_path / "second", tiny_dataset)
+    started = {}
+    monkeypatch.setattr(training, "train", lambda data, run_dir, settings, **options: started.update(
+        data=data, run_dir=run_dir, epochs=settings.epochs, **options))
+    training.resume_training(run)  # --resume: starts it again from its config, instead of "checkpoint.pth not found"
+    assert started["data"] == tiny_dataset and started["run_dir"] == run and started["epochs"] == 1
+    assert "resume" not in started and started["pretrained"] is True and started["pretrained_weights"] is None
+    assert (started["precision"], started["device"], started["cache_dir"]) == ("fp32", "cpu", str(tmp_path / "second" / "cache"))
+
+    (run / WEIGHTS_FILES["presence"]).write_bytes(b"weights")  # a run that kept weights but lost its checkpoint
+    with pytest.raises(Cov3dError) as refused:
+        check_new_run(run, overwrite=False)
+    assert "--resume" not in str(refused.value) and f"cannot be continued (no {RESUME_FILE})" in str(refused.value)
+    monkeypatch.undo()
+    result = invoke("train", "--resume", run)
+    [line] = error_lines(result.output)
+    assert line == (f"Error: {run / RESUME_FILE} not found: the run in {run} cannot be continued. Run the 'cov3d train' "
+                    "command that started it again with --overwrite (its weights are replaced) or with another --output-dir.")

@@ -68,12 +68,14 @@ from cov3d.training.precision import precision_callbacks
 from cov3d.training.provenance import dataset_fingerprint, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
 from cov3d.training.runconfig import (
+    KINETICS_PRETRAINED,
     NEW_RUN_REMEDY,
     check_new_run,
     read_run_config,
     recorded_settings,
     remove_run_files,
     resumed_options,
+    unfinished_first_epoch,
 )
 
 logger = logging.getLogger(__name__)
@@ -237,7 +239,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, settings, {
             "data_dir": str(data_dir.resolve()),
-            "pretrained": str(pretrained_weights) if pretrained_weights else ("kinetics-400" if pretrained else None),
+            "pretrained": str(pretrained_weights) if pretrained_weights else (KINETICS_PRETRAINED if pretrained else None),
             "presence_weights": presence_weights,
             "severity_weights": severity_weights,
             "precision": precision.name,
@@ -363,6 +365,12 @@ def resume_training(run_dir: Path, **overrides) -> TrainResult:
         logger.info(message)
     if options["cache_dir"] is None:
         options["cache_dir"] = default_cache_dir()
-    options.setdefault("pretrained", False)  # the weights come from the checkpoint
     data_dir = options.pop("data_dir")
+    if unfinished_first_epoch(run_dir):
+        logger.info("%s had not finished an epoch (no %s): starting it again with its recorded settings.", run_dir, RESUME_FILE)
+        pretrained = config.get("pretrained")
+        options["pretrained"] = pretrained is not None
+        options["pretrained_weights"] = None if pretrained in (None, KINETICS_PRETRAINED) else Path(pretrained)
+        return train(Path(data_dir), Path(run_dir), settings, **options)
+    options.setdefault("pretrained", False)  # the weights come from the checkpoint
     return train(Path(data_dir), Path(run_dir), settings, resume=True, **options)
