@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from cov3d.cli import app
 from cov3d.dataset.dicom_nifti import NON_FINITE_REMEDY
+from cov3d.dataset.scans import scan_number
 from cov3d.errors import Cov3dError
 
 runner = CliRunner()
@@ -304,3 +305,19 @@ def test_a_run_that_never_finished_an_epoch_restarts_by_either_command(tmp_path,
     [line] = error_lines(result.output)
     assert line == (f"Error: {run / RESUME_FILE} not found: the run in {run} cannot be continued. Run the 'cov3d train' "
                     "command that started it again with --overwrite (its weights are replaced) or with another --output-dir.")
+
+
+def test_explain_refuses_bad_inputs_in_one_line(tmp_path, tiny_run, tiny_dataset, non_finite_volumes, ambiguous_data):
+    scan = ambiguous_data / "ct_scan_1"
+    first_scan = min((tiny_dataset / "test").iterdir(), key=lambda path: scan_number(path.name))
+    for given, expected in (
+        (non_finite_volumes / "all-nan.nii.gz", "all 1,536 voxels are not finite (NaN or infinity)"),
+        (scan, f"{scan / '05.jpg'} and {scan / '5.jpg'} have the same slice number 5"),
+        (tiny_run, f"{tiny_run} is a cov3d run folder, not a scan"),
+        (tiny_dataset / "test", f"{tiny_dataset / 'test'} is not one scan but a folder of"),
+    ):
+        result = invoke("explain", given, "-m", tiny_run, "-o", tmp_path / "explain", "--cache-dir", tmp_path / "cache",
+                        "--device", "cpu")
+        assert result.exit_code == 1 and expected in error_lines(result.output)[0], result.output
+    assert f"(such as {first_scan})" in error_lines(result.output)[0]
+    assert not (tmp_path / "explain").exists()

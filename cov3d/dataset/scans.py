@@ -21,6 +21,7 @@ from PIL import Image
 
 from cov3d.dataset.filekinds import LINK_LOOP, entry_is_dir, entry_is_file, special_file
 from cov3d.errors import Cov3dError, one_line
+from cov3d.runfiles import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,17 @@ def duplicate_slices_message(scan_dir: Path, pairs: Sequence[tuple[str, str]]) -
             "the slice order is ambiguous. Remove or renumber one of each pair.")
 
 
+def _no_slices_message(folder: Path) -> str:
+    """Why ``folder`` is no scan: a cov3d run folder, a folder of scans, or a folder without slices."""
+    if (folder / CONFIG_FILE).is_file():
+        return f"{folder} is a cov3d run folder, not a scan: check the path."
+    inner = sorted((scan for scan in _search(folder, set()) if scan != folder), key=_scan_sort_key)
+    if inner:
+        return (f"{folder} is not one scan but a folder of {len(inner)} scan{'s' if len(inner) > 1 else ''} "
+                f"(such as {inner[0]}): give one of them.")
+    return f"No CT slices (<integer>.jpg files) in {folder}: check the path or remove the folder."
+
+
 def list_slices(scan_dir: Path) -> list[Path]:
     """The slice files ``<integer>.jpg`` of a scan in numeric order.
 
@@ -126,9 +138,7 @@ def list_slices(scan_dir: Path) -> list[Path]:
         if index is not None and not entry_is_dir(entry):
             slices.append((index, entry.name))
     if not slices:
-        raise Cov3dError(
-            f"No CT slices (<integer>.jpg files) in {scan_dir}: check the path or remove the folder."
-        )
+        raise Cov3dError(_no_slices_message(scan_dir))
     duplicates = duplicate_slice_numbers([name for _, name in slices])
     if duplicates:
         raise Cov3dError(duplicate_slices_message(scan_dir, duplicates))
