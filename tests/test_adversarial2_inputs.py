@@ -321,3 +321,25 @@ def test_explain_refuses_bad_inputs_in_one_line(tmp_path, tiny_run, tiny_dataset
         assert result.exit_code == 1 and expected in error_lines(result.output)[0], result.output
     assert f"(such as {first_scan})" in error_lines(result.output)[0]
     assert not (tmp_path / "explain").exists()
+
+
+@pytest.mark.slow
+def test_a_train_killed_before_its_first_checkpoint_restarts_with_the_same_command(tmp_path, tiny_dataset):
+    from cov3d.runfiles import CONFIG_FILE, RESUME_FILE
+
+    run = tmp_path / "run"
+    command = [*CLI, "train", "-d", str(tiny_dataset), "-o", str(run), "--depth", "8", "--width", "32", "--epochs", "1",
+               "--no-pretrained", "--penultimate", "8", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+               "--precision", "fp32", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: (run / CONFIG_FILE).is_file(), 300)
+    finally:
+        killed.kill()
+    killed.wait(10)
+    assert not (run / RESUME_FILE).exists()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Replacing the earlier run in {run} (it had not finished an epoch)" in again.stderr
+    assert (run / RESUME_FILE).is_file()
