@@ -62,7 +62,8 @@ class ClosablePipe(io.BufferedWriter):
 
 def guard_console_streams() -> None:
     """Replace the process's own ``sys.stdout`` and ``sys.stderr`` (not a test runner's capture) with
-    streams over the same descriptors that survive a closed pipe and spell what the console cannot show."""
+    streams over the same descriptors that survive a closed pipe and spell what the console cannot show
+    (on Windows, where a console is no plain descriptor, the streams only learn the spelling)."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is None or stream is not getattr(sys, f"__{name}__") or not hasattr(stream, "buffer"):
@@ -71,6 +72,9 @@ def guard_console_streams() -> None:
             descriptor = stream.fileno()
             stream.flush()
         except (OSError, ValueError):
+            continue
+        if sys.platform == "win32":  # a Windows console stream is not a plain descriptor: only spell what it lacks
+            stream.reconfigure(errors=ENCODING_ERRORS)
             continue
         pipe = ClosablePipe(io.FileIO(descriptor, "w", closefd=False))
         setattr(sys, name, io.TextIOWrapper(pipe, encoding=stream.encoding, errors=ENCODING_ERRORS,
