@@ -2,6 +2,7 @@
 kill, closed pipes and ASCII consoles, ambiguous slice numbers, and restart advice that leads
 somewhere. Each class ends in a one-line error or a working command; tests with real kills are slow."""
 
+import csv
 import os
 import shutil
 import signal
@@ -106,6 +107,16 @@ def test_non_finite_voxels_fail_their_scan_without_a_library_warning(tmp_path, n
         f"Error: {non_finite_volumes / 'holed.nii.gz'}: 3 of 1,536 voxels are not finite (NaN or infinity). "
         f"{NON_FINITE_REMEDY}"], result.output
     assert not (tmp_path / "holed.png").exists()
+
+
+def test_infer_predicts_no_volume_without_data(tmp_path, tiny_run, non_finite_volumes):
+    output = tmp_path / "predictions.csv"
+    result = invoke("infer", non_finite_volumes, "-m", tiny_run, "-o", output, "--workers", "0", "--cache-dir",
+                    tmp_path / "cache", "--device", "cpu", "--no-tta")
+    assert result.exit_code == 1, result.output
+    assert "voxels are not finite" in result.output and "RuntimeWarning" not in result.output
+    with output.open(newline="") as handle:
+        assert [Path(row["path"]).name for row in csv.DictReader(handle)] == ["clean.nii.gz"]
 
 
 def test_a_dicom_slice_with_a_non_finite_rescale_fails_its_scan(tmp_path):
