@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 
+from cov3d.cli.streams import guard_console_streams
 from cov3d.errors import Cov3dError
 from cov3d.limits import command_parameter
 from cov3d.recipes import ORIGINAL_WARP
@@ -45,7 +46,9 @@ app = typer.Typer(
 @app.callback()
 def show_progress_messages() -> None:
     """Show the library's progress messages (the ``cov3d`` logger, INFO and up) as plain lines on stderr,
-    and draw figures headless (matplotlib's Agg backend, unless ``MPLBACKEND`` says otherwise)."""
+    and draw figures headless (matplotlib's Agg backend, unless ``MPLBACKEND`` says otherwise). Output
+    survives a closed pipe and a console without Unicode (``cov3d.cli.streams``)."""
+    guard_console_streams()
     os.environ.setdefault(MATPLOTLIB_BACKEND_ENV, HEADLESS_BACKEND)
     logger = logging.getLogger("cov3d")
     handler = logging.StreamHandler(sys.stderr)

@@ -62,6 +62,23 @@ def hu_to_uint8(hu: np.ndarray, window: Window = DEFAULT_WINDOW) -> np.ndarray:
     return window.to_uint8(hu)
 
 
+NON_FINITE_REMEDY = (
+    "cov3d predicts only from finite values: write the volume again with a number (e.g. air, -1000 HU) where it "
+    "holds none, or leave the scan out."
+)
+"""What to do about a scan with NaN or infinite voxels."""
+
+
+def refuse_non_finite(path: Path, values: np.ndarray) -> None:
+    """Raise ``Cov3dError`` for a scan whose voxels (``values``, any shape, after the rescale) are not
+    all finite, counting the bad ones; callers check their minimum and maximum first (both finite
+    exactly when every voxel is)."""
+    with np.errstate(all="ignore"):
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    what = "all" if bad == values.size else f"{bad:,} of"
+    raise Cov3dError(f"{path}: {what} {values.size:,} voxels are not finite (NaN or infinity). {NON_FINITE_REMEDY}")
+
+
 def _optional(package: str) -> ModuleType:
     """Import an optional reader, or explain how to install it."""
     try:
@@ -206,7 +223,10 @@ def _dicom_grey(path: Path, window: Window, measure: ScanMeasure | None = None) 
         raise Cov3dError(f"{path} is a multi-frame or colour DICOM image: give one 2-D slice per file.")
     slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
     intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
-    hu = pixels.astype(np.float32) * slope + intercept
+    with np.errstate(all="ignore"):  # non-finite values are refused just below
+        hu = pixels.astype(np.float32) * slope + intercept
+    if not (math.isfinite(hu.min()) and math.isfinite(hu.max())):
+        refuse_non_finite(path, hu)
     if measure is not None:
         measure.note_dicom_geometry(dataset)
         measure.add_hu(hu)
@@ -244,10 +264,14 @@ def _nifti_grey(path: Path, window: Window, measure: ScanMeasure | None = None) 
     resampling); with (i, j, k) those axes, slice d is k = K-1-d and its pixel (row, column) is
     (i, j) = (I-1-column, J-1-row). Values (after scl_slope/scl_inter) are HU, mapped through
     ``window``, when the minimum is below ``HU_MINIMUM_BELOW``; otherwise grey levels already, in
-    [0, 1] when the maximum is at most 1, else 0..255, rounded and clipped. ``measure`` sees the HU
-    slices, or is told the range of values that are not HU (``cov3d.dataset.domain``: not a CT in HU)."""
+    [0, 1] when the maximum is at most 1, else 0..255, rounded and clipped. A volume with NaN or
+    infinite voxels is refused (``refuse_non_finite``). ``measure`` sees the HU slices, or is told the
+    range of values that are not HU (``cov3d.dataset.domain``: not a CT in HU)."""
     ras, slope, intercept, voxel_mm3 = _nifti_ras(path)
-    low, high = sorted((float(ras.min()) * slope + intercept, float(ras.max()) * slope + intercept))
+    with np.errstate(all="ignore"):  # non-finite values are refused just below
+        low, high = sorted((float(ras.min()) * slope + intercept, float(ras.max()) * slope + intercept))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            refuse_non_finite(path, ras * slope + intercept)
     depth = ras.shape[2]
     holds_hu = low < HU_MINIMUM_BELOW
     if measure is not None:

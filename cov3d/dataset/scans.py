@@ -1,7 +1,8 @@
 """Finding CT scans on disk, ordering their slices and reading slices as 8-bit greyscale.
 
 A scan is a folder of slice files named ``<integer>.jpg`` (COV19-CT-DB layout), ordered by the
-integer (``10.jpg`` after ``9.jpg``); every other file in the folder (``._3.jpg``, ``.DS_Store``,
+integer (``10.jpg`` after ``9.jpg``; two files of one number, ``05.jpg`` and ``5.jpg``, are refused);
+every other file in the folder (``._3.jpg``, ``.DS_Store``,
 ``notes.txt``, ``3a.jpg``) is ignored. ``read_slice`` reads any slice as 8-bit grey; ``find_scans``
 also finds DICOM series folders and NIfTI files, which ``cov3d.dataset.dicom_nifti`` reads.
 """
@@ -20,6 +21,7 @@ from PIL import Image
 
 from cov3d.dataset.filekinds import LINK_LOOP, entry_is_dir, entry_is_file, special_file
 from cov3d.errors import Cov3dError, one_line
+from cov3d.runfiles import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -87,12 +89,47 @@ def _entries(folder: Path) -> list[os.DirEntry]:
         ) from None
 
 
+def duplicate_slice_numbers(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Pairs of slice file names with the same slice number (``05.jpg`` and ``5.jpg``, ``5.jpg``
+    and ``5.JPG``), each file after the first of its number paired with that first, in name order."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name in sorted(names):
+        index = _slice_index(name)
+        if index is not None:
+            if index in first:
+                pairs.append((first[index], name))
+            else:
+                first[index] = name
+    return pairs
+
+
+def duplicate_slices_message(scan_dir: Path, pairs: Sequence[tuple[str, str]]) -> str:
+    """One line naming the first pair of files that share a slice number, and how many pairs there are."""
+    (one, other), more = pairs[0], len(pairs) - 1
+    also = f" (and {more} more pair{'s' if more > 1 else ''})" if more else ""
+    return (f"{scan_dir / one} and {scan_dir / other} have the same slice number {_slice_index(one)}{also}: "
+            "the slice order is ambiguous. Remove or renumber one of each pair.")
+
+
+def _no_slices_message(folder: Path) -> str:
+    """Why ``folder`` is no scan: a cov3d run folder, a folder of scans, or a folder without slices."""
+    if (folder / CONFIG_FILE).is_file():
+        return f"{folder} is a cov3d run folder, not a scan: check the path."
+    inner = sorted((scan for scan in _search(folder, set()) if scan != folder), key=_scan_sort_key)
+    if inner:
+        return (f"{folder} is not one scan but a folder of {len(inner)} scan{'s' if len(inner) > 1 else ''} "
+                f"(such as {inner[0]}): give one of them.")
+    return f"No CT slices (<integer>.jpg files) in {folder}: check the path or remove the folder."
+
+
 def list_slices(scan_dir: Path) -> list[Path]:
-    """The slice files ``<integer>.jpg`` of a scan in numeric order (ties broken by name).
+    """The slice files ``<integer>.jpg`` of a scan in numeric order.
 
     Entries that are folders are skipped; anything else with a slice name is kept, so that a
     broken link or unreadable file is reported when it is read rather than silently dropped.
-    Raises ``Cov3dError`` if the folder is missing, unreadable or holds no slices.
+    Raises ``Cov3dError`` if the folder is missing, unreadable or holds no slices, or if two
+    files have the same slice number (``duplicate_slice_numbers``).
     """
     scan_dir = Path(scan_dir)
     slices = []
@@ -101,9 +138,10 @@ def list_slices(scan_dir: Path) -> list[Path]:
         if index is not None and not entry_is_dir(entry):
             slices.append((index, entry.name))
     if not slices:
-        raise Cov3dError(
-            f"No CT slices (<integer>.jpg files) in {scan_dir}: check the path or remove the folder."
-        )
+        raise Cov3dError(_no_slices_message(scan_dir))
+    duplicates = duplicate_slice_numbers([name for _, name in slices])
+    if duplicates:
+        raise Cov3dError(duplicate_slices_message(scan_dir, duplicates))
     return [scan_dir / name for _, name in sorted(slices)]
 
 

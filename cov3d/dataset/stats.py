@@ -3,7 +3,8 @@
 - depth (slices per scan) histogram with a logarithmic count axis (paper Fig. 1);
 - slice sizes: how many scans and slices have each (width x height);
 - Table 1: covid / non-covid scans per partition; Table 2: severity annotations per partition;
-- anomalies: scan folders without slices, scans mixing slice sizes, unreadable slice headers,
+- anomalies: scan folders without slices, scans mixing slice sizes, two slices of one number
+  (``05.jpg`` and ``5.jpg``), unreadable slice headers,
   severity CSV names without a folder in ``<partition>/covid``.
 
 Partitions are the sub-folders of the data folder: ``<partition>/<covid|non-covid>/<scan>`` is
@@ -33,7 +34,14 @@ from cov3d.dataset.layout import (
     read_answer_key,
     read_severity_csv,
 )
-from cov3d.dataset.scans import READ_ERRORS, SLICE_NAME, UNSUPPORTED_MODES, scan_number
+from cov3d.dataset.scans import (
+    READ_ERRORS,
+    SLICE_NAME,
+    UNSUPPORTED_MODES,
+    duplicate_slice_numbers,
+    duplicate_slices_message,
+    scan_number,
+)
 from cov3d.errors import Cov3dError, one_line
 
 PARTITION_ORDER = ("train", "validation", "test")
@@ -117,6 +125,9 @@ def _partition_scans(data_dir: Path, partition_dir: Path, warnings: list[str]) -
         if folder.name in answers:
             covid, severity = answers[folder.name]
             label = PRESENCE_ROWS[0] if covid else PRESENCE_ROWS[1]
+        duplicates = duplicate_slice_numbers([file.name for file in files])
+        if duplicates:
+            warnings.append(f"duplicate slice numbers: {duplicate_slices_message(folder, duplicates)}")
         sizes = header_sizes(files, warnings)
         if len(sizes) > 1:
             listed = ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(sizes.items()))

@@ -1,13 +1,19 @@
 """Preprocessing many scans in worker processes: one progress bar, a summary, shards for job arrays.
 
 A failing scan is recorded with its reason and the others go on (unless ``strict``). Workers are
-forked from a ``forkserver`` that imports this module once, and use one torch thread each.
+forked from a ``forkserver`` that imports this module once, use one torch thread each, and exit when
+the process that started them dies, however it dies (``die_with_parent``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -24,6 +30,11 @@ from cov3d.preprocessing.preprocess import VolumeCache
 
 PROCESSED, SKIPPED, FAILED = "processed", "skipped", "failed"
 """Outcomes of one scan in ``preprocess_many``."""
+
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal this process gets when its parent (the thread that forked it) ends."""
+ORPHAN_EXIT_STATUS = 1
+"""Exit status of a worker whose parent died."""
 
 
 @dataclass
@@ -83,9 +94,42 @@ def pool_context(*preload: str) -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
+def _exit_when_gone(parent_sentinel: int) -> None:
+    """Wait until the parent's end of the pipe closes (it died, by any signal), then end this process."""
+    multiprocessing.connection.wait([parent_sentinel])
+    os._exit(ORPHAN_EXIT_STATUS)
+
+
+def _die_with_forkserver() -> None:
+    """On Linux, have the kernel SIGKILL this worker when its parent process ends: the fork server,
+    whose only thread forks every worker. Skipped for a worker started directly by the process that
+    uses it (``spawn``), since that process's pool may live in a thread that ends first."""
+    parent = multiprocessing.parent_process()
+    server = os.getppid()
+    if not sys.platform.startswith("linux") or parent is None or server == parent.pid:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != server:
+        os._exit(ORPHAN_EXIT_STATUS)  # the server ended before the request took effect
+
+
+def die_with_parent() -> None:
+    """Make this worker process end when the process that started it dies, by any signal (SIGKILL,
+    out-of-memory): a daemon thread waits on ``multiprocessing``'s parent sentinel, a pipe that the
+    parent alone holds open (portable). Without it, a worker whose parent was killed waits forever on
+    its task queue, and keeps the fork server alive too (each worker holds the server's liveness
+    pipe). Forked from a fork server on Linux, the worker also dies with the server (``PR_SET_PDEATHSIG``)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    _die_with_forkserver()
+    threading.Thread(target=_exit_when_gone, args=(parent.sentinel,), name="cov3d-parent-watch", daemon=True).start()
+
+
 def init_worker(*_: object) -> None:
     """Worker processes use one thread each: the parallelism is across scans (a loader passes
-    the worker id, which is not needed)."""
+    the worker id, which is not needed); they end when their parent dies (``die_with_parent``)."""
+    die_with_parent()
     torch.set_num_threads(1)
 
 

@@ -147,7 +147,10 @@ def load_resume_state(run_dir: Path) -> dict[str, Any]:
     """Read `run_dir/checkpoint.pth` (tensors and plain values only); one-line errors if absent or damaged."""
     path = Path(run_dir) / RESUME_FILE
     if not path.is_file():
-        raise Cov3dError(f"{path} not found: `resume` needs a run folder written by 'cov3d train' (after its first epoch).")
+        raise Cov3dError(
+            f"{path} not found: the run in {run_dir} cannot be continued. Run the 'cov3d train' command that "
+            "started it again with `overwrite` (its weights are replaced) or with another `output_dir`."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for damaged files

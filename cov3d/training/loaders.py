@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 from fastai.data.core import DataLoaders, TfmdDL
-from fastai.data.load import _FakeLoader
+from fastai.data.load import _FakeLoader, _wif
 from fasttransform import Transform
 
 from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.preprocessing.workers import available_cpus, pool_context
+from cov3d.preprocessing.workers import available_cpus, die_with_parent, pool_context
 from cov3d.training.data import TrainingItem, build_datablock
 from cov3d.training.distributed import Distributed, ShardedDL, ShardedValidDL
 
@@ -28,9 +28,20 @@ def default_loader_workers(device: torch.device, processes_per_node: int = 1) ->
     return max(0, min(CUDA_LOADER_WORKERS, available_cpus() // max(1, processes_per_node) - 1))
 
 
+def init_loader_worker(worker_id: int) -> None:
+    """fastai's worker set-up, in a worker that ends when the training process dies (``die_with_parent``)."""
+    die_with_parent()
+    _wif(worker_id)
+
+
 class ForkServerLoader(_FakeLoader):
     """fastai's inner loader with worker processes started from a fork server (``pool_context``)
-    instead of forked from the training process, which by then holds CUDA and OpenMP threads."""
+    instead of forked from the training process, which by then holds CUDA and OpenMP threads;
+    the workers end when the training process dies (``init_loader_worker``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.worker_init_fn = init_loader_worker
 
     @property
     def multiprocessing_context(self):

@@ -3,7 +3,9 @@ back, and what ``cov3d train --resume`` takes from it.
 
 A new run refuses a folder inside the data it reads, a scan folder, or one that holds a run's
 files already (unless ``--overwrite``: those files are then removed first, so that no weights of
-other settings stay beside the new run's).
+other settings stay beside the new run's). A run that never finished an epoch (no checkpoint, no
+weights: killed, or out of disk space, during its first epoch) holds nothing to keep or continue: the
+same command, or ``--resume``, starts it again (``unfinished_first_epoch``).
 
 A resumed run is the run that was started: its settings, data folder, cache folder, device,
 precision (the one the run resolved, e.g. bf16 for ``auto`` on a bf16 CPU), worker counts and
@@ -25,9 +27,11 @@ from cov3d.errors import Cov3dError
 from cov3d.limits import option_name
 from cov3d.model.files import with_legacy_defaults
 from cov3d.outputs import notice, refuse_inside
-from cov3d.runfiles import CONFIG_FILE, existing_run_files
+from cov3d.runfiles import CONFIG_FILE, RESUME_FILE, WEIGHTS_FILES, existing_run_files
 from cov3d.runtime import PRECISION_NAMES
 
+KINETICS_PRETRAINED = "kinetics-400"
+"""What config.json records as ``pretrained`` for torchvision's Kinetics-400 weights (else a file, or null)."""
 RESTORE = "Restore it from a copy or start a new run."
 NEW_RUN_REMEDY = "Free some space or choose another `output_dir`."
 """What to do when a new run's config.json cannot be written."""
@@ -106,10 +110,17 @@ def resumed_options(config: dict[str, Any], given: dict[str, Any]) -> tuple[dict
     return options, overrides
 
 
+def unfinished_first_epoch(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds files of a run that never finished an epoch: no checkpoint and no weights."""
+    existing = existing_run_files(run_dir)
+    return bool(existing) and not any(path.name in (RESUME_FILE, *WEIGHTS_FILES.values()) for path in existing)
+
+
 def check_new_run(run_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> list[Path]:
     """Refuse to start a run in ``run_dir`` if it lies inside the data read, is itself a scan
-    folder, or already holds a run's files, unless ``overwrite`` (then those files are returned,
-    for ``remove_run_files`` to delete before the new run writes anything)."""
+    folder, or already holds a run's files, unless ``overwrite`` or that run never finished an
+    epoch (``unfinished_first_epoch``); then those files are returned, for ``remove_run_files`` to
+    delete before the new run writes anything."""
     run_dir = Path(run_dir)
     refuse_inside(run_dir, inputs, "run folder")
     if os.path.lexists(run_dir) and not run_dir.is_dir():
@@ -117,18 +128,21 @@ def check_new_run(run_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()
     if run_dir.is_dir() and is_scan(run_dir):
         raise Cov3dError(f"{run_dir} is a CT scan folder: give another --output-dir for the run.")
     existing = existing_run_files(run_dir)
-    if existing and not overwrite:
+    if existing and not overwrite and not unfinished_first_epoch(run_dir):
         names = ", ".join(path.name for path in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
-        raise Cov3dError(
-            f"{run_dir} already holds a cov3d run ({names}): continue it with 'cov3d train --resume {run_dir}', "
-            "give another --output-dir, or --overwrite to replace it."
-        )
+        if (run_dir / RESUME_FILE).is_file():
+            remedy = f"continue it with 'cov3d train --resume {run_dir}', give another --output-dir,"
+        else:
+            remedy = f"it cannot be continued (no {RESUME_FILE}): give another --output-dir,"
+        raise Cov3dError(f"{run_dir} already holds a cov3d run ({names}): {remedy} or --overwrite to replace it.")
     return existing
 
 
 def remove_run_files(run_dir: Path, files: Sequence[Path]) -> None:
-    """Delete an earlier run's files (``check_new_run`` with ``overwrite``) and say so in one line."""
+    """Delete an earlier run's files (``check_new_run``) and say so in one line."""
+    unfinished = unfinished_first_epoch(run_dir)
     for path in files:
         Path(path).unlink(missing_ok=True)
     if files:
-        notice(f"Replacing the earlier run in {run_dir} (--overwrite): removed {', '.join(Path(p).name for p in files)}")
+        why = "it had not finished an epoch" if unfinished else "--overwrite"
+        notice(f"Replacing the earlier run in {run_dir} ({why}): removed {', '.join(Path(p).name for p in files)}")

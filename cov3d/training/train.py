@@ -73,12 +73,14 @@ from cov3d.training.progress import progress_callback
 from cov3d.training.provenance import dataset_fingerprint, grey_reference, training_data, versions
 from cov3d.training.run_figures import TrainingCurves, write_confusion_matrices
 from cov3d.training.runconfig import (
+    KINETICS_PRETRAINED,
     NEW_RUN_REMEDY,
     check_new_run,
     read_run_config,
     recorded_settings,
     remove_run_files,
     resumed_options,
+    unfinished_first_epoch,
 )
 from cov3d.training.validation import record_on_device
 
@@ -279,7 +281,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, settings, {
             "data_dir": str(data_dir.resolve()),
-            "pretrained": str(pretrained_weights) if pretrained_weights else ("kinetics-400" if pretrained else None),
+            "pretrained": str(pretrained_weights) if pretrained_weights else (KINETICS_PRETRAINED if pretrained else None),
             "presence_weights": class_weights(presence_counts(train_items)),
             "severity_weights": class_weights(severity_group_counts(train_items)),
             "presence_pos_weight": getattr(loss, "pos_weight", None),
@@ -408,6 +410,12 @@ def resume_training(run_dir: Path, **overrides) -> TrainResult:
         logger.info(message)
     if options["cache_dir"] is None:
         options["cache_dir"] = default_cache_dir()
-    options.setdefault("pretrained", False)  # the weights come from the checkpoint
     data_dir = options.pop("data_dir")
+    if unfinished_first_epoch(run_dir):
+        logger.info("%s had not finished an epoch (no %s): starting it again with its recorded settings.", run_dir, RESUME_FILE)
+        pretrained = config.get("pretrained")
+        options["pretrained"] = pretrained is not None
+        options["pretrained_weights"] = None if pretrained in (None, KINETICS_PRETRAINED) else Path(pretrained)
+        return train(Path(data_dir), Path(run_dir), settings, **options)
+    options.setdefault("pretrained", False)  # the weights come from the checkpoint
     return train(Path(data_dir), Path(run_dir), settings, resume=True, **options)

@@ -33,7 +33,7 @@ def test_a_new_run_refuses_a_folder_with_a_run_unless_overwrite(tmp_path):
     (run / CONFIG_FILE).write_text("{}")
     (run / WEIGHTS_FILES["presence"]).write_bytes(b"")
     (run / "notes.txt").write_text("mine")
-    with pytest.raises(Cov3dError, match="already holds a cov3d run .*--resume"):
+    with pytest.raises(Cov3dError, match="already holds a cov3d run .*cannot be continued .*--overwrite"):
         check_new_run(run, overwrite=False)
     earlier = check_new_run(run, overwrite=True)
     assert sorted(path.name for path in earlier) == sorted([CONFIG_FILE, WEIGHTS_FILES["presence"]])
