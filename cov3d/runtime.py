@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from cov3d.errors import Cov3dError
+from cov3d.gpu import INSTALL_ADVICE, check_gpu_runs, cuda_start_failure, expected_gpu, refuse_silent_cpu
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -51,15 +52,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     A GPU comes back with its index ('cuda' is the current GPU) and becomes torch's current CUDA
     device: whatever asks "the current GPU" (bf16 support, the saved CUDA RNG state, the pinned-memory
     thread of the loaders, ``torch.cuda.*`` calls without a device) then means the one chosen.
+    'auto' is the CPU only where no GPU is expected (``cov3d.gpu.expected_gpu``); a GPU must have kernels
+    in this torch and start (``cov3d.gpu.check_gpu_runs``), else a one-line error says what to install.
     """
     if name == "auto":
+        if not torch.cuda.is_available() and (reason := expected_gpu()) is not None:
+            raise refuse_silent_cpu(reason)
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
     if not name.startswith("cuda"):
         raise Cov3dError(f"Unknown device '{name}'; choose one of {', '.join(DEVICES)} (or cuda:N).")
     if not torch.cuda.is_available():
-        raise Cov3dError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto.")
+        raise Cov3dError(f"--device {name} was asked for but CUDA cannot start ({cuda_start_failure() or 'no GPU'}): "
+                         f"{INSTALL_ADVICE}.")
     try:
         device = torch.device(name)
     except RuntimeError as error:
@@ -70,6 +76,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.index >= count:
         raise Cov3dError(f"--device {name}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1}).")
     torch.cuda.set_device(device)
+    check_gpu_runs(device)
     return device
 
 
