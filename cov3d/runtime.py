@@ -140,18 +140,18 @@ def machine_description(device: torch.device) -> str:
     """What a run's speed depends on: the GPU and its compute capability, or the CPU, its threads and
     its native bf16 features ('CPU AMD EPYC (2 threads; native bf16: AVX-512 BF16 instructions)')."""
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"GPU {torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+        return f"GPU {gpu_description(device)}"
     features = " and ".join(cpu_bf16_features()) or "none"
     return f"CPU {cpu_model()} ({torch.get_num_threads()} threads; native bf16: {features})"
 
 
-def choose_precision(precision: str, device: torch.device) -> Precision:
+def choose_precision(precision: str, device: torch.device, resumed: bool = False) -> Precision:
     """The autocast dtype for `precision` on `device`, with the reason.
 
     'auto': on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16 and torch has oneDNN, else fp32 (bf16
     would be emulated, slower than fp32); on a CUDA GPU, bf16 from compute capability 8.0, else fp16
-    with a gradient scaler. Asked for explicitly, any of fp32, bf16 and fp16 (CUDA only) is used as is.
+    with a gradient scaler. Asked for explicitly, any of fp32, bf16 and fp16 (CUDA only) is used as is,
+    except bf16 on a GPU below compute capability 8.0: refused, or (a `resumed` run) replaced by fp16.
     """
     if precision not in PRECISIONS:
         raise Cov3dError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
@@ -162,10 +162,12 @@ def choose_precision(precision: str, device: torch.device) -> Precision:
             raise Cov3dError("`precision=fp16` needs a CUDA GPU; use bf16 or fp32 on a CPU.")
         return Precision(torch.float16, "asked for")
     if precision == "bf16":
+        if device.type == "cuda" and (capability := torch.cuda.get_device_capability(device)) < CUDA_NATIVE_BF16:
+            return bf16_below_ampere(gpu_description(device, capability), resumed)
         return Precision(torch.bfloat16, "asked for")
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
-        gpu = f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]})"
+        gpu = gpu_description(device, capability)
         if capability >= CUDA_NATIVE_BF16:
             return Precision(torch.bfloat16, f"auto: {gpu} has native bf16")
         return Precision(torch.float16, f"auto: {gpu} has no native bf16; fp16 with a gradient scaler")
@@ -178,6 +180,26 @@ def choose_precision(precision: str, device: torch.device) -> Precision:
         capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip()
         return Precision(None, f"auto: ONEDNN_MAX_CPU_ISA={capped} keeps oneDNN from the CPU's bf16 instructions")
     return Precision(None, "auto: the CPU has no native bf16 (AMX-BF16 or AVX-512 BF16), so bf16 would be slower")
+
+
+def gpu_description(device: torch.device, capability: tuple[int, int] | None = None) -> str:
+    """'NVIDIA H200 (compute capability 9.0)' (`capability`: the device's, when already asked)."""
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
+
+
+def bf16_below_ampere(gpu: str, resumed: bool) -> Precision:
+    """bf16 asked for on a GPU below compute capability 8.0, where cuDNN has no bf16 convolutions: every
+    Conv3d would fall to an unfold kernel: one layer1 convolution at 160x320x320 unfolds 64 channels x 27 taps x
+    160^3 voxels, 14 GB of bf16 per sample.
+    Refused; a resumed bf16 run continues in fp16 with a new gradient scaler (what 'auto' picks there)."""
+    if resumed:
+        return Precision(torch.float16, f"the run trained in bf16, which {gpu} lacks (no cuDNN bf16 convolutions): "
+                                        "continuing in fp16 with a new gradient scaler, as --precision auto does here")
+    raise Cov3dError(
+        f"`precision=bf16` on {gpu}: cuDNN has no bf16 convolutions below compute capability 8.0, so every Conv3d "
+        "would fall to a slow unfold kernel (about 14 GB per sample for one layer1 convolution at 160x320x320). "
+        "Use `precision=fp16` (what auto picks on this GPU) or `precision=fp32`.")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

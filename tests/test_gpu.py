@@ -6,7 +6,7 @@ import torch
 
 from cov3d import gpu
 from cov3d.errors import Cov3dError
-from cov3d.runtime import resolve_device
+from cov3d.runtime import Precision, choose_precision, resolve_device
 
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14.1+cu130's list
 CU126_ARCHS = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
@@ -112,3 +112,38 @@ def test_auto_stops_when_no_gpu_is_visible(no_cuda, monkeypatch):
         resolve_device("auto")
     with pytest.raises(Cov3dError, match="--device cuda was asked for but CUDA cannot start"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize(("capability", "refused"), [((7, 0), True), ((7, 5), True), ((8, 0), False), ((9, 0), False)])
+def test_bf16_is_refused_below_compute_capability_8(one_gpu, capability, refused):
+    one_gpu["capability"] = capability
+    device = torch.device("cuda", 0)
+    if refused:
+        with pytest.raises(Cov3dError, match=r"`precision=bf16` on Tesla V100.*no bf16 convolutions.*`precision=fp16`"):
+            choose_precision("bf16", device)
+    else:
+        assert choose_precision("bf16", device) == Precision(torch.bfloat16, "asked for")
+
+
+def test_a_bf16_run_resumed_below_compute_capability_8_says_it_continues_in_fp16(one_gpu):
+    choice = choose_precision("bf16", torch.device("cuda", 0), resumed=True)
+    assert choice.dtype == torch.float16 and choice.name == "fp16"
+    assert "the run trained in bf16" in choice.reason and "new gradient scaler" in choice.reason
+
+
+def test_training_tells_the_precision_rule_whether_it_resumes(monkeypatch, tmp_path):
+    from cov3d.settings import TrainSettings
+    from cov3d.training import train as train_module
+
+    asked = []
+
+    def spy(precision, device, resumed=False):
+        asked.append((precision, device.type, resumed))
+        raise Cov3dError("stop here")
+
+    monkeypatch.setattr(train_module, "choose_precision", spy)
+    for resume in (False, True):
+        with pytest.raises(Cov3dError, match="stop here"):
+            train_module.train(tmp_path, tmp_path / "run", TrainSettings(), cache_dir=tmp_path, device="cpu",
+                               precision="bf16", resume=resume)
+    assert asked == [("bf16", "cpu", False), ("bf16", "cpu", True)]

@@ -174,7 +174,7 @@ def train(
         with kept_determinism_flags():
             return _train(
                 Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
-                pretrained=pretrained, torch_device=torch_device, precision=choose_precision(precision, torch_device),
+                pretrained=pretrained, torch_device=torch_device, precision=choose_precision(precision, torch_device, resumed=resume),
                 workers=workers, loader_workers=loader_workers, use_wandb=use_wandb, resume=resume, dist=dist,
                 arguments=arguments, overwrite=overwrite,
             )
