@@ -4,7 +4,7 @@ and ``--device auto`` that stops instead of training on the CPU where a GPU was 
 import pytest
 import torch
 
-from cov3d import gpu
+from cov3d import runtime as gpu
 from cov3d.errors import Cov3dError
 from cov3d.runtime import Precision, choose_precision, resolve_device
 

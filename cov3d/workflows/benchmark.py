@@ -20,7 +20,7 @@ from cov3d.model.metrics import task_metrics
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.settings import DemoSettings, TrainSettings, VolumeShape
+from cov3d.settings import DETERMINISTIC, DemoSettings, TrainSettings, VolumeShape
 from cov3d.synthetic.generator import VALIDATION_SHARE, generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.training.data import TrainingItem, collect_items, presence_counts, severity_group_counts
@@ -43,10 +43,11 @@ def make_dataset(work: Path, shape: VolumeShape, batches: int, batch_size: int) 
     return items, cache
 
 
-def training_parts(items: list[TrainingItem], cache: VolumeCache, settings: TrainSettings, device: torch.device):
+def training_parts(items: list[TrainingItem], cache: VolumeCache, settings: TrainSettings, device: torch.device,
+                   deterministic: bool = DETERMINISTIC):
     """Loaders, a freshly seeded model and the combined loss, as ``cov3d train`` builds them (with its
-    seeding and deterministic kernels, so that timings are those of training), in one process."""
-    seed_everything(settings.seed, device)
+    seeding and choice of kernels, so that timings are those of training), in one process."""
+    seed_everything(settings.seed, device, deterministic)
     train_items = [item for item in items if item.partition == "train"]
     dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=True, device=device, workers=0,
                            dist=Distributed())
