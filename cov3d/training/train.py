@@ -63,6 +63,7 @@ from cov3d.training.distributed import (
 )
 from cov3d.training.evaluation import kept_weights_scores
 from cov3d.training.loaders import training_loaders
+from cov3d.training.memory import check_memory_fits
 from cov3d.training.optimizer import optimizer_function
 from cov3d.training.precision import precision_callbacks
 from cov3d.training.provenance import dataset_fingerprint, versions
@@ -294,6 +295,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         start_wandb(run_dir, resume=resume_state is not None)
         callbacks.append(WandbLog(first_epoch))
 
+    check_memory_fits(settings, dtype, torch_device)  # a one-line error with what fits, not an out-of-memory error
     fit_wd = settings.weight_decay if settings.optimizer == FASTAI_ADAM else None  # else in the optimiser's groups
     learner = Learner(
         dls, model, loss_func=loss.to(torch_device), metrics=metrics, path=run_dir, model_dir=".", wd=fit_wd, cbs=callbacks,
