@@ -21,60 +21,18 @@ the choice of kernels are those of `cov3d train` (``seed_everything``). Not a te
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from fastai.callback.core import Callback
-from fastai.learner import Learner
 from fastai.optimizer import Adam
 
-from cov3d.model.metrics import task_metrics
 from cov3d.runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from cov3d.settings import PRESETS, TrainSettings, VolumeShape
-from cov3d.training.callbacks import OneCycleSchedule
-from cov3d.training.precision import precision_callbacks
-from cov3d.workflows.benchmark import make_dataset, peak_memory, training_parts
+from cov3d.workflows.benchmark import fastai_loop, make_dataset, peak_memory, training_parts
 
 MEMORY_BATCH_SIZES = (2, 4, 8)
-
-
-class TrainTimer(Callback):
-    """Wall time of the training batches after the first `warmup` ones (synchronising CUDA)."""
-
-    order = 100
-
-    def __init__(self, warmup: int, device: torch.device):
-        self.warmup, self.device, self.start, self.timed = warmup, device, None, 0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def before_batch(self) -> None:
-        if self.training and self.iter == self.warmup:
-            self._sync()
-            self.start = time.perf_counter()
-
-    def after_batch(self) -> None:
-        if self.training and self.iter >= self.warmup:
-            self.timed += len(self.learn.yb[0])
-
-    def after_train(self) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
-
-
-def fastai_loop(items, cache, settings, device, dtype, warmup: int, deterministic: bool = True) -> float:
-    dls, model, loss = training_parts(items, cache, settings, device, deterministic)
-    timer = TrainTimer(warmup, device)
-    callbacks = [OneCycleSchedule(dataclasses.replace(settings, epochs=1)), *precision_callbacks(device, dtype), timer]
-    learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
-                      wd=settings.weight_decay, cbs=callbacks)
-    learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
-    return timer.timed / timer.seconds
 
 
 def fast_kernels_loop(items, cache, settings, device, dtype, warmup: int) -> float:

@@ -71,7 +71,7 @@ from cov3d.training.checkpoint import load_resume_state, misplaced_optimizer_sta
 from cov3d.training.data import LevelsToValues, TensorCT, collect_items
 from cov3d.training.memory import CUDA_CONTEXT_BYTES, GIB, estimate_training_memory
 from cov3d.training.train import TrainSettings, resume_training, train
-from cov3d.workflows.benchmark import make_dataset, peak_memory, training_parts
+from cov3d.workflows.benchmark import fastai_loop, make_dataset, peak_memory, training_parts
 
 AUTOCAST_TOLERANCE = 0.05
 """Largest |P(covid) under autocast - P(covid) in fp32 (TF32 off)| accepted."""
@@ -588,12 +588,10 @@ def check_explain(work: Path, run: Path, device: torch.device, size: tuple[int, 
 
 # speed -----------------------------------------------------------------------------------------------
 def check_speed(work: Path, device: torch.device, shape: VolumeShape) -> tuple[bool, str]:
-    import benchmark_train  # scripts/benchmark_train.py, beside this script
-
     dtype = choose_precision("auto", device).dtype
     settings = TrainSettings(shape=shape, batch_size=2, epochs=1)
     items, cache = make_dataset(work / f"speed-{shape}", shape, SPEED_WARMUP + SPEED_STEPS, settings.batch_size)
-    speeds = {deterministic: benchmark_train.fastai_loop(items, cache, settings, device, dtype, SPEED_WARMUP, deterministic)
+    speeds = {deterministic: fastai_loop(items, cache, settings, device, dtype, SPEED_WARMUP, deterministic)
               for deterministic in (True, False)}
     finite = all(math.isfinite(v) and v > 0 for v in speeds.values())
     ratio = speeds[False] / speeds[True]

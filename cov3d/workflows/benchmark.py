@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +86,45 @@ def peak_memory(items, cache, settings: TrainSettings, device: torch.device, dty
     del learner, model, dls
     torch.cuda.empty_cache()
     return peak
+
+
+class TrainTimer(Callback):
+    """Wall time of the training batches after the first `warmup` ones (synchronising CUDA)."""
+
+    order = 100
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.start, self.timed = warmup, device, None, 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def before_batch(self) -> None:
+        if self.training and self.iter == self.warmup:
+            self._sync()
+            self.start = time.perf_counter()
+
+    def after_batch(self) -> None:
+        if self.training and self.iter >= self.warmup:
+            self.timed += len(self.learn.yb[0])
+
+    def after_train(self) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def fastai_loop(items, cache, settings: TrainSettings, device: torch.device, dtype: torch.dtype | None, warmup: int,
+                deterministic: bool = DETERMINISTIC) -> float:
+    """Samples/s of one epoch's training batches after the first `warmup`, through the Learner as `cov3d train`
+    builds it (callbacks, 1cycle, metrics, progress bar) with deterministic kernels or the fastest ones."""
+    dls, model, loss = training_parts(items, cache, settings, device, deterministic)
+    timer = TrainTimer(warmup, device)
+    callbacks = [OneCycleSchedule(dataclasses.replace(settings, epochs=1)), *precision_callbacks(device, dtype), timer]
+    learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
+                      wd=settings.weight_decay, cbs=callbacks)
+    learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
+    return timer.timed / timer.seconds
 
 
 def demo_step_parts(shape: VolumeShape, batch_size: int, demo: DemoSettings) -> tuple[torch.Tensor, torch.Tensor, Cov3dLoss, torch.nn.Module]:
