@@ -305,7 +305,10 @@ class TrainSettings:
         return [*SMALL.config, *cls.field_names()]
 
 
-RESUMABLE = ("data_dir", "cache_dir", "device", "precision", "workers", "loader_workers", "use_wandb")
+DETERMINISTIC = True
+"""Default of ``--deterministic``: the same seed gives the same run (``cov3d.runtime.kernel_choice``; the cost in docs/gpu.md)."""
+
+RESUMABLE = ("data_dir", "cache_dir", "device", "precision", "workers", "loader_workers", "use_wandb", "deterministic")
 """What a resumed run takes from config.json unless it is given again (keyword arguments of
 ``cov3d.training.train.train``); its other settings cannot change."""
 

@@ -6,11 +6,12 @@ trains r3d_18 (Cov3d head, combined loss, batch size 2 by default) on it four wa
 - fastai: the Learner exactly as `cov3d train` assembles it (its callbacks, 1cycle, metrics, progress bar);
 - bare: a plain PyTorch loop over the same model, loss, batches and fastai's Adam;
 
-each in fp32 and in bf16/channels-last. Samples/s counts training batches after `--warmup` batches
+each in fp32 and in bf16/channels-last, with deterministic kernels (`cov3d train`'s default); the fastai
+loop also with `--no-deterministic` kernels (cuDNN autotuning, any kernel). Samples/s counts training batches after `--warmup` batches
 (validation is not timed); with `--repeats N` every measurement is repeated N times, the loops in
 alternating order, and the best is kept (on a shared machine the minimum time is the least disturbed). With `--device cuda` it also reports the peak GPU memory of a bf16 step
 at the large size (160x320x320) for batch sizes 2, 4 and 8, through the same fastai path. Seeding and
-deterministic kernels are those of `cov3d train` (``seed_everything``). Not a test: no asserts.
+the choice of kernels are those of `cov3d train` (``seed_everything``). Not a test: no asserts.
 
     python scripts/benchmark_train.py                       # small size, CPU
     python scripts/benchmark_train.py --size 32x64x64       # a quick check
@@ -20,60 +21,22 @@ deterministic kernels are those of `cov3d train` (``seed_everything``). Not a te
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from fastai.callback.core import Callback
-from fastai.learner import Learner
 from fastai.optimizer import Adam
 
-from cov3d.model.metrics import task_metrics
 from cov3d.runtime import autocast, resolve_device, resolve_precision, use_channels_last
 from cov3d.settings import PRESETS, TrainSettings, VolumeShape
-from cov3d.training.callbacks import OneCycleSchedule
-from cov3d.training.precision import precision_callbacks
-from cov3d.workflows.benchmark import make_dataset, peak_memory, training_parts
+from cov3d.workflows.benchmark import fastai_loop, make_dataset, peak_memory, training_parts
 
 MEMORY_BATCH_SIZES = (2, 4, 8)
 
 
-class TrainTimer(Callback):
-    """Wall time of the training batches after the first `warmup` ones (synchronising CUDA)."""
-
-    order = 100
-
-    def __init__(self, warmup: int, device: torch.device):
-        self.warmup, self.device, self.start, self.timed = warmup, device, None, 0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def before_batch(self) -> None:
-        if self.training and self.iter == self.warmup:
-            self._sync()
-            self.start = time.perf_counter()
-
-    def after_batch(self) -> None:
-        if self.training and self.iter >= self.warmup:
-            self.timed += len(self.learn.yb[0])
-
-    def after_train(self) -> None:
-        self._sync()
-        self.seconds = time.perf_counter() - self.start
-
-
-def fastai_loop(items, cache, settings, device, dtype, warmup: int) -> float:
-    dls, model, loss = training_parts(items, cache, settings, device)
-    timer = TrainTimer(warmup, device)
-    callbacks = [OneCycleSchedule(dataclasses.replace(settings, epochs=1)), *precision_callbacks(device, dtype), timer]
-    learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
-                      wd=settings.weight_decay, cbs=callbacks)
-    learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
-    return timer.timed / timer.seconds
+def fast_kernels_loop(items, cache, settings, device, dtype, warmup: int) -> float:
+    return fastai_loop(items, cache, settings, device, dtype, warmup, deterministic=False)
 
 
 def bare_loop(items, cache, settings, device, dtype, warmup: int) -> float:
@@ -123,19 +86,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         items, cache = make_dataset(Path(work), shape, args.warmup + args.steps, args.batch_size)
         results: dict[tuple[str, str], float] = {}
-        loops = (("bare", bare_loop), ("fastai", fastai_loop))
+        loops = (("bare", bare_loop), ("fastai", fastai_loop), ("fastai, not deterministic", fast_kernels_loop))
         for repeat in range(args.repeats):
             for precision, dtype in (("fp32", None), ("bf16+channels-last", torch.bfloat16)):
                 for loop_name, loop in loops if repeat % 2 == 0 else loops[::-1]:
                     speed = loop(items, cache, settings, device, dtype, args.warmup)
                     results[precision, loop_name] = max(speed, results.get((precision, loop_name), 0.0))
-                    print(f"{precision:<20} {loop_name:<7} {speed:8.3f} samples/s", flush=True)
+                    print(f"{precision:<20} {loop_name:<26} {speed:8.3f} samples/s", flush=True)
     for loop_name in ("bare", "fastai"):
         speedup = results["bf16+channels-last", loop_name] / results["fp32", loop_name]
         print(f"bf16+channels-last / fp32 ({loop_name}): {speedup:.2f}x")
     for precision in ("fp32", "bf16+channels-last"):
         overhead = results[precision, "bare"] / results[precision, "fastai"] - 1
         print(f"fastai loop overhead vs bare ({precision}): {overhead * 100:+.1f}%")
+        gain = results[precision, "fastai, not deterministic"] / results[precision, "fastai"]
+        print(f"--no-deterministic / --deterministic (fastai, {precision}): {gain:.2f}x")
     if device.type == "cuda":
         dtype = resolve_precision("auto", device)
         with tempfile.TemporaryDirectory() as work:

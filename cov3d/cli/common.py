@@ -76,7 +76,8 @@ ModelWindowOption = typer.Option(None, "--window", help=WindowHelp.format(
 PrecisionOption = typer.Option("auto", "--precision", help=(
     "auto, fp32, bf16 or fp16 (CUDA only). auto: on a CPU, bf16 when it has AMX-BF16 or AVX-512 BF16, else fp32 "
     "(emulated bf16 is slower); on a GPU, bf16 from compute capability 8.0 (A100, H100, RTX 30xx on), else fp16 "
-    "with a gradient scaler (V100, T4). The choice is printed and kept in the run's config.json."))
+    "with a gradient scaler (V100, T4), where bf16 is refused (no cuDNN bf16 convolutions). The choice is printed "
+    "and kept in the run's config.json."))
 OverwriteOption = typer.Option(False, "--overwrite", help="Replace existing files that are not cov3d's earlier outputs of the same kind (never an input).")
 
 

@@ -33,6 +33,7 @@ from cov3d.limits import command_parameter
 from cov3d.recipes import ORIGINAL, ORIGINAL_DEFAULTS, PAPER, RECIPE_HELP, RECIPE_WARPS, recipe_warp
 from cov3d.settings import (
     DEMO_WORKLOADS_HELP,
+    DETERMINISTIC,
     RESUMABLE,
     TRAIN_DEFAULTS,
     DemoSettings,
@@ -108,6 +109,10 @@ def train_command(
     device: str = DeviceOption,
     precision: str = PrecisionOption,
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (WANDB_MODE=offline works)."),
+    deterministic: bool = typer.Option(DETERMINISTIC, "--deterministic/--no-deterministic", help=(
+        "Deterministic kernels: the same seed gives the same run (on GPUs: no cuDNN autotuning, deterministic "
+        "algorithms only). --no-deterministic: cuDNN autotuning and the fastest kernels; runs differ slightly. "
+        "See docs/gpu.md for what each costs.")),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch, as it was started: data, settings, cache folder, device and precision come from its config.json; --directory, --cache-dir, --device, --precision and the worker options may be given again to override them."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --output-dir (its files are removed first)."),
     window: Optional[str] = typer.Option(None, "--window", help=WindowHelp.format(
@@ -143,6 +148,7 @@ def train_command(
         directory, run_dir, settings, cache_dir=cache_directory(cache_dir),
         pretrained_weights=pretrained_weights, pretrained=pretrained, device=device,
         precision=precision, workers=workers, loader_workers=loader_workers, use_wandb=wandb, overwrite=overwrite,
+        deterministic=deterministic,
     )
     typer.echo(f"Run written to {result.run_dir} (best: {format_scores(result.best_scores)}).")
 

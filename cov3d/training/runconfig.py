@@ -8,8 +8,8 @@ weights: killed, or out of disk space, during its first epoch) holds nothing to 
 same command, or ``--resume``, starts it again (``unfinished_first_epoch``).
 
 A resumed run is the run that was started: its settings, data folder, cache folder, device,
-precision (the one the run resolved, e.g. bf16 for ``auto`` on a bf16 CPU), worker counts and
-W&B logging all come from config.json. Runtime options given again are overrides, each reported
+precision (the one the run resolved, e.g. bf16 for ``auto`` on a bf16 CPU), worker counts, W&B
+logging and the choice of deterministic kernels all come from config.json. Runtime options given again are overrides, each reported
 as one line ``overriding X: recorded A, now B``. A missing, truncated or incomplete config.json
 is a one-line error naming it.
 """
@@ -29,6 +29,7 @@ from cov3d.model.files import with_legacy_defaults
 from cov3d.outputs import notice, refuse_inside
 from cov3d.runfiles import CONFIG_FILE, RESUME_FILE, WEIGHTS_FILES, existing_run_files
 from cov3d.runtime import PRECISION_NAMES
+from cov3d.settings import DETERMINISTIC
 
 KINETICS_PRETRAINED = "kinetics-400"
 """What config.json records as ``pretrained`` for torchvision's Kinetics-400 weights (else a file, or null)."""
@@ -77,6 +78,7 @@ def recorded_options(config: dict[str, Any]) -> dict[str, Any]:
         "workers": arguments.get("workers"),
         "loader_workers": arguments.get("loader_workers"),
         "use_wandb": bool(arguments.get("wandb", False)),
+        "deterministic": bool(arguments.get("deterministic", DETERMINISTIC)),
     }
 
 

@@ -34,8 +34,8 @@ from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
 from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, ONE_CHECKPOINT, POS_WEIGHT
 from cov3d.runfiles import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SUMMARY_FILE, WEIGHTS_BY_METRIC
-from cov3d.runtime import Precision, choose_precision, machine_description, reproducible_kernels, resolve_device
-from cov3d.settings import FASTAI_ADAM, TrainSettings
+from cov3d.runtime import Precision, choose_precision, kernel_choice, machine_description, resolve_device
+from cov3d.settings import DETERMINISTIC, FASTAI_ADAM, TrainSettings
 from cov3d.training.callbacks import (
     FiniteGuard,
     MetricsLog,
@@ -67,6 +67,7 @@ from cov3d.training.distributed import (
 from cov3d.training.evaluation import evaluate_kept_weights
 from cov3d.training.launch import check_launch, check_shared_folders
 from cov3d.training.loaders import training_loaders
+from cov3d.training.memory import check_memory_fits
 from cov3d.training.optimizer import optimizer_function
 from cov3d.training.precision import precision_callbacks
 from cov3d.training.progress import progress_callback
@@ -191,6 +192,7 @@ def train(
     use_wandb: bool = False,
     resume: bool = False,
     overwrite: bool = False,
+    deterministic: bool = DETERMINISTIC,
 ) -> TrainResult:
     """Train Cov3d on `data_dir` (COV19-CT-DB layout) and write the run to `run_dir`.
 
@@ -198,12 +200,13 @@ def train(
     torchrun, every process trains on its shard of the data and only rank 0 writes files.
     A new run refuses a `run_dir` that holds a run already (``cov3d.training.runconfig.check_new_run``),
     unless `overwrite`: the earlier run's files are then removed before the first is written.
+    `deterministic` picks deterministic kernels (the same seed gives the same run) or the fastest ones.
     """
     arguments = {
         "data_dir": str(Path(data_dir).resolve()), "run_dir": str(Path(run_dir).resolve()), "cache_dir": str(cache_dir),
         "pretrained_weights": str(pretrained_weights) if pretrained_weights else None, "pretrained": pretrained,
         "device": device, "precision": precision, "workers": workers, "loader_workers": loader_workers,
-        "wandb": use_wandb, "command": sys.argv,
+        "wandb": use_wandb, "deterministic": deterministic, "command": sys.argv,
     }
     WORKERS.check("workers", workers)
     LOADER_WORKERS.check("loader_workers", loader_workers)
@@ -217,9 +220,9 @@ def train(
         with kept_determinism_flags(), locked:
             return _train(
                 Path(data_dir), Path(run_dir), settings, cache_dir=cache_dir, pretrained_weights=pretrained_weights,
-                pretrained=pretrained, torch_device=torch_device, precision=choose_precision(precision, torch_device),
+                pretrained=pretrained, torch_device=torch_device, precision=choose_precision(precision, torch_device, resumed=resume),
                 workers=workers, loader_workers=loader_workers, use_wandb=use_wandb, resume=resume, dist=dist,
-                arguments=arguments, overwrite=overwrite,
+                arguments=arguments, overwrite=overwrite, deterministic=deterministic,
             )
     finally:
         stop_distributed(started)
@@ -240,17 +243,18 @@ def kept_determinism_flags() -> Iterator[None]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
 
 
-def seed_everything(seed: int, device: torch.device) -> str:
-    """Seed Python, NumPy and torch and switch to deterministic kernels; returns how reproducible that makes
-    the run on `device` (``cov3d.runtime.reproducible_kernels``)."""
+def seed_everything(seed: int, device: torch.device, deterministic: bool = DETERMINISTIC) -> str:
+    """Seed Python, NumPy and torch and switch to deterministic (or the fastest) kernels; returns how
+    reproducible that makes the run on `device` (``cov3d.runtime.kernel_choice``)."""
     set_seed(seed)
-    return reproducible_kernels(device)
+    return kernel_choice(device, deterministic)
 
 
 def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretrained, torch_device, precision: Precision,
-           workers, loader_workers, use_wandb, resume, dist, arguments, overwrite=False) -> TrainResult:
+           workers, loader_workers, use_wandb, resume, dist, arguments, overwrite=False,
+           deterministic=DETERMINISTIC) -> TrainResult:
     dtype = precision.dtype
-    reproducibility = seed_everything(settings.seed, torch_device)
+    reproducibility = seed_everything(settings.seed, torch_device, deterministic)
     if dist.is_main:
         logger.info("Precision: %s on %s (%s)", precision.name, torch_device, precision.reason)
         logger.info("Reproducibility: %s", reproducibility)
@@ -287,6 +291,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
             "presence_pos_weight": getattr(loss, "pos_weight", None),
             "precision": precision.name,
             "precision_reason": precision.reason,
+            "deterministic": deterministic,
             "world_size": dist.world_size,
             "dataset_fingerprint": fingerprint,
             "training_data": training_data(data_dir),
@@ -333,6 +338,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         start_wandb(run_dir, resume=resume_state is not None)
         callbacks.append(WandbLog(first_epoch))
 
+    check_memory_fits(settings, dtype, torch_device)  # a one-line error with what fits, not an out-of-memory error
     fit_wd = settings.weight_decay if settings.optimizer == FASTAI_ADAM else None  # else in the optimiser's groups
     learner = Learner(
         dls, model, loss_func=loss.to(torch_device), metrics=metrics, path=run_dir, model_dir=".", wd=fit_wd, cbs=callbacks,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from cov3d.model.metrics import task_metrics
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.settings import DemoSettings, TrainSettings, VolumeShape
+from cov3d.settings import DETERMINISTIC, DemoSettings, TrainSettings, VolumeShape
 from cov3d.synthetic.generator import VALIDATION_SHARE, generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.training.data import TrainingItem, collect_items, presence_counts, severity_group_counts
@@ -43,10 +44,11 @@ def make_dataset(work: Path, shape: VolumeShape, batches: int, batch_size: int) 
     return items, cache
 
 
-def training_parts(items: list[TrainingItem], cache: VolumeCache, settings: TrainSettings, device: torch.device):
+def training_parts(items: list[TrainingItem], cache: VolumeCache, settings: TrainSettings, device: torch.device,
+                   deterministic: bool = DETERMINISTIC):
     """Loaders, a freshly seeded model and the combined loss, as ``cov3d train`` builds them (with its
-    seeding and deterministic kernels, so that timings are those of training), in one process."""
-    seed_everything(settings.seed, device)
+    seeding and choice of kernels, so that timings are those of training), in one process."""
+    seed_everything(settings.seed, device, deterministic)
     train_items = [item for item in items if item.partition == "train"]
     dls = training_loaders(items, cache, batch_size=settings.batch_size, reflect=True, device=device, workers=0,
                            dist=Distributed())
@@ -84,6 +86,45 @@ def peak_memory(items, cache, settings: TrainSettings, device: torch.device, dty
     del learner, model, dls
     torch.cuda.empty_cache()
     return peak
+
+
+class TrainTimer(Callback):
+    """Wall time of the training batches after the first `warmup` ones (synchronising CUDA)."""
+
+    order = 100
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.start, self.timed = warmup, device, None, 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def before_batch(self) -> None:
+        if self.training and self.iter == self.warmup:
+            self._sync()
+            self.start = time.perf_counter()
+
+    def after_batch(self) -> None:
+        if self.training and self.iter >= self.warmup:
+            self.timed += len(self.learn.yb[0])
+
+    def after_train(self) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def fastai_loop(items, cache, settings: TrainSettings, device: torch.device, dtype: torch.dtype | None, warmup: int,
+                deterministic: bool = DETERMINISTIC) -> float:
+    """Samples/s of one epoch's training batches after the first `warmup`, through the Learner as `cov3d train`
+    builds it (callbacks, 1cycle, metrics, progress bar) with deterministic kernels or the fastest ones."""
+    dls, model, loss = training_parts(items, cache, settings, device, deterministic)
+    timer = TrainTimer(warmup, device)
+    callbacks = [OneCycleSchedule(dataclasses.replace(settings, epochs=1)), *precision_callbacks(device, dtype), timer]
+    learner = Learner(dls, model, loss_func=loss, opt_func=Adam, metrics=task_metrics(settings.severity_factor),
+                      wd=settings.weight_decay, cbs=callbacks)
+    learner.fit(1, lr=settings.learning_rate, wd=settings.weight_decay)
+    return timer.timed / timer.seconds
 
 
 def demo_step_parts(shape: VolumeShape, batch_size: int, demo: DemoSettings) -> tuple[torch.Tensor, torch.Tensor, Cov3dLoss, torch.nn.Module]:

@@ -9,7 +9,7 @@ import torch.distributed as torch_dist
 
 from cov3d.errors import Cov3dError
 from cov3d.preprocessing.preprocess import VolumeCache
-from cov3d.runtime import CUBLAS_WORKSPACE_CONFIG, reproducible_kernels, resolve_device
+from cov3d.runtime import CUBLAS_WORKSPACE_CONFIG, kernel_choice, resolve_device
 from cov3d.settings import TrainSettings, VolumeShape
 from cov3d.training import distributed, loaders
 from cov3d.training.data import collect_items
@@ -26,6 +26,10 @@ def two_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
     return chosen
 
 
@@ -52,17 +56,30 @@ def test_gpu_runs_use_deterministic_kernels_and_say_so(monkeypatch):
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE_CONFIG
     assert "cuBLAS" in statement and "no deterministic CUDA kernel" in statement
     with kept_determinism_flags():
-        assert "threads" in reproducible_kernels(torch.device("cpu"))
+        assert "threads" in kernel_choice(torch.device("cpu"), True)
+
+
+def test_without_determinism_cudnn_autotunes_and_any_kernel_may_run():
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    with kept_determinism_flags():
+        torch.use_deterministic_algorithms(True)
+        statement = seed_everything(0, torch.device("cuda", 0), deterministic=False)
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+    assert "--no-deterministic" in statement and "differ" in statement
 
 
 def test_the_benchmark_times_the_kernels_training_uses(monkeypatch, tiny_dataset, tmp_path):
     from cov3d.workflows import benchmark
 
     calls = []
-    monkeypatch.setattr(benchmark, "seed_everything", lambda seed, device: calls.append((seed, device)) or "")
+    monkeypatch.setattr(benchmark, "seed_everything", lambda *args: calls.append(args) or "")
     settings = TrainSettings(shape=VolumeShape(8, 32, 32), penultimate=8, seed=5)
-    benchmark.training_parts(collect_items(tiny_dataset), VolumeCache(tmp_path, VolumeShape(8, 32, 32)), settings, torch.device("cpu"))
-    assert calls == [(5, torch.device("cpu"))]
+    items, cache = collect_items(tiny_dataset), VolumeCache(tmp_path, VolumeShape(8, 32, 32))
+    benchmark.training_parts(items, cache, settings, torch.device("cpu"))
+    benchmark.training_parts(items, cache, settings, torch.device("cpu"), deterministic=False)
+    assert calls == [(5, torch.device("cpu"), True), (5, torch.device("cpu"), False)]
 
 
 def test_loader_workers_start_from_a_fork_server(tiny_dataset, tmp_path):
@@ -127,3 +144,22 @@ def test_each_process_draws_its_own_dropout_masks():
         seed_replica(7, rank)
         masks.append(torch.nn.functional.dropout(torch.ones(64), 0.5))
     assert not torch.equal(masks[0], masks[1])
+
+
+def test_train_passes_the_choice_of_kernels_on_and_resume_takes_it_again(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from cov3d.cli import app
+    from cov3d.training import train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: calls.append(kwargs) or train_module.TrainResult(tmp_path))
+    monkeypatch.setattr(train_module, "resume_training", lambda run, **kwargs: calls.append(kwargs) or train_module.TrainResult(run))
+    runner = CliRunner()
+    for flags in ([], ["--no-deterministic"]):
+        result = runner.invoke(app, ["train", "--directory", str(tmp_path), "--output-dir", str(tmp_path / "run"), *flags])
+        assert result.exit_code == 0, result.output
+    assert [call["deterministic"] for call in calls] == [True, False]
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--no-deterministic"])
+    assert result.exit_code == 0, result.output
+    assert calls[-1] == {"deterministic": False}

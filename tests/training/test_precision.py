@@ -12,7 +12,7 @@ from fastai.optimizer import SGD
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from cov3d.training.precision import CpuAutocast, PlainBatches, precision_callbacks
+from cov3d.training.precision import CpuAutocast, CudaAutocast, PlainBatches, precision_callbacks
 
 VOLUME = (2, 2, 4, 4)  # (C, D, H, W) of each toy input: two channels, so that the memory format shows
 
@@ -62,7 +62,8 @@ def test_which_callbacks_each_precision_gets():
     assert [type(cb) for cb in precision_callbacks(cpu, None)] == [PlainBatches]
     assert [type(cb) for cb in precision_callbacks(cpu, torch.bfloat16)] == [PlainBatches, CpuAutocast]
     fp16 = precision_callbacks(cuda, torch.float16)
-    assert [type(cb) for cb in fp16] == [PlainBatches, MixedPrecision] and fp16[1].amp_mode.name.lower() == "fp16"
+    assert [type(cb) for cb in fp16] == [PlainBatches, CudaAutocast] and fp16[1].amp_mode.name.lower() == "fp16"
+    assert isinstance(fp16[1], MixedPrecision)  # fastai's gradient scaler and skipped-step handling
     assert precision_callbacks(cuda, torch.bfloat16)[1].amp_mode.name.lower() == "bf16"
     assert not precision_callbacks(cpu, None)[0].channels_last and precision_callbacks(cpu, torch.bfloat16)[0].channels_last
 
@@ -80,3 +81,58 @@ def test_cpu_autocast_runs_the_forward_pass_in_bf16_and_the_loss_in_fp32():
     assert set(model.conv_dtypes) == {torch.bfloat16}  # training and validation passes alike
     assert set(seen.preds) == {torch.float32}
     assert "forward" not in vars(model.conv)  # the checked convolutions are undone after the fit
+
+
+class FailingConv(TinyConv):
+    """Raises (as an out-of-memory error would) in the forward pass of the `fail_at`-th call."""
+
+    def __init__(self, fail_at: int):
+        super().__init__()
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("out of memory")
+        return super().forward(x)
+
+
+class RaiseAfterLoss(Callback):
+    """Raises in after_loss before the precision callbacks act, as FiniteGuard (order 1) does on a NaN loss."""
+
+    order = 1
+
+    def after_loss(self):
+        raise RuntimeError("non-finite loss")
+
+
+def failed_fit(model: TinyConv, callbacks: list[Callback]) -> None:
+    data = TensorDataset(torch.rand(4, *VOLUME), torch.rand(4, 1))
+    dls = DataLoaders.from_dsets(data, data, bs=2, shuffle=False, device="cpu")
+    learner = Learner(dls, model, loss_func=nn.functional.mse_loss, opt_func=SGD, cbs=callbacks)
+    with learner.no_bar(), learner.no_logging(), pytest.raises(RuntimeError, match="out of memory|non-finite"):
+        learner.fit(1, lr=1e-3)
+
+
+def fp32_matmul() -> bool:
+    return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("precision", [
+    lambda: CpuAutocast(torch.bfloat16),
+    lambda: CudaAutocast(torch.device("cpu"), torch.bfloat16),  # the CUDA callback with CPU autocast: same structure
+], ids=["cpu", "cuda-structure"])
+@pytest.mark.parametrize("failure", ["forward", "after_loss"])
+def test_autocast_never_stays_on_after_a_failed_fit(precision, failure):
+    model = FailingConv(fail_at=2 if failure == "forward" else 0)
+    failed_fit(model, [PlainBatches(True), precision(), *([RaiseAfterLoss()] if failure == "after_loss" else [])])
+    assert fp32_matmul()
+    assert "forward" not in vars(model.conv)  # nor the checked convolutions
+    if failure == "after_loss":
+        assert model.conv_dtypes == [torch.bfloat16]  # the forward pass ran under autocast
+
+
+def test_the_cuda_callback_autocasts_the_forward_pass_only():
+    model, seen = fit([PlainBatches(True), CudaAutocast(torch.device("cpu"), torch.bfloat16)])
+    assert set(model.conv_dtypes) == {torch.bfloat16} and set(seen.preds) == {torch.float32}
+    assert "forward" not in vars(model) and fp32_matmul()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.optimizer import Adam
@@ -240,3 +242,38 @@ def test_optimizer_state_is_placed_on_each_parameters_device():
             if isinstance(value, torch.Tensor)} == {"meta"}
     with pytest.raises(Cov3dError, match="another model"):
         load_optimizer_state(opt, {"state": cpu_state["state"][:1], "hypers": cpu_state["hypers"]})
+
+
+class _CpuMixedPrecision(MixedPrecision):
+    """fastai's fp16 AMP callback with its GradScaler on the CPU (fastai builds it for CUDA only), and an
+    infinite gradient in the first step, so that the scaler skips it and halves its scale."""
+
+    def before_fit(self) -> None:
+        self.autocast, self.learn.scaler, self.scales = torch.autocast("cpu", dtype=torch.float16), \
+            torch.amp.GradScaler("cpu", init_scale=2.0**10), []
+
+    def after_backward(self) -> None:
+        if self.epoch == 0 and self.iter == 0:
+            next(self.learn.model.parameters()).grad.fill_(math.inf)
+
+
+class _ScaleAtStart(Callback):
+    order = 95  # after TrainingState (90) restored the run
+
+    def before_fit(self) -> None:
+        self.scale = self.learn.scaler.get_scale()
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path):
+    """The loss scale an fp16 run reached (halved by an overflow, then grown) goes into checkpoint.pth and
+    comes back on resume, instead of the scaler's initial scale."""
+    first = _tiny_learner([_CpuMixedPrecision(), TrainingState(tmp_path / RESUME_FILE, _Best(), 0, None, write=True)])
+    first.fit(1, lr=1e-2)
+    saved = load_resume_state(tmp_path)
+    assert saved["grad_scaler"]["scale"] == 2.0**9  # 2**10 halved once by the injected overflow
+    assert saved["grad_scaler"]["_growth_tracker"] == 1  # the second step of the epoch was taken
+    probe = _ScaleAtStart()
+    resumed = _tiny_learner([_CpuMixedPrecision(), TrainingState(tmp_path / "again.pth", _Best(), 1, saved, write=False),
+                             probe])
+    resumed.fit(1, lr=1e-2)
+    assert probe.scale == 2.0**9 and probe.scale != 2.0**10

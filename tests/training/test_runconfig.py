@@ -70,6 +70,16 @@ def test_a_precision_given_again_overrides_the_recorded_one():
 def test_an_explicit_precision_resumes_without_a_note_and_an_unrecorded_one_as_started():
     assert resumed_options(config("bf16", started_with="bf16"), {}) == (
         {"data_dir": "/data", "cache_dir": None, "device": "auto", "precision": "bf16", "workers": None,
-         "loader_workers": None, "use_wandb": False}, [])
+         "loader_workers": None, "use_wandb": False, "deterministic": True}, [])
     unrecorded = {"data_dir": "/data", "arguments": {"precision": "fp32"}}
     assert resumed_options(unrecorded, {})[0]["precision"] == "fp32"
+
+
+def test_a_run_resumes_with_the_kernels_it_chose():
+    """--no-deterministic is recorded in the run's arguments and kept on resume; runs from before the option
+    were deterministic."""
+    fast = {**config("fp32", started_with="fp32"), "arguments": {"precision": "fp32", "deterministic": False}}
+    assert resumed_options(fast, {})[0]["deterministic"] is False
+    assert resumed_options(config("fp32", started_with="fp32"), {})[0]["deterministic"] is True
+    options, messages = resumed_options(fast, {"deterministic": True})
+    assert options["deterministic"] is True and messages == ["overriding deterministic: recorded False, now True"]
