@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -33,6 +34,8 @@ from pathlib import Path
 
 from cov3d.errors import Cov3dError, one_line
 
+NAME_BYTES = 255
+"""The longest file name most file systems take (ext4, XFS, APFS, NTFS in UTF-16 units)."""
 LOCK_SUFFIX = ".cov3d-lock"
 """Suffix of the lock file ``.<output name>.cov3d-lock`` beside an output."""
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -63,9 +66,13 @@ class OutputBusy(Cov3dError):
 
 def lock_path(output: Path) -> Path:
     """The lock file of ``output``: ``.<name>.cov3d-lock`` in the folder of its resolved path, so every
-    spelling of the path (``run1``, ``./run1/``, a link to it) has the same lock."""
+    spelling of the path (``run1``, ``./run1/``, a link to it) has the same lock. A name too long for
+    that (file names hold at most ``NAME_BYTES`` bytes) is replaced by its SHA-256."""
     target = Path(os.path.realpath(output))
-    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+    name = f".{target.name}{LOCK_SUFFIX}"
+    if len(os.fsencode(name)) > NAME_BYTES:
+        name = f".{hashlib.sha256(os.fsencode(target.name)).hexdigest()}{LOCK_SUFFIX}"
+    return target.parent / name
 
 
 def holder_description(text: str) -> str:

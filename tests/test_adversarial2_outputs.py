@@ -12,6 +12,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -163,6 +164,10 @@ def test_two_spellings_of_an_output_share_one_lock(tmp_path):
     link.symlink_to(tmp_path / "outputs")
     assert lock_path(tmp_path / "outputs" / "run1") == lock_path(link / "." / "run1") == lock_path(tmp_path / "outputs" / "run1/")
     assert lock_path(tmp_path / "outputs" / "run1").name == ".run1.cov3d-lock"
+    longest = "m" * 255  # a name of the most bytes a file system takes still gets a lock file it can make
+    assert lock_path(tmp_path / longest).name == f".{hashlib.sha256(longest.encode()).hexdigest()}.cov3d-lock"
+    with locks.writing(tmp_path / longest):
+        assert lock_path(tmp_path / longest).exists()
     target = tmp_path / "outputs" / "run1"
     with locks.writing(target), locks.writing(link / "run1"):  # re-entrant within one process
         assert json.loads(lock_path(target).read_text())["pid"] == os.getpid()

@@ -92,6 +92,7 @@ def check_shared_folders(dist: Distributed, folders: Mapping[str, Path]) -> None
     if dist.is_main:
         for folder in folders.values():
             (Path(folder) / SHARED_TOKEN_FILE).unlink(missing_ok=True)
+    barrier(dist)  # the tokens are gone on every process's return
     failed = [(rank, host, unread) for rank, host, unread in reports if unread]
     if failed:
         rank, host, unread = failed[0]
