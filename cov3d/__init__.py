@@ -21,7 +21,7 @@ _EXPORTS = {
     "VolumeShape": "cov3d.settings",
     "PRESETS": "cov3d.settings",
     "TrainSettings": "cov3d.settings",
-    "DemoSettings": "cov3d.settings",
+    "DemoSettings": "cov3d.demo_settings",
     "Window": "cov3d.window",
     "MODEL_WINDOW": "cov3d.window",
     # preprocessing

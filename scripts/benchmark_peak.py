@@ -31,8 +31,9 @@ import time
 
 import torch
 
+from cov3d.demo_settings import DemoSettings
 from cov3d.runtime import cpu_bf16_features
-from cov3d.settings import FASTAI_ADAM, FUSED_ADAMW, DemoSettings, VolumeShape
+from cov3d.settings import FASTAI_ADAM, FUSED_ADAMW, VolumeShape
 from cov3d.training.bf16_convs import checked_bf16_convs
 from cov3d.training.optimizer import optimizer_function
 from cov3d.workflows.benchmark import demo_step_parts

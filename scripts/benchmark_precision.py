@@ -22,8 +22,9 @@ from unittest import mock
 
 import torch
 
+from cov3d.demo_settings import DemoSettings
 from cov3d.runtime import cpu_bf16_features, cpu_model
-from cov3d.settings import DemoSettings, VolumeShape
+from cov3d.settings import VolumeShape
 from cov3d.training import bf16_convs
 from cov3d.training.bf16_convs import checked_bf16_convs
 from cov3d.workflows.benchmark import demo_step_parts

@@ -21,7 +21,8 @@ is 1 if any check failed. The groups (``--only``; each under 5 minutes on one H2
   memory      peak memory of a large training step (max_memory_reserved plus the CUDA context) against
               the estimate ``cov3d train`` checks before its first step
   torchrun    2 processes of cov3d train (nccl with 2 GPUs, gloo in the CPU mode)
-  ddp         reserved for the DDP sharded-validation checks (empty)
+  ddp         scripts/device_check_ddp.py, one check per group: host waits per training step counted by
+              CUDA, the loss on the GPU, LOCAL_RANK refused, post-training logits in the run's precision
 
     python scripts/device_check.py --only setup,precision     # a CUDA GPU
     python scripts/device_check.py --device cpu               # the CPU mode
@@ -671,6 +672,23 @@ def check_torchrun(work: Path, device: torch.device, size: tuple[int, int, int])
 
 
 
+# ddp -------------------------------------------------------------------------------------------------
+DDP_GROUPS = ("syncs", "loss", "launch", "evaluation")
+"""The groups of ``scripts/device_check_ddp.py`` (its ``CHECKS``; tests/test_device_check.py keeps them equal)."""
+
+
+def check_ddp(group: str) -> tuple[bool, str]:
+    """One group of ``scripts/device_check_ddp.py``, which prints its own ok / FAIL / skip line."""
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("device_check_ddp.py")), "--only", group],
+                          capture_output=True, text=True)
+    line = next((text for text in done.stdout.splitlines() if text[:4] in ("ok  ", "FAIL", "skip")), None)
+    if line is None:
+        return False, f"exit code {done.returncode} without a result: {' '.join(done.stderr.split()[-30:])}"
+    if line.startswith("skip"):
+        raise Skip(line[5:].strip())
+    return line.startswith("ok"), line[5:].strip()
+
+
 GROUPS = ("setup", "precision", "train", "inference", "speed", "speed-large", "memory", "torchrun", "ddp")
 
 
@@ -685,8 +703,7 @@ def trained_run(work: Path, device: torch.device, precision: str, size: tuple[in
 
 
 def plan(work: Path, device: torch.device, size: tuple[int, int, int], explain_size: tuple[int, int, int]) -> dict:
-    """Group -> [(name, check, arguments...)] for this device; the ``ddp`` group is reserved for the DDP
-    sharded-validation checks and has none yet."""
+    """Group -> [(name, check, arguments...)] for this device."""
     gpu = device.type == "cuda"
     precisions = ("bf16", "fp16") if gpu else ("fp32", "bf16")
     run = lambda: trained_run(work, device, precisions[0], size)  # noqa: E731 - trained on first use
@@ -706,7 +723,7 @@ def plan(work: Path, device: torch.device, size: tuple[int, int, int], explain_s
         "speed-large": [(f"speed {PRESETS['large']}", check_speed_large, work, device)],
         "memory": [("memory", check_memory, work, device)],
         "torchrun": [("torchrun", check_torchrun, work, device, size)],
-        "ddp": [],
+        "ddp": [(f"ddp {group}", check_ddp, group) for group in DDP_GROUPS],
     }
 
 

@@ -216,7 +216,7 @@ def test_a_model_file_with_non_finite_weights_is_refused_naming_it(world, tmp_pa
 
 def test_non_finite_weights_are_never_kept_as_best(tmp_path):
     """A NaN model's severity F1 of 0.25 must not beat, nor be saved before, a real model's 0.0."""
-    from cov3d.training.train import BestCheckpoints
+    from cov3d.training.checkpoint import BestCheckpoints
 
     best = BestCheckpoints(tmp_path, ["presence_f1", "severity_f1"])
     names = ["epoch", "train_loss", "valid_loss", "presence_f1", "severity_f1", "time"]

@@ -46,10 +46,11 @@ def test_a_check_in_its_own_process_that_hangs_or_crashes_is_a_fail_line(tmp_pat
     assert not result.exists() or json.loads(result.read_text())["line"] == "no GPU"
 
 
-def test_every_group_has_its_checks_and_ddp_is_reserved(tmp_path):
+def test_every_group_has_its_checks_and_ddp_runs_every_group_of_its_script(tmp_path):
     script = load_script("device_check")
     groups = script.plan(tmp_path, torch.device("cpu"), (8, 32, 32), (8, 32, 32))
-    assert tuple(groups) == script.GROUPS and groups["ddp"] == []
+    assert tuple(groups) == script.GROUPS
+    assert [entry[2] for entry in groups["ddp"]] == list(script.DDP_GROUPS) == list(load_script("device_check_ddp").CHECKS)
     names = [entry[0] for entries in groups.values() for entry in entries]
     assert len(names) == len(set(names))  # a check's own process finds it by name
     assert {"wheel", "auto fallback", "bf16 refusal", "resume across precision", "memory", "torchrun"} <= set(names)

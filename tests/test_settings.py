@@ -5,9 +5,10 @@ import inspect
 
 import pytest
 
+from cov3d.demo_settings import DemoSettings
 from cov3d.errors import Cov3dError, OptionOutOfRange
 from cov3d.limits import SIZE
-from cov3d.settings import PRESETS, SMALL, DemoSettings, TrainSettings, VolumeShape
+from cov3d.settings import PRESETS, SMALL, TrainSettings, VolumeShape
 
 
 def test_presets_follow_the_depth_rule_and_name_their_folders():

@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from cov3d.cli.streams import guard_console_streams
+from cov3d.demo_settings import DemoSettings
 from cov3d.errors import Cov3dError
 from cov3d.limits import command_parameter
 from cov3d.recipes import ORIGINAL_WARP
@@ -24,7 +25,6 @@ from cov3d.settings import (
     PRESET_NAMES,
     SMALL,
     TRAIN_DEFAULTS,
-    DemoSettings,
 )
 from cov3d.window import ModelWindow, Window
 

@@ -28,15 +28,14 @@ from cov3d.cli.common import (
     size_option,
     user_errors,
 )
+from cov3d.demo_settings import DEMO_WORKLOADS_HELP, DemoSettings
 from cov3d.errors import BaselineNotBeaten, Cov3dError
 from cov3d.limits import command_parameter
 from cov3d.recipes import ORIGINAL, ORIGINAL_DEFAULTS, PAPER, RECIPE_HELP, RECIPE_WARPS, recipe_warp
 from cov3d.settings import (
-    DEMO_WORKLOADS_HELP,
     DETERMINISTIC,
     RESUMABLE,
     TRAIN_DEFAULTS,
-    DemoSettings,
     TrainSettings,
     VolumeShape,
 )

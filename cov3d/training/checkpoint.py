@@ -1,4 +1,5 @@
-"""Resumable training: an end-of-epoch checkpoint with everything needed to continue a run exactly.
+"""Resumable training: an end-of-epoch checkpoint with everything needed to continue a run exactly,
+and the weights kept at each monitored score's best epoch (``BestCheckpoints``).
 
 ``checkpoint.pth`` holds only tensors, lists, dicts, strings and numbers, so it loads with
 ``torch.load(weights_only=True)`` and never runs code from the file. It is replaced atomically
@@ -8,6 +9,7 @@ previous or the new checkpoint, never a torn one.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +19,15 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.optimizer import OptimWrapper
+from safetensors.torch import save as safetensors_bytes
 
-from cov3d.atomic import replaced_atomically
+from cov3d.atomic import replaced_atomically, write_bytes_atomically
 from cov3d.errors import Cov3dError
-from cov3d.runfiles import RESUME_FILE
+from cov3d.model.files import non_finite_tensor
+from cov3d.model.metrics import task_metrics
+from cov3d.recipes import ONE_CHECKPOINT
+from cov3d.runfiles import RESUME_FILE, WEIGHTS_BY_METRIC
+from cov3d.settings import TrainSettings
 from cov3d.training.distributed import seed_replica, unwrap
 
 CHECKPOINT_FORMAT = 1
@@ -225,3 +232,45 @@ class TrainingState(Callback):
             "train_loader_rng": pack_python_state(self.dls.train.rng.getstate()),
             "grad_scaler": scaler.state_dict() if (scaler := getattr(self.learn, "scaler", None)) is not None else {},
         }
+
+
+def monitored_metrics(settings: TrainSettings) -> list[str]:
+    """The validation scores whose best a run records: each task it trains."""
+    return [metric.name for metric in task_metrics(settings.severity_factor) if metric.name in WEIGHTS_BY_METRIC]
+
+
+def kept_metrics(settings: TrainSettings) -> list[str]:
+    """The validation scores whose best epoch's weights a run keeps: each task's (``per-task``), or only
+    the first, presence unless lambda = 1 (``kept_weights="one"``, the original code)."""
+    monitored = monitored_metrics(settings)
+    return monitored[:1] if settings.kept_weights == ONE_CHECKPOINT else monitored
+
+
+class BestCheckpoints(Callback):
+    """After each epoch, note each monitored F1's best and save the weights (safetensors) whenever a
+    ``kept`` one improves (default: every monitored one); weights with a NaN or infinite value (a diverged
+    run) are never kept, whatever their scores."""
+
+    order = 70  # after the Recorder has computed the epoch's metrics
+
+    def __init__(self, run_dir: Path, monitored: list[str], first_epoch: int = 0, write: bool = True,
+                 kept: list[str] | None = None):
+        self.run_dir, self.monitored, self.first_epoch, self.write = run_dir, monitored, first_epoch, write
+        self.kept = monitored if kept is None else kept
+        self.best = {name: -math.inf for name in monitored}
+        self.best_epoch = {name: -1 for name in monitored}
+
+    def after_epoch(self) -> None:
+        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
+        values = dict(zip(names, self.recorder.log[1:]))
+        diverged = non_finite_tensor(unwrap(self.model).state_dict())
+        if diverged is not None:  # its scores mean nothing, and its weights must never be "best"
+            print(f"Epoch {self.first_epoch + self.epoch}: non-finite weights ({diverged}); not kept as best.")
+            return
+        for name in self.monitored:
+            value = float(values.get(name, math.nan))
+            if not math.isnan(value) and value > self.best[name]:
+                self.best[name], self.best_epoch[name] = value, self.first_epoch + self.epoch
+                if self.write and name in self.kept:
+                    state = {key: t.detach().cpu().contiguous() for key, t in unwrap(self.model).state_dict().items()}
+                    write_bytes_atomically(self.run_dir / WEIGHTS_BY_METRIC[name], safetensors_bytes(state), resume_remedy(self.run_dir))

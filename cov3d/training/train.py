@@ -13,26 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
-from safetensors.torch import save as safetensors_bytes
 
-from cov3d.atomic import write_bytes_atomically, write_text_atomically
+from cov3d.atomic import write_text_atomically
 from cov3d.dataset.layout import PRESENCE_CLASSES, SEVERITY_CLASSES, SEVERITY_GROUPS
 from cov3d.errors import Cov3dError
 from cov3d.limits import LOADER_WORKERS, WORKERS
 from cov3d.locks import writing
-from cov3d.model.files import non_finite_tensor
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.metrics import task_metrics
 from cov3d.model.network import build_model, load_kinetics_state_dict
 from cov3d.model.original_loss import OriginalCodeLoss, pos_weight_from_counts
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, ONE_CHECKPOINT, POS_WEIGHT
+from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, POS_WEIGHT
 from cov3d.runfiles import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SUMMARY_FILE, WEIGHTS_BY_METRIC
 from cov3d.runtime import Precision, choose_precision, kernel_choice, machine_description, resolve_device
 from cov3d.settings import DETERMINISTIC, FASTAI_ADAM, TrainSettings
@@ -48,8 +45,11 @@ from cov3d.training.callbacks import (
     start_wandb,
 )
 from cov3d.training.checkpoint import (
+    BestCheckpoints,
     TrainingState,
+    kept_metrics,
     load_resume_state,
+    monitored_metrics,
     resume_remedy,
 )
 from cov3d.training.data import TrainingItem, collect_items, presence_counts, severity_group_counts
@@ -62,7 +62,6 @@ from cov3d.training.distributed import (
     seed_replica,
     start_distributed,
     stop_distributed,
-    unwrap,
 )
 from cov3d.training.evaluation import evaluate_kept_weights
 from cov3d.training.launch import check_launch, check_shared_folders
@@ -96,36 +95,6 @@ class TrainResult:
     best_scores: dict[str, float] = field(default_factory=dict)
 
 
-class BestCheckpoints(Callback):
-    """After each epoch, note each monitored F1's best and save the weights (safetensors) whenever a
-    ``kept`` one improves (default: every monitored one); weights with a NaN or infinite value (a diverged
-    run) are never kept, whatever their scores."""
-
-    order = 70  # after the Recorder has computed the epoch's metrics
-
-    def __init__(self, run_dir: Path, monitored: list[str], first_epoch: int = 0, write: bool = True,
-                 kept: list[str] | None = None):
-        self.run_dir, self.monitored, self.first_epoch, self.write = run_dir, monitored, first_epoch, write
-        self.kept = monitored if kept is None else kept
-        self.best = {name: -math.inf for name in monitored}
-        self.best_epoch = {name: -1 for name in monitored}
-
-    def after_epoch(self) -> None:
-        names = self.recorder.metric_names[1:-1]  # drop 'epoch' and 'time'
-        values = dict(zip(names, self.recorder.log[1:]))
-        diverged = non_finite_tensor(unwrap(self.model).state_dict())
-        if diverged is not None:  # its scores mean nothing, and its weights must never be "best"
-            print(f"Epoch {self.first_epoch + self.epoch}: non-finite weights ({diverged}); not kept as best.")
-            return
-        for name in self.monitored:
-            value = float(values.get(name, math.nan))
-            if not math.isnan(value) and value > self.best[name]:
-                self.best[name], self.best_epoch[name] = value, self.first_epoch + self.epoch
-                if self.write and name in self.kept:
-                    state = {key: t.detach().cpu().contiguous() for key, t in unwrap(self.model).state_dict().items()}
-                    write_bytes_atomically(self.run_dir / WEIGHTS_BY_METRIC[name], safetensors_bytes(state), resume_remedy(self.run_dir))
-
-
 def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int | None) -> list[TrainingItem]:
     """Preprocess what the cache lacks; drop (with a report) scans that failed."""
     summary = preprocess_many([item.path for item in items], cache, workers=workers)
@@ -133,18 +102,6 @@ def prepare_volumes(items: list[TrainingItem], cache: VolumeCache, workers: int 
     for path, reason in summary.failed:
         logger.warning("Skipping %s: %s", path, reason)
     return [item for item in items if item.path not in failed]
-
-
-def monitored_metrics(settings: TrainSettings) -> list[str]:
-    """The validation scores whose best a run records: each task it trains."""
-    return [metric.name for metric in task_metrics(settings.severity_factor) if metric.name in WEIGHTS_BY_METRIC]
-
-
-def kept_metrics(settings: TrainSettings) -> list[str]:
-    """The validation scores whose best epoch's weights a run keeps: each task's (``per-task``), or only
-    the first, presence unless lambda = 1 (``kept_weights="one"``, the original code)."""
-    monitored = monitored_metrics(settings)
-    return monitored[:1] if settings.kept_weights == ONE_CHECKPOINT else monitored
 
 
 def build_loss(settings: TrainSettings, train_items: list[TrainingItem]) -> Cov3dLoss:

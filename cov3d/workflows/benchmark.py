@@ -16,12 +16,13 @@ from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 
+from cov3d.demo_settings import DemoSettings
 from cov3d.model.loss import Cov3dLoss, class_weights
 from cov3d.model.metrics import task_metrics
 from cov3d.model.network import build_model
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
-from cov3d.settings import DETERMINISTIC, DemoSettings, TrainSettings, VolumeShape
+from cov3d.settings import DETERMINISTIC, TrainSettings, VolumeShape
 from cov3d.synthetic.generator import VALIDATION_SHARE, generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
 from cov3d.training.data import TrainingItem, collect_items, presence_counts, severity_group_counts

@@ -3,8 +3,8 @@
 The demo keeps the paper's method (loss, schedule, reflection, checkpoints) but shrinks the problem so
 that it fits a laptop: fewer and thinner synthetic scans, small volumes, no Kinetics weights (they
 cannot be assumed offline), a larger batch and learning rate to train from scratch in a few epochs
-(``cov3d.settings.DemoSettings``), and a volume size and number of epochs chosen from the precision in
-use (``cov3d.settings.DEMO_WORKLOADS``). Each step is logged (``logging``); the caller shows the report.
+(``cov3d.demo_settings.DemoSettings``), and a volume size and number of epochs chosen from the precision in
+use (``cov3d.demo_settings.DEMO_WORKLOADS``). Each step is logged (``logging``); the caller shows the report.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_LABELS, read_answer_key
 from cov3d.dataset.scans import find_scans
+from cov3d.demo_settings import DEMO_WORKLOADS, DemoSettings, demo_workload
 from cov3d.errors import BaselineNotBeaten
 from cov3d.inference.infer import infer
 from cov3d.limits import WORKERS
@@ -28,7 +29,6 @@ from cov3d.model.metrics import macro_f1
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
 from cov3d.runtime import choose_precision, machine_description, resolve_device
-from cov3d.settings import DEMO_WORKLOADS, DemoSettings, demo_workload
 from cov3d.synthetic.generator import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
 from cov3d.training.data import TrainingItem, collect_items
 from cov3d.training.train import train

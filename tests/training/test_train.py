@@ -127,7 +127,7 @@ def test_the_window_is_parsed_once_and_recorded_as_text():
 
 
 def test_kept_metrics_per_task_or_one_checkpoint():
-    from cov3d.training.train import kept_metrics
+    from cov3d.training.checkpoint import kept_metrics
 
     assert kept_metrics(TrainSettings()) == ["presence_f1", "severity_f1"]
     assert kept_metrics(TrainSettings(severity_factor=0.0)) == ["presence_f1"]
@@ -179,7 +179,7 @@ def test_one_epoch_of_the_original_recipe(tmp_path, tiny_dataset):
 def test_one_checkpoint_records_every_tasks_best_but_keeps_one_set_of_weights(tmp_path):
     from types import SimpleNamespace
 
-    from cov3d.training.train import BestCheckpoints
+    from cov3d.training.checkpoint import BestCheckpoints
 
     best = BestCheckpoints(tmp_path, ["presence_f1", "severity_f1"], kept=["presence_f1"])
     names = ["epoch", "train_loss", "valid_loss", "presence_f1", "severity_f1", "time"]
