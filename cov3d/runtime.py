@@ -144,8 +144,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     A GPU comes back with its index ('cuda' is the current GPU) and becomes torch's current CUDA
     device: whatever asks "the current GPU" (bf16 support, the saved CUDA RNG state, the pinned-memory
     thread of the loaders, ``torch.cuda.*`` calls without a device) then means the one chosen.
-    'auto' is the CPU only where no GPU is expected (``cov3d.gpu.expected_gpu``); a GPU must have kernels
-    in this torch and start (``cov3d.gpu.check_gpu_runs``), else a one-line error says what to install.
+    'auto' is the CPU only where no GPU is expected (``expected_gpu``); a GPU must have kernels
+    in this torch and start (``check_gpu_runs``), else a one-line error says what to install.
     """
     if name == "auto":
         if not torch.cuda.is_available() and (reason := expected_gpu()) is not None:

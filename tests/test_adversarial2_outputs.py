@@ -195,11 +195,12 @@ def test_resume_with_other_models_or_settings_is_refused_and_the_same_ensemble_c
     assert [member["sha256"] for member in record["members"]] == [load_source(world.run_a).digest]
     before = preds.read_bytes()
     for changed in (("-m", world.run_b), ("-m", world.run_a, "--no-tta"), ("-m", world.run_a, "--window", "-600,1500"),
-                    ("--presence-model", world.run_a), ("-m", world.run_a, "--uncalibrated")):
+                    ("--presence-model", world.run_a), ("-m", world.run_a, "--uncalibrated"), ("-m", world.run_a, "--skip-flagged")):
         line = error_line(infer(world, preds, world.scan_root, *changed, "--resume"), str(preds), "begun by other models",
                           str(predictions_record(preds)), "without --resume")
         assert ("TTA was on, now off" in line) == ("--no-tta" in changed)
         assert ("were calibrated, now uncalibrated" in line) == ("--uncalibrated" in changed)
+        assert ("flagged scans were kept, now left out" in line) == ("--skip-flagged" in changed)
         assert preds.read_bytes() == before, changed
     # The same model, spelled otherwise (a relative path through its parent), continues the CSV.
     spelled = Path(os.path.relpath(world.run_a, Path.cwd()))

@@ -235,7 +235,8 @@ def infer(
             window=window, calibrated=calibrated,
         )
         checks = DomainChecks([(member.source, member.shape) for member in ensemble.members])
-        record = ensemble_record(ensemble, reflect=reflect, mc_samples=mc_samples, calibrated=calibrated)
+        record = ensemble_record(ensemble, reflect=reflect, mc_samples=mc_samples, calibrated=calibrated,
+                                 skip_flagged=skip_flagged)
         torch.manual_seed(seed)
         done = {real(Path(path)) for path in completed_paths(output, columns)} if resume else set()
         if done:

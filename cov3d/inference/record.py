@@ -3,7 +3,8 @@
 
 The record lists the ensemble's members (each model's ``ModelSource.digest``, the tasks it predicts and
 the window it reads DICOM/NIfTI scans with) and the settings that change a prediction's meaning (the
-reflection test-time augmentation, the Monte-Carlo samples, whether the members' temperatures are applied). Paths are kept for the reader only: a
+reflection test-time augmentation, the Monte-Carlo samples, whether the members' temperatures are applied, whether flagged scans are
+left out). Paths are kept for the reader only: a
 model moved elsewhere is still the same model. Device, precision, batch size, workers and the seed are
 not part of it (they change the last digits, or which Monte-Carlo samples are drawn).
 """
@@ -20,11 +21,12 @@ from cov3d.inference.streaming import RESUME_REMEDY
 from cov3d.runfiles import predictions_record
 
 RECORD_FORMAT, RECORD_VERSION = "cov3d-predictions-record", 1
-IDENTITY_KEYS = ("members", "tta", "mc_samples", "calibrated")
+IDENTITY_KEYS = ("members", "tta", "mc_samples", "calibrated", "skip_flagged")
 """The parts of a record that must match for rows to be appended."""
 
 
-def ensemble_record(ensemble: Ensemble, *, reflect: bool, mc_samples: int, calibrated: bool = True) -> dict:
+def ensemble_record(ensemble: Ensemble, *, reflect: bool, mc_samples: int, calibrated: bool = True,
+                    skip_flagged: bool = False) -> dict:
     """The record of the rows that ``ensemble`` makes with these settings."""
     members = [
         {"sha256": member.source.digest, "tasks": list(member.tasks), "window": str(member.shape.window),
@@ -32,7 +34,7 @@ def ensemble_record(ensemble: Ensemble, *, reflect: bool, mc_samples: int, calib
         for member in ensemble.members
     ]
     return {"format": RECORD_FORMAT, "version": RECORD_VERSION, "members": members, "tta": reflect,
-            "mc_samples": mc_samples, "calibrated": calibrated}
+            "mc_samples": mc_samples, "calibrated": calibrated, "skip_flagged": skip_flagged}
 
 
 def read_record(path: Path) -> dict | None:
@@ -60,7 +62,8 @@ def _member_key(member: dict) -> tuple:
 
 def _identity(record: dict) -> tuple:
     members = sorted(_member_key(member) for member in record["members"])
-    return tuple(members), record.get("tta"), record.get("mc_samples"), record.get("calibrated")
+    return (tuple(members), record.get("tta"), record.get("mc_samples"), record.get("calibrated"),
+            record.get("skip_flagged", False))
 
 
 def _describe(members: list[dict], others: list[dict]) -> str:
@@ -84,6 +87,9 @@ def differences(recorded: dict, current: dict) -> str:
     if recorded.get("calibrated") != current.get("calibrated"):
         parts.append(f"the probabilities were {'calibrated' if recorded.get('calibrated') else 'uncalibrated'}, "
                      f"now {'calibrated' if current.get('calibrated') else 'uncalibrated (--uncalibrated)'}")
+    if recorded.get("skip_flagged", False) != current.get("skip_flagged", False):
+        parts.append(f"flagged scans were {'left out (--skip-flagged)' if recorded.get('skip_flagged') else 'kept'}, "
+                     f"now {'left out (--skip-flagged)' if current.get('skip_flagged') else 'kept'}")
     if _identity(recorded)[0] != _identity(current)[0]:
         parts.append(f"begun with {_describe(recorded['members'], current['members'])}; "
                      f"now {_describe(current['members'], recorded['members'])}")

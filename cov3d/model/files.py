@@ -30,7 +30,7 @@ from cov3d.atomic import write_bytes_atomically
 from cov3d.errors import Cov3dError, one_line
 from cov3d.limits import DROPOUT, WARP
 from cov3d.locks import writing
-from cov3d.logits import has_severity
+from cov3d.logits import has_negative_class, has_severity
 from cov3d.model.grey_reference import GreyReference
 from cov3d.model.network import build_model
 from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, MEAN_PROBABILITY, ONE_CHECKPOINT, PAPER, PER_TASK
@@ -83,11 +83,25 @@ class ModelSource:
 
     def __post_init__(self) -> None:
         """A run that kept one checkpoint (``kept_weights="one"``, the original recipe) predicts with it
-        every task its outputs have."""
+        every task its outputs have; at lambda = 1, whose loss never trains the presence output x, only
+        severity (and presence from it where it has z_0: ``tasks``)."""
         if self.config.get("kept_weights") == ONE_CHECKPOINT and len(self.states) == 1:
             (state,) = self.states.values()
-            tasks = TASKS if has_severity(self.config["outputs"]) else TASKS[:1]
-            self.states = dict.fromkeys(tasks, state)
+            if self.config.get("severity_factor", 0.0) >= 1.0:  # lambda = 1 never trains x: severity weights only
+                self.states = {"severity": state}
+            else:
+                self.states = dict.fromkeys(TASKS if has_severity(self.config["outputs"]) else TASKS[:1], state)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this model can predict: presence from presence weights, or from severity weights
+        with the "COVID negative" class z_0 (lambda = 1: P(covid) = s_1 + .. + s_4); severity from
+        severity weights with severity outputs. A lambda = 1 model of the graded-only loss (no z_0)
+        has no presence at all."""
+        outputs = self.config["outputs"]
+        presence = "presence" in self.states or ("severity" in self.states and has_negative_class(outputs))
+        severity = "severity" in self.states and has_severity(outputs)
+        return tuple(task for task, able in zip(TASKS, (presence, severity)) if able)
 
     @functools.cached_property
     def shape(self) -> VolumeShape:
@@ -116,10 +130,12 @@ class ModelSource:
     @functools.cached_property
     def digest(self) -> str:
         """SHA-256 (hex) of what the model predicts with: every task's tensors (names, dtypes, shapes,
-        bytes), the network's architecture and its input (``shape``: size, decoding, warp, window).
+        bytes), the network's architecture, its input (``shape``: size, decoding, warp, window) and how
+        its views are pooled (``presence_decision``).
         Equal for a run folder, its copies and its exported file; provenance (paths, dates) is left out."""
         digest = hashlib.sha256(json.dumps(
-            {"architecture": {key: self.config[key] for key in ARCHITECTURE_KEYS}, "input": repr(self.shape)},
+            {"architecture": {key: self.config[key] for key in ARCHITECTURE_KEYS}, "input": repr(self.shape),
+             "presence_decision": self.config.get("presence_decision")},
             sort_keys=True).encode())
         for task in sorted(self.states):
             for key, tensor in sorted(self.states[task].items()):

@@ -6,8 +6,8 @@ A scan's histogram ``h`` (``HISTOGRAM_BINS`` bins of the 256 stored levels, shar
 is compared with the training scans' mean ``m`` and standard deviation ``s`` per bin: its distance is
 the root mean square of ``(h - m) / (s + STD_FLOOR)`` over the bins, a z-score per bin. The
 threshold is the largest distance of a training scan times ``THRESHOLD_MARGIN``: a scan further
-from the training scans than any of them was, by that margin, is flagged. tests/inference/
-test_domain.py shows on held-apart synthetic scans that this keeps them and flags shifted ones.
+from the training scans than any of them was, by that margin, is flagged. tests/model/test_grey_reference.py
+shows on held-apart synthetic scans that this keeps them and flags shifted ones.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from cov3d.dataset.layout import SEVERITY_LABELS
-from cov3d.logits import has_negative_class, has_severity, presence_output
+from cov3d.errors import Cov3dError
+from cov3d.logits import has_severity, presence_output
 from cov3d.model.calibration import covid_logits_from_severity, pool_views, task_logits, task_probabilities
 from cov3d.model.files import ModelSource
 from cov3d.model.metrics import PRESENCE_THRESHOLD
@@ -97,6 +98,12 @@ class RunPredictor:
         self, source: ModelSource, device: torch.device, dtype: torch.dtype | None, mc_samples: int = 0, reflect: bool = True,
         tasks: Sequence[str] = TASKS, window: Window | ModelWindow = MODEL_WINDOW, calibrated: bool = True,
     ):
+        if "presence" in tasks and "presence" not in source.tasks:
+            raise Cov3dError(
+                f"{source.path} cannot predict COVID-19 presence: trained with lambda = 1 and the graded-only severity "
+                "loss, it has neither a trained presence output nor a 'negative' class. Give it for severity only "
+                "(--severity-model) with another model for presence."
+            )
         self.source, self.device, self.dtype, self.reflect = source, device, dtype, reflect
         self.mean_logit = source.config.get("presence_decision") == MEAN_LOGIT
         self.temperatures = {task: source.temperature(task) for task in TASKS} if calibrated else {}
@@ -136,10 +143,8 @@ class RunPredictor:
             covid = torch.full((batch,), math.nan, device=volumes.device)
         elif presence is not None:
             covid = presence_output(presence)
-        elif has_negative_class(severity.shape[1]):  # lambda = 1: P(covid) = s_1 + .. + s_4 (paper, after eq. 3)
+        else:  # lambda = 1: P(covid) = s_1 + .. + s_4 (paper, after eq. 3; ``ModelSource.tasks``)
             covid = covid_logits_from_severity(severity)
-        else:  # no z_0 (graded-only severity loss): the presence output of the severity weights
-            covid = presence_output(severity)
         graded = "severity" in self.tasks and severity is not None and has_severity(severity.shape[1])
         logits = task_logits(covid, severity if graded else None)
         finite = torch.ones(batch, dtype=torch.bool, device=covid.device)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 from fastai.callback.core import Callback
 from fastai.callback.schedule import combined_cos
 
@@ -113,8 +114,9 @@ class FiniteGuard(Callback):
     A training step waits on the host once: the loss and, unless a gradient scaler is in charge of them
     (fp16 on CUDA skips overflowing steps itself), every gradient are checked together after the
     backward pass, with one fused max-norm over the gradients (an infinite or NaN element gives an
-    infinite or NaN norm). Validation losses are checked once, at the end of the validation pass.
-    Under DDP no collective is needed: a non-finite loss on one rank makes the averaged gradients
+    infinite or NaN norm). Validation losses are checked once, at the end of the validation pass (under
+    DDP with one collective, so that every process stops with the first failed batch of any shard).
+    In training no collective is needed: a non-finite loss on one rank makes the averaged gradients
     non-finite on every rank, so all ranks stop at the same batch (fp16 leaves the check to the rank
     whose loss failed; torchrun then stops the others). The error names the epoch and batch; the
     end-of-epoch checkpoint and best weights written before it are left as they were.
@@ -153,12 +155,19 @@ class FiniteGuard(Callback):
         self.stop("gradient of " + next(name for name, grad in named if not bool(torch.isfinite(grad).all())))
 
     def after_validate(self) -> None:
-        if not self.valid_finite or bool(torch.stack(self.valid_finite).all()):
-            return
-        batch = int(torch.stack(self.valid_finite).logical_not().nonzero()[0, 0])
+        batches = getattr(self.dl, "global_batches", self.n_iter)
+        failed = torch.stack(self.valid_finite).logical_not().nonzero() if self.valid_finite else torch.empty(0, 1)
+        first = int(failed[0, 0]) if len(failed) else None
         shard = getattr(self.dl, "global_batch", None)  # a sharded validation loader numbers its batches globally
-        self.stop("validation loss", batch=shard(batch) if shard else batch,
-                  batches=getattr(self.dl, "global_batches", self.n_iter))
+        first = shard(first) if shard and first is not None else first
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            # one collective a pass, so that every process stops at the first failed batch of any of them
+            device = next(unwrap(self.learn.model).parameters()).device
+            earliest = torch.tensor(batches if first is None else first, device=device)
+            torch_dist.all_reduce(earliest, op=torch_dist.ReduceOp.MIN)
+            first = None if int(earliest) >= batches else int(earliest)
+        if first is not None:
+            self.stop("validation loss", batch=first, batches=batches)
 
     def stop(self, what: str, batch: int | None = None, batches: int | None = None) -> None:
         """Raise ``NonFiniteTraining`` for the current batch (or 0-based `batch` of `batches`)."""

@@ -46,7 +46,8 @@ def kept_weights_predictions(run_dir: Path, loader, device: torch.device, *, dty
     from cov3d.model.files import load_source
     from cov3d.model.predictor import RunPredictor
 
-    predictor = RunPredictor(load_source(Path(run_dir)), device, dtype, reflect=reflect, calibrated=False)
+    source = load_source(Path(run_dir))
+    predictor = RunPredictor(source, device, dtype, reflect=reflect, tasks=source.tasks, calibrated=False)
     logits, targets = [], []
     for volumes, target in loader:  # each task's kept weights once per batch (both tasks from one for lambda = 1)
         logits.append(predictor.task_logits(volumes.as_subclass(torch.Tensor)))

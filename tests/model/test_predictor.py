@@ -75,3 +75,22 @@ def test_one_checkpoint_predicts_every_task_of_its_outputs():
     assert both.states == {"presence": state, "severity": state}
     assert ModelSource(Path("run"), {"kept_weights": "one", "outputs": 1}, {"presence": state}).states == {"presence": state}
     assert ModelSource(Path("run"), {"outputs": 6}, {"presence": state}).states == {"presence": state}  # per task
+
+
+def test_lambda_one_never_predicts_presence_from_its_untrained_output():
+    """At lambda = 1 the loss never trains x: one kept checkpoint is severity weights only, presence comes
+    from s_1 + .. + s_4 where the outputs have z_0, and a graded-only model (no z_0) refuses presence."""
+    from cov3d.errors import Cov3dError
+    from cov3d.model.files import ModelSource
+    from cov3d.model.predictor import RunPredictor
+
+    state = {"w": torch.zeros(1)}
+    lambda_one = {"kept_weights": "one", "severity_factor": 1.0}
+    paper_layout = ModelSource(Path("run"), {**lambda_one, "outputs": 6}, {"severity": state})
+    assert paper_layout.states == {"severity": state} and paper_layout.tasks == ("presence", "severity")
+    graded_only = ModelSource(Path("run"), {**lambda_one, "outputs": 5}, {"severity": state})
+    assert graded_only.states == {"severity": state} and graded_only.tasks == ("severity",)
+    with pytest.raises(Cov3dError, match="cannot predict COVID-19 presence.*--severity-model"):
+        RunPredictor(graded_only, torch.device("cpu"), None)
+    lambda_half = ModelSource(Path("run"), {"kept_weights": "one", "severity_factor": 0.5, "outputs": 5}, {"presence": state})
+    assert lambda_half.tasks == ("presence", "severity")

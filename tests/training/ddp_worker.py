@@ -3,7 +3,8 @@
 
 Two fits of one epoch from the same weights: ``fastai`` with fastai's own Recorder and every process
 validating the whole set, ``sharded`` with the trainer's device-side averages and sharded validation.
-Also the shared-folder check, with a folder all processes share and one that rank 1 does not see.
+Also the shared-folder check, with a folder all processes share and one that rank 1 does not see, and
+a validation pass with a NaN loss in one process's shard, which must stop every process alike.
 """
 
 from __future__ import annotations
@@ -153,6 +154,36 @@ def shared_folders(dist, out: Path) -> dict:
     return results
 
 
+class NaNForItem(nn.Module):
+    """The toy model, whose validation output is NaN for the item whose first feature (its index) is 6."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = toy_model()
+
+    def forward(self, x):
+        out = self.model(x)
+        return out if self.training else torch.where(x[:, :1] == 6, torch.nan, out)
+
+
+def non_finite_validation(dist, device: torch.device) -> list:
+    """The error of a sharded fit whose validation item 6 (global batch 4 of 5, rank 1's second) is NaN:
+    [what, batch, batches] as every process raises it (None if it did not)."""
+    from cov3d.errors import NonFiniteTraining
+    from cov3d.training.callbacks import FiniteGuard
+
+    train = TfmdDL(items(TRAIN_ITEMS, seed=0), bs=BATCH).new(cls=ShardedDL, rank=dist.rank, world_size=dist.world_size)
+    valid = valid_loader().new(cls=ShardedValidDL, rank=dist.rank, world_size=dist.world_size)
+    guard = FiniteGuard(run_dir=Path("."), epochs=1, first_epoch=0, precision="fp32", learning_rate=1e-2)
+    learner = record_on_device(quiet(Learner(DataLoaders(train, valid), NaNForItem(), loss_func=toy_loss(),
+                                             cbs=[DDPTrainer(device), guard])), dist, device)
+    try:
+        learner.fit(1, lr=1e-2)
+    except NonFiniteTraining as error:
+        return [error.what, error.batch, error.batches]
+    return None
+
+
 def main(out: Path) -> None:
     dist = distributed_from_env()
     device, started = start_distributed(dist, torch.device("cpu"))
@@ -167,6 +198,7 @@ def main(out: Path) -> None:
         result["gathered_targets"] = targets.tolist()
         result["gathered_logits"] = logits.tolist()
         result.update(shared_folders(dist, out))
+        result["non_finite_validation"] = non_finite_validation(dist, device)
         (out / f"rank{dist.rank}.json").write_text(json.dumps(result))
     finally:
         stop_distributed(started)

@@ -97,3 +97,9 @@ def test_shared_folder_check(ranks):
         assert result["shared_token_left"] is False
         error = result["unshared_error"]
         assert error is not None and "Rank 1" in error and "run folder run" in error and "\n" not in error
+
+
+def test_a_nan_validation_loss_in_one_shard_stops_every_process_at_its_batch(ranks):
+    """Only rank 1 sees the NaN (global batch 4 of 5); both raise it, so none waits in a collective."""
+    for result in ranks[0]:
+        assert result["non_finite_validation"] == ["validation loss", 4, 5]

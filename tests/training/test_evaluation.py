@@ -25,7 +25,7 @@ class FixedPredictor:
     made: list = []
     predicted_tasks = ("presence",)
 
-    def __init__(self, source, device, dtype, reflect=True, calibrated=True):
+    def __init__(self, source, device, dtype, reflect=True, tasks=(), calibrated=True):
         FixedPredictor.made.append((dtype, calibrated))
 
     def task_logits(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def test_kept_weights_are_scored_in_the_runs_precision(monkeypatch, tmp_path):
     import cov3d.model.files
     import cov3d.model.predictor
 
-    monkeypatch.setattr(cov3d.model.files, "load_source", lambda run_dir: type("Source", (), {"states": {"presence": {}}})())
+    monkeypatch.setattr(cov3d.model.files, "load_source", lambda run_dir: type("Source", (), {"states": {"presence": {}}, "tasks": ("presence",)})())
     monkeypatch.setattr(cov3d.model.predictor, "RunPredictor", FixedPredictor)
     FixedPredictor.made = []
     loader = [(torch.tensor([[0.9], [0.2]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])),
