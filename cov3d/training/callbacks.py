@@ -231,8 +231,8 @@ class StepTimer(Callback):
 
 
 def speed_line(speed: dict) -> str:
-    """'Speed on CPU ...: bf16, about 0.62 s a training step: 12 epochs of 48 steps at 16x48x48 take about
-    6.4 min with validation.' from a ``StepTimer`` measurement."""
+    """'Speed on CPU ...: bf16, about 0.71 s a training step: 11 epochs of 48 steps at 16x48x48 take about
+    7.0 min with validation.' from a ``StepTimer`` measurement."""
     return (f"Speed on {speed['machine']}: {speed['precision']}, about {speed['seconds_per_step']:.2f} s a training "
             f"step: {speed['epochs']} epochs of {speed['steps_per_epoch']} steps at {speed['shape']} take about "
             f"{speed['estimated_minutes']:.1f} min with validation.")
