@@ -26,12 +26,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cli_checks import error_line, invoke
 from PIL import Image
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from cov3d import atomic, locks
-from cov3d.cli import app
 from cov3d.inference.ensemble import Ensemble
 from cov3d.locks import lock_path
 from cov3d.model.files import export_model, load_source
@@ -41,24 +40,8 @@ from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.runfiles import WEIGHTS_FILES, predictions_record
 from cov3d.settings import VolumeShape
 
-runner = CliRunner()
 SIZE = (8, 32, 32)
 FAST = ("--device", "cpu", "--precision", "fp32", "--workers", "0")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result, *fragments) -> str:
-    """The one 'Error:' line of a failed command, holding every fragment; no traceback."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 def make_run(folder: Path, seed: int) -> Path:

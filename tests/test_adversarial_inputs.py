@@ -12,29 +12,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from cli_checks import error_line, invoke
 
-from cov3d.cli import app
 from cov3d.errors import Cov3dError
 from cov3d.limits import DROPOUT, SEED, SMOOTHING, SYNTHETIC_SCANS
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def error_line(result, *fragments) -> str:
-    """The one 'Error:' line of a failed command, holding every fragment; no traceback."""
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
 
 # Every numeric option is checked at the boundary, before any data is read.
 
