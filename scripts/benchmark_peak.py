@@ -13,11 +13,15 @@ ratio is then half the truth). A clock above the nominal one (turbo) can push th
 
     python scripts/benchmark_peak.py                         # the demo's fp32 workload (16x32x32, batch 4)
     python scripts/benchmark_peak.py --size 16x48x48 --bf16  # also time bf16 autocast (no peak modelled)
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python scripts/benchmark_peak.py   # as an AVX2-only CPU
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        python scripts/benchmark_peak.py                     # as an AVX2-only CPU (oneDNN, ATen and MKL held)
+    python scripts/benchmark_peak.py --convs                 # one convolution: oneDNN against the matrix product
 
 Each step is a whole training step as `cov3d train` runs it: forward, the Cov3d loss, backward and the
-optimiser (torch's fused AdamW, and fastai's Adam for comparison), median of `--steps` after two warm-up
-steps. Not a test: no asserts.
+optimiser (torch's fused AdamW, and fastai's Adam for comparison; and in fp32 without the matrix-product
+route of ``cov3d.model.gemm_convs``, oneDNN for every convolution), median of `--steps` after two warm-up
+steps. `--convs` times forward and backward of single convolutions of r3d_18's shapes both ways, the
+measurement behind ``GEMM_MAX_OUTPUT_VOXELS``. Not a test: no asserts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 import torch
 
 from cov3d.demo_settings import DemoSettings
+from cov3d.model.gemm_convs import GemmRoutedConv3d, output_voxels
 from cov3d.runtime import cpu_bf16_features
 from cov3d.settings import FASTAI_ADAM, FUSED_ADAMW, VolumeShape
 from cov3d.training.bf16_convs import checked_bf16_convs
@@ -103,7 +108,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=demo.batch_size)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="Also time the step under bf16 autocast.")
+    parser.add_argument("--convs", action="store_true", help="Time single convolutions (oneDNN and matrix product).")
     args = parser.parse_args()
+    if args.convs:
+        time_convs(args.steps)
+        return
     volume, target, loss_func, model = demo_step_parts(VolumeShape.parse(args.size), args.batch_size, demo)
     forward, backward = conv_flops(model, volume)
     cpu = fp32_peak(lscpu())
@@ -114,9 +123,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; size {args.size}, batch {args.batch_size}: "
           f"{(forward + backward) / 1e9:.1f} GFLOP of convolutions a step ({forward / 1e9:.1f} forward)")
 
-    routes = {"fp32": (None, FUSED_ADAMW), "fp32, fastai's Adam": (None, FASTAI_ADAM),
-              **({"bf16": (torch.bfloat16, FUSED_ADAMW)} if args.bf16 else {})}
-    for name, (dtype, optimizer_name) in routes.items():
+    routes = {"fp32": (None, FUSED_ADAMW, True), "fp32, oneDNN only": (None, FUSED_ADAMW, False),
+              "fp32, fastai's Adam": (None, FASTAI_ADAM, True),
+              **({"bf16": (torch.bfloat16, FUSED_ADAMW, True)} if args.bf16 else {})}
+    for name, (dtype, optimizer_name, gemm_route) in routes.items():
+        set_gemm_route(model, gemm_route)
         channels_last = dtype is not None
         step_model = model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
         step_volume = volume.contiguous(memory_format=torch.channels_last_3d) if channels_last else volume
@@ -142,6 +153,45 @@ def main() -> None:
         achieved = (forward + backward) / seconds / 1e9
         share = f" = {100 * achieved / cpu['peak']:.0f} % of the fp32 peak" if dtype is None else " (no bf16 peak modelled)"
         print(f"{name:<20} {seconds:.3f} s a step, {achieved:.0f} GFLOP/s{share}", flush=True)
+
+
+def set_gemm_route(model: torch.nn.Module, on: bool) -> None:
+    """Turn the matrix-product route of ``cov3d.model.gemm_convs`` on or off for every Conv3d of ``model``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.__class__ = GemmRoutedConv3d if on else torch.nn.Conv3d
+
+
+CONV_SHAPES = [  # (input channels, output channels, stride, input D, H, W): r3d_18's 3x3x3 convolutions, batch 4
+    (512, 512, 1, (2, 2, 2)), (512, 512, 1, (2, 3, 3)), (256, 512, 2, (4, 4, 4)), (256, 512, 2, (4, 6, 6)),
+    (256, 256, 1, (2, 4, 4)), (256, 256, 1, (4, 4, 4)), (256, 256, 1, (4, 6, 6)), (128, 128, 1, (8, 8, 8)),
+]
+
+
+def time_convs(steps: int) -> None:
+    """Forward and backward of single 3x3x3 convolutions, oneDNN against the matrix product (milliseconds)."""
+    print("input channels -> output, stride, input D x H x W: output voxels; oneDNN ms; matrix product ms")
+    for in_channels, out_channels, stride, dims in CONV_SHAPES:
+        conv = torch.nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        volume = torch.randn(4, in_channels, *dims)
+        times = []
+        for on in (False, True):
+            set_gemm_route(conv, on)
+
+            def step() -> None:
+                conv(volume.requires_grad_()).sum().backward()
+
+            for _ in range(2):
+                step()
+            samples = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()
+                samples.append(time.perf_counter() - start)
+            times.append(1e3 * statistics.median(samples))
+        print(f"{in_channels} -> {out_channels}, stride {stride}, {'x'.join(map(str, dims))}: "
+              f"{output_voxels(volume.shape, conv)} voxels; {times[0]:.1f}; {times[1]:.1f} ({times[0] / times[1]:.2f}x)",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Changes to ``torchvision.models.video.r3d_18``:
   ``nn.Sequential``, so the parameter names stay torchvision's);
 - ``fc`` becomes Linear(512 -> penultimate) -> Dropout -> ReLU -> Linear(penultimate -> outputs), the
   last without a bias unless ``final_bias``;
-- ``avgpool`` is replaced by global max pooling unless ``pool="avg"`` (the attribute name is kept).
+- ``avgpool`` is replaced by global max pooling unless ``pool="avg"`` (the attribute name is kept);
+- each convolution runs as a matrix product where its output has a few voxels, in fp32 on a CPU
+  (``cov3d.model.gemm_convs``: the same function, faster; parameters and their names unchanged).
 
 The paper does not say which global pooling or whether the last layer has a bias; the defaults
 (max pooling, no bias) are those of the original code at the paper's time (rbturnbull/cov3d at
@@ -27,6 +29,7 @@ from torch import nn
 from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from cov3d.errors import Cov3dError
+from cov3d.model.gemm_convs import route_small_convs
 from cov3d.limits import DROPOUT
 from cov3d.logits import OUTPUTS
 from cov3d.settings import POOLS, TRAIN_DEFAULTS
@@ -168,4 +171,4 @@ def build_model(
         nn.ReLU(),
         nn.Linear(penultimate, outputs, bias=final_bias),
     )
-    return net
+    return route_small_convs(net)
