@@ -15,8 +15,9 @@ def script():
 
 def test_conv_flops_match_torchs_flop_counter(script):
     """The hooks' count of a training step equals torch's FlopCounterMode over forward and backward
-    (its convolution entries: the head's matrix products are left out)."""
+    (its convolution entries: the head's matrix products are left out), with every convolution in oneDNN."""
     model = build_model(outputs=6, penultimate=16, dropout=0.0, pretrained_weights=None)
+    script.set_gemm_route(model, False)
     volume = torch.rand(2, 1, 8, 24, 24)
     forward, backward = script.conv_flops(model, volume)
     counter = FlopCounterMode(display=False)
@@ -25,6 +26,21 @@ def test_conv_flops_match_torchs_flop_counter(script):
     counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
     assert forward == counts["aten.convolution"]
     assert backward == counts["aten.convolution_backward"]
+
+
+def test_routed_convolutions_do_the_same_flops_as_matrix_products(script):
+    """With layer4 routed to matrix products (cov3d.model.gemm_convs), the forward pass's convolutions and
+    matrix products add up to the hooks' count, plus the head's last layer (a product without bias)."""
+    model = build_model(outputs=6, penultimate=16, dropout=0.0, pretrained_weights=None)
+    volume = torch.rand(2, 1, 8, 24, 24)
+    forward, _ = script.conv_flops(model, volume)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(volume)
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    head_product = 2 * 2 * 16 * 6
+    assert counts["aten.mm"] > head_product  # layer4 went by matrix product
+    assert forward == counts["aten.convolution"] + counts["aten.mm"] - head_product
 
 
 @pytest.mark.parametrize("vendor, family, flags, bits", [
