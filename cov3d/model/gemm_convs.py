@@ -37,7 +37,7 @@ def takes_gemm_route(conv: nn.Conv3d, volume: torch.Tensor) -> bool:
     """Whether ``conv`` of ``volume`` runs as a matrix product (see the module docstring)."""
     plain = (conv.groups == 1 and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros"
              and not isinstance(conv.padding, str))
-    return (plain and volume.device.type == "cpu" and volume.dtype == torch.float32
+    return (plain and volume.dim() == 5 and volume.device.type == "cpu" and volume.dtype == torch.float32
             and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and output_voxels(volume.shape, conv) < GEMM_MAX_OUTPUT_VOXELS)
 

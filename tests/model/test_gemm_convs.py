@@ -72,6 +72,9 @@ def test_route_is_taken_only_for_few_voxels_in_fp32_on_the_cpu():
     assert not takes_gemm_route(conv.double(), small.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not takes_gemm_route(conv.float(), small)
+    assert not takes_gemm_route(conv, small[0])  # unbatched (C, D, H, W): F.conv3d takes it, not the route
+    routed = route_small_convs(_conv(4, 4, 3, 1, 1, False))
+    torch.testing.assert_close(routed(small[0]), F.conv3d(small, routed.weight, None, 1, 1)[0])
     grouped = nn.Conv3d(4, 4, 3, padding=1, groups=2)
     assert not takes_gemm_route(grouped, small)
     assert not takes_gemm_route(nn.Conv3d(4, 4, 3, padding=1, padding_mode="reflect"), small)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cpu_kinds import BF16_SLICE
+from cpu_kinds import BF16_BATCH, BF16_SLICE
 from torch import nn
 
 from cov3d.errors import Cov3dError, NonFiniteTraining
@@ -156,7 +156,7 @@ def test_demo_network_trains_finite_and_learns(dtype):
     """The demo's network (16-slice volumes, so layer4 runs two slices deep) trained by Adam at the
     demo's learning rate for 20 steps: every loss finite, every gradient finite and of a sane size (the
     broken kernel's are up to 1e36 from the first step), the last steps' loss well below the first's.
-    bf16 runs at BF16_SLICE (small where bf16 is emulated)."""
+    bf16 runs at BF16_SLICE and BF16_BATCH (small where bf16 is emulated)."""
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     demo = DemoSettings().with_workload("bf16" if dtype else "fp32")
@@ -171,7 +171,7 @@ def test_demo_network_trains_finite_and_learns(dtype):
     losses = []
     with checked_bf16_convs(model):
         for step in range(20):
-            batch = torch.randperm(8, generator=generator)[:4]
+            batch = torch.randperm(8, generator=generator)[:BF16_BATCH if dtype else 4]
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 logits = model(volumes[batch].contiguous(memory_format=torch.channels_last_3d))
             loss = loss_func(logits.float(), targets[batch])
