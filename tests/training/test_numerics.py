@@ -1,6 +1,7 @@
 """Training that stays finite on every CPU: checked bf16 convolutions, the precision rule and the guard
 that stops a run at its first non-finite loss or gradient."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -169,7 +170,7 @@ def test_demo_network_trains_finite_and_learns(dtype):
                           presence_averaging=settings.presence_averaging)
     optimizer = torch.optim.Adam(model.parameters(), lr=demo.learning_rate)
     losses = []
-    with checked_bf16_convs(model):
+    with checked_bf16_convs(model) if dtype else contextlib.nullcontext():  # fp32: the convolutions as trained
         for step in range(20):
             batch = torch.randperm(8, generator=generator)[:BF16_BATCH if dtype else 4]
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
