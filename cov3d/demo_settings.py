@@ -40,11 +40,11 @@ DEMO_WORKLOADS = {
     "fp32 (a CPU without native bf16)": DemoWorkload(VolumeShape(16, 32, 32), 8),
 }
 """The demo's workload by the precision a run uses, so that it takes under 10 minutes on 2 cores of
-every CPU kind measured (docs/demo.md). A training step in fp32 costs 2-3x one in native bf16 on
-the same CPU, and an AVX2-only CPU has no native bf16 at all: fp32 trains smaller volumes for fewer
-epochs (8 against 11; a step at 16x32x32 does 44 % of the convolution FLOPs of one at 16x48x48: 32 % of
-the work in all). Native bf16 on a CPU and any GPU (bf16 or fp16) train the full workload: 12 epochs
-took 9 min 46 s to 9 min 58 s on the AMD EPYC measured, too close to 10 minutes, 11 take about 9 min 20 s."""
+every CPU kind measured (docs/demo.md). A training step in fp32 does the work of a bf16 step at about
+70 % of the speed on the same CPU, and an AVX2-only CPU has no native bf16 at all: fp32 trains smaller
+volumes for fewer epochs (8 against 11; a step at 16x32x32 does 44 % of the convolution FLOPs of one at
+16x48x48: 32 % of the work in all). Native bf16 on a CPU and any GPU (bf16 or fp16) train the full
+workload."""
 
 
 def demo_workload(precision: str) -> DemoWorkload:

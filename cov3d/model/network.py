@@ -29,9 +29,9 @@ from torch import nn
 from torchvision.models.video import R3D_18_Weights, r3d_18
 
 from cov3d.errors import Cov3dError
-from cov3d.model.gemm_convs import route_small_convs
 from cov3d.limits import DROPOUT
 from cov3d.logits import OUTPUTS
+from cov3d.model.gemm_convs import route_small_convs
 from cov3d.settings import POOLS, TRAIN_DEFAULTS
 
 KINETICS_WEIGHTS = R3D_18_Weights.KINETICS400_V1
