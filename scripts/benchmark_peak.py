@@ -166,19 +166,23 @@ CONV_SHAPES = [  # (input channels, output channels, stride, input D, H, W): r3d
     (512, 512, 1, (2, 2, 2)), (512, 512, 1, (2, 3, 3)), (256, 512, 2, (4, 4, 4)), (256, 512, 2, (4, 6, 6)),
     (256, 256, 1, (2, 4, 4)), (256, 256, 1, (4, 4, 4)), (256, 256, 1, (4, 6, 6)), (128, 128, 1, (8, 8, 8)),
 ]
+DOWNSAMPLE_SHAPES = [(256, 512, 2, (4, 4, 4)), (256, 512, 2, (4, 6, 6))]
+"""(input channels, output channels, stride, input D, H, W): layer4's 1x1x1 downsample, batch 4."""
 
 
 def time_convs(steps: int) -> None:
-    """Forward and backward of single 3x3x3 convolutions, oneDNN against the matrix product (milliseconds)."""
-    print("input channels -> output, stride, input D x H x W: output voxels; oneDNN ms; matrix product ms")
-    for in_channels, out_channels, stride, dims in CONV_SHAPES:
-        conv = torch.nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+    """Forward and backward of single convolutions, oneDNN against the matrix product (milliseconds)."""
+    print("kernel, input channels -> output, stride, input D x H x W: output voxels; oneDNN ms; matrix product ms")
+    shapes = [(*shape, 3) for shape in CONV_SHAPES] + [(*shape, 1) for shape in DOWNSAMPLE_SHAPES]
+    for in_channels, out_channels, stride, dims, kernel in shapes:
+        conv = torch.nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
         volume = torch.randn(4, in_channels, *dims)
         times = []
         for on in (False, True):
             set_gemm_route(conv, on)
 
             def step() -> None:
+                conv.weight.grad = volume.grad = None
                 conv(volume.requires_grad_()).sum().backward()
 
             for _ in range(2):
@@ -189,7 +193,7 @@ def time_convs(steps: int) -> None:
                 step()
                 samples.append(time.perf_counter() - start)
             times.append(1e3 * statistics.median(samples))
-        print(f"{in_channels} -> {out_channels}, stride {stride}, {'x'.join(map(str, dims))}: "
+        print(f"{kernel}x{kernel}x{kernel}, {in_channels} -> {out_channels}, stride {stride}, {'x'.join(map(str, dims))}: "
               f"{output_voxels(volume.shape, conv)} voxels; {times[0]:.1f}; {times[1]:.1f} ({times[0] / times[1]:.2f}x)",
               flush=True)
 

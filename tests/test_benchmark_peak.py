@@ -29,7 +29,7 @@ def test_conv_flops_match_torchs_flop_counter(script):
 
 
 def test_routed_convolutions_do_the_same_flops_as_matrix_products(script):
-    """With layer4 routed to matrix products (cov3d.model.gemm_convs), the forward pass's convolutions and
+    """With the small convolutions routed to matrix products (cov3d.model.gemm_convs), the forward pass's convolutions and
     matrix products add up to the hooks' count, plus the head's last layer (a product without bias)."""
     model = build_model(outputs=6, penultimate=16, dropout=0.0, pretrained_weights=None)
     volume = torch.rand(2, 1, 8, 24, 24)
@@ -39,7 +39,7 @@ def test_routed_convolutions_do_the_same_flops_as_matrix_products(script):
         model(volume)
     counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
     head_product = 2 * 2 * 16 * 6
-    assert counts["aten.mm"] > head_product  # layer4 went by matrix product
+    assert counts["aten.mm"] > head_product  # layer4 and layer3 (2x3x3 voxels here) went by matrix product
     assert forward == counts["aten.convolution"] + counts["aten.mm"] - head_product
 
 

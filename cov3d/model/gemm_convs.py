@@ -5,7 +5,7 @@ sees 2x2x2 voxels at the demo's fp32 size (16x32x32), where its backward pass re
 AMD EPYC's 166 GFLOP/s peak and layer4 took a quarter of the training step (docs/benchmarks.md).
 There, unfolding the padded input into one row per output voxel (``im2col``) and multiplying by the
 weight matrix is 2-3x faster, forward and backward (autograd differentiates the unfold and the
-product). Only fp32 CPU tensors outside autocast take this route; everything else, and every
+product; the same function, up to fp32 rounding). Only fp32 CPU tensors outside autocast take this route; everything else, and every
 convolution with ``GEMM_MAX_OUTPUT_VOXELS`` or more output voxels, stays with ``F.conv3d``.
 """
 
@@ -19,8 +19,9 @@ from torch import nn
 
 GEMM_MAX_OUTPUT_VOXELS = 27
 """Output voxels per scan (D' x H' x W') below which the matrix-product route is taken. Measured on the
-AMD EPYC held to AVX2 (scripts/benchmark_peak.py --convs): 8 and 18 voxels of r3d_18's layer4 are
-2.3-3.4x faster by matrix product; 32 and 64 voxels of layer3 (256 channels) are 1.1x slower."""
+AMD EPYC held to AVX2 (scripts/benchmark_peak.py --convs, docs/benchmarks.md): the 3x3x3 convolutions of
+r3d_18's layer4 at 8 and 18 voxels are 1.8-3.2x faster by matrix product; 256-channel ones at 32 and 64
+voxels take the same time either way, and at 512 voxels oneDNN is faster."""
 
 
 def output_voxels(volume_shape: torch.Size | tuple[int, ...], conv: nn.Conv3d) -> int:
@@ -37,7 +38,8 @@ def takes_gemm_route(conv: nn.Conv3d, volume: torch.Tensor) -> bool:
     """Whether ``conv`` of ``volume`` runs as a matrix product (see the module docstring)."""
     plain = (conv.groups == 1 and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros"
              and not isinstance(conv.padding, str))
-    return (plain and volume.dim() == 5 and volume.device.type == "cpu" and volume.dtype == torch.float32
+    return (plain and volume.dim() == 5 and volume.shape[0] > 0 and volume.device.type == "cpu"
+            and volume.dtype == torch.float32
             and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and output_voxels(volume.shape, conv) < GEMM_MAX_OUTPUT_VOXELS)
 

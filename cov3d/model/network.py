@@ -9,7 +9,8 @@ Changes to ``torchvision.models.video.r3d_18``:
   last without a bias unless ``final_bias``;
 - ``avgpool`` is replaced by global max pooling unless ``pool="avg"`` (the attribute name is kept);
 - each convolution runs as a matrix product where its output has a few voxels, in fp32 on a CPU
-  (``cov3d.model.gemm_convs``: the same function, faster; parameters and their names unchanged).
+  (``cov3d.model.gemm_convs``: the same function up to fp32 rounding, faster; parameters and their
+  names unchanged).
 
 The paper does not say which global pooling or whether the last layer has a bias; the defaults
 (max pooling, no bias) are those of the original code at the paper's time (rbturnbull/cov3d at

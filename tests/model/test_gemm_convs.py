@@ -112,3 +112,20 @@ def test_routing_keeps_the_state_dict_and_the_output():
         torch.testing.assert_close(model(volume), plain(volume), rtol=1e-4, atol=1e-5)
     assert route_small_convs(plain) is plain and all(
         type(module) is GemmRoutedConv3d for module in plain.modules() if isinstance(module, nn.Conv3d))
+
+
+def test_channels_last_batch_of_one_and_uneven_strides():
+    """Training hands channels-last volumes in; one scan, a bias and strides and padding per axis."""
+    conv = route_small_convs(_conv(6, 5, (3, 1, 3), (1, 2, 2), (1, 0, 1), True))
+    volume = torch.randn(1, 6, 2, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    assert takes_gemm_route(conv, volume)
+    torch.testing.assert_close(conv(volume), F.conv3d(volume, conv.weight, conv.bias, conv.stride, conv.padding),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_meta_tensors_and_empty_batches_stay_with_conv3d():
+    conv = route_small_convs(_conv(4, 4, 3, 1, 1, False))
+    assert not takes_gemm_route(conv, torch.empty(2, 4, 2, 2, 2, device="meta"))
+    empty = torch.empty(0, 4, 2, 2, 2)
+    assert not takes_gemm_route(conv, empty)
+    assert conv(empty).shape == (0, 4, 2, 2, 2)
