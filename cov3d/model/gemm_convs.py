@@ -20,8 +20,8 @@ from torch import nn
 GEMM_MAX_OUTPUT_VOXELS = 27
 """Output voxels per scan (D' x H' x W') below which the matrix-product route is taken. Measured on the
 AMD EPYC held to AVX2 (scripts/benchmark_peak.py --convs, docs/benchmarks.md): the 3x3x3 convolutions of
-r3d_18's layer4 at 8 and 18 voxels are 1.8-3.2x faster by matrix product; 256-channel ones at 32 and 64
-voxels take the same time either way, and at 512 voxels oneDNN is faster."""
+r3d_18's layer4 at 8 and 18 voxels are 1.6-3.2x faster by matrix product (two runs); from 32 voxels up
+neither is reliably faster."""
 
 
 def output_voxels(volume_shape: torch.Size | tuple[int, ...], conv: nn.Conv3d) -> int:
