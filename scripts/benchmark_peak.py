@@ -36,7 +36,7 @@ import time
 import torch
 
 from cov3d.demo_settings import DemoSettings
-from cov3d.model.gemm_convs import GemmRoutedConv3d, output_voxels
+from cov3d.model.gemm_convs import output_voxels, route_small_convs
 from cov3d.runtime import cpu_bf16_features
 from cov3d.settings import FASTAI_ADAM, FUSED_ADAMW, VolumeShape
 from cov3d.training.bf16_convs import checked_bf16_convs
@@ -142,24 +142,32 @@ def main() -> None:
             optimizer.zero_grad()
 
         with checked_bf16_convs(step_model) if dtype is not None else contextlib.nullcontext():
-            for _ in range(2):
-                step()
-            times = []
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
+            seconds = median_seconds(step, args.steps)
         achieved = (forward + backward) / seconds / 1e9
         share = f" = {100 * achieved / cpu['peak']:.0f} % of the fp32 peak" if dtype is None else " (no bf16 peak modelled)"
         print(f"{name:<20} {seconds:.3f} s a step, {achieved:.0f} GFLOP/s{share}", flush=True)
 
 
+def median_seconds(step, steps: int) -> float:
+    """The median time of ``steps`` calls of ``step`` after two warm-up calls."""
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def set_gemm_route(model: torch.nn.Module, on: bool) -> None:
     """Turn the matrix-product route of ``cov3d.model.gemm_convs`` on or off for every Conv3d of ``model``."""
+    if on:
+        route_small_convs(model)
+        return
     for module in model.modules():
         if isinstance(module, torch.nn.Conv3d):
-            module.__class__ = GemmRoutedConv3d if on else torch.nn.Conv3d
+            module.__class__ = torch.nn.Conv3d
 
 
 CONV_SHAPES = [  # (input channels, output channels, stride, input D, H, W): r3d_18's 3x3x3 convolutions, batch 4
@@ -185,14 +193,7 @@ def time_convs(steps: int) -> None:
                 conv.weight.grad = volume.grad = None
                 conv(volume.requires_grad_()).sum().backward()
 
-            for _ in range(2):
-                step()
-            samples = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                step()
-                samples.append(time.perf_counter() - start)
-            times.append(1e3 * statistics.median(samples))
+            times.append(1e3 * median_seconds(step, steps))
         print(f"{kernel}x{kernel}x{kernel}, {in_channels} -> {out_channels}, stride {stride}, {'x'.join(map(str, dims))}: "
               f"{output_voxels(volume.shape, conv)} voxels; {times[0]:.1f}; {times[1]:.1f} ({times[0] / times[1]:.2f}x)",
               flush=True)

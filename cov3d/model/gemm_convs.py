@@ -5,8 +5,9 @@ sees 2x2x2 voxels at the demo's fp32 size (16x32x32), where its backward pass re
 AMD EPYC's 166 GFLOP/s peak and layer4 took a quarter of the training step (docs/benchmarks.md).
 There, unfolding the padded input into one row per output voxel (``im2col``) and multiplying by the
 weight matrix is 2-3x faster, forward and backward (autograd differentiates the unfold and the
-product; the same function, up to fp32 rounding). Only fp32 CPU tensors outside autocast take this route; everything else, and every
-convolution with ``GEMM_MAX_OUTPUT_VOXELS`` or more output voxels, stays with ``F.conv3d``.
+product; the same function, up to fp32 rounding). Only fp32 CPU tensors outside autocast take this
+route; everything else, and every convolution with ``GEMM_MAX_OUTPUT_VOXELS`` or more output voxels,
+stays with ``F.conv3d``.
 """
 
 from __future__ import annotations
