@@ -177,12 +177,23 @@ class ModelSource:
 def _refuse_pickle(path: Path) -> None:
     """Raise ``Cov3dError`` if ``path`` is (named like) a pickle; reads only its first bytes."""
     with open(path, "rb") as handle:
-        start = handle.read(4)
-    if path.suffix.lower() in PICKLE_SUFFIXES or start.startswith(PICKLE_MAGIC):
+        start = handle.read(HEADER_SIZE_BYTES + 1)
+    pickled = start.startswith(PICKLE_MAGIC) and not starts_like_safetensors(start, path.stat().st_size)
+    if path.suffix.lower() in PICKLE_SUFFIXES or pickled:
         raise Cov3dError(
             f"{path} is a pickle file, which can run arbitrary code when loaded, so cov3d never opens it. "
             "Use a run folder or a file made by 'cov3d export'."
         )
+
+
+def starts_like_safetensors(start: bytes, size: int) -> bool:
+    """Whether a file of ``size`` bytes whose first 9 bytes are ``start`` begins as safetensors does: a
+    header length that fits in the file, then the JSON header's ``{``. A header length whose lowest byte
+    is 0x80 (one in 32 of them) starts like a pickle; only safetensors' own parser reads such a file."""
+    if len(start) < HEADER_SIZE_BYTES + 1:
+        return False
+    (header_size,) = struct.unpack("<Q", start[:HEADER_SIZE_BYTES])
+    return header_size <= size - HEADER_SIZE_BYTES and start[HEADER_SIZE_BYTES:] == b"{"
 
 
 def check_config(config: object, where: Path) -> dict:

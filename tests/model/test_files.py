@@ -106,6 +106,26 @@ def test_tampered_exported_files_are_refused(exported, tmp_path):
         assert "\n" not in str(error.value)
 
 
+def test_a_header_length_that_starts_like_a_pickle_still_loads(exported, tmp_path):
+    """Safetensors pads its header to 8 bytes, so one header length in 32 has 0x80, the pickle opcode, as
+    its first byte: such a file is read as safetensors (an added metadata key leaves the checksum valid)."""
+    data = exported.read_bytes()
+    (header_size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_size])
+    for padding in range(256):
+        header["__metadata__"]["note"] = "x" * padding
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        if text and len(text) % 256 == 0x80:
+            break
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + header_size:])
+    assert path.read_bytes()[:1] == b"\x80"
+    source, original = load_source(path), load_source(exported)
+    assert source.config == original.config
+    assert all(torch.equal(source.states["presence"][key], value) for key, value in original.states["presence"].items())
+
+
 def test_config_that_does_not_match_the_weights(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
