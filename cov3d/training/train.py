@@ -34,6 +34,7 @@ from cov3d.runfiles import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SUMMARY_FILE,
 from cov3d.runtime import Precision, choose_precision, kernel_choice, machine_description, resolve_device
 from cov3d.settings import DETERMINISTIC, FASTAI_ADAM, TrainSettings
 from cov3d.training.callbacks import (
+    EVALUATION_PASSES_PER_TASK,
     FiniteGuard,
     MetricsLog,
     OneCycleSchedule,
@@ -288,7 +289,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
             logger.info(speed_line(speed))
             record_in_config(run_dir, "speed", speed)
 
-        callbacks.append(StepTimer(announce, str(settings.shape), machine_description(torch_device), precision.name))
+        callbacks.append(StepTimer(announce, str(settings.shape), machine_description(torch_device), precision.name,
+                                   EVALUATION_PASSES_PER_TASK * len(monitored_metrics(settings))))
     if dist.enabled:
         callbacks.append(DDPTrainer(torch_device))
     if use_wandb and dist.is_main:

@@ -33,7 +33,9 @@ def exported(tiny_run, module_dir):
 
 
 def test_config_names_the_weights_files(tiny_run):
-    assert json.loads((tiny_run / CONFIG_FILE).read_text())["checkpoints"] == WEIGHTS_BY_METRIC
+    config = json.loads((tiny_run / CONFIG_FILE).read_text())
+    assert config["checkpoints"] == WEIGHTS_BY_METRIC
+    assert config["speed"]["evaluation_passes"] == 6  # two tasks' kept weights, three validation passes each
 
 
 def test_export_round_trip(tiny_run, exported):

@@ -54,26 +54,27 @@ def toy_learner(train_batches: int, valid_batches: int, callbacks: list, model: 
                    cbs=callbacks)
 
 
-def fit_with_timer(train_batches: int, valid_batches: int, epochs: int) -> list[dict]:
+def fit_with_timer(train_batches: int, valid_batches: int, epochs: int, evaluation_passes: int = 0) -> list[dict]:
     measured = []
-    learner = toy_learner(train_batches, valid_batches, [StepTimer(measured.append, "16x32x32", "CPU test", "fp32")],
-                          SlowSteps())
+    timer = StepTimer(measured.append, "16x32x32", "CPU test", "fp32", evaluation_passes)
+    learner = toy_learner(train_batches, valid_batches, [timer], SlowSteps())
     with learner.no_bar(), learner.no_logging():
         learner.fit(epochs, lr=1e-3)
     return measured
 
 
-@pytest.mark.parametrize("train_batches", [1, 2, TIMED_STEPS + 4])
-def test_the_step_timer_measures_a_step_and_estimates_the_fit(train_batches):
+@pytest.mark.parametrize(("train_batches", "evaluation_passes"), [(1, 0), (2, 0), (TIMED_STEPS + 4, 0), (2, 6)])
+def test_the_step_timer_measures_a_step_and_estimates_the_fit(train_batches, evaluation_passes):
     """One announcement per fit, early in the first epoch; seconds a step near the sleep of each step;
-    the estimate counts every training step and each validation batch at a third of a step."""
-    measured = fit_with_timer(train_batches, valid_batches=3, epochs=2)
+    the estimate counts every training step, each validation batch at a third of a step, and the
+    evaluation passes over the validation batches after the fit at the same third."""
+    measured = fit_with_timer(train_batches, valid_batches=3, epochs=2, evaluation_passes=evaluation_passes)
     assert len(measured) == 1
     speed = measured[0]
     assert STEP_SECONDS <= speed["seconds_per_step"] < 1.0  # a sleep sets the floor; a loaded machine adds to it
     assert (speed["steps_per_epoch"], speed["epochs"], speed["shape"]) == (train_batches, 2, "16x32x32")
     step = speed["seconds_per_step"]
-    expected = 2 * (train_batches * step + 3 * step * FORWARD_SHARE) / 60
+    expected = (2 * (train_batches * step + 3 * step * FORWARD_SHARE) + evaluation_passes * 3 * step * FORWARD_SHARE) / 60
     assert speed["estimated_minutes"] == pytest.approx(expected, abs=0.051)
     assert speed_line(speed).startswith(f"Speed on CPU test: fp32, about {step:.2f} s a training step: 2 epochs of")
 

@@ -57,7 +57,9 @@ def test_presence_only_run_keeps_one_checkpoint(tmp_path, tiny_dataset):
     )
     assert (result.run_dir / WEIGHTS_BY_METRIC["presence_f1"]).is_file()
     assert not (result.run_dir / WEIGHTS_BY_METRIC["severity_f1"]).exists()
-    assert json.loads((result.run_dir / "config.json").read_text())["outputs"] == 1
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["outputs"] == 1
+    assert config["speed"]["evaluation_passes"] == 3  # one task: its confusion matrix, the scan and its reflection
 
 
 def test_missing_kinetics_weights_is_a_clear_error(tmp_path, tiny_dataset, monkeypatch):
