@@ -1,16 +1,19 @@
 """Shared fixtures: tiny synthetic datasets in the COV19-CT-DB layout and one tiny trained run."""
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
+from cov3d.preprocessing.workers import available_cpus
 from cov3d.settings import VolumeShape
 from cov3d.synthetic.generator import generate_dataset
 
 TINY_SIZE = (8, 32, 32)  # (D, H, W): small enough for r3d_18 on a CPU in well under a second per step
-DISK_NEEDED_GIB = 4  # the suite's folders peak at about 2.2 GB (every r3d_18 file is 130-400 MB, whatever the volume size), plus a margin
+DISK_NEEDED_GIB = 6  # each of the two workers' folders peaks at about 2.2 GB (every r3d_18 file is 130-400 MB, whatever the volume size), plus a margin
 
 
 TRAINING_FIXTURES = {"tiny_run", "demo", "ddp_run", "runs", "lesion_model"}
@@ -52,6 +55,16 @@ def refuse_unmarked_training() -> None:
         return fit(self, *args, **kwargs)
 
     Learner.fit = checked_fit
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In each pytest-xdist worker (``-n 2`` in pyproject.toml), torch and the processes the tests start
+    use that worker's share of the cores, so that the workers do not oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, available_cpus() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
