@@ -32,15 +32,15 @@ STEP_SECONDS = 0.05
 
 
 class SlowSteps(torch.nn.Module):
-    """A linear layer whose training forward pass sleeps STEP_SECONDS (validation passes do not)."""
+    """A linear layer whose training forward pass sleeps STEP_SECONDS, its validation pass ``valid_seconds``."""
 
-    def __init__(self):
+    def __init__(self, valid_seconds: float = 0.0):
         super().__init__()
         self.linear = torch.nn.Linear(3, 1)
+        self.valid_seconds = valid_seconds
 
     def forward(self, x):
-        if self.training:
-            time.sleep(STEP_SECONDS)
+        time.sleep(STEP_SECONDS if self.training else self.valid_seconds)
         return self.linear(x)
 
 
@@ -54,10 +54,11 @@ def toy_learner(train_batches: int, valid_batches: int, callbacks: list, model: 
                    cbs=callbacks)
 
 
-def fit_with_timer(train_batches: int, valid_batches: int, epochs: int, evaluation_passes: int = 0) -> list[dict]:
+def fit_with_timer(train_batches: int, valid_batches: int, epochs: int, evaluation_passes: int = 0,
+                   valid_seconds: float = 0.0) -> list[dict]:
     measured = []
     timer = StepTimer(measured.append, "16x32x32", "CPU test", "fp32", evaluation_passes)
-    learner = toy_learner(train_batches, valid_batches, [timer], SlowSteps())
+    learner = toy_learner(train_batches, valid_batches, [timer], SlowSteps(valid_seconds))
     with learner.no_bar(), learner.no_logging():
         learner.fit(epochs, lr=1e-3)
     return measured
@@ -65,11 +66,11 @@ def fit_with_timer(train_batches: int, valid_batches: int, epochs: int, evaluati
 
 @pytest.mark.parametrize(("train_batches", "evaluation_passes"), [(1, 0), (2, 0), (TIMED_STEPS + 4, 0), (2, 6)])
 def test_the_step_timer_measures_a_step_and_estimates_the_fit(train_batches, evaluation_passes):
-    """One announcement per fit, early in the first epoch; seconds a step near the sleep of each step;
-    the estimate counts every training step, each validation batch at a third of a step, and the
-    evaluation passes over the validation batches after the fit at the same third."""
+    """The first announcement early in the first epoch: seconds a step near the sleep of each step; the
+    estimate counts every training step, each validation batch at a third of a step, and the evaluation
+    passes over the validation batches after the fit at the same third."""
     measured = fit_with_timer(train_batches, valid_batches=3, epochs=2, evaluation_passes=evaluation_passes)
-    assert len(measured) == 1
+    assert len(measured) == 2
     speed = measured[0]
     assert STEP_SECONDS <= speed["seconds_per_step"] < 1.0  # a sleep sets the floor; a loaded machine adds to it
     assert (speed["steps_per_epoch"], speed["epochs"], speed["shape"]) == (train_batches, 2, "16x32x32")
@@ -77,6 +78,25 @@ def test_the_step_timer_measures_a_step_and_estimates_the_fit(train_batches, eva
     expected = (2 * (train_batches * step + 3 * step * FORWARD_SHARE) + evaluation_passes * 3 * step * FORWARD_SHARE) / 60
     assert speed["estimated_minutes"] == pytest.approx(expected, abs=0.051)
     assert speed_line(speed).startswith(f"Speed on CPU test: fp32, about {step:.2f} s a training step: 2 epochs of")
+
+
+def test_after_the_first_epoch_the_step_timer_announces_what_is_left_from_that_epochs_time():
+    """A fit of 4 epochs of 3 training steps (0.05 s each) and 2 validation batches (0.1 s each), and 5
+    evaluation passes: the second announcement keeps the first's fields and adds the first epoch's
+    seconds (at least 0.35 s) and the minutes left, 3 such epochs and 5 passes of 0.2 s of validation."""
+    measured = fit_with_timer(3, valid_batches=2, epochs=4, evaluation_passes=5, valid_seconds=0.1)
+    assert len(measured) == 2
+    first, second = measured
+    assert second.items() >= first.items()
+    epoch = second["first_epoch_seconds"]
+    assert 3 * STEP_SECONDS + 2 * 0.1 <= epoch < 3.0
+    assert second["minutes_left"] == pytest.approx((3 * epoch + 5 * 2 * 0.1) / 60, abs=0.06)
+    assert speed_line(second) == (f"The first epoch took {epoch:.0f} s: the 3 left and the final evaluation take "
+                                  f"about {second['minutes_left']:.1f} min.")
+
+
+def test_a_one_epoch_fit_is_announced_once():
+    assert len(fit_with_timer(2, valid_batches=1, epochs=1)) == 1
 
 
 class HyperLog(Callback):
