@@ -59,9 +59,10 @@ def refuse_unmarked_training() -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """In each pytest-xdist worker (``-n 2`` in pyproject.toml), torch and the processes the tests start
-    use that worker's share of the cores, so that the workers do not oversubscribe them."""
+    use that worker's share of the cores, so that the workers do not oversubscribe them (unless
+    ``OMP_NUM_THREADS`` is set already: the user's choice stands)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, available_cpus() // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)

@@ -198,11 +198,12 @@ class StepTimer(Callback):
     a short epoch) give the seconds a step, data loading included. That estimate counts every training
     step, each validation batch at ``FORWARD_SHARE`` of a step, and the ``evaluation_passes`` over the
     validation batches after the fit at the same share. First steps run faster than a sustained load
-    (the demo held to AVX2: 0.70 s a step over steps 2-9, 0.82 s over its epochs), so the second
-    announcement takes the first epoch's time as it was (checkpoints included) for each epoch left and
-    its validation's time for each evaluation pass. ``announce`` gets the measurement as a dict, the
-    second time with ``first_epoch_seconds`` and ``minutes_left`` added (logged and recorded in
-    config.json by the trainer).
+    (the demo held to AVX2: 0.70 s a step over steps 2-8, 0.82 s over its epochs), so the second
+    announcement takes the first epoch's time as it was from its second step on (its validation and
+    checkpoints included; the first step counted as one measured step) for each epoch left, and its
+    validation's time for each evaluation pass. ``announce`` gets the measurement as a dict, the second
+    time with ``first_epoch_seconds`` and ``minutes_left`` added (logged and recorded in config.json by
+    the trainer).
     """
 
     order, run_valid = 5, False
@@ -211,6 +212,7 @@ class StepTimer(Callback):
         self.announce, self.shape, self.machine, self.precision = announce, shape, machine, precision
         self.evaluation_passes = evaluation_passes
         self.starts: list[float] = []
+        """Start times of the first epoch's steps 1 to ``TIMED_STEPS + 1``, then the end of the last."""
         self.speed: dict | None = None
         self.epoch_start = self.validation_start = self.validation_seconds = 0.0
 
@@ -218,7 +220,9 @@ class StepTimer(Callback):
         if self.epoch == 0:
             self.epoch_start = time.perf_counter()
         elif self.epoch == 1 and self.speed is not None:
-            epoch_seconds = time.perf_counter() - self.epoch_start
+            step = self.speed["seconds_per_step"]
+            since = self.starts[1] - step if len(self.starts) > 1 else self.epoch_start
+            epoch_seconds = time.perf_counter() - since
             seconds = (self.n_epoch - 1) * epoch_seconds + self.evaluation_passes * self.validation_seconds
             self.announce({**self.speed, "first_epoch_seconds": round(epoch_seconds, 1),
                            "minutes_left": round(seconds / 60, 1)})
@@ -227,23 +231,23 @@ class StepTimer(Callback):
         if self.epoch == 0 and len(self.starts) <= TIMED_STEPS:
             self.starts.append(time.perf_counter())
 
+    def after_batch(self) -> None:
+        if self.epoch == 0 and len(self.starts) == TIMED_STEPS + 1:
+            self.starts.append(time.perf_counter())
+            self.finish()
+
     def before_validate(self) -> None:
         if self.epoch == 0:
             self.validation_start = time.perf_counter()
-            self.starts.append(self.validation_start)
-            self.finish()
+            if self.speed is None:
+                self.starts.append(self.validation_start)
+                self.finish()
 
     def after_validate(self) -> None:
         if self.epoch == 0:
             self.validation_seconds = time.perf_counter() - self.validation_start
 
-    def after_batch(self) -> None:
-        if self.epoch == 0 and len(self.starts) == TIMED_STEPS + 1:
-            self.finish()
-
     def finish(self) -> None:
-        if not self.starts or self.speed is not None:
-            return
         steps = self.starts[1:] if len(self.starts) > 2 else self.starts
         step = (steps[-1] - steps[0]) / max(1, len(steps) - 1)
         validation = len(self.dls.valid) * step * FORWARD_SHARE

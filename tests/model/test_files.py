@@ -128,6 +128,27 @@ def test_a_header_length_that_starts_like_a_pickle_still_loads(exported, tmp_pat
     assert all(torch.equal(source.states["presence"][key], value) for key, value in original.states["presence"].items())
 
 
+def pickle_that_starts_like_safetensors(marker) -> bytes:
+    """A live pickle of ``Payload(marker)`` whose first 9 bytes read as a safetensors start: a 2-character
+    string "\\x00{" (popped again) puts ``{`` at byte 8, and the header length its first 8 bytes spell
+    (39,322,240) fits in the file, padded with zeros after the pickle's STOP."""
+    opcodes = b"\x80\x02" + b"X" + struct.pack("<I", 2) + b"\x00{" + b"0" + pickle.dumps(Payload(marker), protocol=2)[2:]
+    (header_size,) = struct.unpack("<Q", opcodes[:8])
+    return opcodes + b"\x00" * (header_size + 8 - len(opcodes))
+
+
+def test_a_pickle_crafted_to_start_like_safetensors_is_refused_and_never_runs(tmp_path):
+    control = tmp_path / "control"
+    pickle.loads(pickle_that_starts_like_safetensors(control)).close()
+    assert control.exists()  # the crafted file is a live pickle
+    marker = tmp_path / "ran"
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(pickle_that_starts_like_safetensors(marker))
+    with pytest.raises(Cov3dError, match="not a valid cov3d model file") as error:
+        load_source(path)
+    assert "\n" not in str(error.value) and not marker.exists()
+
+
 def test_config_that_does_not_match_the_weights(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -32,16 +32,35 @@ STEP_SECONDS = 0.05
 
 
 class SlowSteps(torch.nn.Module):
-    """A linear layer whose training forward pass sleeps STEP_SECONDS, its validation pass ``valid_seconds``."""
+    """A linear layer whose training forward pass sleeps STEP_SECONDS (``first_extra`` more the first
+    time), its validation pass ``valid_seconds``; ``sleep`` is ``time.sleep`` unless given."""
 
-    def __init__(self, valid_seconds: float = 0.0):
+    def __init__(self, valid_seconds: float = 0.0, step_seconds: float = STEP_SECONDS, first_extra: float = 0.0,
+                 sleep=time.sleep):
         super().__init__()
         self.linear = torch.nn.Linear(3, 1)
-        self.valid_seconds = valid_seconds
+        self.valid_seconds, self.step_seconds, self.extra, self.sleep = valid_seconds, step_seconds, first_extra, sleep
 
     def forward(self, x):
-        time.sleep(STEP_SECONDS if self.training else self.valid_seconds)
+        if self.training:
+            self.sleep(self.step_seconds + self.extra)
+            self.extra = 0.0
+        else:
+            self.sleep(self.valid_seconds)
         return self.linear(x)
+
+
+class FakeClock:
+    """``perf_counter`` and ``sleep`` on a clock that only sleeping moves."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def toy_learner(train_batches: int, valid_batches: int, callbacks: list, model: torch.nn.Module | None = None,
@@ -55,10 +74,10 @@ def toy_learner(train_batches: int, valid_batches: int, callbacks: list, model: 
 
 
 def fit_with_timer(train_batches: int, valid_batches: int, epochs: int, evaluation_passes: int = 0,
-                   valid_seconds: float = 0.0) -> list[dict]:
+                   model: SlowSteps | None = None) -> list[dict]:
     measured = []
     timer = StepTimer(measured.append, "16x32x32", "CPU test", "fp32", evaluation_passes)
-    learner = toy_learner(train_batches, valid_batches, [timer], SlowSteps(valid_seconds))
+    learner = toy_learner(train_batches, valid_batches, [timer], model or SlowSteps())
     with learner.no_bar(), learner.no_logging():
         learner.fit(epochs, lr=1e-3)
     return measured
@@ -80,18 +99,26 @@ def test_the_step_timer_measures_a_step_and_estimates_the_fit(train_batches, eva
     assert speed_line(speed).startswith(f"Speed on CPU test: fp32, about {step:.2f} s a training step: 2 epochs of")
 
 
-def test_after_the_first_epoch_the_step_timer_announces_what_is_left_from_that_epochs_time():
-    """A fit of 4 epochs of 3 training steps (0.05 s each) and 2 validation batches (0.1 s each), and 5
-    evaluation passes: the second announcement keeps the first's fields and adds the first epoch's
-    seconds (at least 0.35 s) and the minutes left, 3 such epochs and 5 passes of 0.2 s of validation."""
-    measured = fit_with_timer(3, valid_batches=2, epochs=4, evaluation_passes=5, valid_seconds=0.1)
+@pytest.mark.parametrize("train_batches", [3, TIMED_STEPS + 4])
+def test_after_the_first_epoch_the_step_timer_announces_what_is_left_from_that_epochs_time(monkeypatch, train_batches):
+    """On a fake clock: 4 epochs of training steps of 6 s (the first 30 s longer) and 2 validation batches
+    of 12 s, 5 evaluation passes. The first step is left out of the measured 6 s a step; the first
+    estimate is 4 epochs of the steps and 2 validation batches at a third of a step, and 5 passes of
+    those; the second keeps the first's fields and adds the first epoch's time with its first step at
+    6 s, and 3 such epochs and 5 passes of the 24 s its validation took."""
+    clock = FakeClock()
+    monkeypatch.setattr("cov3d.training.callbacks.time", clock)
+    model = SlowSteps(valid_seconds=12.0, step_seconds=6.0, first_extra=30.0, sleep=clock.sleep)
+    measured = fit_with_timer(train_batches, valid_batches=2, epochs=4, evaluation_passes=5, model=model)
     assert len(measured) == 2
     first, second = measured
+    assert first["seconds_per_step"] == 6.0
+    assert first["estimated_minutes"] == round((4 * (train_batches * 6 + 2 * 2) + 5 * 2 * 2) / 60, 1)
     assert second.items() >= first.items()
-    epoch = second["first_epoch_seconds"]
-    assert 3 * STEP_SECONDS + 2 * 0.1 <= epoch < 3.0
-    assert second["minutes_left"] == pytest.approx((3 * epoch + 5 * 2 * 0.1) / 60, abs=0.06)
-    assert speed_line(second) == (f"The first epoch took {epoch:.0f} s: the 3 left and the final evaluation take "
+    epoch = train_batches * 6 + 24
+    assert second["first_epoch_seconds"] == epoch
+    assert second["minutes_left"] == round((3 * epoch + 5 * 24) / 60, 1)
+    assert speed_line(second) == (f"The first epoch took {epoch} s: the 3 left and the final evaluation take "
                                   f"about {second['minutes_left']:.1f} min.")
 
 
