@@ -197,13 +197,13 @@ class StepTimer(Callback):
     The first step is left out (kernel probes, allocator warm-up); the next ``TIMED_STEPS`` (fewer in
     a short epoch) give the seconds a step, data loading included. That estimate counts every training
     step, each validation batch at ``FORWARD_SHARE`` of a step, and the ``evaluation_passes`` over the
-    validation batches after the fit at the same share. First steps run faster than a sustained load
-    (the demo held to AVX2: 0.70 s a step over steps 2-8, 0.82 s over its epochs), so the second
-    announcement takes the first epoch's time as it was from its second step on (its validation and
-    checkpoints included; the first step counted as one measured step) for each epoch left, and its
-    validation's time for each evaluation pass. ``announce`` gets the measurement as a dict, the second
-    time with ``first_epoch_seconds`` and ``minutes_left`` added (logged and recorded in config.json by
-    the trainer).
+    validation batches after the fit at the same share. A few steps are a small sample (the demo held
+    to AVX2: 0.70 s a step over steps 2-8 in one run against 0.82 s over its epochs, 1.01 s in
+    another), so the second announcement takes the first epoch's time as it was from its second step
+    on (its validation and checkpoints included; the first step counted as one measured step) for each
+    epoch left, and its validation's time for each evaluation pass. ``announce`` gets the measurement
+    as a dict, the second time with ``first_epoch_seconds`` and ``minutes_left`` added (logged and
+    recorded in config.json by the trainer).
     """
 
     order, run_valid = 5, False
