@@ -59,10 +59,6 @@ class GreyReference:
         """How far one scan's ``grey_histogram`` lies from the training scans (see the module docstring)."""
         return float(_distances(histogram[None], np.asarray(self.mean), np.asarray(self.std))[0])
 
-    def is_far(self, histogram: np.ndarray) -> bool:
-        """Whether the scan lies beyond the threshold."""
-        return self.distance(histogram) > self.threshold
-
     def to_config(self) -> dict:
         """The JSON-able record for config.json (``from_config`` reads it back)."""
         return {"bins": HISTOGRAM_BINS, "mean": list(self.mean), "std": list(self.std), "threshold": self.threshold,

@@ -84,12 +84,6 @@ def validation_scores(predictions: dict[str, TaskPredictions]) -> dict[str, floa
     return scores
 
 
-def kept_weights_scores(run_dir: Path, loader, device: torch.device, *, dtype: torch.dtype | None = None,
-                        dist: Distributed = SINGLE_PROCESS, reflect: bool = True) -> dict[str, float]:
-    """``validation_scores`` of ``kept_weights_predictions`` (every process calls this; {} off rank 0)."""
-    return validation_scores(kept_weights_predictions(run_dir, loader, device, dtype=dtype, dist=dist, reflect=reflect))
-
-
 def calibrate(predictions: dict[str, TaskPredictions]) -> dict[str, TaskCalibration]:
     """{task: its temperature and scores} for each task with validation scans to fit on."""
     fitted = {task: calibrate_task(task, *task_data(task, task_predictions)) for task, task_predictions in predictions.items()}

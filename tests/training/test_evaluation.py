@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cov3d.training.evaluation import kept_weights_scores
+from cov3d.training.evaluation import kept_weights_predictions, validation_scores
 from cov3d.training.run_figures import validation_logits
 
 
@@ -42,7 +42,7 @@ def test_kept_weights_are_scored_in_the_runs_precision(monkeypatch, tmp_path):
     FixedPredictor.made = []
     loader = [(torch.tensor([[0.9], [0.2]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])),
               (torch.tensor([[0.8], [0.6]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))]
-    scores = kept_weights_scores(tmp_path, loader, torch.device("cpu"), dtype=torch.bfloat16)
+    scores = validation_scores(kept_weights_predictions(tmp_path, loader, torch.device("cpu"), dtype=torch.bfloat16))
     assert FixedPredictor.made == [(torch.bfloat16, False)]  # one pass, uncalibrated logits
     # predicted [1, 0, 1, 1] for truth [1, 0, 1, 0]: F1 of covid 2·2/(2·2 + 1) = 0.8, of non-covid 2·1/(2·1 + 1) = 2/3
     assert scores == {"presence_f1": pytest.approx((0.8 + 2 / 3) / 2)}
