@@ -216,9 +216,12 @@ def demo_command(
 
 
 def print_demo_report(report) -> None:
-    """The demo's score table (macro F1 per task and split) and the time of each step."""
+    """The demo's score table (macro F1 per task and split), the time of each step, where its files are,
+    and that its model knows only phantoms."""
     from rich.console import Console
     from rich.table import Table
+
+    from cov3d.dataset.domain import FLAG_SYNTHETIC_MODEL
 
     table = Table(title="Macro F1 on the synthetic data")
     table.add_column("model / split")
@@ -231,3 +234,5 @@ def print_demo_report(report) -> None:
     steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
     console.print(f"Time: {steps}; total {sum(report.seconds.values()):.0f} s")
     console.print(f"Run: {report.run_dir}   Test predictions: {report.predictions}")
+    console.print(f"The model learned synthetic phantoms: its predictions carry the {FLAG_SYNTHETIC_MODEL} flag and "
+                  "say nothing about real scans (train on real chest CTs with `cov3d train` for that).")
