@@ -185,9 +185,6 @@ TIMED_STEPS = 8
 """Training steps timed after the first (which also runs bf16 kernel probes and warms caches)."""
 FORWARD_SHARE = 1 / 3
 """A validation batch (forward pass only) costs about a third of a training step (forward and backward)."""
-EVALUATION_PASSES_PER_TASK = 3
-"""Validation passes after the fit for each task's kept weights: one for its confusion matrix
-(``cov3d.training.run_figures``), two for the scan and its reflection (``cov3d.training.evaluation``)."""
 
 
 class StepTimer(Callback):

@@ -33,6 +33,9 @@ from cov3d.training.callbacks import record_in_config
 from cov3d.training.distributed import SINGLE_PROCESS, Distributed, gather_batches
 from cov3d.training.run_figures import write_reliability_diagram
 
+EVALUATION_PASSES_PER_TASK = 3
+"""Validation passes after the fit for each task's kept weights (what ``StepTimer`` counts): one for its
+confusion matrix (``cov3d.training.run_figures``), two here for the scan and its reflection."""
 TaskPredictions = tuple[np.ndarray, np.ndarray]
 """A task's validation predictions: task logits (N, 5) [l, g_1..g_4] and targets (N, 2) [has_covid, severity]."""
 

@@ -34,7 +34,6 @@ from cov3d.runfiles import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SUMMARY_FILE,
 from cov3d.runtime import Precision, choose_precision, kernel_choice, machine_description, resolve_device
 from cov3d.settings import DETERMINISTIC, FASTAI_ADAM, TrainSettings
 from cov3d.training.callbacks import (
-    EVALUATION_PASSES_PER_TASK,
     FiniteGuard,
     MetricsLog,
     OneCycleSchedule,
@@ -64,7 +63,7 @@ from cov3d.training.distributed import (
     start_distributed,
     stop_distributed,
 )
-from cov3d.training.evaluation import evaluate_kept_weights
+from cov3d.training.evaluation import EVALUATION_PASSES_PER_TASK, evaluate_kept_weights
 from cov3d.training.launch import check_launch, check_shared_folders
 from cov3d.training.loaders import training_loaders
 from cov3d.training.memory import check_memory_fits
