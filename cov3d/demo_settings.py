@@ -26,25 +26,27 @@ from cov3d.settings import TrainSettings, VolumeShape
 
 @dataclass(frozen=True)
 class DemoWorkload:
-    """How much the demo trains: the size of its volumes and its epochs."""
+    """How much the demo trains: the scans it generates, the size of its volumes and its epochs."""
 
+    scans: int
     shape: VolumeShape
     epochs: int
 
     def __str__(self) -> str:
-        return f"{self.epochs} epochs of {self.shape}"
+        return f"{self.scans} scans, {self.epochs} epochs of {self.shape}"
 
 
 DEMO_WORKLOADS = {
-    "bf16 or fp16 (a CPU with native bf16, a GPU)": DemoWorkload(VolumeShape(16, 48, 48), 11),
-    "fp32 (a CPU without native bf16)": DemoWorkload(VolumeShape(16, 32, 32), 8),
+    "bf16 or fp16 (a CPU with native bf16, a GPU)": DemoWorkload(320, VolumeShape(16, 48, 48), 11),
+    "fp32 (a CPU without native bf16)": DemoWorkload(480, VolumeShape(16, 32, 32), 5),
 }
 """The demo's workload by the precision a run uses, so that it takes under 10 minutes on 2 cores of
 every CPU kind measured (docs/demo.md). A training step in fp32 does the work of a bf16 step at about
 70 % of the speed on the same CPU, and an AVX2-only CPU has no native bf16 at all: fp32 trains smaller
-volumes for fewer epochs (8 against 11; a step at 16x32x32 does 44 % of the convolution FLOPs of one at
-16x48x48: 32 % of the work in all). Native bf16 on a CPU and any GPU (bf16 or fp16) train the full
-workload."""
+volumes (a step at 16x32x32 does 44 % of the convolution FLOPs of one at 16x48x48) on more scans for
+fewer epochs (288 training scans for 5 epochs: 360 steps against 11 x 48 = 528), 30 % of the bf16
+workload's FLOPs in all; the more scans, the less a model this small overfits them, and the finer the
+validation score. Native bf16 on a CPU and any GPU (bf16 or fp16) train the full workload."""
 
 
 def demo_workload(precision: str) -> DemoWorkload:
@@ -53,21 +55,19 @@ def demo_workload(precision: str) -> DemoWorkload:
     return fp32 if precision == "fp32" else reduced
 
 
-DEMO_WORKLOADS_HELP = " or ".join(
-    f"{workload.shape} for {workload.epochs} epochs in {name}" for name, workload in DEMO_WORKLOADS.items()
-)
-"""'16x48x48 for 11 epochs in bf16 or fp16 (...) or ...': the help of the demo's size and epochs."""
+DEMO_WORKLOADS_HELP = " or ".join(f"{workload} in {name}" for name, workload in DEMO_WORKLOADS.items())
+"""'320 scans, 11 epochs of 16x48x48 in bf16 or fp16 (...) or ...': the help of the demo's workload."""
 
 
 @dataclass
 class DemoSettings:
     """The demo's dataset and training sizes (chosen to finish in minutes on 2 CPU cores).
 
-    ``depth``, ``width`` and ``epochs`` ``None``: the workload of the precision in use
+    ``scans``, ``depth``, ``width`` and ``epochs`` ``None``: the workload of the precision in use
     (``with_workload``); ``height`` ``None``: the width.
     """
 
-    scans: int = limited(320, DEMO_SCANS)
+    scans: int | None = limited(None, DEMO_SCANS)
     seed: int = limited(0, SEED)
     slice_size: int = limited(128, SLICE_SIZE)
     depth_scale: float = limited(0.1, DEPTH_SCALE)
@@ -93,10 +93,11 @@ class DemoSettings:
         check_fields(self)
 
     def with_workload(self, precision: str) -> DemoSettings:
-        """These settings with the volume size and epochs of ``demo_workload(precision)`` where unset."""
+        """These settings with the scans, volume size and epochs of ``demo_workload(precision)`` where unset."""
         workload = demo_workload(precision)
         return dataclasses.replace(
             self,
+            scans=workload.scans if self.scans is None else self.scans,
             depth=workload.shape.depth if self.depth is None else self.depth,
             width=workload.shape.width if self.width is None else self.width,
             epochs=workload.epochs if self.epochs is None else self.epochs,

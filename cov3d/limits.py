@@ -140,5 +140,5 @@ SLICE_SIZE = Limit(whole=True, low=8, high=1024)
 """Synthetic slices: the phantom needs 8 pixels; 1024 is twice the real data's 512."""
 DEPTH_SCALE = Limit(whole=False, low=0, high=1, low_open=True)
 """Scale of the synthetic slice counts: 1.0 is COV19-CT-DB's own (up to 1,201 slices)."""
-DEMO_SCANS = Limit(whole=True, low=20)
-"""The demo needs a few graded scans of each severity in training."""
+DEMO_SCANS = Limit(whole=True, low=20, optional=True)
+"""The demo needs a few graded scans of each severity in training; ``None``: the workload's."""

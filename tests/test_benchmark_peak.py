@@ -55,3 +55,24 @@ def test_the_fp32_peak_by_hand(script, vendor, family, flags, bits):
     peak = script.fp32_peak(fields)
     assert peak["bits"] == bits
     assert peak["peak"] == pytest.approx(2 * 2.5 * (bits / 32) * 2 * 2)
+
+
+def test_the_fp32_demo_does_under_a_third_of_the_bf16_demos_convolution_work(script):
+    """cov3d.demo_settings.DEMO_WORKLOADS' rule, counted by the hooks: a step at 16x32x32 does 4/9 of the
+    convolution FLOPs of one at 16x48x48, and fp32's 5 epochs of 72 steps (480 scans, 60 % for training) are
+    360 steps against bf16's 11 epochs of 48 (320 scans): 30 % of the work in all."""
+    from cov3d.demo_settings import DemoSettings
+    from cov3d.synthetic.generator import _split_sizes
+
+    model = build_model(outputs=6, penultimate=128, dropout=0.0, pretrained_weights=None)
+    script.set_gemm_route(model, False)
+
+    def work(precision: str) -> tuple[int, int]:
+        demo = DemoSettings().with_workload(precision)
+        steps = _split_sizes(demo.scans, None)["train"] // demo.batch_size * demo.epochs
+        return steps, sum(script.conv_flops(model, torch.zeros(1, 1, *demo.shape.dims)))
+
+    (fp32_steps, fp32_flops), (bf16_steps, bf16_flops) = work("fp32"), work("bf16")
+    assert (fp32_steps, bf16_steps) == (360, 528)
+    assert fp32_flops / bf16_flops == pytest.approx(4 / 9, rel=1e-3)
+    assert fp32_steps * fp32_flops / (bf16_steps * bf16_flops) == pytest.approx(0.303, abs=0.001)

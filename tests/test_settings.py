@@ -51,15 +51,17 @@ def test_demo_settings_take_their_shape_in_one_value():
     assert settings.shape == VolumeShape(8, 24, 32, fast_decode=True)
 
 
-@pytest.mark.parametrize("precision, shape, epochs", [
-    ("bf16", VolumeShape(16, 48, 48), 11), ("fp16", VolumeShape(16, 48, 48), 11), ("fp32", VolumeShape(16, 32, 32), 8),
+@pytest.mark.parametrize("precision, scans, shape, epochs", [
+    ("bf16", 320, VolumeShape(16, 48, 48), 11), ("fp16", 320, VolumeShape(16, 48, 48), 11),
+    ("fp32", 480, VolumeShape(16, 32, 32), 5),
 ])
-def test_the_demo_workload_follows_the_precision(precision, shape, epochs):
-    """fp32 (no native bf16) trains smaller volumes for fewer epochs; what the user gives is kept."""
-    settings = DemoSettings().with_workload(precision).train_settings()
-    assert (settings.shape, settings.epochs) == (shape, epochs)
-    kept = DemoSettings(depth=8, width=24, epochs=3).with_workload(precision).train_settings()
-    assert (kept.shape, kept.epochs) == (VolumeShape(8, 24, 24), 3)
+def test_the_demo_workload_follows_the_precision(precision, scans, shape, epochs):
+    """fp32 (no native bf16) trains smaller volumes of more scans for fewer epochs; what the user gives is kept."""
+    demo = DemoSettings().with_workload(precision)
+    settings = demo.train_settings()
+    assert (demo.scans, settings.shape, settings.epochs) == (scans, shape, epochs)
+    kept = DemoSettings(scans=40, depth=8, width=24, epochs=3).with_workload(precision)
+    assert (kept.scans, kept.train_settings().shape, kept.train_settings().epochs) == (40, VolumeShape(8, 24, 24), 3)
     with pytest.raises(Cov3dError, match="with_workload"):
         DemoSettings().train_settings()
 

@@ -184,7 +184,7 @@ def format_scores(scores: dict[str, float]) -> str:
 @user_errors
 def demo_command(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o", help="Folder for the dataset, cache, run and predictions."),
-    scans: int = typer.Option(DEMO_DEFAULTS.scans, "--scans", help="Synthetic scans to generate."),
+    scans: Optional[int] = typer.Option(None, "--scans", help="Synthetic scans to generate. Default: the workload's (below)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs. Default: the workload's (below)."),
     seed: int = typer.Option(DEMO_DEFAULTS.seed, "--seed", help="Random seed for the data and the training."),
     size: Optional[str] = size_option(
