@@ -9,6 +9,7 @@ use (``cov3d.demo_settings.DEMO_WORKLOADS``). Each step is logged (``logging``);
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from cov3d.limits import WORKERS
 from cov3d.model.metrics import macro_f1
 from cov3d.preprocessing.preprocess import VolumeCache
 from cov3d.preprocessing.workers import preprocess_many
+from cov3d.runfiles import SUMMARY_FILE
 from cov3d.runtime import choose_precision, machine_description, resolve_device
 from cov3d.synthetic.generator import TEST_FOLDER, TEST_LABELS_CSV, generate_dataset
 from cov3d.training.data import TrainingItem, collect_items
@@ -109,7 +111,7 @@ def run_demo(
     chosen = choose_precision(precision, resolve_device(device))
     settings = settings.with_workload(chosen.name)
     settings.train_settings()  # refuses what the training would refuse, before generating anything
-    logger.info("This machine: %s; precision %s (%s). The demo trains %s scans for %d epochs at %s%s.",
+    logger.info("This machine: %s; precision %s (%s). The demo generates %d scans and trains %d epochs at %s%s.",
                 machine_description(resolve_device(device)), chosen.name, chosen.reason, settings.scans,
                 settings.epochs, settings.shape, workload_note(settings, chosen.name))
     console = console or Console(stderr=True)
@@ -147,26 +149,33 @@ def run_demo(
           device=device, precision=precision, workers=workers, overwrite=True)  # the demo's own run, as its data
     step_done("train")
 
-    logger.info("4/4 Inference with reflection averaging")
+    logger.info("4/4 Predicting the test split with reflection averaging (validation: the run's own evaluation)")
     report.predictions = output_dir / "preds.csv"
-    outputs = {"test": report.predictions, "validation": output_dir / "validation-preds.csv"}
-    by_path = {}
-    for name, split_scans in splits.items():
-        infer([s.path for s in split_scans], report.run_dir, outputs[name], cache_dir=cache_dir, workers=0,
-              device=device, precision=precision, on_row=lambda row: by_path.update({row["path"]: row}), overwrite=True)
+    test_rows = {}
+    infer([s.path for s in splits["test"]], report.run_dir, report.predictions, cache_dir=cache_dir, workers=0,
+          device=device, precision=precision, on_row=lambda row: test_rows.update({row["path"]: row}), overwrite=True)
     baseline = baseline_scores(labelled(items, "train"), splits, cache)
-    for name, split_scans in splits.items():
-        report.scores[f"cov3d {name}"] = score_rows(split_scans, by_path)
-        report.scores[f"baseline {name}"] = baseline[name]
+    model = {"validation": run_validation_scores(report.run_dir), "test": score_rows(splits["test"], test_rows)}
+    for name in splits:
+        report.scores[f"cov3d {name}"], report.scores[f"baseline {name}"] = model[name], baseline[name]
     step_done("infer")
     check_beats_baseline(report)
     return report
 
 
+def run_validation_scores(run_dir: Path) -> dict[str, float]:
+    """The validation scores of the run's kept weights, each scan averaged with its reflection: the
+    training's own evaluation after the fit (``tta_scores`` in summary.json, the predictions `cov3d infer`
+    makes; ``cov3d.training.evaluation``), so the demo does not predict validation a second time. Severity
+    is NaN without graded validation scans."""
+    scores = json.loads((run_dir / SUMMARY_FILE).read_text())["tta_scores"]
+    return {"presence_f1": scores["presence_f1"], "severity_f1": scores.get("severity_f1", float("nan"))}
+
+
 def workload_note(settings: DemoSettings, precision: str) -> str:
     """' (the workload of fp32 (...); the other: ...)' when the demo trains its own workload, else ''."""
     workload = demo_workload(precision)
-    if (settings.shape.dims, settings.epochs) != (workload.shape.dims, workload.epochs):
+    if (settings.scans, settings.shape.dims, settings.epochs) != (workload.scans, workload.shape.dims, workload.epochs):
         return ""
     (used,) = [name for name, each in DEMO_WORKLOADS.items() if each == workload]
     others = "; ".join(f"{name}: {each}" for name, each in DEMO_WORKLOADS.items() if each != workload)

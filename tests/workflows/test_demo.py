@@ -23,6 +23,24 @@ def demo(module_dir):
     return module_dir, report
 
 
+def test_the_demos_validation_scores_are_those_of_cov3d_infer(demo, tmp_path):
+    """The demo takes its validation scores from the run's own evaluation of its kept weights
+    (summary.json's tta_scores) instead of predicting validation again: scoring `cov3d infer`'s rows
+    for the validation scans gives the same two numbers."""
+    from cov3d.inference.infer import infer
+    from cov3d.training.data import collect_items
+    from cov3d.workflows.demo import labelled
+
+    output_dir, report = demo
+    scans = labelled(collect_items(output_dir / "data"), "validation")
+    rows = {}
+    infer([scan.path for scan in scans], report.run_dir, tmp_path / "validation.csv", cache_dir=output_dir / "cache",
+          workers=0, device="cpu", precision="fp32", progress=False, on_row=lambda row: rows.update({row["path"]: row}))
+    expected = score_rows(scans, rows)
+    assert any(scan.severity for scan in scans) and math.isfinite(expected["severity_f1"])
+    assert report.scores["cov3d validation"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_demo_runs_every_step_and_scores_both_splits(demo):
     tmp_path, report = demo
     assert set(report.seconds) == {"generate", "preprocess", "train", "infer"}
