@@ -76,7 +76,8 @@ def infer_command(
     if summary.flagged_line:
         typer.secho(summary.flagged_line + " (docs/inference.md#flags)", fg=typer.colors.YELLOW, err=True)
     kept = f", {summary.resumed} already in the CSV" if summary.resumed else ""
-    typer.echo(f"{summary.predicted} scans predicted ({summary.covid} with COVID-19){kept} -> {output}")
+    left_out = f", {len(summary.flagged)} of them flagged and left out of the CSV" if skip_flagged and summary.flagged else ""
+    typer.echo(f"{summary.predicted} scans predicted ({summary.covid} with COVID-19){left_out}{kept} -> {output}")
     typer.echo(summary.calibration, err=True)
     if summary.failed:
         raise typer.Exit(1)

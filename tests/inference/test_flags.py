@@ -118,6 +118,7 @@ def test_skip_flagged_leaves_them_out_and_lists_them(world):
         assert f"Left out {scan}: " in result.output
     assert f"Left out {scans[2]}: not-ct: its values run from 0 to " in result.output
     assert "3 of 4 scans flagged: not-ct 1, no-lungs 1, out-of-distribution 3 (left out of the CSV" in result.output
+    assert "4 scans predicted (" in result.output and "), 3 of them flagged and left out of the CSV -> " in result.output
 
 
 def test_resuming_a_csv_without_the_flags_column_says_what_to_do(world):
