@@ -1,4 +1,4 @@
-"""The demo's settings: its dataset, its workload (volume size and epochs) by the precision in use, and
+"""The demo's settings: its dataset, its workload (scans, volume size and epochs) by the precision in use, and
 its training hyperparameters, chosen so that ``cov3d demo`` finishes in minutes on 2 CPU cores."""
 
 from __future__ import annotations

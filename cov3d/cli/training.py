@@ -228,7 +228,7 @@ def print_demo_report(report) -> None:
     table.add_column("presence", justify="right")
     table.add_column("severity", justify="right")
     for name, scores in report.scores.items():
-        table.add_row(name, f"{scores['presence_f1']:.3f}", f"{scores['severity_f1']:.3f}")
+        table.add_row(name, *(f"{scores[task]:.3f}" if math.isfinite(scores[task]) else "none" for task in ("presence_f1", "severity_f1")))
     console = Console()
     console.print(table)
     steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())

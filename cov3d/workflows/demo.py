@@ -3,8 +3,8 @@
 The demo keeps the paper's method (loss, schedule, reflection, checkpoints) but shrinks the problem so
 that it fits a laptop: fewer and thinner synthetic scans, small volumes, no Kinetics weights (they
 cannot be assumed offline), a larger batch and learning rate to train from scratch in a few epochs
-(``cov3d.demo_settings.DemoSettings``), and a volume size and number of epochs chosen from the precision in
-use (``cov3d.demo_settings.DEMO_WORKLOADS``). Each step is logged (``logging``); the caller shows the report.
+(``cov3d.demo_settings.DemoSettings``), and a scan count, volume size and number of epochs chosen from the
+precision in use (``cov3d.demo_settings.DEMO_WORKLOADS``). Each step is logged (``logging``); the caller shows the report.
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def run_demo(
 def run_validation_scores(run_dir: Path) -> dict[str, float]:
     """The validation scores of the run's kept weights, each scan averaged with its reflection: the
     training's own evaluation after the fit (``tta_scores`` in summary.json, the predictions `cov3d infer`
-    makes; ``cov3d.training.evaluation``), so the demo does not predict validation a second time. Severity
+    makes, up to rounding in bf16; ``cov3d.training.evaluation``), so the demo does not predict validation
+    a second time. Severity
     is NaN without graded validation scans."""
     scores = json.loads((run_dir / SUMMARY_FILE).read_text())["tta_scores"]
     return {"presence_f1": scores["presence_f1"], "severity_f1": scores.get("severity_f1", float("nan"))}

@@ -7,6 +7,7 @@ import pytest
 from rich.console import Console
 from scripts_loader import load_script
 
+from cov3d.dataset.layout import SEVERITY_LABELS
 from cov3d.errors import BaselineNotBeaten
 from cov3d.workflows.demo import DemoSettings, LabelledScan, labelled_test_split, run_demo, score_rows
 
@@ -25,17 +26,32 @@ def demo(module_dir):
 
 def test_the_demos_validation_scores_are_those_of_cov3d_infer(demo, tmp_path):
     """The demo takes its validation scores from the run's own evaluation of its kept weights
-    (summary.json's tta_scores) instead of predicting validation again: scoring `cov3d infer`'s rows
-    for the validation scans gives the same two numbers."""
+    (summary.json's tta_scores) instead of predicting validation again. That evaluation predicts what
+    `cov3d infer` predicts, scan by scan (P(covid) and the severity decision), and scoring infer's rows
+    gives the demo's two numbers."""
+    import torch
+
     from cov3d.inference.infer import infer
+    from cov3d.model.files import load_source
+    from cov3d.preprocessing.preprocess import VolumeCache
     from cov3d.training.data import collect_items
+    from cov3d.training.evaluation import kept_weights_predictions
     from cov3d.workflows.demo import labelled
 
     output_dir, report = demo
     scans = labelled(collect_items(output_dir / "data"), "validation")
     rows = {}
     infer([scan.path for scan in scans], report.run_dir, tmp_path / "validation.csv", cache_dir=output_dir / "cache",
-          workers=0, device="cpu", precision="fp32", progress=False, on_row=lambda row: rows.update({row["path"]: row}))
+          workers=0, device="cpu", precision="fp32", progress=False, calibrated=False,
+          on_row=lambda row: rows.update({row["path"]: row}))
+    cache = VolumeCache(output_dir / "cache", load_source(report.run_dir).shape)
+    batch = (torch.stack([cache.get(scan.path) for scan in scans]),
+             torch.tensor([[scan.has_covid, scan.severity] for scan in scans], dtype=torch.float32))
+    predictions = kept_weights_predictions(report.run_dir, [batch], torch.device("cpu"))
+    covid = torch.sigmoid(torch.from_numpy(predictions["presence"][0][:, 0])).tolist()
+    assert covid == pytest.approx([float(rows[str(scan.path)]["covid_probability"]) for scan in scans], abs=2e-6)
+    grades = predictions["severity"][0][:, 1:].argmax(axis=1)
+    assert [SEVERITY_LABELS[grade] for grade in grades] == [rows[str(scan.path)]["severity"] for scan in scans]
     expected = score_rows(scans, rows)
     assert any(scan.severity for scan in scans) and math.isfinite(expected["severity_f1"])
     assert report.scores["cov3d validation"] == pytest.approx(expected, abs=1e-12)
@@ -104,9 +120,11 @@ def test_the_report_says_the_model_knows_only_phantoms(capsys, tmp_path):
     from cov3d.workflows.demo import DemoReport
 
     scores = {"presence_f1": 0.9, "severity_f1": 0.6}
-    report = DemoReport(scores={"cov3d validation": scores}, seconds={"generate": 1.0, "train": 2.0},
+    ungraded = {"presence_f1": 0.75, "severity_f1": float("nan")}  # no graded validation scan
+    report = DemoReport(scores={"cov3d validation": scores, "cov3d test": ungraded}, seconds={"generate": 1.0, "train": 2.0},
                         run_dir=tmp_path / "run", predictions=tmp_path / "preds.csv")
     print_demo_report(report)
     out = capsys.readouterr().out
     assert "0.900" in out and "total 3 s" in out and "preds.csv" in out
+    assert "nan" not in out and [line.split()[-4:] for line in out.splitlines() if "cov3d test" in line] == [["0.750", "│", "none", "│"]]
     assert "synthetic-model flag and say nothing about real scans" in " ".join(out.split())
