@@ -61,7 +61,7 @@ def test_the_demo_workload_follows_the_precision(precision, scans, shape, epochs
     settings = demo.train_settings()
     assert (demo.scans, settings.shape, settings.epochs) == (scans, shape, epochs)
     kept = DemoSettings(scans=40, depth=8, width=24, epochs=3).with_workload(precision)
-    assert (kept.scans, kept.train_settings().shape, kept.train_settings().epochs) == (40, VolumeShape(8, 24, 24), 3)
+    assert (kept.scans, kept.shape, kept.epochs) == (40, VolumeShape(8, 24, 24), 3)
     with pytest.raises(Cov3dError, match="with_workload"):
         DemoSettings().train_settings()
 

@@ -167,8 +167,7 @@ def run_validation_scores(run_dir: Path) -> dict[str, float]:
     """The validation scores of the run's kept weights, each scan averaged with its reflection: the
     training's own evaluation after the fit (``tta_scores`` in summary.json, the predictions `cov3d infer`
     makes, up to rounding in bf16; ``cov3d.training.evaluation``), so the demo does not predict validation
-    a second time. Severity
-    is NaN without graded validation scans."""
+    a second time. Severity is NaN without graded validation scans."""
     scores = json.loads((run_dir / SUMMARY_FILE).read_text())["tta_scores"]
     return {"presence_f1": scores["presence_f1"], "severity_f1": scores.get("severity_f1", float("nan"))}
 
