@@ -16,6 +16,7 @@ import contextlib
 import csv
 import errno
 import functools
+import glob
 import io
 import os
 import shutil
@@ -84,6 +85,14 @@ def temporary_prefix(path: Path) -> str:
         name_max = DEFAULT_NAME_MAX
     room = max(1, name_max - TEMP_RANDOM_CHARS - len(TEMP_SUFFIX) - 2)
     return f".{os.fsencode(path.name)[:room].decode(errors='ignore')}."  # the limit counts bytes
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """The temporary files of ``path`` (``.<name>.<random>.tmp``, see ``replaced_atomically``) beside it:
+    what writers of ``path`` killed mid-write left, or what writers still running are writing."""
+    path = Path(path)
+    pattern = f"{glob.escape(temporary_prefix(path))}{'?' * TEMP_RANDOM_CHARS}{TEMP_SUFFIX}"
+    return sorted(temp for temp in path.parent.glob(pattern) if temp.is_file())
 
 
 @contextlib.contextmanager

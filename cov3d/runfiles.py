@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cov3d.atomic import leftover_temporaries
+
 CONFIG_FILE = "config.json"
 """The run's settings and everything needed to rebuild its model."""
 TASKS = ("presence", "severity")
@@ -40,6 +42,12 @@ def run_file_names() -> set[str]:
     confusion = {f"{stem}{suffix}" for stem in CONFUSION_STEMS.values() for suffix in CONFUSION_SUFFIXES}
     return {CONFIG_FILE, RESUME_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, RELIABILITY_FILE, *WEIGHTS_FILES.values(),
             *confusion}
+
+
+def leftover_run_temporaries(folder: Path) -> list[Path]:
+    """Temporary files of the run's files (``cov3d.atomic.leftover_temporaries``) in ``folder``: what a
+    run killed while writing one of them left there."""
+    return sorted(temp for name in run_file_names() for temp in leftover_temporaries(Path(folder) / name))
 
 
 def is_run_dir(folder: Path) -> bool:

@@ -5,7 +5,7 @@ import errno
 import pytest
 
 from cov3d import atomic
-from cov3d.atomic import replaced_atomically, write_failure_reason, write_text_atomically
+from cov3d.atomic import leftover_temporaries, replaced_atomically, write_failure_reason, write_text_atomically
 from cov3d.errors import Cov3dError
 
 REMEDY = "Free some space."
@@ -34,6 +34,26 @@ def test_concurrent_writers_of_one_path_do_not_share_a_temporary_file(tmp_path):
         assert path.read_text() == "second" and first.read_text() == "first"
     assert path.read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_leftover_temporaries_are_the_paths_own_only(tmp_path):
+    """What a writer of a path killed mid-write leaves is found; other files, also of similar names, are not."""
+    path = tmp_path / "metrics[1].csv"  # glob's special characters in the name
+    with replaced_atomically(path, REMEDY) as temp:
+        assert leftover_temporaries(path) == [temp]
+    assert leftover_temporaries(path) == []
+    killed = tmp_path / ".metrics[1].csv.a1b2_c3d.tmp"
+    for name in (killed.name, ".metrics[1].csv.tmp", ".metrics[1].csv.toolong12.tmp", "metrics[1].csv.a1b2_c3d.tmp",
+                 ".metrics.csv.a1b2_c3d.tmp", "metrics[1].csv"):
+        (tmp_path / name).write_text("")
+    (tmp_path / ".metrics[1].csv.folder00.tmp").mkdir()
+    assert leftover_temporaries(path) == [killed]
+
+
+def test_a_name_at_the_limit_has_its_temporaries_found(tmp_path):
+    path = tmp_path / ("n" * 255)
+    with replaced_atomically(path, REMEDY) as temp:
+        assert len(temp.name) <= 255 and leftover_temporaries(path) == [temp]
 
 
 def test_a_folder_that_cannot_be_written_is_named_without_the_space_advice(tmp_path):

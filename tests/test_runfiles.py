@@ -12,6 +12,7 @@ from cov3d.runfiles import (
     WEIGHTS_FILES,
     existing_run_files,
     is_run_dir,
+    leftover_run_temporaries,
     run_file_names,
 )
 
@@ -30,6 +31,13 @@ def test_a_run_is_a_config_beside_weights_or_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     assert is_run_dir(tmp_path)
     assert [path.name for path in existing_run_files(tmp_path)] == [RESUME_FILE, CONFIG_FILE]
+
+
+def test_leftover_run_temporaries_are_those_of_run_files(tmp_path):
+    names = [".config.json.k9x_2abc.tmp", ".best-presence.safetensors.00000000.tmp"]
+    for name in (*names, ".notes.txt.k9x_2abc.tmp", ".config.json.lock", CONFIG_FILE):
+        (tmp_path / name).write_text("")
+    assert [path.name for path in leftover_run_temporaries(tmp_path)] == sorted(names)
 
 
 def test_the_run_layout_imports_no_torch():

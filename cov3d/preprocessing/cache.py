@@ -29,7 +29,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from cov3d.atomic import TEMP_SUFFIX, file_mode, write_failure_reason
+from cov3d.atomic import TEMP_SUFFIX, file_mode, leftover_temporaries, temporary_prefix, write_failure_reason
 from cov3d.errors import Cov3dError, one_line
 from cov3d.settings import SHAPE_FOLDER, VolumeShape
 
@@ -159,7 +159,7 @@ def make_entry(levels: torch.Tensor, shape: VolumeShape, scan_dir: Path, fingerp
 def _remove_stale_temps(path: Path) -> None:
     """Delete leftover temporary files of ``path`` older than ``STALE_TEMP_SECONDS``."""
     now = time.time()
-    for temp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+    for temp in leftover_temporaries(path):
         try:
             if now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
                 temp.unlink()
@@ -184,7 +184,7 @@ def _temporary_beside(path: Path) -> IO[bytes]:
     removes empty size folders, also one that a concurrent writer has just made."""
     def temporary() -> IO[bytes]:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX, delete=False)
+        return tempfile.NamedTemporaryFile(dir=path.parent, prefix=temporary_prefix(path), suffix=TEMP_SUFFIX, delete=False)
 
     try:
         return temporary()

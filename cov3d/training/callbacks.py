@@ -265,7 +265,7 @@ def speed_line(speed: dict) -> str:
         return (f"The first epoch took {speed['first_epoch_seconds']:.0f} s: the {speed['epochs'] - 1} left and the "
                 f"final evaluation take about {speed['minutes_left']:.1f} min.")
     return (f"Speed on {speed['machine']}: {speed['precision']}, about {speed['seconds_per_step']:.2f} s a training "
-            f"step: {speed['epochs']} epochs of {speed['steps_per_epoch']} steps at {speed['shape']} take about "
+            f"step: {speed['epochs']} epoch{'s' if speed['epochs'] != 1 else ''} of {speed['steps_per_epoch']} steps at {speed['shape']} take about "
             f"{speed['estimated_minutes']:.1f} min with validation and the final evaluation.")
 
 

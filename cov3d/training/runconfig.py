@@ -27,7 +27,7 @@ from cov3d.errors import Cov3dError
 from cov3d.limits import option_name
 from cov3d.model.files import with_legacy_defaults
 from cov3d.outputs import notice, refuse_inside
-from cov3d.runfiles import CONFIG_FILE, RESUME_FILE, WEIGHTS_FILES, existing_run_files
+from cov3d.runfiles import CONFIG_FILE, RESUME_FILE, WEIGHTS_FILES, existing_run_files, leftover_run_temporaries
 from cov3d.runtime import PRECISION_NAMES
 from cov3d.settings import DETERMINISTIC
 
@@ -138,6 +138,17 @@ def check_new_run(run_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()
             remedy = f"it cannot be continued (no {RESUME_FILE}): give another --output-dir,"
         raise Cov3dError(f"{run_dir} already holds a cov3d run ({names}): {remedy} or --overwrite to replace it.")
     return existing
+
+
+def remove_leftover_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files a killed run left in ``run_dir`` (``leftover_run_temporaries``) and say
+    so in one line. Only for the holder of the run folder's lock: no other writer can be at work there."""
+    leftovers = leftover_run_temporaries(run_dir)
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        notice(f"Removed {len(leftovers)} temporary file(s) that a killed run left in {run_dir}: "
+               f"{', '.join(path.name for path in leftovers)}")
 
 
 def remove_run_files(run_dir: Path, files: Sequence[Path]) -> None:

@@ -78,6 +78,7 @@ from cov3d.training.runconfig import (
     check_new_run,
     read_run_config,
     recorded_settings,
+    remove_leftover_temporaries,
     remove_run_files,
     resumed_options,
     unfinished_first_epoch,
@@ -237,6 +238,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         check_same_dataset(run_dir, fingerprint)
 
     loss = build_loss(settings, train_items)
+    if dist.is_main:
+        remove_leftover_temporaries(run_dir)
     if dist.is_main and resume_state is None:
         remove_run_files(run_dir, earlier_run)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,7 @@ def test_the_step_timer_measures_a_step_and_estimates_the_fit(train_batches, eva
     expected = (2 * (train_batches * step + 3 * step * FORWARD_SHARE) + evaluation_passes * 3 * step * FORWARD_SHARE) / 60
     assert speed["estimated_minutes"] == pytest.approx(expected, abs=0.051)
     assert speed_line(speed).startswith(f"Speed on CPU test: fp32, about {step:.2f} s a training step: 2 epochs of")
+    assert ": 1 epoch of " in speed_line({**speed, "epochs": 1})  # a resumed run's last epoch
 
 
 @pytest.mark.parametrize("train_batches", [3, TIMED_STEPS + 4])

@@ -22,7 +22,7 @@ from fastai.optimizer import Adam
 from torch import nn
 
 from cov3d.errors import Cov3dError
-from cov3d.runfiles import RESUME_FILE
+from cov3d.runfiles import RESUME_FILE, leftover_run_temporaries
 from cov3d.settings import TrainSettings
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
@@ -102,7 +102,9 @@ def killed(runs) -> Path:
 def test_killed_run_left_one_epoch(killed):
     assert load_resume_state(killed)["epoch"] == 0
     assert not (killed / "summary.json").exists()
-    assert not [path.name for path in killed.iterdir() if path.name.endswith(".tmp")]  # no temporary file left
+    # Only a file being written at the moment of the kill may have been left half-written, as a temporary file.
+    temporaries = [path for path in killed.iterdir() if path.name.endswith(".tmp")]
+    assert temporaries == leftover_run_temporaries(killed) and len(temporaries) <= 1
 
 
 def test_seeded_runs_match_exactly(uninterrupted, killed):
@@ -116,11 +118,16 @@ def test_seeded_runs_match_exactly(uninterrupted, killed):
 
 def test_resume_ends_like_an_uninterrupted_run(uninterrupted, killed, small_dataset):
     """Resumed with no option but --resume: precision (fp32 even where 'auto' means bf16), device, cache
-    folder and workers come from config.json, and the weights end bit for bit as uninterrupted."""
+    folder and workers come from config.json, and the weights end bit for bit as uninterrupted. A temporary
+    file that a kill left in the run folder is removed, and said so; another program's is left alone."""
+    (killed / ".metrics.csv.zz99_z9z.tmp").write_text("epoch,train_loss\n0,")
+    (killed / ".notes.txt.zz99_z9z.tmp").write_text("not cov3d's")
     result = subprocess.run(
         CLI + ["train", "--resume", str(killed)], env=cli_env(), capture_output=True, text=True, timeout=KILL_TIMEOUT_S,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "temporary file(s) that a killed run left" in result.stderr and ".metrics.csv.zz99_z9z.tmp" in result.stderr
+    assert leftover_run_temporaries(killed) == [] and (killed / ".notes.txt.zz99_z9z.tmp").is_file()
     assert "overriding" not in result.stdout
     assert len(metric_rows(killed)) == EPOCHS
     assert metric_rows(killed) == metric_rows(uninterrupted)
