@@ -345,7 +345,8 @@ def test_leftover_temp_file_is_ignored_and_stale_ones_removed(tmp_path: Path, ca
     cache = VolumeCache(cache_dir, VolumeShape(4, 8, 6))
     path = cache.path_for(scan)
     path.parent.mkdir(parents=True)
-    fresh, stale = path.parent / f".{path.name}.a1{cache_module.TEMP_SUFFIX}", path.parent / f".{path.name}.b2.tmp"
+    # named as the cache's writers name them: 8 random characters (tempfile's)
+    fresh, stale = (path.parent / f".{path.name}.{random}{cache_module.TEMP_SUFFIX}" for random in ("a1b2c3d4", "e5_6g7h8"))
     for temp in (fresh, stale):
         temp.write_bytes(b"half-written")
     old = time.time() - 2 * cache_module.STALE_TEMP_SECONDS
