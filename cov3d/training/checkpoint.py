@@ -167,6 +167,11 @@ def load_resume_state(run_dir: Path) -> dict[str, Any]:
     return state
 
 
+def restore_train_loader_rng(dls, resume_state: dict[str, Any]) -> None:
+    """Give the training loader's shuffling generator the state a checkpoint recorded."""
+    dls.train.rng.setstate(unpack_python_state(resume_state["train_loader_rng"]))
+
+
 class TrainingState(Callback):
     """Write checkpoint.pth after every epoch (main process only); when resuming, restore the loop's state.
 
@@ -197,7 +202,7 @@ class TrainingState(Callback):
         smooth = self.resume_state["smooth_loss"]
         self.recorder.smooth_loss.count = smooth["count"]
         self.recorder.smooth_loss.val = smooth["value"].to(self.recorder.smooth_loss.val.device)
-        self.dls.train.rng.setstate(unpack_python_state(self.resume_state["train_loader_rng"]))
+        restore_train_loader_rng(self.dls, self.resume_state)
         replicas = self.resume_state.get("replica_rng") or [self.resume_state["rng"]]
         if self.rank < len(replicas):
             set_rng_states(replicas[self.rank])

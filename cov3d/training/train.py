@@ -50,6 +50,7 @@ from cov3d.training.checkpoint import (
     kept_metrics,
     load_resume_state,
     monitored_metrics,
+    restore_train_loader_rng,
     resume_remedy,
 )
 from cov3d.training.data import TrainingItem, collect_items, presence_counts, severity_group_counts
@@ -220,8 +221,12 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         check_shared_folders(dist, {"run folder": run_dir})
     resume_state = load_resume_state(run_dir) if resume else None
     first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
-    if first_epoch >= settings.epochs:
+    fitted = first_epoch >= settings.epochs  # stopped after its last epoch: only the evaluation is left
+    if fitted and (run_dir / SUMMARY_FILE).exists():
         raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
+    if fitted and dist.is_main:
+        logger.info("%s trained its %d epochs but stopped before the evaluation after training (no %s): "
+                    "evaluating its kept weights now.", run_dir, settings.epochs, SUMMARY_FILE)
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
     check_batch_fits(items, settings.batch_size, dist.world_size, data_dir)
     earlier_run = [] if resume_state is not None else check_new_run(run_dir, overwrite=overwrite, inputs=[item.path for item in items])
@@ -311,7 +316,10 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         learner.add_cb(progress_callback(first_epoch, settings.epochs))
     else:
         learner.logger = noop
-    learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=fit_wd)
+    if fitted:
+        restore_train_loader_rng(dls, resume_state)  # as the fit left it, for the replica record
+    else:
+        learner.fit(settings.epochs - first_epoch, lr=settings.learning_rate, wd=fit_wd)
     if all(math.isinf(value) for value in checkpoints.best.values()):
         raise Cov3dError(
             f"{run_dir}: every epoch ended with non-finite weights (NaN or infinity), so no best weights were kept. "

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,14 @@ from fastai.optimizer import Adam
 from torch import nn
 
 from cov3d.errors import Cov3dError
-from cov3d.runfiles import RESUME_FILE, leftover_run_temporaries
+from cov3d.model.files import TEMPERATURES_KEY
+from cov3d.runfiles import (
+    CONFUSION_STEMS,
+    RELIABILITY_FILE,
+    RESUME_FILE,
+    SUMMARY_FILE,
+    leftover_run_temporaries,
+)
 from cov3d.settings import TrainSettings
 from cov3d.synthetic.generator import generate_dataset
 from cov3d.training.callbacks import OneCycleSchedule
@@ -133,6 +141,33 @@ def test_resume_ends_like_an_uninterrupted_run(uninterrupted, killed, small_data
     assert metric_rows(killed) == metric_rows(uninterrupted)
     assert json.loads((killed / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
     assert load_resume_state(killed)["epoch"] == EPOCHS - 1
+
+
+def test_resume_after_the_last_epoch_runs_only_the_evaluation(uninterrupted, tmp_path):
+    """A run stopped after its last checkpoint, in the evaluation after training (no summary.json, no
+    calibration yet), is finished by --resume without another epoch: the same summary, temperatures and
+    figures as the run that was not stopped, the weights and metrics untouched."""
+    stopped = tmp_path / "stopped"
+    shutil.copytree(uninterrupted, stopped)
+    for name in (SUMMARY_FILE, RELIABILITY_FILE, *(f"{stem}.csv" for stem in CONFUSION_STEMS.values())):
+        (stopped / name).unlink()
+    config = json.loads((stopped / "config.json").read_text())
+    temperatures = config.pop(TEMPERATURES_KEY)
+    (stopped / "config.json").write_text(json.dumps(config))
+    kept = {path.name: path.read_bytes() for path in stopped.iterdir() if path.suffix in (".safetensors", ".pth", ".csv")}
+    result = subprocess.run(
+        CLI + ["train", "--resume", str(stopped)], env=cli_env(), capture_output=True, text=True, timeout=KILL_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stopped before the evaluation after training" in result.stderr + result.stdout
+    assert json.loads((stopped / SUMMARY_FILE).read_text()) == json.loads((uninterrupted / SUMMARY_FILE).read_text())
+    assert json.loads((stopped / "config.json").read_text())[TEMPERATURES_KEY] == temperatures
+    assert (stopped / RELIABILITY_FILE).is_file()
+    for stem in CONFUSION_STEMS.values():
+        assert (stopped / f"{stem}.csv").read_text() == (uninterrupted / f"{stem}.csv").read_text()
+    assert {name: (stopped / name).read_bytes() for name in kept} == kept
+    again = subprocess.run(CLI + ["train", "--resume", str(stopped)], env=cli_env(), capture_output=True, text=True)
+    assert again.returncode == 1 and "nothing to resume" in again.stdout + again.stderr
 
 
 def test_resume_refuses_a_finished_run(uninterrupted, tmp_path):
