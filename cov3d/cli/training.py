@@ -112,7 +112,7 @@ def train_command(
         "Deterministic kernels: the same seed gives the same run (on GPUs: no cuDNN autotuning, deterministic "
         "algorithms only). --no-deterministic: cuDNN autotuning and the fastest kernels; runs differ slightly. "
         "See docs/gpu.md for what each costs.")),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch, as it was started: data, settings, cache folder, device and precision come from its config.json; --directory, --cache-dir, --device, --precision and the worker options may be given again to override them."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the killed run in this folder from its last epoch (or, killed after it, from the evaluation after training), as it was started: data, settings, cache folder, device and precision come from its config.json; --directory, --cache-dir, --device, --precision and the worker options may be given again to override them."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --output-dir (its files are removed first)."),
     window: Optional[str] = typer.Option(None, "--window", help=WindowHelp.format(
         default="the mapping calibrated to COV19-CT-DB") + " Recorded in the run; inference uses it."),
