@@ -233,6 +233,7 @@ def print_demo_report(report) -> None:
     console.print(table)
     steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
     console.print(f"Time: {steps}; total {sum(report.seconds.values()):.0f} s")
-    console.print(f"Run: {report.run_dir}   Test predictions: {report.predictions}")
+    for label, path in (("Run", report.run_dir), ("Test predictions", report.predictions)):
+        console.print(f"{label}: {path}", soft_wrap=True, markup=False, highlight=False)  # whole, to copy
     console.print(f"The model learned synthetic phantoms: its predictions carry the {FLAG_SYNTHETIC_MODEL} flag and "
                   "say nothing about real scans (train on real chest CTs with `cov3d train` for that).")

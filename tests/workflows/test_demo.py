@@ -115,16 +115,21 @@ def test_make_figures_needs_a_trained_demo(tmp_path, monkeypatch):
         make_figures.main()
 
 
-def test_the_report_says_the_model_knows_only_phantoms(capsys, tmp_path):
+def test_the_report_says_the_model_knows_only_phantoms(capsys, tmp_path, monkeypatch):
+    """Scores, times, and the run's and predictions' paths each whole on its line (not folded at the
+    terminal's width, brackets kept) for the user to copy."""
     from cov3d.cli.training import print_demo_report
     from cov3d.workflows.demo import DemoReport
 
+    monkeypatch.setenv("COLUMNS", "60")
+    folder = tmp_path / ("a-long-folder-name-" * 4) / "demo[1]"
     scores = {"presence_f1": 0.9, "severity_f1": 0.6}
     ungraded = {"presence_f1": 0.75, "severity_f1": float("nan")}  # no graded validation scan
     report = DemoReport(scores={"cov3d validation": scores, "cov3d test": ungraded}, seconds={"generate": 1.0, "train": 2.0},
-                        run_dir=tmp_path / "run", predictions=tmp_path / "preds.csv")
+                        run_dir=folder / "run", predictions=folder / "preds.csv")
     print_demo_report(report)
     out = capsys.readouterr().out
-    assert "0.900" in out and "total 3 s" in out and "preds.csv" in out
+    assert "0.900" in out and "total 3 s" in out
+    assert f"Run: {folder / 'run'}" in out.splitlines() and f"Test predictions: {folder / 'preds.csv'}" in out.splitlines()
     assert "nan" not in out and [line.split()[-4:] for line in out.splitlines() if "cov3d test" in line] == [["0.750", "│", "none", "│"]]
     assert "synthetic-model flag and say nothing about real scans" in " ".join(out.split())
