@@ -31,6 +31,8 @@ TEMP_SUFFIX = ".tmp"
 
 TEMP_RANDOM_CHARS = 8
 """Random characters ``tempfile.mkstemp`` puts between prefix and suffix."""
+TEMP_RANDOM_ALPHABET = "[a-z0-9_]"
+"""The characters ``tempfile`` draws them from, as a glob class."""
 
 DEFAULT_NAME_MAX = 255
 """The longest file name where the file system does not say (most have 255 bytes)."""
@@ -91,7 +93,7 @@ def leftover_temporaries(path: Path) -> list[Path]:
     """The temporary files of ``path`` (``.<name>.<random>.tmp``, see ``replaced_atomically``) beside it:
     what writers of ``path`` killed mid-write left, or what writers still running are writing."""
     path = Path(path)
-    pattern = f"{glob.escape(temporary_prefix(path))}{'?' * TEMP_RANDOM_CHARS}{TEMP_SUFFIX}"
+    pattern = f"{glob.escape(temporary_prefix(path))}{TEMP_RANDOM_ALPHABET * TEMP_RANDOM_CHARS}{TEMP_SUFFIX}"
     return sorted(temp for temp in path.parent.glob(pattern) if temp.is_file())
 
 

@@ -37,14 +37,15 @@ def test_concurrent_writers_of_one_path_do_not_share_a_temporary_file(tmp_path):
 
 
 def test_leftover_temporaries_are_the_paths_own_only(tmp_path):
-    """What a writer of a path killed mid-write leaves is found; other files, also of similar names, are not."""
+    """What a writer of a path killed mid-write leaves is found; other files, also of similar names (a user's
+    copy with characters tempfile never draws), are not."""
     path = tmp_path / "metrics[1].csv"  # glob's special characters in the name
     with replaced_atomically(path, REMEDY) as temp:
         assert leftover_temporaries(path) == [temp]
     assert leftover_temporaries(path) == []
     killed = tmp_path / ".metrics[1].csv.a1b2_c3d.tmp"
     for name in (killed.name, ".metrics[1].csv.tmp", ".metrics[1].csv.toolong12.tmp", "metrics[1].csv.a1b2_c3d.tmp",
-                 ".metrics.csv.a1b2_c3d.tmp", "metrics[1].csv"):
+                 ".metrics.csv.a1b2_c3d.tmp", "metrics[1].csv", ".metrics[1].csv.old-copy.tmp", ".metrics[1].csv.Backup12.tmp"):
         (tmp_path / name).write_text("")
     (tmp_path / ".metrics[1].csv.folder00.tmp").mkdir()
     assert leftover_temporaries(path) == [killed]

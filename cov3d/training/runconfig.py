@@ -143,12 +143,18 @@ def check_new_run(run_dir: Path, *, overwrite: bool, inputs: Iterable[Path] = ()
 def remove_leftover_temporaries(run_dir: Path) -> None:
     """Delete the temporary files a killed run left in ``run_dir`` (``leftover_run_temporaries``) and say
     so in one line. Only for the holder of the run folder's lock: no other writer can be at work there."""
-    leftovers = leftover_run_temporaries(run_dir)
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    if leftovers:
-        notice(f"Removed {len(leftovers)} temporary file(s) that a killed run left in {run_dir}: "
-               f"{', '.join(path.name for path in leftovers)}")
+    removed, kept = [], []
+    for path in leftover_run_temporaries(run_dir):
+        try:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        except OSError:
+            kept.append(path.name)
+    if removed:
+        notice(f"Removed {len(removed)} temporary file(s) that a killed run left in {run_dir}: {', '.join(removed)}")
+    if kept:
+        notice(f"Could not remove {len(kept)} temporary file(s) that a killed run left in {run_dir} "
+               f"(not yours?): {', '.join(kept)}. They are never read; delete them when you can.")
 
 
 def remove_run_files(run_dir: Path, files: Sequence[Path]) -> None:

@@ -215,6 +215,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     dtype = precision.dtype
     reproducibility = seed_everything(settings.seed, torch_device, deterministic)
     if dist.is_main:
+        remove_leftover_temporaries(run_dir)  # no other writer: this process holds the folder's lock
         logger.info("Precision: %s on %s (%s)", precision.name, torch_device, precision.reason)
         logger.info("Reproducibility: %s", reproducibility)
     if resume:
@@ -224,6 +225,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     fitted = first_epoch >= settings.epochs  # stopped after its last epoch: only the evaluation is left
     if fitted and (run_dir / SUMMARY_FILE).exists():
         raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
+    if fitted:
+        check_kept_weights(run_dir, settings, resume_state)
     if fitted and dist.is_main:
         logger.info("%s trained its %d epochs but stopped before the evaluation after training (no %s): "
                     "evaluating its kept weights now.", run_dir, settings.epochs, SUMMARY_FILE)
@@ -243,8 +246,6 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
         check_same_dataset(run_dir, fingerprint)
 
     loss = build_loss(settings, train_items)
-    if dist.is_main:
-        remove_leftover_temporaries(run_dir)
     if dist.is_main and resume_state is None:
         remove_run_files(run_dir, earlier_run)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -339,6 +340,16 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if use_wandb:
         finish_wandb(checkpoints.best, checkpoints.best_epoch)
     return TrainResult(run_dir, dict(checkpoints.best))
+
+
+def check_kept_weights(run_dir: Path, settings: TrainSettings, resume_state: dict) -> None:
+    """Refuse to evaluate a trained run (``--resume`` after its last epoch) that lost weights its
+    checkpoint says it kept: each kept score with a finite best has its weights file."""
+    for metric in kept_metrics(settings):
+        path = run_dir / WEIGHTS_BY_METRIC[metric]
+        if math.isfinite(resume_state["best"].get(metric, -math.inf)) and not path.is_file():
+            raise Cov3dError(f"{path} is missing, so the run's evaluation after training cannot run: restore it "
+                             "from a copy, or train again with --overwrite.")
 
 
 def check_batch_fits(items: list[TrainingItem], batch_size: int, world_size: int, data_dir: Path) -> None:

@@ -29,6 +29,7 @@ from cov3d.runfiles import (
     RELIABILITY_FILE,
     RESUME_FILE,
     SUMMARY_FILE,
+    WEIGHTS_FILES,
     leftover_run_temporaries,
 )
 from cov3d.settings import TrainSettings
@@ -168,6 +169,16 @@ def test_resume_after_the_last_epoch_runs_only_the_evaluation(uninterrupted, tmp
     assert {name: (stopped / name).read_bytes() for name in kept} == kept
     again = subprocess.run(CLI + ["train", "--resume", str(stopped)], env=cli_env(), capture_output=True, text=True)
     assert again.returncode == 1 and "nothing to resume" in again.stdout + again.stderr
+
+
+def test_a_trained_run_that_lost_kept_weights_is_not_evaluated(uninterrupted, tmp_path):
+    from cov3d.training.train import resume_training
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(uninterrupted, stopped, ignore=shutil.ignore_patterns(SUMMARY_FILE, WEIGHTS_FILES["severity"]))
+    with pytest.raises(Cov3dError, match=f"{WEIGHTS_FILES['severity']} is missing, so the run's evaluation after training"):
+        resume_training(stopped, cache_dir=tmp_path, device="cpu", precision="fp32", workers=1)
+    assert not tmp_path.joinpath("8x32x32").exists()  # refused before reading any scan
 
 
 def test_resume_refuses_a_finished_run(uninterrupted, tmp_path):

@@ -2,13 +2,20 @@
 checks before a new run starts in a folder."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from cov3d.errors import Cov3dError
 from cov3d.runfiles import CONFIG_FILE, WEIGHTS_FILES
 from cov3d.settings import TrainSettings
-from cov3d.training.runconfig import check_new_run, recorded_settings, remove_run_files, resumed_options
+from cov3d.training.runconfig import (
+    check_new_run,
+    recorded_settings,
+    remove_leftover_temporaries,
+    remove_run_files,
+    resumed_options,
+)
 
 SCHEDULE_KEYS = ("pct_start", "div_factor", "final_div_factor", "momentums")
 
@@ -39,6 +46,28 @@ def test_a_new_run_refuses_a_folder_with_a_run_unless_overwrite(tmp_path):
     assert sorted(path.name for path in earlier) == sorted([CONFIG_FILE, WEIGHTS_FILES["presence"]])
     remove_run_files(run, earlier)
     assert [path.name for path in run.iterdir()] == ["notes.txt"]
+
+
+def test_leftover_temporaries_are_removed_and_said_so_and_one_that_cannot_be_is_named(tmp_path, capsys, monkeypatch):
+    removable, stuck, foreign = ".metrics.csv.a1b2c3d4.tmp", ".config.json.e5f6g7h8.tmp", ".notes.txt.a1b2c3d4.tmp"
+    for name in (removable, stuck, foreign):
+        (tmp_path / name).write_text("")
+    unlink = Path.unlink
+
+    def refuse_stuck(path, missing_ok=False):
+        if path.name == stuck:
+            raise PermissionError(1, "Operation not permitted")
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_stuck)
+    remove_leftover_temporaries(tmp_path)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"Removed 1 temporary file(s) that a killed run left in {tmp_path}: {removable}",
+                     f"Could not remove 1 temporary file(s) that a killed run left in {tmp_path} (not yours?): {stuck}. "
+                     "They are never read; delete them when you can."]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([stuck, foreign])
+    remove_leftover_temporaries(tmp_path / "missing")  # a new run's folder: nothing to do, nothing said
+    assert capsys.readouterr().err == ""
 
 
 def test_a_new_run_refuses_a_folder_inside_its_data(tmp_path):

@@ -50,7 +50,12 @@ def test_one_epoch_writes_checkpoints_config_and_metrics(tiny_run):
 
 @pytest.mark.slow
 def test_presence_only_run_keeps_one_checkpoint(tmp_path, tiny_dataset):
+    """(Also: a new run in a folder where a run killed while writing its config.json left a temporary
+    file, and nothing else, starts and removes that file.)"""
     settings = TrainSettings(shape=VolumeShape(8, 32, 32), epochs=1, penultimate=8, severity_factor=0.0)
+    leftover = tmp_path / "run" / ".config.json.x1y2_z3w.tmp"
+    leftover.parent.mkdir()
+    leftover.write_text('{"half')
     result = train(
         tiny_dataset, tmp_path / "run", settings, cache_dir=tmp_path / "cache", pretrained=False,
         device="cpu", precision="fp32", workers=1,
@@ -60,6 +65,7 @@ def test_presence_only_run_keeps_one_checkpoint(tmp_path, tiny_dataset):
     config = json.loads((result.run_dir / "config.json").read_text())
     assert config["outputs"] == 1
     assert config["speed"]["evaluation_passes"] == 3  # one task: its confusion matrix, the scan and its reflection
+    assert not leftover.exists()
 
 
 def test_missing_kinetics_weights_is_a_clear_error(tmp_path, tiny_dataset, monkeypatch):
