@@ -91,7 +91,7 @@ def test_the_step_timer_measures_a_step_and_estimates_the_fit(train_batches, eva
     measured = fit_with_timer(train_batches, valid_batches=3, epochs=2, evaluation_passes=evaluation_passes)
     assert len(measured) == 2
     speed = measured[0]
-    assert STEP_SECONDS <= speed["seconds_per_step"] < 1.0  # a sleep sets the floor; a loaded machine adds to it
+    assert STEP_SECONDS <= speed["seconds_per_step"] < 5.0  # a sleep sets the floor; a loaded machine adds to it
     assert (speed["steps_per_epoch"], speed["epochs"], speed["shape"]) == (train_batches, 2, "16x32x32")
     step = speed["seconds_per_step"]
     expected = (2 * (train_batches * step + 3 * step * FORWARD_SHARE) + evaluation_passes * 3 * step * FORWARD_SHARE) / 60

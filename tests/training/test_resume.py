@@ -125,10 +125,12 @@ def test_seeded_runs_match_exactly(uninterrupted, killed):
     assert config["arguments"]["device"] == "cpu" and config["seed"] == 3
 
 
-def test_resume_ends_like_an_uninterrupted_run(uninterrupted, killed, small_dataset):
+def test_resume_ends_like_an_uninterrupted_run(uninterrupted, killed, tmp_path):
     """Resumed with no option but --resume: precision (fp32 even where 'auto' means bf16), device, cache
     folder and workers come from config.json, and the weights end bit for bit as uninterrupted. A temporary
-    file that a kill left in the run folder is removed, and said so; another program's is left alone."""
+    file that a kill left in the run folder is removed, and said so; another program's is left alone.
+    (A copy is resumed: the killed run stays as it was for the other tests, in whatever order they run.)"""
+    killed = shutil.copytree(killed, tmp_path / "killed")
     (killed / ".metrics.csv.zz99_z9z.tmp").write_text("epoch,train_loss\n0,")
     (killed / ".notes.txt.zz99_z9z.tmp").write_text("not cov3d's")
     result = subprocess.run(
