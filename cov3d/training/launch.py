@@ -11,14 +11,17 @@
   nodes cannot reach and wait for them until its timeout.
 - A run folder or cache that the other processes cannot read (a node's local disk, /tmp): rank 0
   writes a random token into each folder and every process must read it back.
+- After training, files rank 0 wrote that every process reads (the kept weights) whose bytes differ
+  on some process: a network file system's cache can show a node an older copy for a while.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from cov3d.atomic import write_text_atomically
@@ -110,3 +113,21 @@ def read_token(folder: Path) -> str | None:
         return (folder / SHARED_TOKEN_FILE).read_text()
     except OSError:
         return None
+
+
+def check_same_files(dist: Distributed, paths: Sequence[Path], remedy: str) -> None:
+    """Refuse to go on unless every process reads the same bytes as rank 0 in each of ``paths`` (SHA-256
+    of each, gathered; a file missing on a process counts as different); every process calls this. The
+    one-line error names the first process and file that differ and ends with ``remedy``."""
+    if not dist.enabled:
+        return
+    digests = [hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None for path in paths]
+    reports = gather_objects(dist, (dist.rank, socket.gethostname(), digests))
+    expected = reports[0][2]
+    for rank, host, seen in reports[1:]:
+        differing = [str(path) for path, ours, main in zip(paths, seen, expected) if ours != main]
+        if differing:
+            raise Cov3dError(
+                f"Rank {rank} (on {host}) reads other bytes in {' and '.join(differing)} than rank 0 wrote: its "
+                f"file system shows it an older or another copy; {remedy}"
+            )

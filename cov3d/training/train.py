@@ -65,7 +65,7 @@ from cov3d.training.distributed import (
     stop_distributed,
 )
 from cov3d.training.evaluation import EVALUATION_PASSES_PER_TASK, evaluate_kept_weights
-from cov3d.training.launch import check_launch, check_shared_folders
+from cov3d.training.launch import LAUNCH_HELP, check_launch, check_same_files, check_shared_folders
 from cov3d.training.loaders import training_loaders
 from cov3d.training.memory import check_memory_fits
 from cov3d.training.optimizer import optimizer_function
@@ -327,6 +327,8 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
             "Train again with --precision fp32 or a lower --learning-rate."
         )
     replicas = gather_objects(dist, replica_record(learner, dls))
+    check_same_files(dist, [run_dir / WEIGHTS_BY_METRIC[metric] for metric in kept_metrics(settings)],
+                     f"wait a minute and evaluate them with 'cov3d train --resume {run_dir}' ({LAUNCH_HELP}).")
     # Every process scores its share of the validation batches with the kept weights, in the run's precision.
     write_confusion_matrices(run_dir, dls.valid, torch_device, dtype, dist)
     evaluation = evaluate_kept_weights(run_dir, dls.valid, torch_device, dtype=dtype, dist=dist)

@@ -3,7 +3,8 @@
 
 Two fits of one epoch from the same weights: ``fastai`` with fastai's own Recorder and every process
 validating the whole set, ``sharded`` with the trainer's device-side averages and sharded validation.
-Also the shared-folder check, with a folder all processes share and one that rank 1 does not see, and
+Also the shared-folder check, with a folder all processes share and one that rank 1 does not see, the
+check that every process reads the bytes rank 0 wrote, and
 a validation pass with a NaN loss in one process's shard, which must stop every process alike.
 """
 
@@ -32,10 +33,11 @@ from cov3d.training.distributed import (
     ShardedDL,
     ShardedValidDL,
     distributed_from_env,
+    run_on_main,
     start_distributed,
     stop_distributed,
 )
-from cov3d.training.launch import SHARED_TOKEN_FILE, check_shared_folders
+from cov3d.training.launch import SHARED_TOKEN_FILE, check_same_files, check_shared_folders
 from cov3d.training.run_figures import validation_logits
 from cov3d.training.validation import record_on_device
 
@@ -151,6 +153,15 @@ def shared_folders(dist, out: Path) -> dict:
         results["unshared_error"] = None
     except Cov3dError as error:
         results["unshared_error"] = str(error)
+    shared = out / "shared" / "best.safetensors"
+    run_on_main(dist, lambda: shared.write_bytes(b"kept weights"))
+    check_same_files(dist, [shared], "remedy.")  # the same bytes everywhere: no error
+    Path("best.safetensors").write_bytes(f"written by rank {dist.rank}".encode())  # in each process's own folder
+    try:
+        check_same_files(dist, [shared, Path("best.safetensors")], "remedy.")
+        results["other_bytes_error"] = None
+    except Cov3dError as error:
+        results["other_bytes_error"] = str(error)
     return results
 
 

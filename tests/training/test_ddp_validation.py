@@ -97,6 +97,9 @@ def test_shared_folder_check(ranks):
         assert result["shared_token_left"] is False
         error = result["unshared_error"]
         assert error is not None and "Rank 1" in error and "run folder run" in error and "\n" not in error
+        other = result["other_bytes_error"]  # only the file each process wrote itself differs
+        assert other is not None and other.startswith("Rank 1 (on ") and other.endswith("remedy.") and "\n" not in other
+        assert "reads other bytes in best.safetensors than rank 0 wrote" in other and "shared" not in other
 
 
 def test_a_nan_validation_loss_in_one_shard_stops_every_process_at_its_batch(ranks):
