@@ -16,7 +16,7 @@ _EXPORTS = {
     "read_severity_csv": "cov3d.dataset.layout",
     "dataset_stats": "cov3d.dataset.stats",
     "stats_report": "cov3d.dataset.stats",
-    "write_stats": "cov3d.dataset.stats",
+    "write_stats": "cov3d.workflows.stats",
     # settings
     "VolumeShape": "cov3d.settings",
     "PRESETS": "cov3d.settings",

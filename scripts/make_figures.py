@@ -25,11 +25,12 @@ from PIL import Image
 from rich.console import Console
 
 from cov3d.dataset.layout import SEVERITY_CATEGORIES, SEVERITY_CSVS, read_severity_csv
-from cov3d.dataset.stats import dataset_stats, stats_report, write_stats
+from cov3d.dataset.stats import dataset_stats, stats_report
 from cov3d.inference.explain import explain
 from cov3d.inference.views import show_scans
 from cov3d.runfiles import CONFUSION_STEMS, CURVES_FILE
 from cov3d.settings import EXPLAIN_METHODS
+from cov3d.workflows.stats import write_stats
 
 FIGURES = Path("docs/figures")
 MAX_FIGURE_BYTES = 300_000

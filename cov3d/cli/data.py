@@ -149,7 +149,8 @@ def stats_command(
     """Count scans, slices, sizes and labels (paper Fig. 1, Tables 1-2) from file names and image headers."""
     from rich.console import Console
 
-    from cov3d.dataset.stats import check_stats_output, dataset_stats, stats_report, write_stats
+    from cov3d.dataset.stats import check_stats_output, dataset_stats, stats_report
+    from cov3d.workflows.stats import write_stats
 
     result = dataset_stats(data)
     folder = check_stats_output(result, output, overwrite=overwrite)

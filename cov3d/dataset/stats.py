@@ -12,8 +12,8 @@ labelled; ``<partition>/<scan>`` (a test set) is not, unless an answer key
 ``<partition>_labels.csv`` (``Name;Covid;Category``, as written by ``cov3d.synthetic.generator``) lies next
 to it. Severities of train and validation come from the competition's category CSVs.
 
-One import runs back up the stages: ``write_stats`` draws the depth histogram with ``cov3d.viz``
-(imported when it writes), so that the command's tables and its figure come from one call.
+The tables are written here (``write_stats_tables``); ``cov3d.workflows.stats.write_stats`` adds the
+depth histogram, drawn by ``cov3d.viz``.
 """
 
 from __future__ import annotations
@@ -210,33 +210,29 @@ def check_stats_output(stats: DatasetStats, output_dir: Path, *, overwrite: bool
     return folder
 
 
-def write_stats(stats: DatasetStats, output_dir: Path, *, overwrite: bool = False, folder=None) -> dict[str, Path]:
-    """Write the CSVs and the histogram to ``output_dir``; returns {what: path}.
+def stats_paths(output_dir: Path) -> dict[str, Path]:
+    """{what: path} of the files ``cov3d stats`` writes into ``output_dir`` (``STATS_FILES``)."""
+    return {name: Path(output_dir) / file for name, file in STATS_FILES.items()}
 
-    ``folder``: the result of ``check_stats_output``, if the caller checked already."""
-    from cov3d.locks import writing
-    from cov3d.viz.figures import depth_histogram, save_figure
 
-    folder = folder if folder is not None else check_stats_output(stats, output_dir, overwrite=overwrite)
-    output_dir = Path(output_dir)
-    with writing(output_dir, brief=True):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        paths = {name: output_dir / file for name, file in STATS_FILES.items()}
-        _write_table(paths["partitions"], stats.presence_table, stats.partitions, "covid")
-        _write_table(paths["severity"], stats.severity_table, stats.partitions, "severity")
-        scan_rows = [
-            [scan.partition, scan.label, scan.severity, scan.path.name, scan.depth,
-             " ".join(f"{w}x{h}" for w, h in sorted(scan.sizes)), scan.path]
-            for scan in stats.scans
-        ]
-        header = ["partition", "label", "severity", "name", "depth", "slice_sizes", "path"]
-        write_csv_atomically(paths["scans"], [header, *scan_rows], WRITE_REMEDY)
-        write_csv_atomically(paths["slice_sizes"], [["size", "scans", "slices"], *size_counts(stats.scans)], WRITE_REMEDY)
-        write_text_atomically(paths["warnings"], "".join(f"{warning}\n" for warning in stats.warnings), WRITE_REMEDY)
-        depths = {p: [s.depth for s in stats.scans if s.partition == p] for p in stats.partitions}
-        save_figure(depth_histogram(depths), paths["histogram"])
-        folder.record(paths.values())
-    return paths
+def partition_depths(stats: DatasetStats) -> dict[str, list[int]]:
+    """{partition: the depth of each of its scans}, for the depth histogram."""
+    return {partition: [scan.depth for scan in stats.scans if scan.partition == partition] for partition in stats.partitions}
+
+
+def write_stats_tables(stats: DatasetStats, paths: dict[str, Path]) -> None:
+    """Write the CSV tables and the warnings to their ``stats_paths`` (the folder exists, and is held)."""
+    _write_table(paths["partitions"], stats.presence_table, stats.partitions, "covid")
+    _write_table(paths["severity"], stats.severity_table, stats.partitions, "severity")
+    scan_rows = [
+        [scan.partition, scan.label, scan.severity, scan.path.name, scan.depth,
+         " ".join(f"{w}x{h}" for w, h in sorted(scan.sizes)), scan.path]
+        for scan in stats.scans
+    ]
+    header = ["partition", "label", "severity", "name", "depth", "slice_sizes", "path"]
+    write_csv_atomically(paths["scans"], [header, *scan_rows], WRITE_REMEDY)
+    write_csv_atomically(paths["slice_sizes"], [["size", "scans", "slices"], *size_counts(stats.scans)], WRITE_REMEDY)
+    write_text_atomically(paths["warnings"], "".join(f"{warning}\n" for warning in stats.warnings), WRITE_REMEDY)
 
 
 def stats_report(stats: DatasetStats) -> list:

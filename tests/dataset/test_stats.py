@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cov3d.cli import app
-from cov3d.dataset.stats import dataset_stats, write_stats
+from cov3d.dataset.stats import dataset_stats
+from cov3d.workflows.stats import write_stats
 
 SLICE = re.compile(r"^\d+\.jpg$")
 CATEGORIES = {"1": "mild", "2": "moderate", "3": "severe", "4": "critical"}
