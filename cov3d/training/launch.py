@@ -30,7 +30,7 @@ from cov3d.training.distributed import Distributed, barrier, gather_objects, mai
 
 SHARED_TOKEN_FILE = ".cov3d-shared-check"
 """The token file rank 0 writes into each folder every process must read; removed after the check."""
-LAUNCH_HELP = "see 'Several GPUs and nodes' in docs/gpu.md"
+LAUNCH_HELP = "see 'Launch checks' in docs/gpu.md"
 
 
 def check_launch(dist: Distributed, device_type: str, env: Mapping[str, str] | None = None,
@@ -115,19 +115,39 @@ def read_token(folder: Path) -> str | None:
         return None
 
 
+UNREADABLE = "unreadable: "
+"""How ``file_digest`` starts the reason a file cannot be read."""
+
+
+def file_digest(path: Path) -> str | None:
+    """The SHA-256 of ``path``'s bytes; None if there is no such file; ``UNREADABLE`` and why if it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    except OSError as error:
+        return f"{UNREADABLE}{error.strerror or error}"
+
+
 def check_same_files(dist: Distributed, paths: Sequence[Path], remedy: str) -> None:
-    """Refuse to go on unless every process reads the same bytes as rank 0 in each of ``paths`` (SHA-256
-    of each, gathered; a file missing on a process counts as different); every process calls this. The
-    one-line error names the first process and file that differ and ends with ``remedy``."""
+    """Refuse to go on unless every process sees what rank 0 sees in each of ``paths``: the same bytes
+    (SHA-256, gathered), or no file; every process calls this and all raise alike. The one-line error
+    names the first process and file that differ and ends with ``remedy``."""
     if not dist.enabled:
         return
-    digests = [hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None for path in paths]
-    reports = gather_objects(dist, (dist.rank, socket.gethostname(), digests))
+    reports = gather_objects(dist, (dist.rank, socket.gethostname(), [file_digest(path) for path in paths]))
     expected = reports[0][2]
     for rank, host, seen in reports[1:]:
-        differing = [str(path) for path, ours, main in zip(paths, seen, expected) if ours != main]
-        if differing:
-            raise Cov3dError(
-                f"Rank {rank} (on {host}) reads other bytes in {' and '.join(differing)} than rank 0 wrote: its "
-                f"file system shows it an older or another copy; {remedy}"
-            )
+        for path, ours, main in zip(paths, seen, expected):
+            if ours == main:
+                continue
+            if main is not None and main.startswith(UNREADABLE):
+                what = f"Rank 0 cannot read {path} ({main.removeprefix(UNREADABLE)})"
+            elif ours is not None and ours.startswith(UNREADABLE):
+                what = f"Rank {rank} (on {host}) cannot read {path} ({ours.removeprefix(UNREADABLE)})"
+            elif main is None:
+                what = f"Rank {rank} (on {host}) sees {path}, which rank 0 does not"
+            elif ours is None:
+                what = f"Rank {rank} (on {host}) does not see {path}, which rank 0 wrote"
+            else:
+                what = (f"Rank {rank} (on {host}) reads other bytes in {path} than rank 0 wrote: its file system shows "
+                        "it an older or another copy")
+            raise Cov3dError(f"{what}; {remedy}")

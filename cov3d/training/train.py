@@ -30,7 +30,7 @@ from cov3d.model.original_loss import OriginalCodeLoss, pos_weight_from_counts
 from cov3d.preprocessing.preprocess import VolumeCache, default_cache_dir
 from cov3d.preprocessing.workers import preprocess_many
 from cov3d.recipes import EVERY_SCAN, ITEM_WEIGHTS, POS_WEIGHT
-from cov3d.runfiles import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SUMMARY_FILE, WEIGHTS_BY_METRIC
+from cov3d.runfiles import CONFIG_FILE, METRICS_FILE, RESUME_FILE, SUMMARY_FILE, WEIGHTS_BY_METRIC, WEIGHTS_FILES
 from cov3d.runtime import Precision, choose_precision, kernel_choice, machine_description, resolve_device
 from cov3d.settings import DETERMINISTIC, FASTAI_ADAM, TrainSettings
 from cov3d.training.callbacks import (
@@ -327,7 +327,7 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
             "Train again with --precision fp32 or a lower --learning-rate."
         )
     replicas = gather_objects(dist, replica_record(learner, dls))
-    check_same_files(dist, [run_dir / WEIGHTS_BY_METRIC[metric] for metric in kept_metrics(settings)],
+    check_same_files(dist, [run_dir / name for name in WEIGHTS_FILES.values()],  # each that the evaluation loads
                      f"wait a minute and evaluate them with 'cov3d train --resume {run_dir}' ({LAUNCH_HELP}).")
     # Every process scores its share of the validation batches with the kept weights, in the run's precision.
     write_confusion_matrices(run_dir, dls.valid, torch_device, dtype, dist)

@@ -1,2 +1,2 @@
-"""Workflows: whole jobs that run the stages in turn: the demo, the paper's Table 3, and training
-measured as `cov3d train` runs it (for the benchmarks)."""
+"""Workflows: whole jobs that run the stages in turn: the demo, the paper's Table 3, training
+measured as `cov3d train` runs it (for the benchmarks), and `cov3d stats`' tables with their figure."""

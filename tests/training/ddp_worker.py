@@ -155,13 +155,20 @@ def shared_folders(dist, out: Path) -> dict:
         results["unshared_error"] = str(error)
     shared = out / "shared" / "best.safetensors"
     run_on_main(dist, lambda: shared.write_bytes(b"kept weights"))
-    check_same_files(dist, [shared], "remedy.")  # the same bytes everywhere: no error
+    check_same_files(dist, [shared, out / "shared" / "absent"], "remedy.")  # the same bytes, or no file, everywhere
     Path("best.safetensors").write_bytes(f"written by rank {dist.rank}".encode())  # in each process's own folder
     try:
         check_same_files(dist, [shared, Path("best.safetensors")], "remedy.")
         results["other_bytes_error"] = None
     except Cov3dError as error:
         results["other_bytes_error"] = str(error)
+    if dist.is_main:
+        Path("rank0-only.safetensors").write_bytes(b"kept weights")
+    try:
+        check_same_files(dist, [Path("rank0-only.safetensors")], "remedy.")
+        results["unseen_error"] = None
+    except Cov3dError as error:
+        results["unseen_error"] = str(error)
     return results
 
 

@@ -100,6 +100,8 @@ def test_shared_folder_check(ranks):
         other = result["other_bytes_error"]  # only the file each process wrote itself differs
         assert other is not None and other.startswith("Rank 1 (on ") and other.endswith("remedy.") and "\n" not in other
         assert "reads other bytes in best.safetensors than rank 0 wrote" in other and "shared" not in other
+        assert result["unseen_error"].startswith("Rank 1 (on ")
+        assert result["unseen_error"].endswith("does not see rank0-only.safetensors, which rank 0 wrote; remedy.")
 
 
 def test_a_nan_validation_loss_in_one_shard_stops_every_process_at_its_batch(ranks):

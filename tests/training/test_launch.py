@@ -1,12 +1,16 @@
 """Launch traps refused in one line: a plain srun of several tasks, LOCAL_RANK without its GPU, a node name
 that resolves to a loopback address when the processes span nodes (the shared-folder check runs in
-tests/training/test_ddp_validation.py with 2 processes)."""
+tests/training/test_ddp_validation.py with 2 processes, as does the kept-weights check, whose messages are
+checked here on made-up reports)."""
+
+from pathlib import Path
 
 import pytest
 
 from cov3d.errors import Cov3dError
+from cov3d.training import launch
 from cov3d.training.distributed import Distributed
-from cov3d.training.launch import check_launch
+from cov3d.training.launch import check_launch, check_same_files, file_digest
 
 ONE = Distributed()
 TWO_ON_ONE_NODE = Distributed(rank=1, local_rank=1, world_size=2, local_world_size=2)
@@ -60,3 +64,33 @@ def test_an_unresolvable_node_name_across_nodes_is_refused():
     with pytest.raises(Cov3dError, match="no address"):
         check_launch(FOUR_ON_TWO_NODES, "cpu", {}, host_address=unresolvable)
     accepted(FOUR_ON_TWO_NODES)
+
+
+@pytest.mark.parametrize(("rank0", "rank1", "message"), [
+    ("aa", "bb", "Rank 1 (on node1) reads other bytes in w than rank 0 wrote: its file system shows it an older or another copy"),
+    ("aa", None, "Rank 1 (on node1) does not see w, which rank 0 wrote"),
+    (None, "bb", "Rank 1 (on node1) sees w, which rank 0 does not"),
+    ("aa", "unreadable: Stale file handle", "Rank 1 (on node1) cannot read w (Stale file handle)"),
+    ("unreadable: Permission denied", "aa", "Rank 0 cannot read w (Permission denied)"),
+])
+def test_a_process_that_sees_other_kept_weights_is_named(monkeypatch, rank0, rank1, message):
+    reports = [(0, "node0", [None, rank0]), (1, "node1", [None, rank1])]  # the first file: absent everywhere, as agreed
+    monkeypatch.setattr(launch, "gather_objects", lambda dist, value: reports)
+    with pytest.raises(Cov3dError) as raised:
+        check_same_files(TWO_ON_ONE_NODE, [Path("v"), Path("w")], "resume it.")
+    assert str(raised.value) == f"{message}; resume it."
+    monkeypatch.setattr(launch, "gather_objects", lambda dist, value: [(0, "node0", [rank0]), (1, "node1", [rank0])])
+    check_same_files(TWO_ON_ONE_NODE, [Path("w")], "resume it.")  # the same everywhere
+
+
+def test_file_digest_of_a_file_missing_and_unreadable(tmp_path, monkeypatch):
+    path = tmp_path / "w"
+    assert file_digest(path) is None
+    path.write_bytes(b"abc")
+    assert file_digest(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # SHA-256 of "abc"
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    assert file_digest(path) == "unreadable: Permission denied"
