@@ -251,6 +251,16 @@ def kept_metrics(settings: TrainSettings) -> list[str]:
     return monitored[:1] if settings.kept_weights == ONE_CHECKPOINT else monitored
 
 
+def check_kept_weights(run_dir: Path, settings: TrainSettings, resume_state: dict) -> None:
+    """Refuse to evaluate a trained run (``--resume`` after its last epoch) that lost weights its
+    checkpoint says it kept: each kept score with a finite best has its weights file."""
+    for metric in kept_metrics(settings):
+        path = run_dir / WEIGHTS_BY_METRIC[metric]
+        if math.isfinite(resume_state["best"].get(metric, -math.inf)) and not path.is_file():
+            raise Cov3dError(f"{path} is missing, so the run's evaluation after training cannot run: restore it "
+                             "from a copy, or train again with --overwrite.")
+
+
 class BestCheckpoints(Callback):
     """After each epoch, note each monitored F1's best and save the weights (safetensors) whenever a
     ``kept`` one improves (default: every monitored one); weights with a NaN or infinite value (a diverged

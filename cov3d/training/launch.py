@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import socket
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from cov3d.atomic import write_text_atomically
 from cov3d.errors import Cov3dError
+from cov3d.outputs import file_digest
 from cov3d.training.distributed import Distributed, barrier, gather_objects, main_only_timeout, run_on_main
 
 SHARED_TOKEN_FILE = ".cov3d-shared-check"
@@ -116,13 +116,14 @@ def read_token(folder: Path) -> str | None:
 
 
 UNREADABLE = "unreadable: "
-"""How ``file_digest`` starts the reason a file cannot be read."""
+"""How ``seen_digest`` starts the reason a file cannot be read."""
 
 
-def file_digest(path: Path) -> str | None:
-    """The SHA-256 of ``path``'s bytes; None if there is no such file; ``UNREADABLE`` and why if it cannot be read."""
+def seen_digest(path: Path) -> str | None:
+    """What this process sees in ``path``: the SHA-256 of its bytes (``cov3d.outputs.file_digest``); None if
+    there is no such file; ``UNREADABLE`` and why if it cannot be read."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        return file_digest(path) if path.is_file() else None
     except OSError as error:
         return f"{UNREADABLE}{error.strerror or error}"
 
@@ -133,7 +134,7 @@ def check_same_files(dist: Distributed, paths: Sequence[Path], remedy: str) -> N
     names the first process and file that differ and ends with ``remedy``."""
     if not dist.enabled:
         return
-    reports = gather_objects(dist, (dist.rank, socket.gethostname(), [file_digest(path) for path in paths]))
+    reports = gather_objects(dist, (dist.rank, socket.gethostname(), [seen_digest(path) for path in paths]))
     expected = reports[0][2]
     for rank, host, seen in reports[1:]:
         for path, ours, main in zip(paths, seen, expected):

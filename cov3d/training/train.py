@@ -47,6 +47,7 @@ from cov3d.training.callbacks import (
 from cov3d.training.checkpoint import (
     BestCheckpoints,
     TrainingState,
+    check_kept_weights,
     kept_metrics,
     load_resume_state,
     monitored_metrics,
@@ -223,13 +224,13 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     resume_state = load_resume_state(run_dir) if resume else None
     first_epoch = 0 if resume_state is None else resume_state["epoch"] + 1
     fitted = first_epoch >= settings.epochs  # stopped after its last epoch: only the evaluation is left
-    if fitted and (run_dir / SUMMARY_FILE).exists():
-        raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
     if fitted:
+        if (run_dir / SUMMARY_FILE).exists():
+            raise Cov3dError(f"{run_dir} already finished its {settings.epochs} epochs; there is nothing to resume.")
         check_kept_weights(run_dir, settings, resume_state)
-    if fitted and dist.is_main:
-        logger.info("%s trained its %d epochs but stopped before the evaluation after training (no %s): "
-                    "evaluating its kept weights now.", run_dir, settings.epochs, SUMMARY_FILE)
+        if dist.is_main:
+                logger.info("%s trained its %d epochs but stopped before the evaluation after training (no %s): "
+                        "evaluating its kept weights now.", run_dir, settings.epochs, SUMMARY_FILE)
     items = collect_items(data_dir, with_severity=settings.severity_factor > 0)
     check_batch_fits(items, settings.batch_size, dist.world_size, data_dir)
     earlier_run = [] if resume_state is not None else check_new_run(run_dir, overwrite=overwrite, inputs=[item.path for item in items])
@@ -342,16 +343,6 @@ def _train(data_dir, run_dir, settings, *, cache_dir, pretrained_weights, pretra
     if use_wandb:
         finish_wandb(checkpoints.best, checkpoints.best_epoch)
     return TrainResult(run_dir, dict(checkpoints.best))
-
-
-def check_kept_weights(run_dir: Path, settings: TrainSettings, resume_state: dict) -> None:
-    """Refuse to evaluate a trained run (``--resume`` after its last epoch) that lost weights its
-    checkpoint says it kept: each kept score with a finite best has its weights file."""
-    for metric in kept_metrics(settings):
-        path = run_dir / WEIGHTS_BY_METRIC[metric]
-        if math.isfinite(resume_state["best"].get(metric, -math.inf)) and not path.is_file():
-            raise Cov3dError(f"{path} is missing, so the run's evaluation after training cannot run: restore it "
-                             "from a copy, or train again with --overwrite.")
 
 
 def check_batch_fits(items: list[TrainingItem], batch_size: int, world_size: int, data_dir: Path) -> None:

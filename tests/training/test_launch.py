@@ -10,7 +10,7 @@ import pytest
 from cov3d.errors import Cov3dError
 from cov3d.training import launch
 from cov3d.training.distributed import Distributed
-from cov3d.training.launch import check_launch, check_same_files, file_digest
+from cov3d.training.launch import check_launch, check_same_files, seen_digest
 
 ONE = Distributed()
 TWO_ON_ONE_NODE = Distributed(rank=1, local_rank=1, world_size=2, local_world_size=2)
@@ -83,14 +83,14 @@ def test_a_process_that_sees_other_kept_weights_is_named(monkeypatch, rank0, ran
     check_same_files(TWO_ON_ONE_NODE, [Path("w")], "resume it.")  # the same everywhere
 
 
-def test_file_digest_of_a_file_missing_and_unreadable(tmp_path, monkeypatch):
+def test_seen_digest_of_a_file_missing_and_unreadable(tmp_path, monkeypatch):
     path = tmp_path / "w"
-    assert file_digest(path) is None
+    assert seen_digest(path) is None
     path.write_bytes(b"abc")
-    assert file_digest(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # SHA-256 of "abc"
+    assert seen_digest(path) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # SHA-256 of "abc"
 
-    def refuse(self):
+    def refuse(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
-    assert file_digest(path) == "unreadable: Permission denied"
+    monkeypatch.setattr(launch, "file_digest", refuse)
+    assert seen_digest(path) == "unreadable: Permission denied"
